@@ -1,0 +1,1 @@
+"""Cross toolchain descriptions (TOML data files), installed inside the package."""

@@ -1,0 +1,116 @@
+"""Inference backends behind the Recognizer: each maps a 1x3x24x94 float32 batch to logits.
+
+``tvm``: a compiled Relax module, loaded with the TVM *runtime* only (no compiler, no torch).
+``torch``: the PyTorch model on the host (imports torch lazily; used for reference and eval).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from lprnet_edge.errors import ArtifactError, ToolchainError
+
+
+class Backend(Protocol):
+    name: str
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class TorchBackend:
+    """PyTorch eager on the host: the reference every compiled variant is compared to."""
+
+    name = "torch"
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        self._torch = torch
+        self.model = model.eval()
+
+    @classmethod
+    def from_file(cls, path: Path, num_classes: int) -> TorchBackend:
+        try:
+            from lprnet_edge.model_io import load_model
+        except ImportError as e:  # torch missing
+            raise ToolchainError(
+                "this artifact runs on PyTorch, which is not installed here; install "
+                "lprnet-edge[host] or build a TVM artifact with `lprnet-edge build`"
+            ) from e
+        return cls(load_model(path, num_classes=num_classes))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self.model(self._torch.from_numpy(x)).numpy()
+
+
+def import_tvm_runtime() -> Any:
+    try:
+        import tvm
+        import tvm.runtime  # noqa: F401
+    except ImportError as e:
+        raise ToolchainError(
+            "the TVM runtime is not installed: pip install 'lprnet-edge[device]' "
+            "(apache-tvm==0.27.*, apache-tvm-ffi==0.1.14.post1)"
+        ) from e
+    return tvm
+
+
+class TvmBackend:
+    """A Relax VM executable (``export_library`` output) run with the TVM runtime only.
+
+    ``runtime`` in the manifest says how: the entry function, and an optional params file
+    (``.npz`` of named arrays, decoded from a compact encoding) passed after the input.
+    """
+
+    name = "tvm"
+
+    def __init__(self, root: Path, manifest: dict[str, Any], num_threads: int | None = None
+                 ) -> None:
+        tvm = import_tvm_runtime()
+        from tvm.runtime.vm import VirtualMachine
+
+        rt = manifest.get("runtime", {})
+        lib_name = manifest.get("model_file", "model.so")
+        self._tvm = tvm
+        if num_threads:
+            _set_threads(num_threads)
+        try:
+            lib = tvm.runtime.load_module(str(root / lib_name))
+        except Exception as e:  # TVM raises its own error types
+            raise ArtifactError(f"{root / lib_name}: cannot load compiled module ({e})") from e
+        self.device = tvm.cpu(0)
+        self.vm = VirtualMachine(lib, self.device)
+        self.entry = rt.get("entry", "main")
+        self.params: list[Any] = []
+        if rt.get("params"):
+            from lprnet_edge.params_codec import load_params
+
+            arrays = load_params(root / rt["params"])
+            self.params = [tvm.runtime.tensor(arrays[k], self.device) for k in rt["param_order"]]
+        self._fn = self.vm[self.entry]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = self._fn(self._tvm.runtime.tensor(x, self.device), *self.params)
+        if not hasattr(out, "numpy"):  # a tuple of outputs
+            out = out[0]
+        return out.numpy()
+
+
+def _set_threads(n: int) -> None:
+    import os
+
+    os.environ["TVM_NUM_THREADS"] = str(n)
+
+
+def load_backend(root: Path, manifest: dict[str, Any], num_threads: int | None = None
+                 ) -> Backend:
+    kind = manifest["backend"]
+    if kind == "tvm":
+        return TvmBackend(root, manifest, num_threads)
+    if kind == "torch":
+        return TorchBackend.from_file(root / manifest["model_file"], len(manifest["charset"]["chars"]))
+    raise ArtifactError(f"{root}: unknown backend {kind!r} (use one of ['tvm', 'torch'])")

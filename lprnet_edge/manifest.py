@@ -1,0 +1,174 @@
+"""``manifest.json``: what an artifact is, how it was built, and how to check it is intact.
+
+The runtime reads it (no torch, no compiler): schema version, target architecture, input and
+preprocessing conventions, charset, file checksums, stage configs and measured figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lprnet_edge.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+# Names the machine reports (platform.machine()) for each architecture a target can have.
+_ARCH_ALIASES = {
+    "x86_64": {"x86_64", "amd64"},
+    "aarch64": {"aarch64", "arm64"},
+    "armv7": {"armv7l", "armv7", "armv8l"},
+}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def machine_arch() -> str:
+    """This machine's architecture in target terms (``x86_64``, ``aarch64``, ``armv7``)."""
+    m = platform.machine().lower()
+    for arch, names in _ARCH_ALIASES.items():
+        if m in names:
+            return arch
+    return m
+
+
+def file_entries(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {n: {"sha256": sha256_file(root / n), "size": (root / n).stat().st_size} for n in names}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON next to ``path`` then rename: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staging_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
+    """A temporary directory beside ``final`` that becomes ``final`` only if the block succeeds.
+
+    On failure (or Ctrl-C) it is removed and any previous ``final`` stays untouched.
+    """
+    final = Path(final).absolute()
+    if final.exists() and not overwrite:
+        raise ArtifactError(f"{final} exists (use --force to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_manifest(artifact: str | Path) -> dict[str, Any]:
+    """Load and sanity-check an artifact's manifest (not its files: see :func:`verify`)."""
+    root = Path(artifact)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not an artifact directory")
+    if not path.is_file():
+        raise ArtifactError(f"{root}: no {MANIFEST} (not an lprnet-edge artifact?)")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: corrupt manifest ({e})") from e
+    version = m.get("schema_version") if isinstance(m, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{root}: manifest schema version {version!r}, this lprnet-edge reads "
+            f"version {SCHEMA_VERSION}; rebuild the artifact with this version"
+        )
+    for key in ("backend", "files", "target", "charset", "preprocess", "input"):
+        if key not in m:
+            raise ArtifactError(f"{path}: manifest has no {key!r} entry")
+    return m
+
+
+def verify(artifact: str | Path, manifest: dict[str, Any] | None = None,
+           check_arch: bool = True) -> dict[str, Any]:
+    """Check every listed file's size and sha256, and the target architecture."""
+    root = Path(artifact)
+    m = manifest or read_manifest(root)
+    for name, entry in m["files"].items():
+        p = root / name
+        if not p.is_file():
+            raise ArtifactError(f"{root}: file {name} listed in the manifest is missing")
+        if p.stat().st_size != entry["size"] or sha256_file(p) != entry["sha256"]:
+            raise ArtifactError(
+                f"{root}: checksum mismatch for {name}: the artifact was modified or "
+                "damaged; rebuild or re-deploy it"
+            )
+    if check_arch:
+        arch = m["target"].get("arch")
+        if arch and arch != machine_arch():
+            raise ArtifactError(
+                f"{root}: built for {m['target'].get('name', '?')} ({arch}), but this machine "
+                f"is {machine_arch()}; build with --target for this machine or run it on the device"
+            )
+    return m
+
+
+def bundle(artifact: str | Path, out: str | Path | None = None) -> Path:
+    """Pack an artifact directory into ``<name>.tar.gz`` (written atomically)."""
+    import tarfile
+
+    root = Path(artifact)
+    verify(root, check_arch=False)
+    out = Path(out) if out else root.with_name(root.name + ".tar.gz")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(root, arcname=root.name)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def unbundle(archive: str | Path, dest: str | Path) -> Path:
+    """Extract a bundle made by :func:`bundle` (safe extraction) and verify it."""
+    import tarfile
+
+    dest = Path(dest)
+    with tarfile.open(archive, "r:gz") as tar:
+        names = {n.split("/", 1)[0] for n in tar.getnames()}
+        if len(names) != 1:
+            raise ArtifactError(f"{archive}: not an lprnet-edge bundle")
+        tar.extractall(dest, filter="data")
+    root = dest / names.pop()
+    verify(root, check_arch=False)
+    return root

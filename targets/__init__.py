@@ -1,0 +1,1 @@
+"""Target descriptions (TOML data files), installed inside the package."""
