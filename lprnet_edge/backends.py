@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -76,8 +77,12 @@ class TvmBackend:
         rt = manifest.get("runtime", {})
         lib_name = manifest.get("model_file", "model.so")
         self._tvm = tvm
+        # The artifact's recorded thread count (the target's cores) applies unless the caller
+        # or $TVM_NUM_THREADS says otherwise; TVM reads it when its thread pool starts.
+        if not num_threads and "TVM_NUM_THREADS" not in os.environ:
+            num_threads = rt.get("num_threads")
         if num_threads:
-            _set_threads(num_threads)
+            _set_threads(int(num_threads))
         try:
             lib = tvm.runtime.load_module(str(root / lib_name))
         except Exception as e:  # TVM raises its own error types
@@ -90,8 +95,17 @@ class TvmBackend:
             from lprnet_edge.params_codec import load_params
 
             arrays = load_params(root / rt["params"])
-            self.params = [tvm.runtime.tensor(arrays[k], self.device) for k in rt["param_order"]]
-        self._fn = self.vm[self.entry]
+            order = rt.get("param_order") or list(arrays)
+            missing = [k for k in order if k not in arrays]
+            if missing:
+                raise ArtifactError(f"{root / rt['params']}: weights {missing[:3]} listed in "
+                                    "the manifest are missing (rebuild the artifact)")
+            self.params = [tvm.runtime.tensor(arrays[k], self.device) for k in order]
+        try:
+            self._fn = self.vm[self.entry]
+        except Exception as e:  # AttributeError / TVMError for an unknown function
+            raise ArtifactError(f"{root / lib_name}: no function {self.entry!r} in the "
+                                "compiled module") from e
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out = self._fn(self._tvm.runtime.tensor(x, self.device), *self.params)
@@ -101,8 +115,6 @@ class TvmBackend:
 
 
 def _set_threads(n: int) -> None:
-    import os
-
     os.environ["TVM_NUM_THREADS"] = str(n)
 
 
@@ -112,5 +124,6 @@ def load_backend(root: Path, manifest: dict[str, Any], num_threads: int | None =
     if kind == "tvm":
         return TvmBackend(root, manifest, num_threads)
     if kind == "torch":
-        return TorchBackend.from_file(root / manifest["model_file"], len(manifest["charset"]["chars"]))
+        n_classes = len(manifest["charset"]["chars"])
+        return TorchBackend.from_file(root / manifest["model_file"], n_classes)
     raise ArtifactError(f"{root}: unknown backend {kind!r} (use one of ['tvm', 'torch'])")

@@ -10,7 +10,7 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,8 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
     widths = [max(_width(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for n, row in enumerate(cells):
-        lines.append("  ".join(c + " " * (w - _width(c)) for c, w in zip(row, widths)).rstrip())
+        padded = (c + " " * (w - _width(c)) for c, w in zip(row, widths, strict=True))
+        lines.append("  ".join(padded).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -79,7 +80,10 @@ def progress(label: str, total: int) -> Iterator[Callable[[int, int], None]]:
                            show_pos=True, show_eta=True) as bar:
         last = [0]
 
-        def update(done: int, _total: int) -> None:
+        def update(done: int, total_now: int) -> None:
+            # The real total may only be known once work starts (a download's Content-Length).
+            if total_now and total_now != bar.length:
+                bar.length = total_now
             bar.update(done - last[0])
             last[0] = done
 
@@ -127,9 +131,17 @@ def weights_download(url: str | None, force: bool) -> None:
     """
     from lprnet_edge.weights import SIRIUS, download
 
-    with progress("Downloading weights", 1) as bar:
-        path = download(SIRIUS, url=url, force=force,
-                        progress=lambda d, t: bar(d, t) if t else None)
+    with ExitStack() as stack:
+        bars: list[Callable[[int, int], None]] = []
+
+        def report(done: int, total: int) -> None:
+            # A bar in bytes, opened by the first block (none when the cache is already valid);
+            # its length is the response's Content-Length (0 if unknown: position only).
+            if not bars:
+                bars.append(stack.enter_context(progress("Downloading weights", total)))
+            bars[0](done, total)
+
+        path = download(SIRIUS, url=url, force=force, progress=report)
     click.echo(f"{path}  sha256 {SIRIUS.sha256}  verified")
 
 
@@ -179,7 +191,8 @@ def eval_cmd(data: str, artifact: str | None, weights: str | None, skip_bad: boo
         echo_json({"backend": rec.backend_name, "data": str(data), **res.to_dict()})
         return
     click.echo(f"backend           {rec.backend_name}")
-    click.echo(f"plates            {res.count}" + (f" ({res.skipped} skipped)" if res.skipped else ""))
+    skipped = f" ({res.skipped} skipped)" if res.skipped else ""
+    click.echo(f"plates            {res.count}{skipped}")
     click.echo(f"accuracy          {res.accuracy:.3f}  ({res.correct}/{res.count})")
     click.echo(f"char accuracy     {res.char_accuracy:.3f}")
     click.echo(f"mean edit dist    {res.mean_edit_distance:.3f}")

@@ -35,7 +35,8 @@ class PruneConfig(_Config):
 
     def __post_init__(self) -> None:
         if self.kind not in ("unstructured", "channels"):
-            raise LprnetEdgeError(f"prune kind {self.kind!r}: use one of ['unstructured', 'channels']")
+            raise LprnetEdgeError(
+                f"prune kind {self.kind!r}: use one of ['unstructured', 'channels']")
         if not 0.0 <= self.sparsity < 1.0 or not 0.0 <= self.ratio < 1.0:
             raise LprnetEdgeError("sparsity and ratio must be in [0, 1)")
 

@@ -55,6 +55,7 @@ class PlateFolder:
         if not images:
             raise DataError(f"{self.root}: no plate images (*.jpg, *.png, ...) found")
         self.paths = images[: self.limit] if self.limit else images
+        self._listing_skips = list(self.skipped)
 
     def _bad(self, path: Path, why: str) -> None:
         if not self.skip_bad:
@@ -65,9 +66,12 @@ class PlateFolder:
         return len(self.paths)
 
     def __iter__(self) -> Iterator[PlateSample]:
+        self.skipped = list(self._listing_skips)  # a second pass must not count twice
         for p in self.paths:
             label = label_from_name(p)
             try:
+                if not label:
+                    raise DataError(f"{p}: no plate text in the file name")
                 self.charset.encode(label)
                 image = read_image(p)
             except LprnetEdgeError as e:

@@ -58,7 +58,7 @@ class LPRNet(nn.Module):
     def __init__(self, class_num: int = 68, dropout_rate: float = 0.5,
                  widths: dict[str, int] | None = None) -> None:
         super().__init__()
-        w = {"stem": 64, "b1_mid": 32, "b2_mid": 64, "b3_mid": 64, "fc": 256}
+        w = {"stem": 64, "b1_mid": 32, "b2_mid": 64, "b3_mid": 64, "b2_out": 256, "fc": 256}
         w.update(widths or {})
         self.class_num = class_num
         self.widths = w
@@ -73,10 +73,10 @@ class LPRNet(nn.Module):
             nn.BatchNorm2d(128),
             nn.ReLU(),  # 6
             ChannelStridedMaxPool(2, 2),
-            SmallBasicBlock(64, 256, w["b2_mid"]),  # 8
-            nn.BatchNorm2d(256),
+            SmallBasicBlock(64, w["b2_out"], w["b2_mid"]),  # 8
+            nn.BatchNorm2d(w["b2_out"]),
             nn.ReLU(),  # 10
-            SmallBasicBlock(256, 256, w["b3_mid"]),  # 11
+            SmallBasicBlock(w["b2_out"], 256, w["b3_mid"]),  # 11
             nn.BatchNorm2d(256),  # 12
             nn.ReLU(),
             ChannelStridedMaxPool(4, 2),  # 14

@@ -27,9 +27,16 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise WeightsError(f"{p}: weights file not found")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except pickle.UnpicklingError as e:
+        # weights_only refuses anything but tensors and plain containers.
+        raise WeightsError(f"{p}: not a readable PyTorch checkpoint (corrupt, or it holds "
+                           "Python objects other than tensors, which are not loaded)") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise WeightsError(f"{p}: not a readable PyTorch checkpoint (corrupt or truncated?): "
-                           f"{str(e).splitlines()[0]}") from e
+                           f"{(str(e).splitlines() or [type(e).__name__])[0]}") from e
+    except Exception as e:  # random bytes make the unpickler fail in many other ways
+        raise WeightsError(f"{p}: not a readable PyTorch checkpoint (corrupt or truncated?): "
+                           f"{type(e).__name__}") from e
     meta: dict = {}
     if isinstance(obj, dict) and "state_dict" in obj:
         meta = {k: v for k, v in obj.items() if k != "state_dict"}

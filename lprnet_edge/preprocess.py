@@ -41,14 +41,20 @@ def check_image(image: np.ndarray) -> np.ndarray:
     """Accept HxWx3 BGR (or HxW grey) arrays; reject anything else with a clear message."""
     if not isinstance(image, np.ndarray):
         raise DataError(f"expected a numpy image array, got {type(image).__name__}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)) \
+            or image.size == 0:
+        raise DataError(f"expected an HxWx3 BGR image, got an array of shape {image.shape}")
+    if image.dtype.kind not in "iuf":
+        raise DataError(f"expected an image of numbers, got dtype {image.dtype}")
+    if image.dtype != np.uint8:
+        # OpenCV's colour conversions do not take every dtype: convert first.
+        image = np.clip(np.nan_to_num(image), 0, 255).astype(np.uint8)
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.size == 0:
-        raise DataError(f"expected an HxWx3 BGR image, got an array of shape {image.shape}")
-    if image.shape[2] == 4:
+    elif image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    if image.dtype != np.uint8:
-        image = np.clip(image, 0, 255).astype(np.uint8)
     return image
 
 

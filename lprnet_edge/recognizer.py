@@ -16,8 +16,8 @@ import numpy as np
 
 from lprnet_edge.backends import Backend, TorchBackend, load_backend
 from lprnet_edge.charset import Charset, load_charset
-from lprnet_edge.errors import DataError
 from lprnet_edge.decode import decode_text
+from lprnet_edge.errors import DataError, ToolchainError
 from lprnet_edge.manifest import read_manifest, verify
 from lprnet_edge.preprocess import Preprocess, read_image
 from lprnet_edge.timing import summarize
@@ -63,9 +63,17 @@ class Recognizer:
     def from_weights(cls, weights: str | Path | None = None, charset: str = "chinese68"
                      ) -> Recognizer:
         """PyTorch reference on the host (needs ``lprnet-edge[host]``)."""
-        from lprnet_edge.model_io import load_model
         from lprnet_edge.weights import resolve_weights
 
+        try:
+            from lprnet_edge.model_io import load_model
+        except ModuleNotFoundError as e:  # torch missing (an on-device install)
+            if (e.name or "").split(".")[0] != "torch":
+                raise
+            raise ToolchainError(
+                "reading PyTorch weights needs PyTorch, which is not installed here: install "
+                "lprnet-edge[host], or use an artifact built by `lprnet-edge build` (--artifact)"
+            ) from e
         cs = load_charset(charset)
         return cls(TorchBackend(load_model(resolve_weights(weights), len(cs))), cs)
 

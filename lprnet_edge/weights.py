@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -94,9 +95,13 @@ def download(spec: WeightsSpec = SIRIUS, url: str | None = None, dest_dir: Path 
     if dest.is_file() and not force:
         if sha256_of(dest) == spec.sha256:
             return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
     src = url or spec.url
-    fd, tmp = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=dest_dir)
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=dest_dir)
+    except OSError as e:
+        raise WeightsError(f"cannot write the weights to {dest_dir}: {e} (set "
+                           "LPRNET_EDGE_CACHE to a writable folder)") from e
     h = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(src, timeout=timeout) as resp:
@@ -108,13 +113,16 @@ def download(spec: WeightsSpec = SIRIUS, url: str | None = None, dest_dir: Path 
                 done += len(block)
                 if progress:
                     progress(done, total)
+        if total and done != total:
+            raise WeightsError(f"download from {src} was cut short: got {done} of {total} "
+                               "bytes; try again")
         if h.hexdigest() != spec.sha256:
             raise WeightsError(
                 f"downloaded file from {src} has sha256 {h.hexdigest()}, expected "
                 f"{spec.sha256}: refusing it (wrong file or corrupted transfer)"
             )
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         raise WeightsError(f"cannot download {src}: {e}") from e
     finally:
         with contextlib.suppress(OSError):

@@ -1,0 +1,420 @@
+#!/usr/bin/env python
+"""LPRNet latency on this machine, batch 1: PyTorch eager, ONNX Runtime, TVM untuned/tuned.
+
+One run measures every variant *interleaved* (round-robin: one call of each variant in
+turn, ``--runs`` times after a warm-up), so a shared, noisy machine slows all variants alike;
+the figure is the median. Every variant gets the same thread count; each thread count runs
+in its own process (TVM's thread pool is sized once per process, from TVM_NUM_THREADS).
+
+    python benchmarks/run.py                      # 1 and 2 threads, tunes to --trials first
+    python benchmarks/run.py --no-tune            # apply the tuning records there are
+    python benchmarks/run.py --accuracy --artifact int8=build/lprnet-int8
+
+Writes docs/benchmarks.md (``--out``) and prints the table. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# The shared reference data beside the repository (weights, test/), unless told otherwise.
+os.environ.setdefault("LPRNET_EDGE_DATA", str(REPO.parent / "shared" / "lprnet"))
+
+import numpy as np  # noqa: E402
+
+# ---------------------------------------------------------------- preparation (parent)
+
+
+def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Export / compile / tune every variant once; return what the children load."""
+    import torch
+
+    from lprnet_edge.compile import build, to_relax
+    from lprnet_edge.configs import TuneConfig
+    from lprnet_edge.flops import summary as flops_summary
+    from lprnet_edge.model_io import load_model
+    from lprnet_edge.target import load_target
+    from lprnet_edge.tune import count_records, resolve_db_dir, tune
+    from lprnet_edge.weights import resolve_weights
+
+    work.mkdir(parents=True, exist_ok=True)
+    weights = resolve_weights(args.weights)
+    model = load_model(weights)
+    info: dict[str, Any] = {"weights": str(weights), "variants": {}}
+    info["flops"] = flops_summary(model)
+
+    # ONNX Runtime: the exported graph of the same model (ORT fuses BN itself).
+    onnx_path = work / "lprnet.onnx"
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.zeros(1, 3, 24, 94),), str(onnx_path),
+                          input_names=["x"], output_names=["logits"], opset_version=17,
+                          dynamo=False, do_constant_folding=True)
+    log(f"onnx export {time.perf_counter() - t0:.1f}s")
+
+    spec = load_target(args.target)
+    mod, params = to_relax(model)
+    np.savez(work / "params.npz", **{f"p{i:03d}": v for i, v in enumerate(params.values())})
+    if not (work / "untuned.so").is_file() or args.rebuild:
+        t0 = time.perf_counter()
+        build(mod, spec, work / "untuned.so", None)
+        log(f"TVM untuned build {time.perf_counter() - t0:.1f}s")
+
+    cfg = TuneConfig(trials=args.trials, num_trials_per_iter=args.trials_per_iter,
+                     db_dir=args.tuning_db)
+    tasks = [t for t in args.tasks.split(",") if t] or None
+    tune_summary: dict[str, Any] | None = None
+    if args.no_tune:
+        from lprnet_edge.compile import prepare_for_tuning
+        from lprnet_edge.tune import open_database
+
+        db_dir = resolve_db_dir(spec, prepare_for_tuning(mod, spec), cfg)
+        database = open_database(db_dir) if count_records(db_dir) else None
+    else:
+        database, tune_summary = tune(mod, spec, cfg, log=log, tasks=tasks)
+        db_dir = Path(tune_summary["db_dir"])
+    records = count_records(db_dir)
+    info["tuning"] = {"db_dir": str(db_dir), "records": records, "budget": args.trials,
+                      "tasks": tasks or "all", "summary": tune_summary,
+                      "tuning_time_s": _tuning_time(db_dir)}
+    if database is not None:
+        t0 = time.perf_counter()
+        build(mod, spec, work / "tuned.so", None, database=database)
+        log(f"TVM tuned build ({records} records) {time.perf_counter() - t0:.1f}s")
+
+    psize = sum(v.nbytes for v in params.values())
+    info["variants"]["PyTorch eager fp32"] = {"kind": "torch", "size": weights.stat().st_size}
+    info["variants"]["ONNX Runtime fp32"] = {"kind": "ort", "path": str(onnx_path),
+                                             "size": onnx_path.stat().st_size}
+    info["variants"]["TVM untuned"] = {"kind": "tvm", "path": str(work / "untuned.so"),
+                                       "size": (work / "untuned.so").stat().st_size + psize}
+    if database is not None:
+        info["variants"][f"TVM tuned ({records} trials)"] = {
+            "kind": "tvm", "path": str(work / "tuned.so"),
+            "size": (work / "tuned.so").stat().st_size + psize}
+    for item in args.artifact:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--artifact {item!r}: expected NAME=PATH")
+        root = Path(path)
+        m = json.loads((root / "manifest.json").read_text())
+        info["variants"][name] = {"kind": "artifact", "path": str(root),
+                                  "size": sum(f["size"] for f in m["files"].values())}
+    info["target"] = spec.tvm
+    return info
+
+
+def _tuning_time(db_dir: Path) -> float | None:
+    """Sum of the tuning workers' logged times (lprnet-edge writes one log per run)."""
+    total = 0.0
+    for p in sorted((db_dir / "logs").glob("worker-*.log")):
+        stamps = [ln[:19] for ln in p.read_text(errors="replace").splitlines()
+                  if ln[:4].isdigit() and ln[4:5] == "-"]
+        if len(stamps) >= 2:
+            fmt = "%Y-%m-%d %H:%M:%S"
+            total += (time.mktime(time.strptime(stamps[-1], fmt))
+                      - time.mktime(time.strptime(stamps[0], fmt)))
+    return round(total, 1) if total else None
+
+
+# ---------------------------------------------------------------- measuring (child)
+
+
+def load_variants(info: dict[str, Any], work: Path, threads: int) -> dict[str, Any]:
+    """name -> callable(x) -> logits, every one limited to ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from lprnet_edge.compile import HostModule
+    from lprnet_edge.model_io import load_model
+
+    fns: dict[str, Any] = {}
+    params = dict(np.load(work / "params.npz"))
+    plist = [params[k] for k in sorted(params)]
+    for name, v in info["variants"].items():
+        if v["kind"] == "torch":
+            model = load_model(info["weights"])
+
+            def run_torch(x: np.ndarray, model: Any = model) -> np.ndarray:
+                with torch.inference_mode():
+                    return model(torch.from_numpy(x)).numpy()
+
+            fns[name] = run_torch
+        elif v["kind"] == "ort":
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            sess = ort.InferenceSession(v["path"], so, providers=["CPUExecutionProvider"])
+            fns[name] = lambda x, sess=sess: sess.run(None, {"x": x})[0]
+        elif v["kind"] == "tvm":
+            fns[name] = HostModule(v["path"], plist)
+        else:
+            from lprnet_edge.recognizer import Recognizer
+
+            fns[name] = Recognizer.from_artifact(v["path"], num_threads=threads).backend
+    return fns
+
+
+def measure(fns: dict[str, Any], runs: int, warmup: int) -> dict[str, dict[str, float]]:
+    from lprnet_edge.preprocess import Preprocess
+    from lprnet_edge.recognizer import _synthetic_plate
+
+    pre = Preprocess()
+    x = np.ascontiguousarray(pre(_synthetic_plate(pre)), dtype=np.float32)
+    ref = None
+    out: dict[str, dict[str, float]] = {}
+    for name, fn in fns.items():  # warm-up, and every variant computes the same logits
+        for _ in range(warmup):
+            y = fn(x)
+        ref = y if ref is None else ref
+        out[name] = {"max_abs_diff_vs_first": float(np.abs(np.asarray(y) - ref).max())}
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    for name, s in samples.items():
+        a = np.asarray(s)
+        out[name].update(p50_ms=float(np.median(a)), p90_ms=float(np.percentile(a, 90)),
+                         min_ms=float(a.min()), runs=len(a))
+    return out
+
+
+def accuracy(fns: dict[str, Any], test_dir: Path, skip: tuple[str, ...] = ()
+             ) -> dict[str, float]:
+    from lprnet_edge.charset import load_charset
+    from lprnet_edge.evaluate import evaluate
+    from lprnet_edge.recognizer import Recognizer
+
+    cs = load_charset()
+    res = {}
+    for name, fn in fns.items():
+        if name in skip:
+            continue
+        backend = fn
+
+        class _B:
+            def __init__(self, f: Any, n: str) -> None:
+                self.f, self.name = f, n
+
+            def __call__(self, x: np.ndarray) -> np.ndarray:
+                return np.asarray(self.f(x))
+
+        rec = Recognizer(_B(backend, name), cs)
+        t0 = time.perf_counter()
+        res[name] = evaluate(rec, test_dir).accuracy
+        log(f"accuracy {name}: {res[name]:.3f} ({time.perf_counter() - t0:.0f}s)")
+    return res
+
+
+def child(args: argparse.Namespace) -> None:
+    work = Path(args.work)
+    info = json.loads((work / "info.json").read_text())
+    fns = load_variants(info, work, args.threads)
+    res: dict[str, Any] = {"threads": args.threads,
+                           "latency": measure(fns, args.runs, args.warmup)}
+    if args.accuracy and args.test_dir:
+        res["accuracy"] = accuracy(fns, Path(args.test_dir),
+                                   tuple(x for x in args.accuracy_skip.split(",") if x))
+    print("@@RESULT " + json.dumps(res), flush=True)
+
+
+# ---------------------------------------------------------------- report
+
+
+def cpu_info() -> dict[str, Any]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                  if ln.startswith("model name")), platform.processor() or "?")
+    mhz = [float(ln.split(":", 1)[1]) for ln in text.splitlines() if ln.startswith("cpu MHz")]
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                  if ln.startswith("flags")), [])
+    cores = os.cpu_count() or 1
+    ghz = (max(mhz) / 1000) if mhz else None
+    fpc = 32 if ("avx2" in flags and "fma" in flags) else 16 if "avx" in flags else 8
+    llvm_cpu = None
+    try:
+        from lprnet_edge.target import detect_host_cpu
+
+        llvm_cpu = detect_host_cpu()
+    except Exception:  # noqa: BLE001
+        pass
+    return {"model": model, "cores": cores, "ghz": ghz, "flops_per_cycle": fpc,
+            "simd": [f for f in ("avx512f", "avx2", "fma", "avx") if f in flags],
+            "llvm_cpu": llvm_cpu,
+            "peak_gflops_per_core": ghz * fpc if ghz else None}
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "onnxruntime", "onnx", "apache-tvm", "apache-tvm-ffi", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def report(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.Namespace
+           ) -> str:
+    cpu = cpu_info()
+    flops = info["flops"]["flops"]
+    acc = next((r.get("accuracy") for r in results if r.get("accuracy")), None)
+    lines = ["# Benchmarks", "",
+             "Generated by `python benchmarks/run.py` "
+             f"({' '.join(sys.argv[1:]) or 'no options'}) on {time.strftime('%Y-%m-%d')}. "
+             "Do not edit by hand: run it again.", "",
+             "LPRNet (sirius-ai weights), batch 1, input 1x3x24x94 float32, model only (no "
+             "image decoding or CTC decoding). Variants run **interleaved** in one process "
+             f"per thread count (round-robin, {args.runs} runs after {args.warmup} warm-up "
+             "calls each); the figure is the median (p50). Lower is better.", ""]
+    lines += ["## Machine", "",
+              f"- CPU: {cpu['model']} (LLVM: {cpu['llvm_cpu']}), {cpu['cores']} cores, "
+              f"{cpu['ghz']:.2f} GHz reported, SIMD: {', '.join(cpu['simd'])}"
+              if cpu["ghz"] else f"- CPU: {cpu['model']}",
+              f"- Load average when the run started: {info.get('loadavg')} (a shared "
+              "machine: absolute figures are noisy, ratios between interleaved variants are "
+              "more stable)",
+              "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+              f"- TVM target: `{json.dumps(info['target'])}`", ""]
+    t = info["tuning"]
+    tt = t.get("tuning_time_s")
+    lines += ["## Tuning", "",
+              f"- Budget: {t['budget']} trials requested; **{t['records']} measured records** "
+              f"in the database applied (tasks: {t['tasks']}), "
+              + (f"tuning time {tt / 60:.0f} min (sum of the tuning runs' logs)" if tt
+                 else "tuning time unknown"),
+              f"- Database: `{t['db_dir']}`", ""]
+    peak = cpu["peak_gflops_per_core"]
+    lines += ["## Work", "",
+              f"- FLOPs per plate: {flops / 1e6:.1f} MFLOP ({info['flops']['macs'] / 1e6:.1f} M "
+              "conv multiply-accumulates x 2, plus one op per output element of BN/ReLU/pool), "
+              f"{info['flops']['params'] / 1e6:.2f} M parameters.",
+              (f"- Peak estimate: {cpu['flops_per_cycle']} FP32 FLOP/cycle/core (AVX2: 2 FMA "
+               f"units x 8 lanes x 2) x {cpu['ghz']:.2f} GHz = {peak:.0f} GFLOP/s per core, "
+               f"{peak * cpu['cores']:.0f} GFLOP/s for {cpu['cores']} cores. (A Zen 1 core, "
+               "which LLVM reports here, splits 256-bit FMAs in two: its real peak is half.)")
+              if peak else "- Peak: CPU frequency unknown", ""]
+    for r in results:
+        n = r["threads"]
+        lat = r["latency"]
+        torch_ms = next((v["p50_ms"] for k, v in lat.items() if k.startswith("PyTorch")), None)
+        ort_ms = next((v["p50_ms"] for k, v in lat.items() if k.startswith("ONNX")), None)
+        rows = []
+        for name, v in lat.items():
+            size = info["variants"][name]["size"]
+            row = [name, f"{v['p50_ms']:.2f}", f"{v['min_ms']:.2f}",
+                   f"{torch_ms / v['p50_ms']:.2f}x" if torch_ms else "-",
+                   f"{ort_ms / v['p50_ms']:.2f}x" if ort_ms else "-",
+                   f"{size / 1e6:.2f} MB",
+                   f"{flops / (v['p50_ms'] * 1e-3) / 1e9:.1f}",
+                   f"{v['max_abs_diff_vs_first']:.1e}"]
+            if acc:
+                row.append(f"{acc[name]:.3f}" if name in acc else "-")
+            rows.append(row)
+        headers = ["variant", "p50 ms", "min ms", "speed vs PyTorch", "speed vs ORT", "size",
+                   "GFLOP/s", "max abs logit diff vs PyTorch"]
+        headers += ["accuracy (test/, batch 1)"] if acc else []
+        lines += [f"## {n} thread{'s' if n > 1 else ''}", "", _md_table(rows, headers), ""]
+        best = min(lat.items(), key=lambda kv: kv[1]["p50_ms"])
+        if peak:
+            g = flops / (best[1]["p50_ms"] * 1e-3) / 1e9
+            lines += [f"Fastest: **{best[0]}** at {best[1]['p50_ms']:.2f} ms = {g:.1f} GFLOP/s, "
+                      f"{100 * g / (peak * n):.1f}% of the {peak * n:.0f} GFLOP/s peak of "
+                      f"{n} core{'s' if n > 1 else ''}.", ""]
+        lines += ["'speed vs X' = X's p50 / this variant's p50 (above 1: faster than X).", ""]
+    if not acc:
+        lines += ["Accuracy: not measured in this run (`--accuracy` evaluates every variant "
+                  "on `test/` at batch 1; the PyTorch reference is 0.894).", ""]
+    return "\n".join(lines)
+
+
+def _md_table(rows: list[list[str]], headers: list[str]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", default="1,2", help="Thread counts, comma-separated.")
+    ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--trials", type=int, default=800, help="Tuning budget (records reused).")
+    ap.add_argument("--trials-per-iter", type=int, default=32)
+    ap.add_argument("--tasks", default="conv2d",
+                    help="Tune only tasks whose name contains one of these (comma-separated; "
+                         "empty: all). The convolutions are where the time goes.")
+    ap.add_argument("--no-tune", action="store_true",
+                    help="Do not tune: apply the records the database already has.")
+    ap.add_argument("--tuning-db", help="Tuning database directory (default: the cache).")
+    ap.add_argument("--target", default="host")
+    ap.add_argument("--weights")
+    ap.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
+                    help="Also time an lprnet-edge artifact (e.g. a pruned or int8 build).")
+    ap.add_argument("--accuracy", action="store_true", help="Evaluate on test/ (batch 1).")
+    ap.add_argument("--test-dir", default=None)
+    ap.add_argument("--accuracy-skip", default="TVM untuned",
+                    help="Variants not evaluated (comma-separated; default: the untuned "
+                         "module, slow and numerically the same as the tuned one: see the "
+                         "logit-difference column).")
+    ap.add_argument("--work", default=str(REPO / "build" / "bench"))
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    ap.add_argument("--rebuild", action="store_true", help="Rebuild the untuned module.")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.threads = int(args.threads)
+        child(args)
+        return
+
+    work = Path(args.work)
+    info = prepare(args, work)
+    info["loadavg"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    (work / "info.json").write_text(json.dumps(info, indent=1, default=str))
+    test_dir = args.test_dir
+    if args.accuracy and not test_dir:
+        data = os.environ.get("LPRNET_EDGE_DATA") or str(REPO.parent / "shared" / "lprnet")
+        test_dir = str(Path(data) / "test")
+    results = []
+    for i, n in enumerate(int(t) for t in args.threads.split(",")):
+        env = dict(os.environ, TVM_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
+        cmd = [sys.executable, __file__, "--child", "--work", str(work), "--threads", str(n),
+               "--runs", str(args.runs), "--warmup", str(args.warmup)]
+        if args.accuracy and i == 0:  # accuracy does not depend on the thread count
+            cmd += ["--accuracy", "--test-dir", test_dir, "--accuracy-skip",
+                    args.accuracy_skip]
+        log(f"measuring with {n} thread(s)...")
+        out = subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE, check=True).stdout
+        res = json.loads(next(ln for ln in out.splitlines()
+                              if ln.startswith("@@RESULT "))[len("@@RESULT "):])
+        results.append(res)
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    md = report(info, results, args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Accuracy-guarded choice of a compressed variant, decided on a validation split of ``calib/``.
+
+Each candidate is (prune config or none) x (quantize config or none) [x fallback layers]. For
+each one, :func:`select` builds the variant, measures its exact-plate accuracy at batch-1
+semantics on a fixed-seed validation split of ``calib/`` (never ``test/``), the agreement with
+the original's readings there, the stored size of its params file with the encodings it would
+ship with, and its FLOPs. The winner is the smallest stored size, then the fewest FLOPs, among
+candidates whose accuracy drop versus the original on that split is within ``budget``.
+Every candidate's figures are returned (for the manifest).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lprnet_edge.calib import CalibrationSet, decode_batch, predict_logits
+from lprnet_edge.configs import PruneConfig, QuantizeConfig
+from lprnet_edge.flops import summary as flops_summary
+from lprnet_edge.prune import params_encodings, prune, stored_size
+from lprnet_edge.quantize import quantize
+
+
+@dataclass
+class Candidate:
+    name: str
+    prune: PruneConfig | None = None
+    quant: QuantizeConfig | None = None
+    # A ready model for the prune step (e.g. a cached channel-pruned + distilled checkpoint).
+    pruned_model: nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name,
+                "prune": self.prune.to_dict() if self.prune else None,
+                "quantize": self.quant.to_dict() if self.quant else None, **self.extra}
+
+
+def build_variant(original: nn.Module, cand: Candidate, calib: CalibrationSet | None = None
+                  ) -> tuple[nn.Module, nn.Module, dict[str, str], dict[str, Any]]:
+    """``(model to evaluate, model whose weights are stored, encodings, info)``.
+
+    For ``int8`` (activations too) the evaluated model is the fake-quant simulation; the
+    stored weights are the pruned float model's, encoded ``int8``.
+    """
+    info: dict[str, Any] = {}
+    model = original
+    if cand.pruned_model is not None:
+        model = cand.pruned_model
+    elif cand.prune is not None:
+        model, rep = prune(original, cand.prune, calib)
+        info["prune"] = {k: v for k, v in rep.items() if k not in ("layers", "distill")}
+    stored = model
+    evaluated = model
+    if cand.quant is not None:
+        evaluated, qrep = quantize(model, cand.quant, calib)
+        info["act_scales"] = qrep.get("act_scales")
+    enc = params_encodings(stored, cand.prune, quant=cand.quant)
+    return evaluated, stored, enc, info
+
+
+def evaluate_candidate(original: nn.Module, cand: Candidate, calib: CalibrationSet,
+                       val: CalibrationSet, base_acc: float,
+                       reference: list[str] | None = None) -> dict[str, Any]:
+    """Figures of one candidate; ``reference``: the original's readings of ``val``."""
+    t0 = time.time()
+    evaluated, stored, enc, info = build_variant(original, cand, calib)
+    pred = decode_batch(predict_logits(evaluated, val.x))
+    ref = reference if reference is not None else decode_batch(predict_logits(original, val.x))
+    acc = float(sum(p == t for p, t in zip(pred, val.labels, strict=True)) / len(val))
+    fl = flops_summary(stored)
+    return {
+        **cand.describe(),
+        "val_accuracy": acc,
+        "val_drop": base_acc - acc,
+        "val_agreement": float(sum(p == r for p, r in zip(pred, ref, strict=True)) / len(val)),
+        "stored_bytes": stored_size(stored, enc),
+        "flops": fl["flops"],
+        "macs": fl["macs"],
+        "params": fl["params"],
+        "encodings": sorted(set(enc.values())),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def select(original: nn.Module, candidates: list[Candidate], calib: CalibrationSet,
+           budget: float = 0.005, val_fraction: float = 0.3, seed: int = 0,
+           progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Evaluate ``candidates`` on the validation split of ``calib``; pick the smallest stored
+    size (then fewest FLOPs) whose accuracy drop is ``<= budget``.
+
+    Calibration of quantization uses the *training* part of the split, so the guard is
+    measured on images that did not set any scale.
+    """
+    train, val = calib.split(val_fraction, seed)
+    ref = decode_batch(predict_logits(original, val.x))
+    base_acc = float(sum(p == t for p, t in zip(ref, val.labels, strict=True)) / len(val))
+    rows = []
+    for cand in candidates:
+        row = evaluate_candidate(original, cand, train, val, base_acc, ref)
+        row["within_budget"] = row["val_drop"] <= budget + 1e-12
+        rows.append(row)
+        if progress:
+            progress(row)
+    ok = [r for r in rows if r["within_budget"]]
+    best = min(ok, key=lambda r: (r["stored_bytes"], r["flops"])) if ok else None
+    return {"budget": budget, "val_split": {"fraction": val_fraction, "seed": seed,
+                                            "images": len(val)},
+            "original_val_accuracy": base_acc, "selected": best["name"] if best else None,
+            "candidates": rows}
+
+
+def default_candidates(sparsities: tuple[float, ...] = (0.8, 0.9),
+                       calibrators: tuple[str, ...] = ("percentile",),
+                       fallback: tuple[str, ...] = ("container.0",)) -> list[Candidate]:
+    """A small grid: unstructured sparsity x {fp32, fp16, int8 weights, int8 (+fallback)}."""
+    out = [Candidate("original")]
+    quants: list[tuple[str, QuantizeConfig | None]] = [
+        ("", None), ("+fp16", QuantizeConfig(mode="fp16")),
+        ("+int8w", QuantizeConfig(mode="int8-weights"))]
+    for c in calibrators:
+        quants.append((f"+int8-{c}", QuantizeConfig(mode="int8", calibrator=c,
+                                                     fallback_layers=fallback)))
+    for s in (0.0, *sparsities):
+        p = PruneConfig(kind="unstructured", sparsity=s) if s else None
+        for suffix, q in quants:
+            if p is None and q is None:
+                continue
+            name = (f"sparse{int(s * 100)}" if s else "dense") + suffix
+            out.append(Candidate(name, p, q))
+    return out
