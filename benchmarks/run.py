@@ -378,7 +378,8 @@ def main() -> None:
                     help="Variants not evaluated (comma-separated; default: the untuned "
                          "module, slow and numerically the same as the tuned one: see the "
                          "logit-difference column).")
-    ap.add_argument("--work", default=str(REPO / "build" / "bench"))
+    ap.add_argument("--work", default=None,
+                    help="Where exported/compiled variants go (default: $LPRNET_EDGE_CACHE/bench).")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     ap.add_argument("--rebuild", action="store_true", help="Rebuild the untuned module.")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -388,6 +389,10 @@ def main() -> None:
         child(args)
         return
 
+    if args.work is None:
+        from lprnet_edge.weights import cache_dir
+
+        args.work = str(cache_dir() / "bench")
     work = Path(args.work)
     info = prepare(args, work)
     info["loadavg"] = " ".join(f"{x:.1f}" for x in os.getloadavg())

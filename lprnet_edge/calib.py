@@ -131,6 +131,14 @@ class CalibrationSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def ensure_raw(self) -> CalibrationSet:
+        """Load the original-resolution crops (for augmentation) if they are not loaded."""
+        if self.raw is None and self.root is not None:
+            from lprnet_edge.preprocess import read_image
+
+            self.raw = [read_image(self.root / n) for n in self.names]
+        return self
+
     def subset(self, idx: np.ndarray | list[int]) -> CalibrationSet:
         idx = list(map(int, idx))
         return CalibrationSet(self.x[idx], [self.labels[i] for i in idx],

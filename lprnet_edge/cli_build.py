@@ -177,7 +177,8 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
                + ", ".join(f"{n} {t:.1f}s" for n, t in res.timings) + ")")
     click.echo("\n" + table(files, ["file", "size", "sha256"]))
     if not spec.is_native:
-        click.echo(f"\nNext: lprnet-edge deploy {res.path} (on a {spec.arch} device)")
+        user = spec.device.get("ssh_user", "user")
+        click.echo(f"\nNext: lprnet-edge deploy {res.path} --host {user}@<{spec.name}-address>")
 
 
 # ---------------------------------------------------------------- targets

@@ -153,7 +153,7 @@ def deploy_cmd(dev: Any, artifact: str, name: str | None, keep: int, as_json: bo
     from lprnet_edge.deploy import artifact_size, deploy
 
     click.echo(f"Deploying {artifact} to {dev.conn.spec}:{dev.root}", err=True)
-    with progress("Uploading", artifact_size(artifact)) as bar:
+    with progress("Uploading", artifact_size(artifact, with_runtime=True)) as bar:
         res = deploy(dev, artifact, name=name, keep=keep, progress=bar, on_step=_step)
     if as_json:
         echo_json(res.to_dict())

@@ -390,7 +390,7 @@ def status(dev: Device) -> dict[str, Any]:
         rec = dev.sh(f"cat {_q(cur)}/deployment.json", check=False)
         with contextlib.suppress(json.JSONDecodeError):
             out["deployment"] = json.loads(rec.stdout) if rec.ok else None
-    out["free_bytes"] = dev.free_bytes(dev.root if cur else "~")
+    out["free_bytes"] = dev.free_bytes(dev.root if cur else dev.conn.home())
     return out
 
 
@@ -430,7 +430,7 @@ def _tar_folder(data: Path, out: Path, limit: int | None = None) -> int:
 
         imgs = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES][:limit]
         files = imgs + [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT, dereference=True) as tar:
         for p in files:
             tar.add(p, arcname=f"data/{p.name}")
     return len(files)
@@ -642,7 +642,12 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def artifact_size(artifact: str | Path) -> int:
+def artifact_size(artifact: str | Path, with_runtime: bool = False) -> int:
+    """Bytes a deploy uploads: the artifact's files (+ the runtime zip)."""
     root = Path(artifact)
     m = read_manifest(root)
-    return sum(e["size"] for e in m["files"].values()) + (root / MANIFEST).stat().st_size
+    n = sum(e["size"] for e in m["files"].values()) + (root / MANIFEST).stat().st_size
+    if with_runtime:
+        with tempfile.TemporaryDirectory() as d:
+            n += runtime_zip(Path(d)).stat().st_size
+    return n

@@ -76,7 +76,7 @@ def _versions() -> dict[str, Any]:
     from lprnet_edge import __version__
 
     out["lprnet_edge"] = __version__
-    out["torch_imported"] = "torch" in sys.modules
+    out["torch_imported"] = sys.modules.get("torch") is not None
     return out
 
 
@@ -110,7 +110,7 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
             rec.recognize(_synthetic_plate(rec.preprocess))
             info["load_s"] = t1 - t0
             info["first_inference_s"] = time.perf_counter() - t1
-            info["torch_imported"] = "torch" in sys.modules
+            info["torch_imported"] = sys.modules.get("torch") is not None
     return info
 
 
@@ -132,7 +132,16 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 def _extract(tar_path: str) -> Path:
     dest = Path(tempfile.mkdtemp(prefix="data-", dir=Path(tar_path).parent))
     with tarfile.open(tar_path) as tar:
-        tar.extractall(dest, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # Python < 3.11.4 (Debian 12 has 3.11.2): plain files and folders only
+            members = []
+            for m in tar.getmembers():
+                parts = Path(m.name).parts
+                if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
+                    raise ValueError(f"unsafe member {m.name!r} in {tar_path}")
+                members.append(m)
+            tar.extractall(dest, members=members)
     entries = [p for p in dest.iterdir()]
     # A tar of one folder: evaluate that folder.
     if len(entries) == 1 and entries[0].is_dir():

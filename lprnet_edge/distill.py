@@ -124,6 +124,8 @@ def distill(teacher: nn.Module, student: nn.Module, train: CalibrationSet,
     given; otherwise the last one.
     """
     cfg = cfg or DistillConfig()
+    if cfg.augment:
+        train.ensure_raw()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

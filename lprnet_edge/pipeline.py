@@ -657,6 +657,11 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
     # Fail fast on a missing toolchain or a target TVM rejects, before minutes of work.
     compiler = find_compiler(opts.target, opts.cc)
     opts.target.tvm_target()
+    for flag, module, wanted in (("--prune", "prune", opts.prune),
+                                 ("--quantize", "quantize", opts.quantize),
+                                 ("--tune", "tune", opts.tune)):
+        if wanted:
+            _optional(module, flag)
     stages = Stages(plan(opts), log)
 
     with stages.stage("load") as note:
@@ -701,7 +706,12 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
             manifest = make_manifest(name, art, compiled, opts.compile, verification, accuracy,
                                      tune_summary)
             package_stage(tmp, manifest)
-    bundle_path = make_bundle(out) if opts.bundle else None
+    bundle_path = None
+    if opts.bundle:
+        bundle_path = make_bundle(out)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(bundle_path, 0o666 & ~umask)  # mkstemp made it private
     return BuildResult(out, manifest, bundle_path, stages.timings)
 
 

@@ -396,8 +396,9 @@ def prune(model: LPRNet, cfg: PruneConfig, calib: Any = None, distill_kwargs: di
         report["val_accuracy_original"] = accuracy(model, val)
         report["val_accuracy_pruned"] = accuracy(out, val)
         if cfg.distill_epochs > 0:
-            dcfg = DistillConfig(epochs=cfg.distill_epochs, seed=cfg.seed,
-                                 **(distill_kwargs or {}))
+            # A wall-time cap by default: PruneConfig's epochs are an upper bound.
+            kw = {"time_budget_s": 600.0, **(distill_kwargs or {})}
+            dcfg = DistillConfig(epochs=cfg.distill_epochs, seed=cfg.seed, **kw)
             out, hist = distill(model, out, train, dcfg, val=val)
             report["distill"] = hist
             report["val_accuracy_distilled"] = accuracy(out, val)

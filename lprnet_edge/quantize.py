@@ -327,8 +327,12 @@ def attach_int8_relax(qm: nn.Module) -> nn.Module:
     return qm
 
 
+HEAD_LAYERS = ("container.0",)
+
+
 def quantize(model: nn.Module, cfg: QuantizeConfig, calib: Any = None,
-             val: Any = None, real_int8: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+             val: Any = None, real_int8: bool = True, head_fp32: bool = True
+             ) -> tuple[nn.Module, dict[str, Any]]:
     """Quantize a BatchNorm-folded copy of ``model``; returns ``(model, report)``.
 
     ``fp16`` / ``int8-weights``: a float model with exactly the weights the artifact decodes;
@@ -337,10 +341,16 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, calib: Any = None,
     returned module carries ``param_encodings`` (state-dict names) for the build pipeline,
     and in ``int8`` mode (``real_int8``) a ``to_relax`` hook that compiles real int8 convs.
     ``report`` holds the activation thresholds / scales and, with ``val``, the accuracy and
-    agreement on it.
+    agreement on it. With ``head_fp32`` and no ``fallback_layers`` given, ``int8`` keeps the
+    head's container conv in float32 (``report["config"]`` has the layers actually used).
     """
+    from dataclasses import replace
+
     from lprnet_edge.prune import params_encodings, stored_size
 
+    if head_fp32 and cfg.mode == "int8" and not cfg.fallback_layers:
+        # The head (normalised concat -> container conv) is by far the most sensitive layer.
+        cfg = replace(cfg, fallback_layers=HEAD_LAYERS)
     folded = fold_bn(model)
     rep: dict[str, Any] = {"config": cfg.to_dict(), "bn_folded": True}
     if cfg.mode in ("fp16", "int8-weights"):
@@ -398,10 +408,10 @@ def relax_int8_rewrite(mod: Any) -> tuple[Any, int]:
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
+    count = [0]
+
     @mutator
     class _Int8Conv(PyExprMutator):
-        count = 0
-
         def _is_code(self, e: Any) -> bool:
             if isinstance(e, relax.Var):
                 b = self.lookup_binding(e)
@@ -418,7 +428,7 @@ def relax_int8_rewrite(mod: Any) -> tuple[Any, int]:
             if not (self._is_code(data) and self._is_code(weight)):
                 return call
             a = call.attrs
-            _Int8Conv.count += 1
+            count[0] += 1
             conv = relax.op.nn.conv2d(
                 relax.op.astype(data, "int8"), relax.op.astype(weight, "int8"),
                 strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
@@ -430,7 +440,7 @@ def relax_int8_rewrite(mod: Any) -> tuple[Any, int]:
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             out[gv] = _Int8Conv().visit_expr(func)
-    return relax.transform.CanonicalizeBindings()(out), _Int8Conv.count
+    return relax.transform.CanonicalizeBindings()(out), count[0]
 
 
 def tvm_op_type() -> Any:

@@ -114,8 +114,8 @@ def channel_pruned_distilled(original: nn.Module, calib: CalibrationSet, ratios:
 
     train, val = calib.split(0.3, seed)
     widths = channel_widths(original, ratios)
-    key_src = json.dumps({"w": widths, "e": epochs, "b": budget_s, "s": seed,
-                          "sd": float(sum(float(p.abs().sum()) for p in original.parameters())),
+    wsum = float(sum(float(p.detach().abs().sum()) for p in original.parameters()))
+    key_src = json.dumps({"w": widths, "e": epochs, "b": budget_s, "s": seed, "sd": wsum,
                           "n": len(calib)}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
     path = _cache_dir() / f"channels-{key}.pth"

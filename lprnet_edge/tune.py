@@ -470,7 +470,7 @@ def _worker_main(spec_path: str) -> int:
     if spec.get("search"):
         strategy = ms.search_strategy.EvolutionarySearch(**spec["search"])
     contexts, ctx_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        [extracted[i] for i in todo], work_dir=str(db_dir / "logs"), num_threads=nthreads,
+        [extracted[i] for i in todo], work_dir=str(db_dir), num_threads=nthreads,
         seed=cfg.seed, strategy=strategy)
     state = {"done": 0, "best": list(best0), "trials": [0] * len(extracted), "batches": 0}
     crash_after = int(os.environ.get(CRASH_TEST_ENV) or 0)
@@ -519,7 +519,7 @@ def _worker_main(spec_path: str) -> int:
         runner = ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator)
     callbacks = [*ms.measure_callback.MeasureCallback.create("default"), Progress()]
     ms.tune_tasks(
-        tasks=contexts, task_weights=ctx_weights, work_dir=str(db_dir / "logs"),
+        tasks=contexts, task_weights=ctx_weights, work_dir=str(db_dir),
         max_trials_global=budget, max_trials_per_task=cap if cap is not None else budget,
         num_trials_per_iter=cfg.num_trials_per_iter, builder=builder, runner=runner,
         database=database,

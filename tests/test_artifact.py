@@ -95,9 +95,10 @@ def test_manifest_contents(host_artifact: Path, weights_path: Path):
 
 
 @pytest.mark.slow
-def test_artifact_reads_like_pytorch(host_artifact: Path, test_images: list[Path]):
+def test_artifact_reads_like_pytorch(host_artifact: Path, test_images: list[Path],
+                                     weights_path: Path):
     rec = Recognizer.from_artifact(host_artifact)
-    ref = Recognizer.from_weights()
+    ref = Recognizer.from_weights(weights_path)
     assert rec.backend_name == "tvm"
     got = [r.text for r in rec.recognize(test_images)]
     want = [r.text for r in ref.recognize(test_images)]

@@ -126,10 +126,20 @@ def test_remote_recognize_and_info(pi_device, deployed, test_images):
     assert st["info"]["torch_imported"] is False
 
 
-def test_remote_eval_all_1000_plates(pi_device, deployed, test_dir):
-    """Exact-match accuracy of the cross-built module on the device: the reference 0.894."""
+def eval_limit() -> int | None:
+    """All 1000 plates with LPRNET_EDGE_DEVICE_EVAL_ALL=1 (about 1 h on 2 emulated cores);
+    otherwise the first LPRNET_EDGE_DEVICE_EVAL_LIMIT (default 100) plates, for CI's budget."""
+    if os.environ.get("LPRNET_EDGE_DEVICE_EVAL_ALL") == "1":
+        return None
+    return int(os.environ.get("LPRNET_EDGE_DEVICE_EVAL_LIMIT", "100"))
+
+
+def test_remote_eval_on_the_device(pi_device, deployed, test_dir, weights_path):
+    """Exact-match accuracy of the cross-built module on the device: the reference 0.894 on
+    all 1000 plates, or the PyTorch model's own result on the same subset."""
     from lprnet_edge.deploy import remote_eval
 
+    limit = eval_limit()
     workers = max(1, os.cpu_count() or 1)
     t0 = time.perf_counter()
     last = [0.0]
@@ -139,15 +149,25 @@ def test_remote_eval_all_1000_plates(pi_device, deployed, test_dir):
             last[0] = time.perf_counter()
             print(f"  eval {done}/{total} after {last[0] - t0:.0f} s", flush=True)
 
-    res = remote_eval(pi_device, test_dir, workers=workers, threads=1, progress=prog)
+    res = remote_eval(pi_device, test_dir, workers=workers, threads=1, limit=limit,
+                      progress=prog)
     wall = time.perf_counter() - t0
     print(f"\nremote eval on the emulated Pi: {res['count']} plates, accuracy "
           f"{res['accuracy']:.3f} ({res['correct']}/{res['count']}), char acc "
           f"{res['char_accuracy']:.3f}, {res['seconds']:.0f} s on the device with "
           f"{workers} workers, {wall:.0f} s wall, upload {res['upload_seconds']:.1f} s")
-    assert res["count"] == 1000 and res["skipped"] == 0
-    assert res["accuracy"] == pytest.approx(0.894, abs=0.0015)
-    assert res["machine"] == "aarch64"
+    assert res["skipped"] == 0 and res["machine"] == "aarch64"
+    if limit is None:
+        assert res["count"] == 1000
+        assert res["accuracy"] == pytest.approx(0.894, abs=0.0015)
+    else:
+        pytest.importorskip("torch")
+        from lprnet_edge.evaluate import evaluate
+        from lprnet_edge.recognizer import Recognizer
+
+        ref = evaluate(Recognizer.from_weights(weights_path), test_dir, limit=limit)
+        assert res["count"] == ref.count == limit
+        assert abs(res["correct"] - ref.correct) <= max(1, limit // 100), (res, ref)
 
 
 def test_bench_over_ssh_and_rpc(pi_device, deployed, rpi4_artifact):

@@ -7,19 +7,15 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from emulated_device import (
-    EXIT_NOT_RUNNING,
-    EmulatedPi,
-    build_or_skip,
-    pids_in_group,
-    pids_in_pidns,
-)
 
 paramiko = pytest.importorskip("paramiko")
 
+# The fixture module (tests/emulated_device.py); its helpers are imported inside the tests, once
+# pytest has loaded it as a plugin.
 pytest_plugins = ["emulated_device"]
 pytestmark = [pytest.mark.slow, pytest.mark.device]
 
@@ -63,7 +59,7 @@ def test_unknown_host_key_is_rejected(emulated_pi):
     c.close()
 
 
-def test_wrong_host_key_is_rejected(emulated_pi, tmp_path):
+def test_wrong_host_key_is_rejected(emulated_pi):
     other = paramiko.Ed25519Key.from_private_key_file(str(emulated_pi.key_path))
     c = paramiko.SSHClient()
     c.get_host_keys().add(f"[{emulated_pi.host}]:{emulated_pi.port}", "ssh-ed25519", other)
@@ -127,34 +123,14 @@ def test_openssh_client_works_with_the_device_env(emulated_pi):
     assert r.stdout.strip() == "aarch64"
 
 
-def test_stop_leaves_no_process(tmp_path: Path):
-    """A second device: a detached process started over ssh must die with it on stop."""
-    build_or_skip()
-    device = EmulatedPi(tmp_path / "dev")
-    device.start()
-    try:
-        assert device.status() == 0
-        again = EmulatedPi(tmp_path / "dev").start()  # idempotent: same device
-        assert (again.pid, again.port) == (device.pid, device.port)
-        # Like a TVM RPC server's popen worker: own session, survives its parent.
-        device.run("setsid nohup sleep 600 >/dev/null 2>&1 </dev/null & echo started")
-        ns_pids = pids_in_pidns(device.pidns)
-        comms = {Path(f"/proc/{p}/comm").read_text().strip() for p in ns_pids}
-        assert {"sshd", "sleep"} <= comms, comms
-        assert pids_in_group(device.pid)
-    finally:
-        device.stop()
-    assert device.processes() == []
-    assert pids_in_pidns(device.pidns) == []
-    assert pids_in_group(device.pid) == []
-    mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(device.root) not in mounts
-    assert device.status() == EXIT_NOT_RUNNING
-    assert not (tmp_path / "dev" / "device.env").exists()
-    # stop is idempotent
-    device.stop()
-    device.clean()
-    assert not (tmp_path / "dev").exists()
+def _comms(pids: list[int]) -> set[str]:
+    names = set()
+    for p in pids:
+        try:
+            names.add(Path(f"/proc/{p}/comm").read_text().strip())
+        except OSError:
+            pass
+    return names
 
 
 def test_script_usage_errors_are_loud():
@@ -163,3 +139,34 @@ def test_script_usage_errors_are_loud():
                        timeout=30, check=False)
     assert r.returncode == 2
     assert "unknown command" in r.stderr
+
+
+def test_stop_leaves_no_process_then_restart(emulated_pi):
+    """Stop kills every process, even a detached one started over ssh; the device restarts."""
+    from emulated_device import EXIT_NOT_RUNNING, EmulatedPi, pids_in_group, pids_in_pidns
+
+    same = EmulatedPi(emulated_pi.device_dir).start()  # start is idempotent
+    assert (same.pid, same.port) == (emulated_pi.pid, emulated_pi.port)
+    assert emulated_pi.status() == 0
+    # Like a TVM RPC server's popen worker: its own session, outliving its parent.
+    emulated_pi.run("setsid nohup sleep 600 >/dev/null 2>&1 </dev/null & echo started")
+    deadline = time.monotonic() + 60  # exec is slow under emulation
+    while "sleep" not in _comms(pids_in_pidns(emulated_pi.pidns)):
+        assert time.monotonic() < deadline, _comms(pids_in_pidns(emulated_pi.pidns))
+        time.sleep(0.5)
+    assert "sshd" in _comms(pids_in_pidns(emulated_pi.pidns))
+    assert emulated_pi.pid in pids_in_group(emulated_pi.pid)
+    pid, pidns = emulated_pi.pid, emulated_pi.pidns
+
+    emulated_pi.stop()
+    assert pids_in_pidns(pidns) == []
+    assert pids_in_group(pid) == []
+    assert emulated_pi.processes() == []
+    assert str(emulated_pi.root) not in Path("/proc/self/mountinfo").read_text()
+    assert emulated_pi.status() == EXIT_NOT_RUNNING
+    assert not (emulated_pi.device_dir / "device.env").exists()
+    emulated_pi.stop()  # idempotent
+
+    emulated_pi.start()  # the unpacked device starts again, for the tests that follow
+    assert emulated_pi.pid != pid
+    assert emulated_pi.run("uname -m").stdout.strip() == "aarch64"

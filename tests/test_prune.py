@@ -177,3 +177,19 @@ def test_dead_channels_of_real_weights(weights_path, data_dir):
     assert summary(model)["flops"] / summary(pm)["flops"] > 1.5
     assert agreement(pm, model, val) >= 0.99
     np.testing.assert_array_equal(pm(torch.zeros(1, 3, 24, 94)).shape, (1, 68, 18))
+
+
+def test_prune_channels_entry_point_with_distillation(tiny_model):
+    from lprnet_edge.calib import CalibrationSet
+    from lprnet_edge.preprocess import Preprocess
+
+    rng = np.random.default_rng(0)
+    raw = [rng.integers(0, 255, (36, 136, 3), dtype=np.uint8) for _ in range(8)]
+    x = np.concatenate([Preprocess()(r) for r in raw])
+    cal = CalibrationSet(x, ["京A12345"] * 8, [f"{i}.jpg" for i in range(8)], raw=raw)
+    cfg = PruneConfig(kind="channels", ratio=0.5, distill_epochs=1)
+    pm, rep = prune(tiny_model, cfg, cal, distill_kwargs={"max_steps": 1, "batch_size": 4})
+    assert pm.widths["b1_mid"] == 16 and rep["flops_reduction"] > 1.5
+    for k in ("val_accuracy_original", "val_accuracy_pruned", "val_accuracy_distilled"):
+        assert 0.0 <= rep[k] <= 1.0
+    assert rep["distill"]["epochs"][0]["steps"] == 1

@@ -134,3 +134,33 @@ def test_sensitivity_scan_and_fallback(tiny_model):
     assert scan == sorted(scan, key=lambda r: (r["agreement"], -r["drop"]))
     fb = choose_fallback(scan, max_layers=2, min_agreement=1.01)
     assert fb == tuple(r["layer"] for r in scan[:2])
+
+
+@pytest.mark.slow
+def test_relax_int8_rewrite_builds_and_matches():
+    """The int8 path: conv2d on int8 codes with int32 accumulation, compiled by TVM."""
+    pytest.importorskip("tvm")
+    import tvm
+    from tvm import relax
+
+    from lprnet_edge.quantize import attach_int8_relax
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        QuantConv2d(torch.nn.Conv2d(3, 4, 3), act_scale=1 / 127),
+        torch.nn.ReLU(),
+        QuantConv2d(torch.nn.Conv2d(4, 2, (1, 3), padding=(0, 1)), act_scale=0.02),
+    ).eval()
+    attach_int8_relax(model)
+    mod, params = model.to_relax()
+    text = mod.script()
+    assert text.count('out_dtype="int32"') == 2 and 'R.astype' in text
+    ex = tvm.compile(mod, tvm.target.Target({"kind": "llvm"}))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = torch.rand(1, 3, 24, 94) * 2 - 1
+    out = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(v)
+                                                     for v in params.values()])
+    out = out[0] if not hasattr(out, "numpy") else out
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-4)
