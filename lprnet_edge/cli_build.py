@@ -198,13 +198,18 @@ def targets_list(as_json: bool) -> None:
     Example:
       lprnet-edge targets list
     """
-    from lprnet_edge.errors import ToolchainError
-    from lprnet_edge.target import list_targets
+    from lprnet_edge.errors import LprnetEdgeError, ToolchainError
+    from lprnet_edge.target import load_target, target_names
     from lprnet_edge.toolchain import candidates, find_compiler
 
-    specs = list_targets()
     rows, data = [], []
-    for t in specs:
+    for name in target_names():
+        try:
+            t = load_target(name)
+        except LprnetEdgeError as e:  # a broken user file: show it, keep listing the others
+            rows.append([name, "?", "?", "?", f"INVALID: {e}"])
+            data.append({"name": name, "error": str(e)})
+            continue
         try:
             cc = find_compiler(t).path
         except ToolchainError:

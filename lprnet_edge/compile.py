@@ -124,7 +124,7 @@ def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True
             raise
         except Exception as e:  # exporter / importer errors are many types
             raise LprnetEdgeError(f"cannot import the model with frontend {frontend!r}: "
-                                  f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+                                  f"{type(e).__name__}: {_first_line(e)}") from e
     mod, detached = relax.frontend.detach_params(mod)
     names = [v.name for v in mod[ENTRY].params]
     values = list(detached.get(ENTRY, []))
@@ -250,6 +250,11 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
         "compiler": path,
         "tvm_target": str(target),
     }
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def _last_line(e: BaseException) -> str:

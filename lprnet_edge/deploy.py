@@ -290,7 +290,17 @@ def deploy(dev: Device, artifact: str | Path, name: str | None = None,
                     if _after_upload_chunk:
                         _after_upload_chunk(base + done, total)
 
-                dev.conn.put(path, f"{staging}/{rel}", progress=cb)
+                try:
+                    dev.conn.put(path, f"{staging}/{rel}", progress=cb)
+                except DeviceError as e:
+                    free_now = None
+                    if dev.conn._alive():
+                        with contextlib.suppress(LprnetEdgeError):
+                            free_now = dev.free_bytes(dest)
+                    if free_now is not None and free_now < size:
+                        raise DeviceError(f"{e}: the device ran out of disk space "
+                                          f"({_mb(free_now)} free in {dest})") from None
+                    raise
                 done_before += size
             dev.conn.put_bytes(sums.encode(), f"{staging}/SHA256SUMS")
             upload_s = time.perf_counter() - t_up
@@ -300,10 +310,16 @@ def deploy(dev: Device, artifact: str | Path, name: str | None = None,
             if not res.ok:
                 raise DeviceError(f"checksum mismatch on {dev.conn.spec} after upload: "
                                   f"{(res.stdout + res.stderr).strip()[-800:]}")
-            dev.sh(f"cd {_q(staging)} && {_q(dev.python)} -c "
-                   + _q("import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])")
-                   + " runtime.zip runtime && rm runtime.zip && "
-                   f"{_q(dev.python)} -m compileall -q runtime >/dev/null")
+            res = dev.sh(
+                f"cd {_q(staging)} && {_q(dev.python)} -c "
+                + _q("import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])")
+                + " runtime.zip runtime && rm runtime.zip && "
+                f"{_q(dev.python)} -m compileall -q runtime >/dev/null", check=False)
+            if not res.ok:
+                free_now = dev.free_bytes(dest)
+                raise DeviceError(
+                    f"unpacking the runtime failed on {dev.conn.spec} ({_mb(free_now)} free in "
+                    f"{dest}): {(res.stderr.strip() or res.stdout.strip())[-800:]}")
 
             step("loading the model on the device")
             info = dev.agent(f"{staging}/runtime",

@@ -115,7 +115,10 @@ def threshold_mse(h: Histogram, candidates: int = 128) -> float:
 
 def threshold_entropy(h: Histogram, levels: int = QMAX + 1, stride: int = 16) -> float:
     """TensorRT-style KL-divergence calibration on the ``|x|`` histogram."""
-    p_full = h.counts
+    p_full = h.counts.copy()
+    # Post-ReLU maps are mostly exact zeros: that spike (bin 0) is represented exactly at any
+    # threshold and would otherwise dominate the divergence (every threshold looks alike).
+    p_full[0] = 0.0
     if p_full.sum() <= 0:
         return h.amax
     best, best_i = np.inf, h.bins

@@ -63,15 +63,28 @@ class TargetSpec:
         return int(n) if n else None
 
     def tvm_target(self) -> Any:
-        """The ``tvm.target.Target`` (imports the TVM compiler)."""
+        """The ``tvm.target.Target`` (imports the TVM compiler).
+
+        An ``mcpu`` LLVM does not know is an error here: LLVM would only log it and quietly
+        generate code for a generic CPU.
+        """
         import tvm
 
+        mcpu = self.tvm.get("mcpu")
+        if self.tvm.get("kind") == "llvm" and isinstance(mcpu, str):
+            from tvm.target import codegen
+
+            triple = self.tvm.get("mtriple") or str(codegen.llvm_get_system_triple())
+            if not codegen.llvm_is_valid_cpu(mcpu, triple):
+                raise LprnetEdgeError(
+                    f"target {self.name!r} ({self.source}): LLVM does not know mcpu "
+                    f"{mcpu!r} for {triple} (it would silently build for a generic CPU)")
         try:
             return tvm.target.Target(dict(self.tvm))
         except Exception as e:  # TVM raises ValueError / TVMError for bad keys
             raise LprnetEdgeError(
                 f"target {self.name!r} ({self.source}): TVM rejects the [tvm] table: "
-                f"{str(e).strip().splitlines()[-1]}"
+                f"{(str(e).strip().splitlines() or [type(e).__name__])[-1]}"
             ) from e
 
     def to_dict(self) -> dict[str, Any]:

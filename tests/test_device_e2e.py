@@ -190,16 +190,19 @@ def test_bench_over_ssh_and_rpc(pi_device, deployed, rpi4_artifact):
 
 
 def _session_sshd_pids(emulated_pi) -> list[int]:
-    """Host pids of the device's per-connection sshd processes (``sshd: pi...``)."""
+    """Host pids of the device's per-connection sshd processes: sshd processes whose parent is
+    an sshd too (the listener's parent is the device's init). Under qemu-user the host sees
+    ``.../aarch64-binfmt-P /usr/sbin/sshd ...``, not sshd's own process titles."""
     from emulated_device import pids_in_pidns
 
-    pids = []
+    procs = {}
     for pid in pids_in_pidns(emulated_pi.pidns) if emulated_pi.pidns else []:
-        with contextlib.suppress(OSError):
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if cmd.startswith("sshd: pi"):
-                pids.append(pid)
-    return pids
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            procs[pid] = (ppid, b"/usr/sbin/sshd" in cmd[:3])
+    return [pid for pid, (ppid, is_sshd) in procs.items()
+            if is_sshd and procs.get(ppid, (0, False))[1]]
 
 
 def test_upload_cut_keeps_current(emulated_pi, pi_device, deployed, rpi4_artifact, test_dir):
@@ -225,14 +228,14 @@ def test_upload_cut_keeps_current(emulated_pi, pi_device, deployed, rpi4_artifac
 
 
 def test_disk_full_keeps_current(emulated_pi, pi_device, deployed, rpi4_artifact, test_dir):
-    """A real 2 MB tmpfs mounted inside the device (its own mount namespace) as the target."""
+    """A real 1 MB tmpfs mounted inside the device (its own mount namespace) as the target."""
     from lprnet_edge.deploy import Device, deploy
 
     small = f"/home/pi/small-{os.getpid()}"
     host_path = f"{emulated_pi.root}{small}"
     pi_device.sh(f"mkdir -p {small}")
     r = subprocess.run(["nsenter", "-t", str(emulated_pi.pid), "-m", "mount", "-t", "tmpfs",
-                        "-o", "size=2m,uid=1000,gid=1000", "tmpfs", host_path],
+                        "-o", "size=1m,uid=1000,gid=1000", "tmpfs", host_path],
                        capture_output=True, text=True)
     if r.returncode:
         pytest.skip(f"cannot mount inside the device: {r.stderr.strip()}")

@@ -222,3 +222,12 @@ def test_compile_config_in_options(tmp_path: Path):
     opts = BuildOptions(target=load_target("rpi4"), out=tmp_path,
                         compile=CompileConfig(frontend="onnx", num_threads=2))
     assert opts.compile.to_dict()["frontend"] == "onnx"
+
+
+def test_cli_refuses_test_split_as_calib(cli_runner, tmp_path: Path, tiny_ckpt: Path):
+    test = tmp_path / "test"
+    test.mkdir()
+    r = cli_runner("build", "--target", "host", "--weights", tiny_ckpt, "--out", tmp_path / "o",
+                   "--calib", test, "--verify-images", "2")
+    assert_user_error(r, "refusing to calibrate")
+    assert not (tmp_path / "o").exists()

@@ -74,6 +74,16 @@ def test_tvm_accepts_every_target():
         assert str(tgt.attrs.get("mcpu", "")) == t.tvm.get("mcpu", "")
 
 
+def test_tvm_rejections_are_clear_errors():
+    pytest.importorskip("tvm")
+    bad_cpu = parse_target(BOARD.replace("cortex-a55", "cortex-a999"), "board.toml")
+    with pytest.raises(LprnetEdgeError, match="LLVM does not know mcpu 'cortex-a999'"):
+        bad_cpu.tvm_target()
+    bad_key = parse_target(BOARD.replace("num-cores = 8", "num-cores = 8\nfoo = 1"), "b.toml")
+    with pytest.raises(LprnetEdgeError, match=r"b.toml.*TVM rejects the \[tvm\] table"):
+        bad_key.tvm_target()
+
+
 def test_unknown_target_lists_the_known_ones():
     with pytest.raises(LprnetEdgeError) as e:
         load_target("rpi9")
@@ -232,3 +242,13 @@ def test_cli_targets_show_file(cli_runner, tmp_path: Path):
     r = cli_runner("targets", "show", "--target-file", str(p))
     assert r.exit_code == 0, r.output
     assert 'name = "myboard"' in r.output and "cortex-a55" in r.output
+
+
+def test_cli_targets_list_shows_a_broken_user_file(cli_runner, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    d = tmp_path / "t"
+    _write(d / "broken.toml", "arch = 'mips'\n[tvm]\nkind = 'llvm'\n")
+    monkeypatch.setenv("LPRNET_EDGE_TARGETS", str(d))
+    r = cli_runner("targets", "list")
+    assert r.exit_code == 0, r.output
+    assert "broken" in r.output and "INVALID" in r.output and "rpi4" in r.output
