@@ -231,8 +231,7 @@ class DeployResult:
 
 def deploy(dev: Device, artifact: str | Path, name: str | None = None,
            progress: Progress | None = None, keep: int = 5, check_space: bool = True,
-           on_step: Callable[[str], None] | None = None,
-           _after_upload_chunk: Callable[[int, int], None] | None = None) -> DeployResult:
+           on_step: Callable[[str], None] | None = None) -> DeployResult:
     """Upload ``artifact`` + runtime, verify them on the device, then make them current."""
     t0 = time.perf_counter()
     step = on_step or (lambda _s: None)
@@ -287,8 +286,6 @@ def deploy(dev: Device, artifact: str | Path, name: str | None = None,
                 def cb(done: int, _t: int, base: int = done_before) -> None:
                     if progress:
                         progress(base + done, total)
-                    if _after_upload_chunk:
-                        _after_upload_chunk(base + done, total)
 
                 try:
                     dev.conn.put(path, f"{staging}/{rel}", progress=cb)

@@ -51,6 +51,17 @@ def file_entries(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return {n: {"sha256": sha256_file(root / n), "size": (root / n).stat().st_size} for n in names}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: Path, executable: bool = False) -> None:
+    """Give a file made by mkstemp/mkdtemp (0600/0700) the modes a normal write would have."""
+    os.chmod(path, (0o777 if executable or Path(path).is_dir() else 0o666) & ~_umask())
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON next to ``path`` then rename: a reader never sees half a file."""
     path = Path(path)
@@ -59,6 +70,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, ensure_ascii=False, sort_keys=False)
             f.write("\n")
+        publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -79,6 +91,7 @@ def staging_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        publish_mode(tmp)
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"
@@ -151,6 +164,7 @@ def bundle(artifact: str | Path, out: str | Path | None = None) -> Path:
     try:
         with tarfile.open(tmp, "w:gz") as tar:
             tar.add(root, arcname=root.name)
+        publish_mode(Path(tmp))
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):

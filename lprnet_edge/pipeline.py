@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import json
-import os
 import platform
 import sys
 import time
@@ -642,17 +641,10 @@ def make_manifest(name: str, art: ModelArtifact, compiled: CompiledModule,
 def package_stage(stage_dir: Path, manifest: dict[str, Any]) -> Path:
     """Write ``manifest.json`` last: a directory without one is not an artifact.
 
-    The staging directory and temporary files are private (0700/0600) while being written;
-    the finished artifact gets the usual umask-based modes so others can read and deploy it.
+    (``manifest.staging_dir`` gives the finished directory its umask-based mode.)
     """
-    stage_dir = Path(stage_dir)
-    path = stage_dir / MANIFEST
+    path = Path(stage_dir) / MANIFEST
     write_json_atomic(path, manifest)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage_dir, 0o777 & ~umask)
-    for f in stage_dir.iterdir():
-        os.chmod(f, (0o777 if f.suffix == ".so" else 0o666) & ~umask)
     return path
 
 
@@ -744,9 +736,6 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
     bundle_path = None
     if opts.bundle:
         bundle_path = make_bundle(out)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(bundle_path, 0o666 & ~umask)  # mkstemp made it private
     return BuildResult(out, manifest, bundle_path, stages.timings)
 
 
