@@ -33,7 +33,8 @@ def encode(name: str, a: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
     if encoding == "int8":
         axes = tuple(range(1, a.ndim)) if a.ndim > 1 else ()
         amax = np.abs(a).max(axis=axes, keepdims=True) if axes else np.abs(a)
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        scale = (amax / 127.0).astype(np.float32)
+        scale = np.where(scale > 0, scale, np.float32(1.0))  # all-zero (or denormal) channels
         q = np.clip(np.round(a / scale), -127, 127).astype(np.int8)
         return {f"{name}::q": q, f"{name}::scale": scale}
     raise ArtifactError(f"unknown params encoding {encoding!r}: use one of {list(ENCODINGS)}")

@@ -86,16 +86,19 @@ def tracker_and_server(tmp_path_factory: pytest.TempPathFactory):
             yield trk, srv
 
 
-def test_remote_run_matches_local(server, tiny_artifact: Path):
+def test_remote_run_matches_local(tiny_artifact: Path, tmp_path: Path):
     from lprnet_edge.cli_tune import _artifact_inputs, _example_input
     from lprnet_edge.compile import run_host
-    from lprnet_edge.rpc import connect, time_module
+    from lprnet_edge.rpc import connect, start_server, time_module
 
     m, lib, params = _artifact_inputs(tiny_artifact)
     x = _example_input(m)
-    sess = connect(rpc=server.address, timeout=120)
-    res = time_module(sess, lib, params, x, runs=5, warmup=1)
-    del sess  # the server serves one session at a time
+    # Its own server: a server serves one session at a time, and this test's session may
+    # outlive the test until Python collects it.
+    with start_server("127.0.0.1", log_path=str(tmp_path / "server.log"), wait=90) as srv:
+        sess = connect(rpc=srv.address, timeout=120)
+        res = time_module(sess, lib, params, x, runs=5, warmup=1)
+        del sess
     np.testing.assert_allclose(res["output"], run_host(lib, x, params), rtol=1e-4, atol=1e-4)
     assert res["stats"]["runs"] == 5 and res["stats"]["p50_ms"] > 0
 
