@@ -130,18 +130,11 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _extract(tar_path: str) -> Path:
+    from lprnet_edge.manifest import safe_extractall
+
     dest = Path(tempfile.mkdtemp(prefix="data-", dir=Path(tar_path).parent))
     with tarfile.open(tar_path) as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(dest, filter="data")
-        else:  # Python < 3.11.4 (Debian 12 has 3.11.2): plain files and folders only
-            members = []
-            for m in tar.getmembers():
-                parts = Path(m.name).parts
-                if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
-                    raise ValueError(f"unsafe member {m.name!r} in {tar_path}")
-                members.append(m)
-            tar.extractall(dest, members=members)
+        safe_extractall(tar, dest)
     entries = [p for p in dest.iterdir()]
     # A tar of one folder: evaluate that folder.
     if len(entries) == 1 and entries[0].is_dir():

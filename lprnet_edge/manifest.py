@@ -62,20 +62,27 @@ def publish_mode(path: Path, executable: bool = False) -> None:
     os.chmod(path, (0o777 if executable or Path(path).is_dir() else 0o666) & ~_umask())
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON next to ``path`` then rename: a reader never sees half a file."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces it only if the block succeeds."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False, sort_keys=False)
-            f.write("\n")
+        yield Path(tmp)
         publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON next to ``path`` then rename: a reader never sees half a file."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False, sort_keys=False)
+        f.write("\n")
 
 
 @contextlib.contextmanager
@@ -159,18 +166,28 @@ def bundle(artifact: str | Path, out: str | Path | None = None) -> Path:
     root = Path(artifact)
     verify(root, check_arch=False)
     out = Path(out) if out else root.with_name(root.name + ".tar.gz")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(root, arcname=root.name)
-        publish_mode(Path(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(out) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        tar.add(root, arcname=root.name)
     return out
+
+
+def safe_extractall(tar: Any, dest: Path) -> None:
+    """Extract plain files and folders only, never outside ``dest``.
+
+    Uses tarfile's "data" filter where Python has it (3.11.4+); Debian 12's 3.11.2 does not,
+    so the same rules are checked by hand there.
+    """
+    import tarfile
+
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    members = []
+    for m in tar.getmembers():
+        if m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
+            raise ArtifactError(f"unsafe member {m.name!r} in the archive")
+        members.append(m)
+    tar.extractall(dest, members=members)
 
 
 def unbundle(archive: str | Path, dest: str | Path) -> Path:
@@ -182,7 +199,7 @@ def unbundle(archive: str | Path, dest: str | Path) -> Path:
         names = {n.split("/", 1)[0] for n in tar.getnames()}
         if len(names) != 1:
             raise ArtifactError(f"{archive}: not an lprnet-edge bundle")
-        tar.extractall(dest, filter="data")
+        safe_extractall(tar, dest)
     root = dest / names.pop()
     verify(root, check_arch=False)
     return root
