@@ -30,6 +30,7 @@ import numpy as np
 from lprnet_edge.errors import DeviceError, LprnetEdgeError
 
 DEFAULT_TIMEOUT_S = 10.0
+KEY_GRACE_S = 8.0  # how long a tracker may show no free server with the requested key
 
 
 def parse_hostport(value: str, what: str = "--rpc") -> tuple[str, int]:
@@ -102,7 +103,13 @@ def connect(rpc: str | None = None, tracker: str | None = None, key: str | None 
     check_port(host, port, timeout, "RPC tracker")
     trk = _with_timeout(lambda: tvm_rpc.connect_tracker(host, port), timeout,
                         f"RPC tracker {host}:{port}")
+    # A server is absent from the tracker's list while it re-registers after each session
+    # or idle timeout: look again for a few seconds before calling the key unknown.
+    deadline = time.monotonic() + min(timeout, KEY_GRACE_S)
     keys = tracker_keys(trk, timeout)
+    while key not in keys and time.monotonic() < deadline:
+        time.sleep(0.5)
+        keys = tracker_keys(trk, timeout)
     if key not in keys:
         raise DeviceError(f"RPC tracker {host}:{port} has no device with key {key!r} "
                           f"(registered: {sorted(keys) or 'none'}); start the device's server "
