@@ -380,7 +380,7 @@ def _torch_logits(model: Any, x: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def _torch_one_thread() -> Iterator[None]:
+def torch_one_thread() -> Iterator[None]:
     """PyTorch on one thread while the reference runs beside the TVM runtime: at batch 1 its
     worker threads only spin against TVM's (20x the CPU time per image on 2 cores)."""
     try:
@@ -402,7 +402,7 @@ def verify_stage(art: ModelArtifact, compiled: CompiledModule, config: CompileCo
                  ) -> dict[str, Any]:
     """Run the staged ``model.so`` + ``params.npz`` through the runtime (``TvmBackend``, as on
     the device) on the calib images and compare with PyTorch; raise if past the tolerance."""
-    with _torch_one_thread():
+    with torch_one_thread():
         return _verify(art, compiled, config, calib_dir, limit, max_accuracy_drop, log)
 
 
@@ -540,7 +540,7 @@ def _torch_accuracy_drop(art: ModelArtifact, calib_dir: Path | None, limit: int 
         return float(np.mean([decode_text(_torch_logits(model, x)[0], cs.chars, cs.blank)[0] == y
                               for x, y in pairs]))
 
-    with _torch_one_thread():
+    with torch_one_thread():
         orig, new = acc(art.original), acc(art.reference)
     res = {"original": orig, "compiled": new, "drop": orig - new, "max": max_drop,
            "ok": orig - new <= max_drop, "measured_on": "pytorch (cross build)"}

@@ -85,17 +85,10 @@ def one_torch_thread():
     """Run PyTorch on one thread: LPRNet at batch 1 gains little from more, and a busy
     machine (2 cores shared with compiles) makes spinning thread pools many times slower.
     Results are the same; only the time changes."""
-    try:
-        import torch
-    except ImportError:
+    from lprnet_edge.pipeline import torch_one_thread
+
+    with torch_one_thread():
         yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture
