@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from lprnet_edge.errors import WeightsError
+from lprnet_edge.manifest import sha256_file
 from lprnet_edge.model import LPRNet
-from lprnet_edge.weights import KNOWN_SHA256, sha256_of
+from lprnet_edge.weights import KNOWN_SHA256
 
 # Parameter whose first dimension is the class count.
 _CLASS_KEY = "container.0.weight"
@@ -53,7 +54,7 @@ def load_model(path: str | Path, num_classes: int = 68, check_sha: bool = True) 
     if check_sha and not meta:
         # A file named like a known upstream checkpoint must be that file.
         for spec in KNOWN_SHA256.values():
-            if p.name == spec.filename and sha256_of(p) != spec.sha256:
+            if p.name == spec.filename and sha256_file(p) != spec.sha256:
                 raise WeightsError(
                     f"{p}: sha256 does not match the published {spec.name} weights "
                     f"({spec.sha256[:12]}...): the file is corrupt or not the original; "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lprnet_edge.errors import WeightsError
+from lprnet_edge.manifest import sha256_file
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,6 @@ def resolve_weights(explicit: str | Path | None = None, spec: WeightsSpec = SIRI
     )
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(spec: WeightsSpec = SIRIUS, url: str | None = None, dest_dir: Path | None = None,
              force: bool = False, progress: Callable[[int, int], None] | None = None,
              timeout: float = 60.0) -> Path:
@@ -93,7 +86,7 @@ def download(spec: WeightsSpec = SIRIUS, url: str | None = None, dest_dir: Path 
     dest_dir = Path(dest_dir) if dest_dir else cache_dir() / "weights"
     dest = dest_dir / spec.filename
     if dest.is_file() and not force:
-        if sha256_of(dest) == spec.sha256:
+        if sha256_file(dest) == spec.sha256:
             return dest
     src = url or spec.url
     try:
