@@ -17,7 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _data_root() -> Path:
-    return Path(os.environ.get("LPRNET_EDGE_DATA") or REPO.parent / "shared" / "lprnet")
+    return Path(os.environ.get("LPRNET_EDGE_DATA") or REPO.parent / "shared" / "lprnet").resolve()
+
+
+# CI sets a relative LPRNET_EDGE_DATA; subprocesses that run in another directory (and
+# file:// URLs) need it absolute.
+if os.environ.get("LPRNET_EDGE_DATA"):
+    os.environ["LPRNET_EDGE_DATA"] = str(_data_root())
 
 
 @pytest.fixture(scope="session")
