@@ -5,6 +5,8 @@ Registered on the root group by :func:`register` (see ``COMMAND_MODULES`` in ``c
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import click
 from click.core import ParameterSource
 
 from lprnet_edge.cli import echo_json, table
+from lprnet_edge.cli_device import deploy_with_progress, device_from, ssh_options_optional
 
 DEFAULT_TARGET = "rpi4"
 
@@ -83,6 +86,8 @@ def _size(n: int) -> str:
 @click.option("--test-dir", type=click.Path(exists=True, file_okay=False),
               help="Test images for --eval-test.  [default: $LPRNET_EDGE_DATA/test]")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+# the device (lprnet_edge.cli_device)
+@ssh_options_optional
 @click.pass_context
 def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
               weights: str | None, out: str | None, cc: str | None, force: bool, bundle: bool,
@@ -92,7 +97,7 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
               trials: int | None, rpc: str | None, rpc_tracker: str | None,
               rpc_key: str | None, tuning_db: str | None, calib_dir: str | None,
               verify_images: int | None, tolerance: float | None, eval_test: bool,
-              test_dir: str | None, as_json: bool) -> None:
+              test_dir: str | None, as_json: bool, **ssh: Any) -> None:
     """Compile LPRNet into a verified artifact for a target (cross-compiling for devices).
 
     \b
@@ -105,6 +110,11 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
       lprnet-edge build --target host --out build/lprnet-host
       lprnet-edge build --target rpi4 --bundle
       lprnet-edge build --target-file my-board.toml --cc /opt/x-tools/bin/aarch64-g++
+      lprnet-edge build --target rpi4 --tune --trials 500 --host pi@raspberrypi.local
+
+    With --host the device takes part: --tune measures there (a TVM RPC server started on
+    it over SSH and reached through a tunnel, unless --rpc/--rpc-tracker is given), and the
+    finished artifact is deployed to it and run there (`lprnet-edge deploy`).
     """
     from lprnet_edge.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
     from lprnet_edge.pipeline import BuildOptions, build_artifact, verification_summary
@@ -120,11 +130,17 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
     tune_only = {"--trials": trials, "--rpc": rpc, "--rpc-tracker": rpc_tracker,
                  "--rpc-key": rpc_key, "--tuning-db": tuning_db}
     if not tune and (given := [k for k, v in tune_only.items() if v is not None]):
-        raise click.UsageError(f"{', '.join(given)} need --tune")
+        raise click.UsageError(f"{', '.join(given)} "
+                               f"{'needs' if len(given) == 1 else 'need'} --tune")
     if rpc and rpc_tracker:
         raise click.UsageError("give either --rpc or --rpc-tracker, not both")
+    if rpc == "tunnel" and not ssh.get("host"):
+        raise click.UsageError("--rpc tunnel needs --host (the device to start the server on)")
 
     spec = _target(target_name, target_file)
+    if ssh.get("host") and spec.is_native:
+        raise click.UsageError(f"--host deploys to a device; --target {spec.name} builds for "
+                               "this machine (use a device target, e.g. --target rpi4)")
     prune_cfg = None
     if prune_kind:
         kw: dict[str, Any] = {"kind": prune_kind}
@@ -156,10 +172,20 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
         eval_test=eval_test, test_dir=Path(test_dir) if test_dir else None,
         max_accuracy_drop=max_accuracy_drop,
     )
-    res = build_artifact(opts, log=lambda msg: click.echo(msg, err=True))
+    with contextlib.ExitStack() as device_ctx:
+        dev = device_ctx.enter_context(device_from(ssh)) if ssh.get("host") else None
+        if dev is not None and tune_cfg is not None and (rpc in (None, "tunnel")
+                                                         and not rpc_tracker):
+            from lprnet_edge.deploy import device_rpc
+
+            click.echo(f"starting a TVM RPC server on {dev.conn.spec} (SSH tunnel)", err=True)
+            opts.tune = replace(tune_cfg, rpc=device_ctx.enter_context(device_rpc(dev)))
+        res = build_artifact(opts, log=lambda msg: click.echo(msg, err=True))
+        if dev is not None:
+            deployed = deploy_with_progress(dev, res.path)
     m = res.manifest
     if as_json:
-        echo_json(m)
+        echo_json({**m, "deployed": deployed.to_dict()} if dev is not None else m)
         return
     files = [[n, _size(e["size"]), e["sha256"][:16]] for n, e in m["files"].items()]
     mpath = res.path / "manifest.json"
@@ -176,7 +202,11 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
     click.echo(f"time          {res.total_s:.1f}s ("
                + ", ".join(f"{n} {t:.1f}s" for n, t in res.timings) + ")")
     click.echo("\n" + table(files, ["file", "size", "sha256"]))
-    if not spec.is_native:
+    if dev is not None:
+        click.echo(f"\ndeployed      {deployed.name} on {deployed.host} ({deployed.device_arch}), "
+                   f"model loaded and run there in "
+                   f"{deployed.checks.get('first_inference_s') or 0:.2f} s")
+    elif not spec.is_native:
         user = spec.device.get("ssh_user", "user")
         click.echo(f"\nNext: lprnet-edge deploy {res.path} --host {user}@<{spec.name}-address>")
 

@@ -105,6 +105,16 @@ def bench_over_ssh(opts: dict[str, Any], rpc: bool = False, artifact: str | None
                             include_preprocess=include_preprocess, expect_artifact=artifact)
 
 
+def deploy_with_progress(dev: Any, artifact: Any, name: str | None = None,
+                         keep: int = 5) -> Any:
+    """:func:`lprnet_edge.deploy.deploy` with an upload bar and steps on stderr."""
+    from lprnet_edge.deploy import artifact_size, deploy
+
+    click.echo(f"Deploying {artifact} to {dev.conn.spec}:{dev.root}", err=True)
+    with progress("Uploading", artifact_size(artifact, with_runtime=True)) as bar:
+        return deploy(dev, artifact, name=name, keep=keep, progress=bar, on_step=_step)
+
+
 def print_bench(stats: dict[str, Any], as_json: bool) -> None:
     if as_json:
         echo_json(stats)
@@ -150,11 +160,7 @@ def deploy_cmd(dev: Any, artifact: str, name: str | None, keep: int, as_json: bo
       lprnet-edge deploy build/lprnet-rpi4 --host pi@10.0.0.7:2222 --key ~/.ssh/pi_ed25519 \\
           --known-hosts ~/.ssh/known_hosts --accept-new-host
     """
-    from lprnet_edge.deploy import artifact_size, deploy
-
-    click.echo(f"Deploying {artifact} to {dev.conn.spec}:{dev.root}", err=True)
-    with progress("Uploading", artifact_size(artifact, with_runtime=True)) as bar:
-        res = deploy(dev, artifact, name=name, keep=keep, progress=bar, on_step=_step)
+    res = deploy_with_progress(dev, artifact, name=name, keep=keep)
     if as_json:
         echo_json(res.to_dict())
         return

@@ -8,6 +8,27 @@ from pathlib import Path
 import click
 
 
+def _command(ctx: click.Context) -> str:
+    """The command as given (options from the command line only), for the report's
+    provenance."""
+    from click.core import ParameterSource
+
+    parts = ["lprnet-edge", ctx.info_name or "report"]
+    for p in ctx.command.params:
+        if (not isinstance(p, click.Option) or p.name is None
+                or ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE):
+            continue
+        value = ctx.params[p.name]
+        flag = max(p.opts, key=len)
+        if p.is_flag:
+            parts.append(flag)
+        elif p.multiple:
+            parts += [f"{flag} {v}" for v in value]
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
 def register(cli: click.Group) -> None:
     @cli.command("report")
     @click.option("--out", type=click.Path(file_okay=False), default="docs", show_default=True,
@@ -22,25 +43,77 @@ def register(cli: click.Group) -> None:
                   help="Evaluation folder (default: $LPRNET_EDGE_DATA/test).")
     @click.option("--latency", type=click.Choice(["torch", "tvm"]), default="torch",
                   show_default=True,
-                  help="Measure latency with PyTorch eager or compiled (untuned) TVM artifacts.")
-    def report_cmd(out: str, quick: bool, weights: str | None, calib_dir: str | None,
-                   test_dir: str | None, latency: str) -> None:
+                  help="Measure latency with PyTorch eager or TVM host artifacts (tuned with "
+                       "--trials).")
+    @click.option("--trials", type=click.IntRange(min=0), default=200, show_default=True,
+                  help="With --latency tvm: MetaSchedule trials per workload, spent on the "
+                       "convolutions (databases cached by target + workload; 0: untuned).")
+    @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+                  help="Interleaved latency rounds (the median of the per-round medians).")
+    @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
+                  help="Timed runs per variant and round.")
+    @click.option("--refresh-latency", is_flag=True,
+                  help="Only re-measure the latency column of the report in --out (keeps the "
+                       "accuracy, size and FLOPs columns).")
+    @click.option("--variant", "variants", multiple=True, metavar="NAME",
+                  help="With --refresh-latency: only these variants (repeatable).")
+    @click.option("--calibrators", is_flag=True,
+                  help="Measure the int8 calibrators (minmax, percentile, entropy, mse) on "
+                       "test/ and add them to the report in --out.")
+    @click.pass_context
+    def report_cmd(ctx: click.Context, out: str, quick: bool, weights: str | None,
+                   calib_dir: str | None, test_dir: str | None, latency: str, trials: int,
+                   rounds: int, runs: int, refresh_latency: bool, variants: tuple[str, ...],
+                   calibrators: bool) -> None:
         """Compression report: accuracy on test/, stored size, FLOPs, latency per variant.
 
         \b
         Examples:
           lprnet-edge report --quick
-          lprnet-edge report --out docs/ --latency tvm
+          lprnet-edge report --out docs/ --latency tvm --trials 200
+          lprnet-edge report --refresh-latency --latency tvm --trials 200 --out docs
+          lprnet-edge report --calibrators --out docs
         """
-        from lprnet_edge.report import run_report
+        from click.core import ParameterSource
 
-        rep = run_report(out, quick=quick, weights=weights, calib_dir=calib_dir,
-                         test_dir=test_dir, latency=latency)
-        for r in rep["variants"]:
-            click.echo(f"{r['name']:<38} acc {r['test_accuracy']:.3f} "
-                       f"({r['accuracy_change_points']:+.1f} pt)  "
-                       f"{r['stored_bytes'] / 1e3:7.1f} kB  {r['flops'] / 1e6:6.0f} MFLOPs  "
-                       f"{r['latency_ms']:6.2f} ms ({r['latency_backend']})")
+        from lprnet_edge import report
+
+        if (latency != "tvm"
+                and ctx.get_parameter_source("trials") == ParameterSource.COMMANDLINE):
+            raise click.UsageError("--trials applies to --latency tvm")
+        if variants and not refresh_latency:
+            raise click.UsageError("--variant applies to --refresh-latency")
+        has_report = (Path(out) / "compression-report.json").is_file()
+        if (refresh_latency or calibrators) and not has_report:
+            raise click.UsageError(f"no compression-report.json in {out}: run `lprnet-edge "
+                                   "report` first")
+        command = _command(ctx)
+        n_trials = trials if latency == "tvm" and trials > 0 else None
+        if calibrators:
+            rep = report.refresh_calibrators(out, weights=weights, calib_dir=calib_dir,
+                                             test_dir=test_dir, command=command)
+            for r in rep["calibrators"]["rows"]:
+                click.echo(f"{r['calibrator']:<11} head {'fp32' if r['head_fp32'] else 'int8'}"
+                           f"  acc {r['test_accuracy']:.3f} "
+                           f"({r['accuracy_change_points']:+.1f} pt)  agreement "
+                           f"{r['agreement_with_original']:.3f}")
+        if refresh_latency:
+            rep = report.refresh_latency(out, latency=latency, trials=n_trials, rounds=rounds,
+                                         runs=runs, only=variants or None, weights=weights,
+                                         calib_dir=calib_dir, command=command)
+        elif not calibrators:
+            rep = report.run_report(out, quick=quick, weights=weights, calib_dir=calib_dir,
+                                    test_dir=test_dir, latency=latency, trials=n_trials,
+                                    rounds=rounds, runs=runs, command=command)
+        if refresh_latency or not calibrators:
+            for r in rep["variants"]:
+                lat = (f"{r['latency_ms']:6.2f} ms ({r['latency_backend']})"
+                       if r.get("latency_ms") is not None
+                       else f"n/a: {r.get('latency_error', 'not measured')}")
+                click.echo(f"{r['name']:<38} acc {r['test_accuracy']:.3f} "
+                           f"({r['accuracy_change_points']:+.1f} pt)  "
+                           f"{r['stored_bytes'] / 1e3:7.1f} kB  {r['flops'] / 1e6:6.0f} MFLOPs"
+                           f"  {lat}")
         click.echo(f"wrote {Path(out) / 'compression-report.md'} (.json, .png)")
 
     @cli.command("compress")

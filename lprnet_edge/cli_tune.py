@@ -229,8 +229,9 @@ def tune_cmd(target: str, trials: int, trials_per_task: int | None, rpc: str | N
 
 
 @click.command("bench")
-@click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Artifact directory built by `lprnet-edge build`.")
+@click.option("--artifact", type=click.Path(exists=True, file_okay=False),
+              help="Artifact directory built by `lprnet-edge build` (with --host: optional, "
+                   "checked against the deployed one).")
 @rpc_option
 @rpc_tracker_option
 @rpc_key_option
@@ -243,7 +244,7 @@ def tune_cmd(target: str, trials: int, trials_per_task: int | None, rpc: str | N
                    "per session).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @ssh_options_optional
-def bench_cmd(artifact: str, rpc: str | None, rpc_tracker: str | None, rpc_key: str | None,
+def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rpc_key: str | None,
               runs: int, warmup: int, threads: int | None, timeout: float,
               as_json: bool, **ssh: Any) -> None:
     """Latency of an artifact at batch 1: here, or on a device through TVM RPC.
@@ -256,6 +257,7 @@ def bench_cmd(artifact: str, rpc: str | None, rpc_tracker: str | None, rpc_key: 
     Examples:
       lprnet-edge bench --artifact build/lprnet-host --threads 1
       lprnet-edge bench --artifact build/lprnet-rpi4 --rpc 192.168.1.20:9090 --runs 500
+      lprnet-edge bench --host pi@raspberrypi.local      # the deployed model, over SSH
     """
     from lprnet_edge.cli import echo_json, format_latency
 
@@ -268,6 +270,8 @@ def bench_cmd(artifact: str, rpc: str | None, rpc_tracker: str | None, rpc_key: 
         print_bench(bench_over_ssh(ssh, rpc=bool(rpc), artifact=artifact, runs=runs,
                                    warmup=warmup, threads=threads), as_json)
         return
+    if not artifact:
+        raise click.UsageError("give --artifact (or --host to time the model deployed there)")
     if rpc and rpc_tracker:
         raise click.UsageError("give either --rpc or --rpc-tracker, not both")
     if rpc_key and not rpc_tracker:

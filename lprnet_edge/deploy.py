@@ -530,18 +530,29 @@ class RpcServer:
     log: str
 
 
+_EXTRA_LIB = ("import os, tvm; p = os.path.join(os.path.dirname(tvm.__file__), 'lib', "
+              "'libtvm_runtime_extra.so'); print(p if os.path.exists(p) else '')")
+
+
 def start_rpc_server(dev: Device, port: int | None = None, timeout: float = 180,
-                     load_library: str | None = None) -> RpcServer:
+                     load_library: str | None = "auto") -> RpcServer:
     """Start ``python -m tvm.exec.rpc_server`` on the device's 127.0.0.1, in its own session
-    (so it can be stopped as a process group), and wait until it listens."""
+    (so it can be stopped as a process group), and wait until it listens.
+
+    ``load_library="auto"`` loads the wheel's ``libtvm_runtime_extra.so`` when it is there:
+    a runtime-only server lacks ``random_fill``, which MetaSchedule's measurements call.
+    """
     dev.mkdirs()
+    env = "TVM_USE_RUNTIME_LIB=1 " if dev.runtime_lib_only else ""
+    if load_library == "auto":
+        load_library = dev.sh(f"{env}{_q(dev.python)} -c {_q(_EXTRA_LIB)}",
+                              check=False).stdout.strip() or None
     if port is None:
         port = int(dev.sh(f"{_q(dev.python)} -c " + _q(
             "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); "
             "print(s.getsockname()[1])")).stdout.strip())
     log = f"{dev.root}/tmp/rpc-{port}.log"
     extra = f" --load-library {_q(load_library)}" if load_library else ""
-    env = "TVM_USE_RUNTIME_LIB=1 " if dev.runtime_lib_only else ""
     res = dev.sh(f"cd {_q(dev.root)}/tmp || exit 1; {env}setsid nohup {_q(dev.python)} -m "
                  f"tvm.exec.rpc_server --host 127.0.0.1 --port {port} --port-end {port + 1}"
                  f"{extra} > {_q(log)} 2>&1 < /dev/null & echo $!")
@@ -569,6 +580,22 @@ def stop_rpc_server(dev: Device, server: RpcServer) -> None:
            check=False)
 
 
+@contextlib.contextmanager
+def device_rpc(dev: Device, port: int | None = None, server_timeout: float = 180
+               ) -> Iterator[str]:
+    """A TVM RPC server on the device's localhost, reached here through an SSH tunnel:
+    yields ``"127.0.0.1:LOCAL_PORT"`` for ``--rpc``; the server is stopped on exit.
+
+    The RPC client must not run in this process (see :func:`_in_child_process`): the tuner's
+    worker process or a spawned child talks to the tunnel, this process pumps it."""
+    server = start_rpc_server(dev, port, timeout=server_timeout)
+    try:
+        with dev.conn.forward(server.port) as lport:
+            yield f"127.0.0.1:{lport}"
+    finally:
+        stop_rpc_server(dev, server)
+
+
 def rpc_bench(dev: Device, artifact: str | Path, number: int = 10, repeat: int = 10,
               port: int | None = None, server_timeout: float = 180,
               session_timeout: float = 1800) -> dict[str, Any]:
@@ -579,19 +606,16 @@ def rpc_bench(dev: Device, artifact: str | Path, number: int = 10, repeat: int =
     want, have = m["target"].get("arch"), arch_of(dev.machine())
     if want and want != have:
         raise ArtifactError(f"{root} is built for {want} but {dev.conn.spec} is {have}")
-    server = start_rpc_server(dev, port, timeout=server_timeout)
-    try:
-        with dev.conn.forward(server.port) as lport:
-            t0 = time.perf_counter()
-            timed = _in_child_process(_rpc_time_child, lport, str(root), number, repeat,
-                                      session_timeout, timeout=session_timeout + 120)
-            session_s = time.perf_counter() - t0
-    finally:
-        stop_rpc_server(dev, server)
+    with device_rpc(dev, port, server_timeout) as address:
+        lport = int(address.rsplit(":", 1)[1])
+        t0 = time.perf_counter()
+        timed = _in_child_process(_rpc_time_child, lport, str(root), number, repeat,
+                                  session_timeout, timeout=session_timeout + 120)
+        session_s = time.perf_counter() - t0
     out = dict(timed["stats"])
     out.update(mode="rpc", host=str(dev.conn.spec), include_preprocess=False, backend="tvm",
                repeat=repeat, target=m["target"], session_seconds=session_s,
-               output_shape=timed["output_shape"], machine=have, port=server.port)
+               output_shape=timed["output_shape"], machine=have, port=lport)
     return out
 
 

@@ -261,10 +261,12 @@ def import_stage(art: ModelArtifact, frontend: str = "torch.export") -> RelaxMod
 
 
 def tune_stage(relax_model: RelaxModel, target: TargetSpec, cfg: TuneConfig,
-               log: Log = _stderr) -> tuple[Any, dict[str, Any]]:
-    """``lprnet_edge.tune.tune(mod, target, cfg, log) -> (database, summary)``."""
+               log: Log = _stderr, compiler: Compiler | None = None
+               ) -> tuple[Any, dict[str, Any]]:
+    """``lprnet_edge.tune.tune(mod, target, cfg, log) -> (database, summary)``; ``compiler``
+    links the candidates measured on a device (the one that links the artifact)."""
     mod = _optional("tune", "--tune")
-    database, summary = mod.tune(relax_model.mod, target, cfg, log=log)
+    database, summary = mod.tune(relax_model.mod, target, cfg, log=log, cc=compiler)
     return database, summary
 
 
@@ -706,7 +708,8 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
     database, tune_summary = None, None
     if opts.tune:
         with stages.stage("tune", f"{opts.tune.trials} trials") as note:
-            database, tune_summary = tune_stage(relax_model, opts.target, opts.tune, log)
+            database, tune_summary = tune_stage(relax_model, opts.target, opts.tune, log,
+                                                compiler)
             art.stages["tune"] = opts.tune.to_dict()
     name = opts.name or out.name
     with staging_dir(out, overwrite=opts.force) as tmp:

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -215,7 +216,7 @@ def _eprint(msg: str) -> None:
 def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] | None = None,
          tasks: Sequence[str] | None = None, prepared: bool = False,
          timeout_s: float | None = None, scheduler: str = "gradient",
-         search: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+         search: dict[str, Any] | None = None, cc: Any = None) -> tuple[Any, dict[str, Any]]:
     """Tune ``mod`` (from ``compile.to_relax``) for ``target`` (a TargetSpec).
 
     Returns ``(database, summary)``; build with ``compile.build(mod, spec, ..., database=db)``.
@@ -229,6 +230,9 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
     pass keeps nothing).
     ``search``: options of MetaSchedule's ``EvolutionarySearch`` (e.g. a smaller
     ``population_size`` for quick tests); default: MetaSchedule's defaults.
+    ``cc``: the :class:`lprnet_edge.toolchain.Compiler` that links candidates measured on a
+    device (default: the target's toolchain), so the device loads a ready ``.so`` and needs no
+    compiler of its own (MetaSchedule's default ships ``.tar`` objects the device must link).
     Progress (one line per measured batch, with the best latency so far) goes to ``log``
     (default: stderr).
     """
@@ -257,6 +261,7 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
                 "config": config.to_dict(), "db_dir": str(db_dir),
                 "tasks": list(tasks) if tasks else None, "scheduler": scheduler,
                 "search": dict(search or {}),
+                "export_cc": _export_compiler(target, config, cc),
                 "summary": str(Path(tmp) / "summary.json")}
         Path(spec["module"]).write_text(tvm.ir.save_json(prep))
         _write_json(Path(tmp) / "spec.json", spec)
@@ -273,6 +278,31 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
                          if config.rpc_tracker else "local")
     _log_summary(summary, log)
     return open_database(db_dir), summary
+
+
+def _export_compiler(target: Any, config: TuneConfig, cc: Any) -> dict[str, Any] | None:
+    """The compiler that links candidates for a remote runner (None: measured here)."""
+    if not (config.rpc or config.rpc_tracker):
+        return None
+    if cc is None:
+        from lprnet_edge.target import TargetSpec
+        from lprnet_edge.toolchain import find_compiler
+
+        if not isinstance(target, TargetSpec):
+            return None
+        cc = find_compiler(target)
+    return {"path": cc.path, "options": list(cc.options)}
+
+
+def export_shared(cc_path: str, options: Sequence[str], mod: Any) -> str:
+    """MetaSchedule builder export: a shared library linked here by ``cc_path`` (runs in the
+    builder's worker processes, hence a module-level function)."""
+    from tvm.support import cc as tvm_cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="lprnet-cand-"), "tvm_tmp_mod.so")
+    mod.export_library(path, fcompile=tvm_cc.cross_compiler(cc_path, options=list(options)
+                                                             or None))
+    return path
 
 
 def list_tasks(mod: Any, target: Any, prepared: bool = False) -> list[dict[str, Any]]:
@@ -499,7 +529,11 @@ def _worker_main(spec_path: str) -> int:
     timeout = max(1, int(cfg.timeout_s))
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100,
                                           enable_cpu_cache_flush=False)
-    builder = ms.builder.LocalBuilder(max_workers=nthreads, timeout_sec=timeout)
+    export = spec.get("export_cc")
+    builder = ms.builder.LocalBuilder(
+        max_workers=nthreads, timeout_sec=timeout,
+        f_export=functools.partial(export_shared, export["path"], tuple(export["options"]))
+        if export else None)
     if cfg.rpc or cfg.rpc_tracker:
         from lprnet_edge.rpc import direct_session, parse_hostport
 

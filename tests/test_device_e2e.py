@@ -250,3 +250,32 @@ def test_disk_full_keeps_current(emulated_pi, pi_device, deployed, rpi4_artifact
         subprocess.run(["nsenter", "-t", str(emulated_pi.pid), "-m", "umount", "-l",
                         host_path], check=False)
     check_current_works(pi_device, test_dir, deployed.name)
+
+
+def test_build_tunes_on_the_device_and_deploys(emulated_pi, pi_device, tmp_path, weights_path):
+    """`build --target rpi4 --tune --host ...`: MetaSchedule measures candidates on the device
+    (an RPC server started there over SSH, reached through a tunnel; candidates linked here,
+    so the device needs no compiler), then the artifact is deployed and run there. Last in
+    this file: it changes the current deployment."""
+    from lprnet_edge.tune import count_records
+
+    db, out = tmp_path / "db", tmp_path / "lprnet-rpi4-tuned"
+    env = {**os.environ, "LPRNET_EDGE_WEIGHTS": str(weights_path)}
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "lprnet_edge.cli", "build", "--target", "rpi4", "--tune",
+         "--trials", "2", "--tuning-db", str(db), "--out", str(out), "--json",
+         "--host", f"{emulated_pi.user}@{emulated_pi.host}:{emulated_pi.port}",
+         "--key", str(emulated_pi.key_path), "--known-hosts", str(emulated_pi.known_hosts_path)],
+        capture_output=True, text=True, env=env, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(f"\nbuild --tune on the emulated Pi + deploy: {time.perf_counter() - t0:.0f} s")
+    res = json.loads(r.stdout)
+    tune = res["reports"]["tune"]
+    assert tune["trials_new"] == 2 and tune["runner"].startswith("rpc 127.0.0.1:")
+    assert count_records(db) == 2  # measured on the device and saved
+    assert res["stages"]["tune"]["trials"] == 2
+    assert res["deployed"]["device_arch"] == "aarch64"
+    assert pi_device.current().rsplit("/", 1)[-1] == res["deployed"]["name"]
+    left = pi_device.sh("ps -eo args | grep '[t]vm.exec.rpc_server' || true").stdout.strip()
+    assert left == ""  # the server build started is stopped

@@ -74,7 +74,7 @@ def test_dense_encodings_without_compression(tmp_path: Path):
     (["--prune", "channels", "--sparsity", "0.5"], "--sparsity needs --prune unstructured"),
     (["--prune-ratio", "0.5"], "--prune-ratio needs --prune channels"),
     (["--calibrator", "mse"], "--calibrator needs --quantize"),
-    (["--trials", "10"], "--trials need --tune"),
+    (["--trials", "10"], "--trials needs --tune"),
     (["--rpc", "h:1", "--rpc-key", "k"], "--rpc, --rpc-key need --tune"),
     (["--tune", "--rpc", "h:1", "--rpc-tracker", "h:2"], "either --rpc or --rpc-tracker"),
     (["--tune", "--rpc-tracker", "h:2"], "--rpc-tracker needs --rpc-key"),
