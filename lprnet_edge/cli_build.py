@@ -61,9 +61,15 @@ def _size(n: int) -> str:
               help="Post-training quantization calibrated on calib/.")
 @click.option("--calibrator", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
               help="Activation range calibrator for --quantize int8.  [default: percentile]")
-@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1),
-              help="Fail the build if calib/ plate accuracy drops more than this vs the "
-                   "original model (e.g. 0.01).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), metavar="POINTS",
+              help="Accuracy budget in points of calib/ plate accuracy vs the original (0.5 "
+                   "= half a point). Alone: search pruning x quantization for the smallest "
+                   "variant within it (on a validation split of calib/), build it and report "
+                   "its test/ accuracy. With --prune/--quantize: fail the build past it.")
+@click.option("--search-channels", "search_channels", multiple=True,
+              type=click.FloatRange(0, 1, max_open=True), metavar="RATIO",
+              help="Also try channel pruning at RATIO (repeatable) in the search; each "
+                   "distills on calib/ (minutes).")
 # tuning (lprnet_edge.tune)
 @click.option("--tune", is_flag=True, help="Tune with MetaSchedule before compiling.")
 @click.option("--trials", type=click.IntRange(min=1), help="Tuning trials in total.  "
@@ -93,7 +99,8 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
               weights: str | None, out: str | None, cc: str | None, force: bool, bundle: bool,
               frontend: str, threads: int | None, opt_level: int, prune_kind: str | None,
               sparsity: float | None, prune_ratio: float | None, quantize_mode: str | None,
-              calibrator: str | None, max_accuracy_drop: float | None, tune: bool,
+              calibrator: str | None, max_accuracy_drop: float | None,
+              search_channels: tuple[float, ...], tune: bool,
               trials: int | None, rpc: str | None, rpc_tracker: str | None,
               rpc_key: str | None, tuning_db: str | None, calib_dir: str | None,
               verify_images: int | None, tolerance: float | None, eval_test: bool,
@@ -127,6 +134,9 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
         raise click.UsageError("--prune-ratio needs --prune channels")
     if calibrator and not quantize_mode:
         raise click.UsageError("--calibrator needs --quantize")
+    if search_channels and (max_accuracy_drop is None or prune_kind or quantize_mode):
+        raise click.UsageError("--search-channels goes with --max-accuracy-drop alone (the "
+                               "search), not with --prune/--quantize")
     tune_only = {"--trials": trials, "--rpc": rpc, "--rpc-tracker": rpc_tracker,
                  "--rpc-key": rpc_key, "--tuning-db": tuning_db}
     if not tune and (given := [k for k, v in tune_only.items() if v is not None]):
@@ -170,7 +180,7 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
         compile=CompileConfig(**ckw), prune=prune_cfg, quantize=quant_cfg, tune=tune_cfg,
         calib_dir=Path(calib_dir) if calib_dir else None, verify_images=verify_images,
         eval_test=eval_test, test_dir=Path(test_dir) if test_dir else None,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=max_accuracy_drop, search_channels=tuple(search_channels),
     )
     with contextlib.ExitStack() as device_ctx:
         dev = device_ctx.enter_context(device_from(ssh)) if ssh.get("host") else None
@@ -194,6 +204,15 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
     click.echo(f"artifact      {res.path}")
     click.echo(f"target        {spec.name} ({spec.arch}, {cpu})")
     click.echo(f"verification  {verification_summary(m['verification'])}")
+    if (sel := m["reports"].get("selection")):
+        click.echo("\n" + selection_table(sel) + "\n")
+        click.echo(f"selected      {sel['selected']} (smallest stored size within "
+                   f"{sel['budget_points']:g} pt on {sel['val_split']['images']} calib/ "
+                   "validation plates)")
+        t = sel.get("test") or {}
+        if "selected" in t:
+            click.echo(f"test accuracy {t['selected']:.3f} vs original {t['original']:.3f} "
+                       f"({t['change_points']:+.1f} pt, {t['images']} images, PyTorch)")
     if m.get("accuracy"):
         a = m["accuracy"]
         click.echo(f"test accuracy {a['accuracy']:.3f} ({a['images']} images, batch 1)")
@@ -209,6 +228,15 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
     elif not spec.is_native:
         user = spec.device.get("ssh_user", "user")
         click.echo(f"\nNext: lprnet-edge deploy {res.path} --host {user}@<{spec.name}-address>")
+
+
+def selection_table(sel: dict[str, Any]) -> str:
+    """The search's candidates, as the manifest records them."""
+    rows = [[("* " if r["name"] == sel["selected"] else "  ") + r["name"],
+             f"{r['val_accuracy']:.3f}", f"{100 * r['val_lost']:.1f}",
+             _size(r["stored_bytes"]), f"{r['flops'] / 1e6:.0f}",
+             "yes" if r["within_budget"] else "no"] for r in sel["candidates"]]
+    return table(rows, ["candidate", "val acc", "lost pt", "stored", "MFLOPs", "within"])
 
 
 # ---------------------------------------------------------------- targets

@@ -138,7 +138,8 @@ class BuildOptions:
     verify_images: int | None = None  # None: every calib image; 0: skip verification
     eval_test: bool = False
     test_dir: Path | None = None  # default: $LPRNET_EDGE_DATA/test
-    max_accuracy_drop: float | None = None
+    max_accuracy_drop: float | None = None  # points of calib/ plate accuracy
+    search_channels: tuple[float, ...] = ()  # channel-pruning ratios the search also tries
     name: str | None = None  # artifact name (default: the output directory's name)
 
 
@@ -498,9 +499,9 @@ def _verify(art: ModelArtifact, compiled: CompiledModule, config: CompileConfig,
     if "accuracy_drop" in result and not result["accuracy_drop"]["ok"]:
         a = result["accuracy_drop"]
         raise ArtifactError(
-            f"accuracy drop {a['drop']:.3f} on {images.source} (original {a['original']:.3f}, "
-            f"compiled {a['compiled']:.3f}) exceeds --max-accuracy-drop {max_accuracy_drop}. "
-            "No artifact written")
+            f"accuracy drop {100 * a['drop']:.1f} points on {images.source} (original "
+            f"{a['original']:.3f}, compiled {a['compiled']:.3f}) exceeds --max-accuracy-drop "
+            f"{100 * max_accuracy_drop:g}. No artifact written")
     return result
 
 
@@ -547,8 +548,8 @@ def _torch_accuracy_drop(art: ModelArtifact, calib_dir: Path | None, limit: int 
     res = {"original": orig, "compiled": new, "drop": orig - new, "max": max_drop,
            "ok": orig - new <= max_drop, "measured_on": "pytorch (cross build)"}
     if not res["ok"]:
-        raise ArtifactError(f"accuracy drop {orig - new:.3f} on calib/ exceeds "
-                            f"--max-accuracy-drop {max_drop}. No artifact written")
+        raise ArtifactError(f"accuracy drop {100 * (orig - new):.1f} points on calib/ exceeds "
+                            f"--max-accuracy-drop {100 * max_drop:g}. No artifact written")
     return res
 
 
@@ -653,11 +654,18 @@ def package_stage(stage_dir: Path, manifest: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------- the whole build
 
 
-def plan(opts: BuildOptions) -> list[str]:
+def searching(opts: BuildOptions) -> bool:
+    """``--max-accuracy-drop`` without ``--prune``/``--quantize``: choose them (select.py)."""
+    return opts.max_accuracy_drop is not None and not (opts.prune or opts.quantize)
+
+
+def plan(opts: BuildOptions, prune: Any = None, quantize: Any = None) -> list[str]:
     names = ["load"]
-    if opts.prune:
+    if searching(opts):
+        names.append("select")
+    if opts.prune or prune:
         names.append("prune")
-    if opts.quantize:
+    if opts.quantize or quantize:
         names.append("quantize")
     names.append("import")
     if opts.tune:
@@ -696,12 +704,24 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
     with stages.stage("load") as note:
         art = load_stage(opts.weights, opts.charset)
         note["result"] = f"{art.weights.name} (sha256 {art.weights_sha256[:12]}...)"
-    if opts.prune:
-        with stages.stage("prune", opts.prune.kind) as note:
-            art = prune_stage(art, opts.prune, opts.calib_dir)
-    if opts.quantize:
-        with stages.stage("quantize", opts.quantize.mode) as note:
-            art = quantize_stage(art, opts.quantize, opts.calib_dir)
+    prune_cfg, quant_cfg, chosen_model = opts.prune, opts.quantize, None
+    if searching(opts):
+        with stages.stage("select", f"within {opts.max_accuracy_drop:g} pt on a calib/ "
+                                    "validation split") as note:
+            prune_cfg, quant_cfg, chosen_model = select_stage(art, opts, log)
+            note["result"] = art.reports["selection"]["selected"]
+        stages.names = plan(opts, prune_cfg, quant_cfg)
+    if chosen_model is not None:
+        with stages.stage("prune", f"{prune_cfg.kind}, as selected") as note:
+            art.model = art.reference = chosen_model
+            art.stages["prune"] = prune_cfg.to_dict()
+            note["result"] = "the model distilled and measured during selection"
+    elif prune_cfg:
+        with stages.stage("prune", prune_cfg.kind) as note:
+            art = prune_stage(art, prune_cfg, opts.calib_dir)
+    if quant_cfg:
+        with stages.stage("quantize", quant_cfg.mode) as note:
+            art = quantize_stage(art, quant_cfg, opts.calib_dir)
     with stages.stage("import", f"frontend {opts.compile.frontend}") as note:
         relax_model = import_stage(art, opts.compile.frontend)
         note["result"] = f"{len(relax_model.params)} weight tensors"
@@ -724,7 +744,8 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
                                                 "reason": "--verify-images 0"}
             else:
                 verification = verify_stage(art, compiled, opts.compile, opts.calib_dir,
-                                            opts.verify_images, opts.max_accuracy_drop, log)
+                                            opts.verify_images, _fraction(opts.max_accuracy_drop),
+                                            log)
             note["result"] = verification_summary(verification)
         accuracy = None
         if opts.eval_test:
@@ -740,6 +761,23 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
     if opts.bundle:
         bundle_path = make_bundle(out)
     return BuildResult(out, manifest, bundle_path, stages.timings)
+
+
+def _fraction(points: float | None) -> float | None:
+    return None if points is None else points / 100
+
+
+def select_stage(art: ModelArtifact, opts: BuildOptions, log: Log
+                 ) -> tuple[PruneConfig | None, QuantizeConfig | None, Any]:
+    """Choose pruning x quantization within ``opts.max_accuracy_drop`` points on a validation
+    split of calib/ (:func:`lprnet_edge.select.search`); the search goes in the manifest."""
+    mod = _optional("select", "--max-accuracy-drop")
+    calib = _calibration_set(opts.calib_dir, art.charset)
+    best, model, report = mod.search(art.original, calib, opts.max_accuracy_drop,
+                                     channels=opts.search_channels, test_dir=opts.test_dir,
+                                     log=log)
+    art.reports["selection"] = report
+    return best.prune, best.quant, model
 
 
 def verification_summary(v: dict[str, Any]) -> str:

@@ -148,3 +148,75 @@ def default_candidates(sparsities: tuple[float, ...] = (0.8, 0.9),
             name = (f"sparse{int(s * 100)}" if s else "dense") + suffix
             out.append(Candidate(name, p, q))
     return out
+
+
+def channel_candidates(original: nn.Module, train: CalibrationSet, ratios: tuple[float, ...],
+                       log: Callable[[str], None] | None = None) -> list[Candidate]:
+    """Channel-pruned (+ distilled on ``train``) models, each also with int8 weights. The
+    pruned model is made once per ratio and shared by its candidates, so the one selected is
+    exactly the one measured."""
+    out = []
+    for r in ratios:
+        cfg = PruneConfig(kind="channels", ratio=r)
+        if log:
+            log(f"  channel pruning {r:g} + distillation on the calib/ training split ...")
+        model, rep = prune(original, cfg, train)
+        info = {"prune_report": {k: v for k, v in rep.items() if k not in ("layers", "distill")}}
+        name = f"channels{int(r * 100)}"
+        out.append(Candidate(name, cfg, None, model, info))
+        out.append(Candidate(name + "+int8w", cfg, QuantizeConfig(mode="int8-weights"), model,
+                             info))
+    return out
+
+
+def test_accuracy(model: nn.Module, test_dir: Any = None) -> dict[str, Any]:
+    """Exact-plate accuracy on ``test/`` at batch-1 semantics: measured, never tuned on."""
+    from lprnet_edge.calib import accuracy, load_eval_set
+
+    data = load_eval_set(test_dir)
+    return {"accuracy": accuracy(model, data), "images": len(data.labels),
+            "data": str(data.root)}
+
+
+def search(original: nn.Module, calib: CalibrationSet, budget_points: float,
+           channels: tuple[float, ...] = (), test_dir: Any = None,
+           log: Callable[[str], None] | None = None
+           ) -> tuple[Candidate, nn.Module | None, dict[str, Any]]:
+    """``build --max-accuracy-drop``: the winner of :func:`select` over the default grid (+
+    channel pruning ``channels`` ratios), its model when it must be reused as measured
+    (channel-pruned: distilled on the split), and the report for the manifest, with the
+    winner's and the original's accuracy on ``test/`` (PyTorch, measured after choosing)."""
+    from lprnet_edge.errors import DataError, LprnetEdgeError
+
+    train, _ = calib.split(0.3, 0)
+    cands = default_candidates()
+    if channels:
+        cands += channel_candidates(original, train, channels, log)
+
+    def progress(row: dict[str, Any]) -> None:
+        if log:
+            log(f"  {row['name']:<26} val acc {row['val_accuracy']:.3f} "
+                f"(drop {100 * row['val_drop']:+.1f} pt, lost {100 * row['val_lost']:.1f} pt)"
+                f"  {row['stored_bytes'] / 1e3:7.1f} kB  {row['flops'] / 1e6:4.0f} MFLOPs"
+                f"  {'ok' if row['within_budget'] else 'over budget'}")
+
+    # "lost" ignores plates a candidate gains on calib/ (distillation adapts to it).
+    rep = select(original, cands, calib, budget=budget_points / 100, progress=progress,
+                 guard="lost")
+    rep["budget_points"] = budget_points
+    if rep["selected"] is None:
+        raise LprnetEdgeError(f"no candidate stays within --max-accuracy-drop {budget_points} "
+                              "points on the calib/ validation split; raise it")
+    best = next(c for c in cands if c.name == rep["selected"])
+    evaluated, _, _, _ = build_variant(original, best, train)
+    try:
+        orig = test_accuracy(original, test_dir)
+    except DataError as e:  # no test/ here: the choice stands, its test figure is unknown
+        rep["test"] = {"skipped": str(e)}
+    else:
+        sel = test_accuracy(evaluated, test_dir)
+        rep["test"] = {"original": orig["accuracy"], "selected": sel["accuracy"],
+                       "change_points": 100 * (sel["accuracy"] - orig["accuracy"]),
+                       "images": sel["images"], "data": sel["data"],
+                       "measured_with": "pytorch (int8: its simulation), batch-1 semantics"}
+    return best, best.pruned_model, rep
