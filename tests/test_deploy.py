@@ -389,6 +389,11 @@ def test_cli_bench_host(host_sshd, host_artifact, remote_dir, cli_runner, tmp_pa
                    "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["mode"] == "ssh"
+    # Without --artifact: the deployed model.
+    r = cli_runner("bench", *args, "--runs", "2", "--warmup", "0", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["runs"] == 2
+    assert_user_error(cli_runner("bench"), "give --artifact")
     r = cli_runner("bench", "--artifact", host_artifact, *args, "--rpc", "--runs", "3")
     assert r.exit_code == 0, r.output
     assert "time_evaluator over RPC + SSH tunnel" in r.stdout and "p50 ms" in r.stdout
