@@ -139,6 +139,7 @@ def build_tvm(v: Variant, work: Path, base_weights: str | Path | None, trials: i
         info["tuning"] = {k: s.get(k) for k in ("tasks", "tasks_tuned", "trials_new",
                                                 "records_before", "records_total", "skipped",
                                                 "tune_s", "est_ms_before", "est_ms_after")}
+        info["tuning"]["tasks_with_records"] = tasks_with_records(s["db_dir"])
     res = build_artifact(opts, log=lambda _m: None)
     rt = res.manifest["reports"].get("tune")
     info["records_applied"] = int(rt["records_total"]) if rt else 0
@@ -149,6 +150,24 @@ def build_tvm(v: Variant, work: Path, base_weights: str | Path | None, trials: i
     info["artifact_params_bytes"] = (res.path / res.manifest["runtime"]["params"]).stat().st_size
     info["build_s"] = round(time.perf_counter() - t0, 1)
     return info
+
+
+def tasks_with_records(db_dir: str | Path) -> int:
+    """Tasks (workloads) the database has tuning records for: with a budget below ~16
+    candidates x tasks, MetaSchedule's first pass does not reach every task, and the others
+    run TVM's default schedules. (Each record line starts with its workload's index.)"""
+    from lprnet_edge.tune import DB_FILES
+
+    p = Path(db_dir) / DB_FILES[1]
+    if not p.is_file():
+        return 0
+    seen = set()
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            head = line.lstrip()[1:].split(",", 1)[0]
+            if head.strip().isdigit():
+                seen.add(int(head))
+    return len(seen)
 
 
 def _short_error(e: BaseException, limit: int = 300) -> str:
@@ -208,6 +227,7 @@ def tvm_latencies(variants: list[Variant], rows: list[dict[str, Any]], work: Pat
         except Exception as e:  # noqa: BLE001
             by_name[name]["latency_error"] = "load failed: " + _short_error(e)
     per: dict[str, list[float]] = {n: [] for n in recs}
+    load = [round(x, 2) for x in os.getloadavg()]
     for _ in range(rounds):
         for name, rec in list(recs.items()):
             try:
@@ -222,7 +242,7 @@ def tvm_latencies(variants: list[Variant], rows: list[dict[str, Any]], work: Pat
         row["latency_ms"] = float(np.median(per[name]))
         row["latency_rounds_ms"] = per[name]
         log(f"  {name}: {row['latency_ms']:.2f} ms ({backend}, {LATENCY_THREADS} thread)")
-    return {"build_s": round(build_s, 1)}
+    return {"build_s": round(build_s, 1), "loadavg_timing_start": load}
 
 
 def latency_setup(backend: str, rounds: int, runs: int, trials: int | None = None,
@@ -234,6 +254,7 @@ def latency_setup(backend: str, rounds: int, runs: int, trials: int | None = Non
         "backend": backend, "batch": 1, "threads": LATENCY_THREADS, "model_only": True,
         "rounds": rounds, "runs_per_round": runs,
         "statistic": "median over rounds of the per-round median",
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "host": _cpu_name() or platform.machine(), "cpus": os.cpu_count(),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
@@ -398,9 +419,11 @@ def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = Fal
 def measure(variants: list[Variant], test: EvalSet, latency: str = "torch",
             work: Path | None = None, log: Callable[[str], None] = _log,
             base_weights: str | Path | None = None, trials: int | None = None,
-            rounds: int = 5, runs: int = 20) -> list[dict[str, Any]]:
+            rounds: int = 5, runs: int = 20, setup: dict[str, Any] | None = None
+            ) -> list[dict[str, Any]]:
     """Accuracy on ``test``, stored size and FLOPs of every variant, then the latency of all
-    of them in interleaved rounds (PyTorch, or TVM artifacts: :func:`tvm_latencies`)."""
+    of them in interleaved rounds (PyTorch, or TVM artifacts: :func:`tvm_latencies`, whose
+    build time and load go into ``setup``)."""
     from lprnet_edge.prune import stored_size
 
     rows = []
@@ -435,8 +458,10 @@ def measure(variants: list[Variant], test: EvalSet, latency: str = "torch",
             f"{size / 1e3:.1f} kB ({row['compression_vs_fp32']:.1f}x vs fp32), "
             f"{fl['flops'] / 1e6:.0f} MFLOPs")
     if latency == "tvm":
-        tvm_latencies(variants, rows, work or _cache_dir() / "artifacts", base_weights, trials,
-                      rounds=rounds, runs=runs, log=log)
+        res = tvm_latencies(variants, rows, work or _cache_dir() / "artifacts", base_weights,
+                            trials, rounds=rounds, runs=runs, log=log)
+        if setup is not None:
+            setup.update(res)
     else:
         interleaved_latency(variants, rows, rounds=rounds, runs=runs, log=log)
     _latency_ratios(rows)
@@ -532,11 +557,12 @@ def refresh_latency(out: str | Path = "docs", quick: bool | None = None,
         setup = latency_setup("tvm-tuned" if trials else "tvm", rounds, runs, trials, command)
         res = tvm_latencies(todo, rows, work, _base_weights(original, wpath, work), trials,
                             rounds=rounds, runs=runs, log=log)
-        setup["build_s"] = res["build_s"]
+        setup.update(res)
     else:
         setup = latency_setup("torch", rounds, runs, command=command)
         interleaved_latency(todo, rows, rounds=rounds, runs=runs, log=log)
     setup["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    setup["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     setup["variants"] = [v.name for v in todo]
     rep["variants"] = [by_name[v.name] for v in keep]
     _latency_ratios(rep["variants"])
@@ -646,13 +672,14 @@ def _latency_text(setup: dict[str, Any] | None) -> str:
     if not setup:  # a report from before the latency setup was recorded
         return ("- Latency: host, batch 1; backend per row (`torch` = PyTorch eager, 1 thread, "
                 "median of 5 interleaved rounds; `tvm` = compiled artifact).")
+    load = setup.get("loadavg_timing_start") or setup.get("loadavg_end")
     how = (f"batch {setup['batch']}, {setup['threads']} thread, model only (no preprocessing "
            f"or decoding), median over {setup['rounds']} interleaved rounds of the per-round "
-           f"median of {setup['runs_per_round']} runs, measured {setup['measured']} on "
-           f"{setup.get('host')} ({setup.get('cpus')} cores, load average "
-           f"{setup['loadavg_start'][0]:.1f} at the start"
-           + (f", {setup['loadavg_end'][0]:.1f} at the end" if setup.get("loadavg_end")
-              else "") + ")")
+           f"median of {setup['runs_per_round']} runs, finished {setup['measured']} on "
+           f"{setup.get('host')} ({setup.get('cpus')} cores"
+           + (f", 1-min load average {load[0]:.1f} when "
+              + ("the timing started" if setup.get("loadavg_timing_start") else "it ended")
+              if load else "") + ")")
     if setup["backend"] == "torch":
         text = f"- Latency (`torch`): PyTorch eager, {how}."
     elif setup["backend"] == "tvm":
@@ -723,7 +750,7 @@ def write_markdown(path: Path, rep: dict[str, Any]) -> None:
         lines += ["", "TVM builds behind the latency column (`workload` = tuning database "
                   "`<target>-<workload>` in `~/.cache/lprnet-edge/tuning`):", "",
                   "| variant | workload | budget | new trials | records applied | "
-                  "est. kernels ms | build + tune s | params.npz |",
+                  "conv tasks with records | build + tune s | params.npz |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in tvm_rows:
             t = r.get("latency_tvm")
@@ -732,12 +759,12 @@ def write_markdown(path: Path, rep: dict[str, Any]) -> None:
                              f"{r.get('latency_error', 'not built')} |")
                 continue
             tu = t.get("tuning") or {}
-            est = tu.get("est_ms_after")
             lines.append(
                 f"| {r['name']} | {t.get('workload', '-')} | {t.get('trials_budget') or '-'} | "
                 f"{tu.get('trials_new', 0)} | {t['records_applied']} | "
-                f"{f'{est:.1f}' if est is not None else '-'} | {t['build_s']:.0f} | "
-                f"{r['artifact_params_bytes'] / 1e3:.0f} kB |")
+                f"{tu.get('tasks_with_records', '-')}/{tu.get('tasks', '-')} | "
+                f"{t['build_s']:.0f} | {r['artifact_params_bytes'] / 1e3:.0f} kB |")
+        lines += _tuning_caveats(tvm_rows)
     g = rep["goals"]
     lines += ["", "## Goals", ""]
     a, b = g["size_8x_within_0.5pt"], g["flops_1.5x_within_1pt"]
@@ -773,6 +800,25 @@ def write_markdown(path: Path, rep: dict[str, Any]) -> None:
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
+def _tuning_caveats(rows: list[dict[str, Any]]) -> list[str]:
+    """Say so when rows were tuned to different depths: their latency then mixes the model
+    with the tuning (a database reused from earlier, longer tuning; tasks left untuned)."""
+    tuned = [r["latency_tvm"] for r in rows if r.get("latency_tvm")]
+    records = sorted({t["records_applied"] for t in tuned})
+    partial = sorted({r["name"] for r in rows if r.get("latency_tvm")
+                      and (r["latency_tvm"].get("tuning") or {}).get("tasks_with_records", 0)
+                      < (r["latency_tvm"].get("tuning") or {}).get("tasks", 0)})
+    out: list[str] = []
+    if len(records) > 1:
+        out.append(f"Records applied differ between workloads ({records[0]} to {records[-1]}): "
+                   "latency ratios between workloads compare tuning depth as well as models.")
+    if partial:
+        out.append(f"Not every convolution task has records in {', '.join(partial)}: the "
+                   "budget ran out in MetaSchedule's first pass (16 candidates per task), and "
+                   "those tasks run TVM's default schedule.")
+    return ["", " ".join(out)] if out else []
+
+
 def _calibrator_lines(c: dict[str, Any]) -> list[str]:
     lines = ["", "## int8 calibrators (weights + activations, PyTorch simulation, test/)", "",
              f"Calibrated on the {c['calibration']}; measured on the {c['test_images']} "
@@ -792,16 +838,16 @@ def _calibrator_lines(c: dict[str, Any]) -> list[str]:
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[str]:
-    """Names of the variants no other variant beats on both latency and accuracy (lower
-    latency and at least the accuracy, or the same latency and more accuracy)."""
-    pts = [(r["latency_ms"], -r["test_accuracy"], r["name"]) for r in rows
-           if r.get("latency_ms") is not None]
-    front, best = [], float("inf")
-    for _lat, neg_acc, name in sorted(pts):
-        if neg_acc < best:
-            front.append(name)
-            best = neg_acc
-    return front
+    """Names of the variants (fastest first) that no other variant beats: none is faster
+    and at least as accurate, or as fast and more accurate. Ties are all kept."""
+    pts = [r for r in rows if r.get("latency_ms") is not None]
+
+    def beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        la, lb, aa, ab = a["latency_ms"], b["latency_ms"], a["test_accuracy"], b["test_accuracy"]
+        return (la < lb and aa >= ab) or (la == lb and aa > ab)
+
+    front = [b for b in pts if not any(beats(a, b) for a in pts if a is not b)]
+    return [r["name"] for r in sorted(front, key=lambda r: (r["latency_ms"], r["name"]))]
 
 
 def _overlap(a: Any, b: Any, pad: float = 1.0) -> float:
@@ -835,13 +881,13 @@ def place_labels(ax: Any, points: list[tuple[float, float]], texts: list[str],
     boxes: list[Any] = [None] * len(points)
     for i in order:
         r0 = radii_pt[i] + 2
-        cands = [(r0 + ring * 11) * np.array([np.cos(t), np.sin(t)])
+        cands = [(ring, (r0 + ring * 11) * np.array([np.cos(t), np.sin(t)]))
                  for ring in range(10) for t in np.linspace(0, 2 * np.pi, 16, endpoint=False)]
         best: tuple[float, Any, Any] | None = None
-        for off in cands:
+        for ring, off in cands:
             ha = "left" if off[0] > 1 else "right" if off[0] < -1 else "center"
             va = "bottom" if off[1] > 1 else "top" if off[1] < -1 else "center"
-            far = np.hypot(*off) > r0 + 6
+            far = ring > 0  # away from its marker's edge: draw a leader line
             ann = ax.annotate(texts[i], points[i], xytext=tuple(off), textcoords="offset points",
                               ha=ha, va=va, fontsize=fontsize, zorder=4,
                               bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
@@ -849,6 +895,7 @@ def place_labels(ax: Any, points: list[tuple[float, float]], texts: list[str],
                               arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "0.35",
                                           "shrinkA": 0, "shrinkB": radii_pt[i]}
                               if far else None)
+            ann.update_positions(renderer)  # the offset is applied at draw time otherwise
             bb = Text.get_window_extent(ann, renderer)  # the text only, not the leader line
             cost = 0.0
             if not (frame.x0 <= bb.x0 and bb.x1 <= frame.x1 and frame.y0 <= bb.y0
@@ -858,6 +905,8 @@ def place_labels(ax: Any, points: list[tuple[float, float]], texts: list[str],
             cost += sum(_overlap(bb, o) for o in blocked) * 100
             cost += sum(_overlap(bb, m) for m in marks) * 10
             if cost == 0:
+                if best is not None:
+                    best[1].remove()
                 best = (0.0, ann, bb)
                 break
             if best is None or cost < best[0]:
@@ -936,8 +985,9 @@ def plot(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any] | None = 
                              obstacles)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return {"front": front, "missing": missing,
-            "labels": {r["name"]: tuple(b.extents) for r, b in zip(pts, boxes, strict=True)}}
+    return {"front": front, "missing": missing, "texts": len(ax.texts),
+            "labels": {r["name"]: tuple(float(e) for e in b.extents)
+                       for r, b in zip(pts, boxes, strict=True)}}
 
 
 def run_report(out: str | Path = "docs", quick: bool = False, weights: str | None = None,
@@ -960,8 +1010,9 @@ def run_report(out: str | Path = "docs", quick: bool = False, weights: str | Non
     setup = latency_setup(backend, rounds, runs, trials, command)
     rows = measure(variants, test, latency, work, log,
                    base_weights=_base_weights(original, wpath, work) if latency == "tvm"
-                   else None, trials=trials, rounds=rounds, runs=runs)
+                   else None, trials=trials, rounds=rounds, runs=runs, setup=setup)
     setup["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    setup["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rep: dict[str, Any] = {
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": quick, "variants": rows, "goals": goals(rows), "latency": setup,

@@ -255,7 +255,14 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
     meta = {"target": tdict, "target_name": getattr(target, "name", None),
             "target_key": target_key(target), "workload_key": workload_key(prep),
             "tvm": tvm.__version__}
-    _write_json(db_dir / "lprnet-edge-tuning.json", meta)
+    meta_path = db_dir / "lprnet-edge-tuning.json"
+    old = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if old and old.get("target_key") != meta["target_key"]:
+        # A shared --tuning-db from another target: keep its label, say what happens.
+        log(f"note: {db_dir} holds records tuned for {old.get('target_name') or 'another'} "
+            f"target; they are applied to {meta['target_name']} where workloads match")
+    else:
+        _write_json(meta_path, meta)
     with tempfile.TemporaryDirectory(prefix="lprnet-tune-") as tmp:
         spec = {"module": str(Path(tmp) / "module.json"), "target": tdict,
                 "config": config.to_dict(), "db_dir": str(db_dir),

@@ -117,6 +117,9 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
     assert o["tuning"]["trials_new"] == 2 and not o["tuning"]["skipped"]
     assert w["tuning"]["skipped"] and w["tuning"]["trials_new"] == 0
     assert count_records(fresh_cache / "tuning" / o["workload"]) >= 2
+    # 2 trials reach one convolution task; the report says how many of them have records.
+    assert o["tuning"]["tasks_with_records"] == 1 == w["tuning"]["tasks_with_records"]
+    assert o["tuning"]["tasks"] >= 10  # LPRNet's convolution tasks
     assert rows["int8w"]["latency_ratio"] == pytest.approx(
         rows["original"]["latency_ms"] / rows["int8w"]["latency_ms"])
     # Variants not asked for keep their (PyTorch) latency and say so.
@@ -126,7 +129,7 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
     assert rep["refreshed"] == data["refreshed"]
     md = (out / "compression-report.md").read_text(encoding="utf-8")
     assert "**2 MetaSchedule trials per workload**" in md and "(tvm-tuned)" in md
-    assert f"| original | {o['workload']} | 2 | 2 |" in md
+    assert f"| original | {o['workload']} | 2 | 2 | 2 | 1/{o['tuning']['tasks']} |" in md
 
 
 def test_tvm_latency_reports_a_failed_build(tiny_report, tmp_path):
@@ -192,6 +195,7 @@ def test_plot_labels_do_not_overlap_in_a_cluster(tmp_path):
     info = report.plot(png, rows, {"backend": "tvm-tuned", "trials": 200})
     assert png.stat().st_size > 10_000
     assert set(info["labels"]) == {r["name"] for r in rows}
+    assert info["texts"] == len(rows)  # one label each (rejected placements are removed)
     assert set(info["front"]) == _brute_front(rows)
     boxes = list(info["labels"].values())
     for i, a in enumerate(boxes):

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_user_error, copy_images
 
 pytestmark = pytest.mark.slow
