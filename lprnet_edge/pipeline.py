@@ -667,6 +667,8 @@ def plan(opts: BuildOptions, prune: Any = None, quantize: Any = None) -> list[st
         names.append("prune")
     if opts.quantize or quantize:
         names.append("quantize")
+    if searching(opts):
+        names.append("test")
     names.append("import")
     if opts.tune:
         names.append("tune")
@@ -722,6 +724,13 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
     if quant_cfg:
         with stages.stage("quantize", quant_cfg.mode) as note:
             art = quantize_stage(art, quant_cfg, opts.calib_dir)
+    if searching(opts):
+        with stages.stage("test", "test/ accuracy of the selected model (PyTorch)") as note:
+            t = _optional("select", "--max-accuracy-drop").test_comparison(
+                art.original, art.reference, opts.test_dir)
+            art.reports["selection"]["test"] = t
+            note["result"] = (f"{t['selected']:.3f} vs original {t['original']:.3f}"
+                              if "selected" in t else f"skipped: {t['skipped']}")
     with stages.stage("import", f"frontend {opts.compile.frontend}") as note:
         relax_model = import_stage(art, opts.compile.frontend)
         note["result"] = f"{len(relax_model.params)} weight tensors"
@@ -774,8 +783,7 @@ def select_stage(art: ModelArtifact, opts: BuildOptions, log: Log
     mod = _optional("select", "--max-accuracy-drop")
     calib = _calibration_set(opts.calib_dir, art.charset)
     best, model, report = mod.search(art.original, calib, opts.max_accuracy_drop,
-                                     channels=opts.search_channels, test_dir=opts.test_dir,
-                                     log=log)
+                                     channels=opts.search_channels, log=log)
     art.reports["selection"] = report
     return best.prune, best.quant, model
 

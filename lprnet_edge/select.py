@@ -178,15 +178,31 @@ def test_accuracy(model: nn.Module, test_dir: Any = None) -> dict[str, Any]:
             "data": str(data.root)}
 
 
+def test_comparison(original: nn.Module, built: nn.Module, test_dir: Any = None
+                    ) -> dict[str, Any]:
+    """Accuracy on ``test/`` of the model the build compiles and of the original (measured
+    after the choice, never used for it); ``skipped`` when there is no test/ here."""
+    from lprnet_edge.errors import DataError
+
+    try:
+        orig = test_accuracy(original, test_dir)
+    except DataError as e:  # no test/ here: the choice stands, its test figure is unknown
+        return {"skipped": str(e)}
+    sel = test_accuracy(built, test_dir)
+    return {"original": orig["accuracy"], "selected": sel["accuracy"],
+            "change_points": 100 * (sel["accuracy"] - orig["accuracy"]),
+            "images": sel["images"], "data": sel["data"],
+            "measured_with": "pytorch (the model compiled; int8: its simulation), "
+                             "batch-1 semantics"}
+
+
 def search(original: nn.Module, calib: CalibrationSet, budget_points: float,
-           channels: tuple[float, ...] = (), test_dir: Any = None,
-           log: Callable[[str], None] | None = None
+           channels: tuple[float, ...] = (), log: Callable[[str], None] | None = None
            ) -> tuple[Candidate, nn.Module | None, dict[str, Any]]:
     """``build --max-accuracy-drop``: the winner of :func:`select` over the default grid (+
     channel pruning ``channels`` ratios), its model when it must be reused as measured
-    (channel-pruned: distilled on the split), and the report for the manifest, with the
-    winner's and the original's accuracy on ``test/`` (PyTorch, measured after choosing)."""
-    from lprnet_edge.errors import DataError, LprnetEdgeError
+    (channel-pruned: distilled on the split), and the report for the manifest."""
+    from lprnet_edge.errors import LprnetEdgeError
 
     train, _ = calib.split(0.3, 0)
     cands = default_candidates()
@@ -208,15 +224,4 @@ def search(original: nn.Module, calib: CalibrationSet, budget_points: float,
         raise LprnetEdgeError(f"no candidate stays within --max-accuracy-drop {budget_points} "
                               "points on the calib/ validation split; raise it")
     best = next(c for c in cands if c.name == rep["selected"])
-    evaluated, _, _, _ = build_variant(original, best, train)
-    try:
-        orig = test_accuracy(original, test_dir)
-    except DataError as e:  # no test/ here: the choice stands, its test figure is unknown
-        rep["test"] = {"skipped": str(e)}
-    else:
-        sel = test_accuracy(evaluated, test_dir)
-        rep["test"] = {"original": orig["accuracy"], "selected": sel["accuracy"],
-                       "change_points": 100 * (sel["accuracy"] - orig["accuracy"]),
-                       "images": sel["images"], "data": sel["data"],
-                       "measured_with": "pytorch (int8: its simulation), batch-1 semantics"}
     return best, best.pruned_model, rep
