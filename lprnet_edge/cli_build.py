@@ -189,7 +189,8 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
             from lprnet_edge.deploy import device_rpc
 
             click.echo(f"starting a TVM RPC server on {dev.conn.spec} (SSH tunnel)", err=True)
-            opts.tune = replace(tune_cfg, rpc=device_ctx.enter_context(device_rpc(dev)))
+            lport = device_ctx.enter_context(device_rpc(dev))
+            opts.tune = replace(tune_cfg, rpc=f"127.0.0.1:{lport}")
         res = build_artifact(opts, log=lambda msg: click.echo(msg, err=True))
         if dev is not None:
             deployed = deploy_with_progress(dev, res.path)

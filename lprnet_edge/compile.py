@@ -232,13 +232,7 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
     path = cc.path if isinstance(cc, Compiler) else cc
     options = list(cc.options) if isinstance(cc, Compiler) else []
     try:
-        if path:
-            from tvm.support import cc as tvm_cc
-
-            fcompile = tvm_cc.cross_compiler(path, options=options or None)
-            executable.export_library(str(out_path), fcompile=fcompile)
-        else:
-            executable.export_library(str(out_path))
+        export_library(executable, out_path, path, options)
     except Exception as e:  # the linker's stderr is in the message
         raise ToolchainError(f"linking {out_path.name} for {target_spec.name} with "
                              f"{path or 'the default compiler'} failed: {_tail(e)}") from e
@@ -250,6 +244,19 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
         "compiler": path,
         "tvm_target": str(target),
     }
+
+
+def export_library(module: Any, out_path: str | Path, cc_path: str | None,
+                   options: Sequence[str] = ()) -> None:
+    """Link ``module`` into the shared library ``out_path`` with ``cc_path`` (a cross
+    compiler; None: TVM's default host compiler). Shared by builds and tuning candidates."""
+    if not cc_path:
+        module.export_library(str(out_path))
+        return
+    from tvm.support import cc as tvm_cc
+
+    module.export_library(str(out_path),
+                          fcompile=tvm_cc.cross_compiler(cc_path, options=list(options) or None))
 
 
 def _first_line(e: BaseException) -> str:

@@ -582,16 +582,16 @@ def stop_rpc_server(dev: Device, server: RpcServer) -> None:
 
 @contextlib.contextmanager
 def device_rpc(dev: Device, port: int | None = None, server_timeout: float = 180
-               ) -> Iterator[str]:
+               ) -> Iterator[int]:
     """A TVM RPC server on the device's localhost, reached here through an SSH tunnel:
-    yields ``"127.0.0.1:LOCAL_PORT"`` for ``--rpc``; the server is stopped on exit.
+    yields the tunnel's local port on 127.0.0.1; the server is stopped on exit.
 
     The RPC client must not run in this process (see :func:`_in_child_process`): the tuner's
     worker process or a spawned child talks to the tunnel, this process pumps it."""
     server = start_rpc_server(dev, port, timeout=server_timeout)
     try:
         with dev.conn.forward(server.port) as lport:
-            yield f"127.0.0.1:{lport}"
+            yield lport
     finally:
         stop_rpc_server(dev, server)
 
@@ -606,8 +606,7 @@ def rpc_bench(dev: Device, artifact: str | Path, number: int = 10, repeat: int =
     want, have = m["target"].get("arch"), arch_of(dev.machine())
     if want and want != have:
         raise ArtifactError(f"{root} is built for {want} but {dev.conn.spec} is {have}")
-    with device_rpc(dev, port, server_timeout) as address:
-        lport = int(address.rsplit(":", 1)[1])
+    with device_rpc(dev, port, server_timeout) as lport:
         t0 = time.perf_counter()
         timed = _in_child_process(_rpc_time_child, lport, str(root), number, repeat,
                                   session_timeout, timeout=session_timeout + 120)

@@ -304,11 +304,10 @@ def _export_compiler(target: Any, config: TuneConfig, cc: Any) -> dict[str, Any]
 def export_shared(cc_path: str, options: Sequence[str], mod: Any) -> str:
     """MetaSchedule builder export: a shared library linked here by ``cc_path`` (runs in the
     builder's worker processes, hence a module-level function)."""
-    from tvm.support import cc as tvm_cc
+    from lprnet_edge.compile import export_library
 
     path = os.path.join(tempfile.mkdtemp(prefix="lprnet-cand-"), "tvm_tmp_mod.so")
-    mod.export_library(path, fcompile=tvm_cc.cross_compiler(cc_path, options=list(options)
-                                                             or None))
+    export_library(mod, path, cc_path, options)
     return path
 
 
