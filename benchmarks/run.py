@@ -39,13 +39,13 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Export / compile / tune every variant once; return what the children load."""
     import torch
 
-    from lprnet_edge.compile import build, to_relax
-    from lprnet_edge.configs import TuneConfig
-    from lprnet_edge.flops import summary as flops_summary
-    from lprnet_edge.model_io import load_model
-    from lprnet_edge.target import load_target
-    from lprnet_edge.tune import count_records, resolve_db_dir, tune
-    from lprnet_edge.weights import resolve_weights
+    from lprnet_edge.compiler.build import build, to_relax
+    from lprnet_edge.compiler.target import load_target
+    from lprnet_edge.compiler.tune import count_records, resolve_db_dir, tune
+    from lprnet_edge.compress.configs import TuneConfig
+    from lprnet_edge.model.checkpoint import load_model
+    from lprnet_edge.model.flops import summary as flops_summary
+    from lprnet_edge.model.weights import resolve_weights
 
     work.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(args.weights)
@@ -75,8 +75,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     tasks = [t for t in args.tasks.split(",") if t] or None
     tune_summary: dict[str, Any] | None = None
     if args.no_tune:
-        from lprnet_edge.compile import prepare_for_tuning
-        from lprnet_edge.tune import open_database
+        from lprnet_edge.compiler.build import prepare_for_tuning
+        from lprnet_edge.compiler.tune import open_database
 
         db_dir = resolve_db_dir(spec, prepare_for_tuning(mod, spec), cfg)
         database = open_database(db_dir) if count_records(db_dir) else None
@@ -135,8 +135,8 @@ def load_variants(info: dict[str, Any], work: Path, threads: int) -> dict[str, A
     import torch
 
     torch.set_num_threads(threads)
-    from lprnet_edge.compile import HostModule
-    from lprnet_edge.model_io import load_model
+    from lprnet_edge.compiler.build import HostModule
+    from lprnet_edge.model.checkpoint import load_model
 
     fns: dict[str, Any] = {}
     params = dict(np.load(work / "params.npz"))
@@ -162,15 +162,15 @@ def load_variants(info: dict[str, Any], work: Path, threads: int) -> dict[str, A
         elif v["kind"] == "tvm":
             fns[name] = HostModule(v["path"], plist)
         else:
-            from lprnet_edge.recognizer import Recognizer
+            from lprnet_edge.runtime.recognizer import Recognizer
 
             fns[name] = Recognizer.from_artifact(v["path"], num_threads=threads).backend
     return fns
 
 
 def measure(fns: dict[str, Any], runs: int, warmup: int) -> dict[str, dict[str, float]]:
-    from lprnet_edge.preprocess import Preprocess
-    from lprnet_edge.recognizer import _synthetic_plate
+    from lprnet_edge.runtime.preprocess import Preprocess
+    from lprnet_edge.runtime.recognizer import _synthetic_plate
 
     pre = Preprocess()
     x = np.ascontiguousarray(pre(_synthetic_plate(pre)), dtype=np.float32)
@@ -196,9 +196,9 @@ def measure(fns: dict[str, Any], runs: int, warmup: int) -> dict[str, dict[str, 
 
 def accuracy(fns: dict[str, Any], test_dir: Path, skip: tuple[str, ...] = ()
              ) -> dict[str, float]:
-    from lprnet_edge.charset import load_charset
-    from lprnet_edge.evaluate import evaluate
-    from lprnet_edge.recognizer import Recognizer
+    from lprnet_edge.runtime.charset import load_charset
+    from lprnet_edge.runtime.evaluate import evaluate
+    from lprnet_edge.runtime.recognizer import Recognizer
 
     cs = load_charset()
     res = {}
@@ -248,7 +248,7 @@ def cpu_info() -> dict[str, Any]:
     fpc = 32 if ("avx2" in flags and "fma" in flags) else 16 if "avx" in flags else 8
     llvm_cpu = None
     try:
-        from lprnet_edge.target import detect_host_cpu
+        from lprnet_edge.compiler.target import detect_host_cpu
 
         llvm_cpu = detect_host_cpu()
     except Exception:  # noqa: BLE001
@@ -406,7 +406,7 @@ def main() -> None:
         return
 
     if args.work is None:
-        from lprnet_edge.weights import cache_dir
+        from lprnet_edge.paths import cache_dir
 
         args.work = str(cache_dir() / "bench")
     work = Path(args.work)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from lprnet_edge import LprnetEdgeError, Recognizer
-from lprnet_edge.dataset import IMAGE_SUFFIXES, label_from_name
+from lprnet_edge.runtime.dataset import IMAGE_SUFFIXES, label_from_name
 
 
 def image_paths(items: list[str]) -> list[Path]:
@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.artifact:
             rec = Recognizer.from_artifact(args.artifact)
         else:
-            rec = Recognizer.from_weights(args.weights)
+            from lprnet_edge.model.reference import reference_recognizer  # host: needs torch
+
+            rec = reference_recognizer(args.weights)
         paths = image_paths(args.images)
         if not paths:
             raise LprnetEdgeError("no images given (folders hold no *.jpg, *.png, ...)")

@@ -1,12 +1,12 @@
 """lprnet-edge: LPRNet licence plate recognition, compiled with Apache TVM for edge devices.
 
-Importing this package (and ``Recognizer``) needs only numpy and OpenCV: the host toolchain
-(torch, the TVM compiler, paramiko) is imported lazily by the modules that need it.
+The public face is the on-device runtime (``Recognizer``, ``Artifact``, the errors): importing
+it needs only numpy and OpenCV. This file imports nothing but :mod:`lprnet_edge.runtime`, so it
+ships to a board beside that folder and ``from lprnet_edge import Recognizer`` works there.
 """
 
-from lprnet_edge.errors import LprnetEdgeError
-from lprnet_edge.recognizer import PlateResult, Recognizer
-
-__version__ = "0.1.0"
+from lprnet_edge.runtime import __version__
+from lprnet_edge.runtime.errors import LprnetEdgeError
+from lprnet_edge.runtime.recognizer import PlateResult, Recognizer
 
 __all__ = ["LprnetEdgeError", "PlateResult", "Recognizer", "__version__"]

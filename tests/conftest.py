@@ -6,7 +6,6 @@ The data (``test/``, ``calib/``, ``weights/``) is found through ``$LPRNET_EDGE_D
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 from pathlib import Path
@@ -55,7 +54,7 @@ def test_images(test_dir: Path) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def charset():
-    from lprnet_edge.charset import load_charset
+    from lprnet_edge.runtime.charset import load_charset
 
     return load_charset()
 
@@ -64,7 +63,7 @@ def charset():
 def tiny_model():
     """A randomly initialised LPRNet (68 classes) with non-trivial BatchNorm statistics."""
     torch = pytest.importorskip("torch")
-    from lprnet_edge.model import LPRNet
+    from lprnet_edge.model.lprnet import LPRNet
 
     torch.manual_seed(0)
     model = LPRNet(class_num=68)
@@ -91,7 +90,7 @@ def one_torch_thread():
     """Run PyTorch on one thread: LPRNet at batch 1 gains little from more, and a busy
     machine (2 cores shared with compiles) makes spinning thread pools many times slower.
     Results are the same; only the time changes."""
-    from lprnet_edge.pipeline import torch_one_thread
+    from lprnet_edge.pipeline.build import torch_one_thread
 
     with torch_one_thread():
         yield
@@ -100,7 +99,7 @@ def one_torch_thread():
 @pytest.fixture
 def tiny_checkpoint(tiny_model, tmp_path: Path) -> Path:
     """``tiny_model`` saved in lprnet-edge's checkpoint format."""
-    from lprnet_edge.model_io import save_checkpoint
+    from lprnet_edge.model.checkpoint import save_checkpoint
 
     p = tmp_path / "tiny.pth"
     save_checkpoint(tiny_model, p)
@@ -118,27 +117,11 @@ def fresh_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     return cache
 
 
-_REGISTERED: set[str] = set()
-
-
 def register_commands():
-    """What ``lprnet_edge.cli.main`` does before running: add every COMMAND_MODULES module's
-    commands to the root group. Done once per module, so it is idempotent."""
-    from lprnet_edge import cli as cli_mod
+    """The root group with every command (``lprnet_edge.cli.main`` adds them on import)."""
+    from lprnet_edge.cli.main import cli
 
-    for name in cli_mod.COMMAND_MODULES:
-        if name in _REGISTERED:
-            continue
-        try:
-            mod = importlib.import_module(f"lprnet_edge.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"lprnet_edge.{name}":
-                raise
-            _REGISTERED.add(name)  # not written (yet): main() skips it the same way
-            continue
-        mod.register(cli_mod.cli)
-        _REGISTERED.add(name)
-    return cli_mod.cli
+    return cli
 
 
 class CliRunner:

@@ -1,0 +1,334 @@
+"""Device commands: ``deploy``, ``rollback`` and the ``remote`` group (over SSH).
+
+``ssh_options`` and :func:`bench_over_ssh` are also used by ``lprnet-edge bench --host``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+from lprnet_edge.cli.common import echo_json, format_latency, json_option, progress, table
+
+_HOST_HELP = "Device as user@host[:port] (SSH)."
+
+
+def ssh_options(fn: Callable, host_required: bool = True) -> Callable:
+    """``--host --key --known-hosts --accept-new-host --remote-dir --python --ssh-timeout``."""
+    opts = [
+        click.option("--host", "host", required=host_required, metavar="USER@HOST[:PORT]",
+                     help=_HOST_HELP),
+        click.option("--key", type=click.Path(exists=True, dir_okay=False),
+                     help="Private key (default: ~/.ssh/id_* and ssh-agent)."),
+        click.option("--known-hosts", type=click.Path(dir_okay=False),
+                     help="known_hosts file to check the device's host key against "
+                          "(default ~/.ssh/known_hosts)."),
+        click.option("--accept-new-host", is_flag=True,
+                     help="Trust a device whose host key is not known yet, and record it. "
+                          "A changed key is always refused."),
+        click.option("--remote-dir", default="~/.lprnet-edge", show_default=True,
+                     help="lprnet-edge's directory on the device."),
+        click.option("--python", "remote_python",
+                     help="Python on the device (default: REMOTE_DIR/venv/bin/python, "
+                          "else python3)."),
+        click.option("--ssh-timeout", type=click.FloatRange(min=1), default=15.0,
+                     show_default=True, help="Seconds to connect / authenticate."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def ssh_options_optional(fn: Callable) -> Callable:
+    """The same options with ``--host`` optional (for ``bench``, local unless ``--host``)."""
+    return ssh_options(fn, host_required=False)
+
+
+@contextlib.contextmanager
+def device_from(opts: dict[str, Any]) -> Iterator[Any]:
+    """A connected :class:`~lprnet_edge.device.deploy.Device` from the ``ssh_options`` values."""
+    from lprnet_edge.device.deploy import Device
+    from lprnet_edge.device.ssh import SshConnection
+
+    conn = SshConnection(opts["host"], key=opts.get("key"), known_hosts=opts.get("known_hosts"),
+                         accept_new_host=bool(opts.get("accept_new_host")),
+                         timeout=opts.get("ssh_timeout") or 15.0)
+    conn.connect()
+    if conn.accepted_host_key:
+        click.echo(f"Trusted new host key of {conn.spec}: {conn.accepted_host_key} "
+                   f"(recorded in {conn.known_hosts})", err=True)
+    try:
+        yield Device(conn, opts.get("remote_dir") or "~/.lprnet-edge",
+                     python=opts.get("remote_python"))
+    finally:
+        conn.close()
+
+
+def _ssh_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    keys = ("host", "key", "known_hosts", "accept_new_host", "remote_dir", "remote_python",
+            "ssh_timeout")
+    return {k: kw.pop(k) for k in keys if k in kw}
+
+
+def _with_device(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(**kw: Any) -> Any:
+        opts = _ssh_kwargs(kw)
+        with device_from(opts) as dev:
+            return fn(dev, **kw)
+
+    return wrapper
+
+
+def _step(msg: str) -> None:
+    click.echo(f"  {msg}", err=True)
+
+
+def bench_over_ssh(opts: dict[str, Any], rpc: bool = False, artifact: str | None = None,
+                   runs: int = 100, warmup: int = 10, threads: int | None = None,
+                   image: str | None = None, include_preprocess: bool = True,
+                   number: int = 10, repeat: int | None = None) -> dict[str, Any]:
+    """Benchmark on the device: the deployed Recognizer (default), or with ``rpc`` the model
+    of ``artifact`` through a TVM RPC server on the device reached by an SSH tunnel."""
+    from lprnet_edge.device.deploy import remote_bench, rpc_bench
+
+    with device_from(opts) as dev:
+        if rpc:
+            if not artifact:
+                raise click.UsageError("--rpc with --host needs --artifact (the model to time)")
+            return rpc_bench(dev, artifact, number=number, repeat=repeat or max(1, runs // number))
+        return remote_bench(dev, runs=runs, warmup=warmup, threads=threads, image=image,
+                            include_preprocess=include_preprocess, expect_artifact=artifact)
+
+
+def deploy_with_progress(dev: Any, artifact: Any, name: str | None = None,
+                         keep: int = 5) -> Any:
+    """:func:`lprnet_edge.device.deploy.deploy` with an upload bar and steps on stderr."""
+    from lprnet_edge.device.deploy import artifact_size, deploy
+
+    click.echo(f"Deploying {artifact} to {dev.conn.spec}:{dev.root}", err=True)
+    with progress("Uploading", artifact_size(artifact, with_runtime=True)) as bar:
+        return deploy(dev, artifact, name=name, keep=keep, progress=bar, on_step=_step)
+
+
+def print_bench(stats: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        echo_json(stats)
+        return
+    how = ("model only, time_evaluator over RPC + SSH tunnel" if stats.get("mode") == "rpc"
+           else "Recognizer over SSH" + (", with pre/post-processing"
+                                         if stats.get("include_preprocess") else ""))
+    arch = stats.get("machine") or stats.get("target", {}).get("arch", "?")
+    click.echo(f"device    {stats.get('host')}  ({arch})")
+    click.echo(f"measured  {how}")
+    click.echo(format_latency(stats))
+
+
+
+# ---------------------------------------------------------------- deploy / rollback
+
+
+@click.command("deploy")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@ssh_options
+@click.option("--name", help="Deployment name (default: the artifact folder's name).")
+@click.option("--keep", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Deployments kept on the device (older ones are removed; never the current).")
+@json_option
+@_with_device
+def deploy_cmd(dev: Any, artifact: str, name: str | None, keep: int, as_json: bool) -> None:
+    """Install an artifact on a device over SSH, atomically.
+
+    Refuses an artifact built for another architecture than the device's (`uname -m`) and a
+    device without the free space it needs. Uploads the artifact and the lprnet_edge runtime
+    to a staging folder, checks their sha256 on the device, loads and runs the model there,
+    then makes it current with an atomic symlink swap. If anything fails, the previous
+    deployment stays current and untouched (`lprnet-edge rollback` switches back later).
+
+    \b
+    Examples:
+      lprnet-edge deploy build/lprnet-rpi4 --host pi@raspberrypi.local
+      lprnet-edge deploy build/lprnet-rpi4 --host pi@10.0.0.7:2222 --key ~/.ssh/pi_ed25519 \\
+          --known-hosts ~/.ssh/known_hosts --accept-new-host
+    """
+    res = deploy_with_progress(dev, artifact, name=name, keep=keep)
+    if as_json:
+        echo_json(res.to_dict())
+        return
+    click.echo(f"deployed     {res.name}")
+    click.echo(f"device       {res.host} ({res.device_arch})")
+    click.echo(f"path         {res.path}")
+    click.echo(f"previous     {res.previous or '-'}")
+    click.echo(f"uploaded     {res.bytes_uploaded / 1e6:.2f} MB in {res.upload_seconds:.1f} s")
+    click.echo(f"checks       sha256 ok on the device; model loaded in "
+               f"{res.checks.get('load_s') or 0:.2f} s, first run "
+               f"{res.checks.get('first_inference_s') or 0:.2f} s")
+    click.echo(f"total        {res.seconds:.1f} s")
+
+
+@click.command("rollback")
+@ssh_options
+@click.option("--to", "to", help="Deployment name to switch to (default: the one before).")
+@json_option
+@_with_device
+def rollback_cmd(dev: Any, to: str | None, as_json: bool) -> None:
+    """Make the previous deployment current again (atomic symlink swap).
+
+    \b
+    Examples:
+      lprnet-edge rollback --host pi@raspberrypi.local
+      lprnet-edge rollback --host pi@raspberrypi.local --to lprnet-rpi4-20260101T120000.000000Z
+    """
+    from lprnet_edge.device.deploy import rollback
+
+    res = rollback(dev, to)
+    if as_json:
+        echo_json(res)
+        return
+    click.echo(f"current      {res['current']}")
+    click.echo(f"was          {res['previous'] or '-'}")
+
+
+# ---------------------------------------------------------------- remote group
+
+
+@click.group()
+def remote() -> None:
+    """Run the deployed model on a device over SSH."""
+
+
+@remote.command("recognize")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@ssh_options
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads on the device.")
+@json_option
+@_with_device
+def remote_recognize_cmd(dev: Any, images: tuple[str, ...], threads: int | None,
+                         as_json: bool) -> None:
+    """Upload images and read their plates with the device's current deployment.
+
+    \b
+    Example:
+      lprnet-edge remote recognize --host pi@raspberrypi.local plate1.jpg plate2.jpg
+    """
+    from lprnet_edge.device.deploy import remote_recognize
+
+    results = remote_recognize(dev, list(images), threads=threads)
+    if as_json:
+        echo_json(results)
+        return
+    click.echo(table([[r["source"], r["text"], f"{r['confidence']:.3f}"] for r in results],
+                     ["image", "plate", "confidence"]))
+
+
+@remote.command("eval")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of plate images named by their text.")
+@ssh_options
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images / unknown characters.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N images.")
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads per process.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on the device (the images are sharded; same figures).")
+@json_option
+@_with_device
+def remote_eval_cmd(dev: Any, data: str, skip_bad: bool, limit: int | None, threads: int | None,
+                    workers: int, as_json: bool) -> None:
+    """Upload a labelled folder and measure accuracy on the device (batch 1).
+
+    Same metrics as `lprnet-edge eval`: exact-plate accuracy, per-character accuracy, edit
+    distance, per province.
+
+    \b
+    Example:
+      lprnet-edge remote eval --host pi@raspberrypi.local --data $LPRNET_EDGE_DATA/test
+    """
+    from pathlib import Path
+
+    from lprnet_edge.device.deploy import remote_eval
+
+    n = len([p for p in Path(data).iterdir() if p.is_file()])
+    n = min(n, limit or n)
+    with progress("Evaluating on the device", n) as bar:
+        res = remote_eval(dev, data, skip_bad=skip_bad, limit=limit, threads=threads,
+                          workers=workers, progress=bar)
+    if as_json:
+        echo_json(res)
+        return
+    click.echo(f"device            {res['host']} ({res.get('machine')})")
+    click.echo(f"deployment        {res['deployment']}")
+    click.echo(f"backend           {res['backend']}")
+    click.echo(f"plates            {res['count']}"
+               + (f" ({res['skipped']} skipped)" if res.get("skipped") else ""))
+    click.echo(f"accuracy          {res['accuracy']:.3f}  ({res['correct']}/{res['count']})")
+    click.echo(f"char accuracy     {res['char_accuracy']:.3f}")
+    click.echo(f"mean edit dist    {res['mean_edit_distance']:.3f}")
+    click.echo(f"time on device    {res['seconds']:.1f} s ({res['workers']} worker(s))")
+    rows = [[r, v["count"], f"{v['accuracy']:.3f}"] for r, v in res["per_region"].items()]
+    click.echo("\n" + table(rows, ["province", "plates", "accuracy"]))
+
+
+@remote.command("info")
+@ssh_options
+@json_option
+@_with_device
+def remote_info_cmd(dev: Any, as_json: bool) -> None:
+    """What is deployed on a device, its architecture and runtime versions.
+
+    \b
+    Example:
+      lprnet-edge remote info --host pi@raspberrypi.local
+    """
+    from lprnet_edge.device.deploy import status
+
+    st = status(dev)
+    if as_json:
+        echo_json(st)
+        return
+    info = st.get("info") or {}
+    click.echo(f"device       {st['host']} ({st['machine']})")
+    click.echo(f"python       {st['python']} {info.get('python', '')}")
+    if info:
+        click.echo(f"runtime      tvm {info.get('tvm')}, numpy {info.get('numpy')}, "
+                   f"opencv {info.get('opencv')}, lprnet_edge {info.get('lprnet_edge')}")
+    click.echo(f"remote dir   {st['remote_dir']} ({st['free_bytes'] / 1e6:.0f} MB free)")
+    click.echo(f"current      {st['current'] or '-'}")
+    for n in st["deployments"]:
+        click.echo(f"  {'*' if n == st['current'] else ' '} {n}")
+
+
+@remote.command("bench")
+@ssh_options
+@click.option("--rpc", is_flag=True,
+              help="Time the model of --artifact with time_evaluator through a TVM RPC server "
+                   "started on the device and an SSH tunnel (model only).")
+@click.option("--artifact", type=click.Path(exists=True, file_okay=False),
+              help="Local artifact whose model --rpc times.")
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads on the device.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False),
+              help="Plate image to time (default: a synthetic plate).")
+@click.option("--no-preprocess", is_flag=True, help="Time the model call only (SSH mode).")
+@json_option
+def remote_bench_cmd(rpc: bool, artifact: str | None, runs: int, warmup: int,
+                     threads: int | None, image: str | None, no_preprocess: bool,
+                     as_json: bool, **kw: Any) -> None:
+    """Latency on the device: the deployed Recognizer over SSH, or the model over RPC.
+
+    \b
+    Examples:
+      lprnet-edge remote bench --host pi@raspberrypi.local
+      lprnet-edge remote bench --host pi@raspberrypi.local --rpc --artifact build/lprnet-rpi4
+    """
+    stats = bench_over_ssh(_ssh_kwargs(kw), rpc=rpc, artifact=artifact, runs=runs,
+                           warmup=warmup, threads=threads, image=image,
+                           include_preprocess=not no_preprocess)
+    print_bench(stats, as_json)
+
+
+COMMANDS = (deploy_cmd, rollback_cmd, remote)

@@ -1,0 +1,136 @@
+"""Commands that read plates on this machine: weights, eval, recognize."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+
+from lprnet_edge.cli.common import (
+    artifact_option,
+    echo_json,
+    json_option,
+    open_recognizer,
+    progress,
+    table,
+    weights_option,
+)
+
+# ---------------------------------------------------------------- weights
+
+
+@click.group()
+def weights() -> None:
+    """Get and locate the pretrained LPRNet weights."""
+
+
+@weights.command("download")
+@click.option("--url", help="Mirror or file:// URL (the pinned sha256 is still enforced).")
+@click.option("--force", is_flag=True, help="Download again even if the cache is valid.")
+def weights_download(url: str | None, force: bool) -> None:
+    """Download the sirius-ai LPRNet weights into the cache and verify their sha256.
+
+    \b
+    Example:
+      lprnet-edge weights download
+      lprnet-edge weights download --url file:///mnt/usb/Final_LPRNet_model.pth
+    """
+    from lprnet_edge.model.weights import SIRIUS, download
+
+    with ExitStack() as stack:
+        bars: list[Callable[[int, int], None]] = []
+
+        def report(done: int, total: int) -> None:
+            # A bar in bytes, opened by the first block (none when the cache is already valid);
+            # its length is the response's Content-Length (0 if unknown: position only).
+            if not bars:
+                bars.append(stack.enter_context(progress("Downloading weights", total)))
+            bars[0](done, total)
+
+        path = download(SIRIUS, url=url, force=force, progress=report)
+    click.echo(f"{path}  sha256 {SIRIUS.sha256}  verified")
+
+
+@weights.command("path")
+@weights_option
+def weights_path(weights: str | None) -> None:
+    """Print which weights file would be used.
+
+    \b
+    Example:
+      lprnet-edge weights path
+    """
+    from lprnet_edge.model.weights import resolve_weights
+
+    click.echo(str(resolve_weights(weights)))
+
+
+# ---------------------------------------------------------------- eval / recognize / bench
+
+
+@click.command("eval")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of plate images named by their text.")
+@artifact_option
+@weights_option
+@click.option("--skip-bad", is_flag=True,
+              help="Skip unreadable images and unknown characters (counted) instead of failing.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N images.")
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads (TVM artifacts).")
+@json_option
+def eval_cmd(data: str, artifact: str | None, weights: str | None, skip_bad: bool,
+             limit: int | None, threads: int | None, as_json: bool) -> None:
+    """Exact-plate accuracy (batch 1), per-character accuracy, edit distance, per province.
+
+    \b
+    Examples:
+      lprnet-edge eval --data $LPRNET_EDGE_DATA/test
+      lprnet-edge eval --data plates/ --artifact build/lprnet-host --json
+    """
+    from lprnet_edge.runtime.evaluate import evaluate
+
+    rec = open_recognizer(artifact, weights, threads)
+    n = len([p for p in Path(data).iterdir() if p.is_file()])
+    with progress("Evaluating", min(n, limit or n)) as bar:
+        res = evaluate(rec, data, skip_bad=skip_bad, limit=limit, progress=bar)
+    if as_json:
+        echo_json({"backend": rec.backend_name, "data": str(data), **res.to_dict()})
+        return
+    click.echo(f"backend           {rec.backend_name}")
+    skipped = f" ({res.skipped} skipped)" if res.skipped else ""
+    click.echo(f"plates            {res.count}{skipped}")
+    click.echo(f"accuracy          {res.accuracy:.3f}  ({res.correct}/{res.count})")
+    click.echo(f"char accuracy     {res.char_accuracy:.3f}")
+    click.echo(f"mean edit dist    {res.mean_edit_distance:.3f}")
+    rows = [[r, v["count"], f"{v['accuracy']:.3f}"] for r, v in res.per_region.items()]
+    click.echo("\n" + table(rows, ["province", "plates", "accuracy"]))
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@artifact_option
+@weights_option
+@json_option
+def recognize(images: tuple[str, ...], artifact: str | None, weights: str | None,
+              as_json: bool) -> None:
+    """Read the plate in each image and print it with its confidence.
+
+    \b
+    Examples:
+      lprnet-edge recognize plate.jpg --artifact build/lprnet-host
+      lprnet-edge recognize *.jpg --json
+    """
+    rec = open_recognizer(artifact, weights)
+    results = rec.recognize(list(images))
+    if as_json:
+        echo_json([r.to_dict() for r in results])
+        return
+    click.echo(table([[r.source, r.text, f"{r.confidence:.3f}"] for r in results],
+                     ["image", "plate", "confidence"]))
+
+
+
+
+COMMANDS = (weights, eval_cmd, recognize)

@@ -1,0 +1,168 @@
+"""``lprnet-edge report`` and ``lprnet-edge compress``: the compression commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _command(ctx: click.Context) -> str:
+    """The command as given (options from the command line only), for the report's
+    provenance."""
+    from click.core import ParameterSource
+
+    parts = ["lprnet-edge", ctx.info_name or "report"]
+    for p in ctx.command.params:
+        if (not isinstance(p, click.Option) or p.name is None
+                or ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE):
+            continue
+        value = ctx.params[p.name]
+        flag = max(p.opts, key=len)
+        if p.is_flag:
+            parts.append(flag)
+        elif p.multiple:
+            parts += [f"{flag} {v}" for v in value]
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+@click.command("report")
+@click.option("--out", type=click.Path(file_okay=False), default="docs", show_default=True,
+              help="Folder for compression-report.md/.json/.png.")
+@click.option("--quick", is_flag=True,
+              help="Fewer variants, a short distillation, no selection table.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="PyTorch weights (default: resolved like every command).")
+@click.option("--calib", "calib_dir", type=click.Path(exists=True, file_okay=False),
+              help="Calibration folder (default: $LPRNET_EDGE_DATA/calib). Never test/.")
+@click.option("--test", "test_dir", type=click.Path(exists=True, file_okay=False),
+              help="Evaluation folder (default: $LPRNET_EDGE_DATA/test).")
+@click.option("--latency", type=click.Choice(["torch", "tvm"]), default="torch",
+              show_default=True,
+              help="Measure latency with PyTorch eager or TVM host artifacts (tuned with "
+                   "--trials).")
+@click.option("--trials", type=click.IntRange(min=0), default=200, show_default=True,
+              help="With --latency tvm: MetaSchedule trials per workload, spent on the "
+                   "convolutions (databases cached by target + workload; 0: untuned).")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved latency rounds (the median of the per-round medians).")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed runs per variant and round.")
+@click.option("--refresh-latency", is_flag=True,
+              help="Only re-measure the latency column of the report in --out (keeps the "
+                   "accuracy, size and FLOPs columns).")
+@click.option("--variant", "variants", multiple=True, metavar="NAME",
+              help="With --refresh-latency: only these variants (repeatable).")
+@click.option("--calibrators", is_flag=True,
+              help="Measure the int8 calibrators (minmax, percentile, entropy, mse) on "
+                   "test/ and add them to the report in --out.")
+@click.pass_context
+def report_cmd(ctx: click.Context, out: str, quick: bool, weights: str | None,
+               calib_dir: str | None, test_dir: str | None, latency: str, trials: int,
+               rounds: int, runs: int, refresh_latency: bool, variants: tuple[str, ...],
+               calibrators: bool) -> None:
+    """Compression report: accuracy on test/, stored size, FLOPs, latency per variant.
+
+    \b
+    Examples:
+      lprnet-edge report --quick
+      lprnet-edge report --out docs/ --latency tvm --trials 200
+      lprnet-edge report --refresh-latency --latency tvm --trials 200 --out docs
+      lprnet-edge report --calibrators --out docs
+    """
+    from click.core import ParameterSource
+
+    from lprnet_edge.report import variants as variants_report
+
+
+    if (latency != "tvm"
+            and ctx.get_parameter_source("trials") == ParameterSource.COMMANDLINE):
+        raise click.UsageError("--trials applies to --latency tvm")
+    if variants and not refresh_latency:
+        raise click.UsageError("--variant applies to --refresh-latency")
+    has_report = (Path(out) / "compression-report.json").is_file()
+    if (refresh_latency or calibrators) and not has_report:
+        raise click.UsageError(f"no compression-report.json in {out}: run `lprnet-edge "
+                               "report` first")
+    command = _command(ctx)
+    n_trials = trials if latency == "tvm" and trials > 0 else None
+    if calibrators:
+        rep = variants_report.refresh_calibrators(out, weights=weights, calib_dir=calib_dir,
+                                         test_dir=test_dir, command=command)
+        for r in rep["calibrators"]["rows"]:
+            click.echo(f"{r['calibrator']:<11} head {'fp32' if r['head_fp32'] else 'int8'}"
+                       f"  acc {r['test_accuracy']:.3f} "
+                       f"({r['accuracy_change_points']:+.1f} pt)  agreement "
+                       f"{r['agreement_with_original']:.3f}")
+    if refresh_latency:
+        rep = variants_report.refresh_latency(out, latency=latency, trials=n_trials, rounds=rounds,
+                                     runs=runs, only=variants or None, weights=weights,
+                                     calib_dir=calib_dir, command=command)
+    elif not calibrators:
+        rep = variants_report.run_report(out, quick=quick, weights=weights, calib_dir=calib_dir,
+                                test_dir=test_dir, latency=latency, trials=n_trials,
+                                rounds=rounds, runs=runs, command=command)
+    if refresh_latency or not calibrators:
+        for r in rep["variants"]:
+            lat = (f"{r['latency_ms']:6.2f} ms ({r['latency_backend']})"
+                   if r.get("latency_ms") is not None
+                   else f"n/a: {r.get('latency_error', 'not measured')}")
+            click.echo(f"{r['name']:<38} acc {r['test_accuracy']:.3f} "
+                       f"({r['accuracy_change_points']:+.1f} pt)  "
+                       f"{r['stored_bytes'] / 1e3:7.1f} kB  {r['flops'] / 1e6:6.0f} MFLOPs"
+                       f"  {lat}")
+    click.echo(f"wrote {Path(out) / 'compression-report.md'} (.json, .png)")
+
+@click.command("compress")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Output checkpoint (.pth) with widths metadata.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False))
+@click.option("--calib", "calib_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True),
+              help="Unstructured global magnitude pruning to this sparsity.")
+@click.option("--channels", "ratio", type=click.FloatRange(0, 1, max_open=True),
+              help="Channel pruning ratio of the block-internal widths (+ dead channels), "
+                   "recovered by distillation on calib/.")
+@click.option("--epochs", type=click.IntRange(min=0), default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def compress_cmd(out: str, weights: str | None, calib_dir: str | None,
+                 sparsity: float | None, ratio: float | None, epochs: int,
+                 seed: int) -> None:
+    """Prune (and distill) a checkpoint; build it with `lprnet-edge build --weights OUT`.
+
+    \b
+    Examples:
+      lprnet-edge compress --channels 0.5 --out lprnet-ch50.pth
+      lprnet-edge compress --sparsity 0.8 --out lprnet-sp80.pth
+    """
+    from lprnet_edge.compress.configs import PruneConfig
+    from lprnet_edge.compress.prune import prune
+    from lprnet_edge.model.calib import CalibrationSet
+    from lprnet_edge.model.checkpoint import load_model, save_checkpoint
+    from lprnet_edge.model.weights import resolve_weights
+    from lprnet_edge.runtime.errors import LprnetEdgeError
+
+    if (sparsity is None) == (ratio is None):
+        raise LprnetEdgeError("give exactly one of --sparsity or --channels")
+    model = load_model(resolve_weights(weights))
+    if sparsity is not None:
+        cfg = PruneConfig(kind="unstructured", sparsity=sparsity, seed=seed)
+        calib = None
+    else:
+        cfg = PruneConfig(kind="channels", ratio=ratio, distill_epochs=epochs, seed=seed)
+        calib = CalibrationSet.load(calib_dir, keep_raw=True)
+    pm, rep = prune(model, cfg, calib)
+    save_checkpoint(pm, out, compression=json.dumps(
+        {k: v for k, v in rep.items() if k not in ("layers",)}, default=str))
+    keys = ("global_sparsity", "flops_reduction", "val_accuracy_original",
+            "val_accuracy_pruned", "val_accuracy_distilled")
+    for k in keys:
+        if k in rep:
+            click.echo(f"{k:<24} {rep[k]:.4f}")
+    click.echo(f"wrote {out}")
+
+
+COMMANDS = (report_cmd, compress_cmd)

@@ -1,0 +1,290 @@
+"""``lprnet-edge tune`` (fill the tuning database) and ``lprnet-edge bench`` (time an artifact).
+
+The commands are thin: the work is in :func:`tune_model`, :func:`bench_local` and
+:func:`bench_rpc` (another way to reach a device, e.g. over SSH, is one more ``bench_*``
+function and one more option).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from lprnet_edge.cli.device import ssh_options_optional
+from lprnet_edge.runtime.errors import ArtifactError, LprnetEdgeError
+
+rpc_option = click.option("--rpc", metavar="HOST:PORT", is_flag=False, flag_value="tunnel",
+                          help="TVM RPC server of the device (python -m tvm.exec.rpc_server). "
+                               "With --host: no value, a server is started on the device and "
+                               "reached through an SSH tunnel.")
+rpc_tracker_option = click.option("--rpc-tracker", metavar="HOST:PORT",
+                                  help="TVM RPC tracker the device is registered with.")
+rpc_key_option = click.option("--rpc-key", metavar="KEY",
+                              help="Device key to request from --rpc-tracker.")
+
+
+# ---------------------------------------------------------------- library side
+
+
+def tune_model(target: str = "host", trials: int = 200, weights: str | None = None,
+               trials_per_task: int | None = None, rpc: str | None = None,
+               rpc_tracker: str | None = None, rpc_key: str | None = None,
+               tuning_db: str | None = None, tasks: tuple[str, ...] = (),
+               timeout: float = 60.0, log: Any = None, scheduler: str = "gradient",
+               trials_per_iter: int = 16, population_size: int | None = None
+               ) -> dict[str, Any]:
+    """Import the model as ``lprnet-edge build`` does and tune it into the database."""
+    from lprnet_edge.compiler.build import to_relax
+    from lprnet_edge.compiler.target import load_target
+    from lprnet_edge.compiler.tune import tune
+    from lprnet_edge.compress.configs import TuneConfig
+    from lprnet_edge.model.checkpoint import load_model
+    from lprnet_edge.model.weights import resolve_weights
+
+    if rpc and rpc_tracker:
+        raise click.UsageError("give either --rpc or --rpc-tracker, not both")
+    spec = load_target(target)
+    if not (rpc or rpc_tracker) and not spec.is_native:
+        raise LprnetEdgeError(
+            f"target {spec.name} ({spec.arch}) cannot be measured on this {os.uname().machine} "
+            "machine: pass --rpc HOST:PORT or --rpc-tracker HOST:PORT --rpc-key KEY of a device")
+    cfg = TuneConfig(trials=trials, trials_per_task=trials_per_task, rpc=rpc,
+                     rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout_s=timeout,
+                     db_dir=tuning_db, num_trials_per_iter=trials_per_iter)
+    model = load_model(resolve_weights(weights))
+    mod, _params = to_relax(model)
+    search = None
+    if population_size:
+        search = {"population_size": population_size,
+                  "init_min_unmeasured": min(50, max(8, population_size // 4))}
+    _db, summary = tune(mod, spec, cfg, log=log, tasks=list(tasks) or None,
+                        scheduler=scheduler, search=search)
+    summary["target"] = spec.name
+    return summary
+
+
+def _artifact_inputs(artifact: str | Path) -> tuple[dict[str, Any], Path, list[np.ndarray]]:
+    """(manifest, model.so path, params in call order) of a TVM artifact."""
+    from lprnet_edge.runtime.artifact import verify
+    from lprnet_edge.runtime.params_codec import load_params
+
+    root = Path(artifact)
+    m = verify(root, check_arch=False)
+    if m.get("backend") != "tvm":
+        raise ArtifactError(f"{root}: a {m.get('backend')!r} artifact; TVM timing needs a "
+                            "TVM artifact (lprnet-edge build)")
+    rt = m.get("runtime", {})
+    params: list[np.ndarray] = []
+    if rt.get("params"):
+        arrays = load_params(root / rt["params"])
+        params = [arrays[k] for k in rt["param_order"]]
+    return m, root / m.get("model_file", "model.so"), params
+
+
+def _example_input(manifest: dict[str, Any]) -> np.ndarray:
+    """A preprocessed synthetic plate (the Recognizer's own benchmark image)."""
+    from lprnet_edge.runtime.preprocess import Preprocess
+    from lprnet_edge.runtime.recognizer import _synthetic_plate
+
+    pre = Preprocess.from_dict(manifest["preprocess"])
+    return np.ascontiguousarray(pre(_synthetic_plate(pre)), dtype=np.float32)
+
+
+def bench_local(artifact: str | Path, runs: int = 200, warmup: int = 20,
+                threads: int | None = None) -> dict[str, Any]:
+    """Time an artifact here: Recognizer end to end, model only, and TVM's time_evaluator."""
+    from lprnet_edge.runtime.recognizer import Recognizer
+
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    rec = Recognizer.from_artifact(artifact, num_threads=threads)
+    res: dict[str, Any] = {"artifact": str(artifact), "where": "local",
+                           "backend": rec.backend_name, "threads": threads}
+    res["end_to_end"] = rec.benchmark(runs=runs, warmup=warmup, include_preprocess=True)
+    res["model_only"] = rec.benchmark(runs=runs, warmup=warmup, include_preprocess=False)
+    if rec.backend_name == "tvm":
+        res["time_evaluator"] = time_evaluator_local(artifact, runs, warmup)
+    return res
+
+
+def time_evaluator_local(artifact: str | Path, runs: int = 200, warmup: int = 20
+                         ) -> dict[str, Any]:
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from lprnet_edge.runtime.timing import summarize
+
+    m, lib_path, params = _artifact_inputs(artifact)
+    dev = tvm.cpu(0)
+    vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), dev)
+    entry = m.get("runtime", {}).get("entry", "main")
+    args = [tvm.runtime.tensor(_example_input(m), dev)]
+    args += [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in params]
+    vm.set_input(entry, *args)
+    if warmup:
+        vm.time_evaluator("invoke_stateful", dev, number=1, repeat=warmup)(entry)
+    r = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=runs)(entry)
+    return summarize([s * 1e3 for s in r.results])
+
+
+def bench_rpc(artifact: str | Path, rpc: str | None = None, rpc_tracker: str | None = None,
+              rpc_key: str | None = None, runs: int = 200, warmup: int = 20,
+              timeout: float = 30.0) -> dict[str, Any]:
+    """Upload the artifact's ``model.so`` to an RPC device, send its params, time ``main``.
+
+    The device side needs only the TVM runtime (``tvm.runtime.vm.VirtualMachine``). Threads
+    on the device: start its server with ``TVM_NUM_THREADS=N``.
+    """
+    from lprnet_edge.compiler.rpc import connect, time_module
+
+    m, lib_path, params = _artifact_inputs(artifact)
+    session = connect(rpc, rpc_tracker, rpc_key, timeout=timeout)
+    x = _example_input(m)
+    out = time_module(session, lib_path, params, x, runs=runs, warmup=warmup,
+                      entry=m.get("runtime", {}).get("entry", "main"))
+    return {"artifact": str(artifact), "where": rpc or f"{rpc_tracker} key {rpc_key}",
+            "target": m["target"].get("name"), "time_evaluator": out["stats"],
+            "output_shape": list(out["output"].shape)}
+
+
+# ---------------------------------------------------------------- commands
+
+
+
+@click.command("tune")
+@click.option("--target", default="host", show_default=True,
+              help="Target name (lprnet-edge targets) or a .toml path.")
+@click.option("--trials", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Total measured candidates wanted (records already in the database count).")
+@click.option("--trials-per-task", type=click.IntRange(min=1),
+              help="Cap per task (tasks that have this many records are skipped).")
+@rpc_option
+@rpc_tracker_option
+@rpc_key_option
+@click.option("--tuning-db", type=click.Path(file_okay=False),
+              help="Database directory (default: the cache, keyed by target and model).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="PyTorch weights (default: $LPRNET_EDGE_WEIGHTS, $LPRNET_EDGE_DATA, cache).")
+@click.option("--task", "tasks", multiple=True, metavar="SUBSTRING",
+              help="Only tune tasks whose name contains SUBSTRING (repeatable), e.g. conv2d.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds allowed to build or run one candidate (and to reach the device).")
+@click.option("--scheduler", type=click.Choice(["gradient", "round-robin"]),
+              default="gradient", show_default=True,
+              help="Task scheduler (round-robin saves every batch as soon as it is measured).")
+@click.option("--trials-per-iter", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Candidates measured per batch.")
+@click.option("--population-size", type=click.IntRange(min=8),
+              help="Evolutionary search population (MetaSchedule's default: 512). Smaller "
+                   "searches faster per batch and finds worse schedules.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def tune_cmd(target: str, trials: int, trials_per_task: int | None, rpc: str | None,
+             rpc_tracker: str | None, rpc_key: str | None, tuning_db: str | None,
+             weights: str | None, tasks: tuple[str, ...], timeout: float, scheduler: str,
+             trials_per_iter: int, population_size: int | None, as_json: bool) -> None:
+    """Tune the model with MetaSchedule and fill the tuning database (build reuses it).
+
+    Records are saved as they are measured: after Ctrl-C or a crash the same command resumes.
+    Running it again with the same --trials measures nothing.
+
+    \b
+    Examples:
+      lprnet-edge tune --target host --trials 600
+      lprnet-edge tune --target rpi4 --trials 300 --rpc 192.168.1.20:9090
+      lprnet-edge tune --target rpi4 --rpc-tracker 127.0.0.1:9190 --rpc-key rpi4
+      lprnet-edge build --target host --tune --trials 600     # applies the records
+    """
+    from lprnet_edge.cli.common import echo_json, table
+
+    summary = tune_model(target, trials, weights, trials_per_task, rpc, rpc_tracker, rpc_key,
+                         tuning_db, tasks, timeout, scheduler=scheduler,
+                         trials_per_iter=trials_per_iter, population_size=population_size)
+    if as_json:
+        echo_json(summary)
+        return
+    rows = [[t["task"], int(t["weight"]), t["records"],
+             "-" if t["best_ms"] is None else f"{t['best_ms']:.3f}"]
+            for t in summary.get("per_task", [])]
+    click.echo(table(rows, ["task", "weight", "records", "best ms"]))
+
+    def ms(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f} ms"
+
+    click.echo(f"\ntasks tuned        {summary['tasks_tuned']}/{summary['tasks']}"
+               + ("  (skipped: enough records)" if summary.get("skipped") else ""))
+    click.echo(f"new trials         {summary['trials_new']} "
+               f"({summary['records_total']} records for this model)")
+    click.echo(f"tuning time        {summary['tune_s']:.0f} s")
+    click.echo(f"est. latency       {ms(summary['est_ms_before'])} -> "
+               f"{ms(summary['est_ms_after'])} (sum of the tuned kernels)")
+    click.echo(f"database           {summary['db_dir']}")
+
+
+@click.command("bench")
+@click.option("--artifact", type=click.Path(exists=True, file_okay=False),
+              help="Artifact directory built by `lprnet-edge build` (with --host: optional, "
+                   "checked against the deployed one).")
+@rpc_option
+@rpc_tracker_option
+@rpc_key_option
+@click.option("--runs", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Runtime threads (local; for RPC start the server with TVM_NUM_THREADS).")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds allowed to reach the RPC device (its server starts a process "
+                   "per session).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@ssh_options_optional
+def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rpc_key: str | None,
+              runs: int, warmup: int, threads: int | None, timeout: float,
+              as_json: bool, **ssh: Any) -> None:
+    """Latency of an artifact at batch 1: here, or on a device through TVM RPC.
+
+    Locally: the Recognizer with and without pre/post-processing, and TVM's time_evaluator
+    on the module. Over RPC: model.so is uploaded, its params sent, and time_evaluator runs
+    on the device.
+
+    \b
+    Examples:
+      lprnet-edge bench --artifact build/lprnet-host --threads 1
+      lprnet-edge bench --artifact build/lprnet-rpi4 --rpc 192.168.1.20:9090 --runs 500
+      lprnet-edge bench --host pi@raspberrypi.local      # the deployed model, over SSH
+    """
+    from lprnet_edge.cli.common import echo_json, format_latency
+
+    if ssh.get("host"):  # on a device over SSH (lprnet_edge.cli.device)
+        from lprnet_edge.cli.device import bench_over_ssh, print_bench
+
+        if rpc not in (None, "tunnel") or rpc_tracker:
+            raise click.UsageError("with --host, give --rpc without an address (the server is "
+                                   "started on the device and reached through SSH)")
+        print_bench(bench_over_ssh(ssh, rpc=bool(rpc), artifact=artifact, runs=runs,
+                                   warmup=warmup, threads=threads), as_json)
+        return
+    if not artifact:
+        raise click.UsageError("give --artifact (or --host to time the model deployed there)")
+    if rpc and rpc_tracker:
+        raise click.UsageError("give either --rpc or --rpc-tracker, not both")
+    if rpc_key and not rpc_tracker:
+        raise click.UsageError("--rpc-key goes with --rpc-tracker")
+    if rpc or rpc_tracker:
+        res = bench_rpc(artifact, rpc, rpc_tracker, rpc_key, runs, warmup, timeout)
+    else:
+        res = bench_local(artifact, runs, warmup, threads)
+    if as_json:
+        echo_json(res)
+        return
+    click.echo(f"artifact  {res['artifact']}  ({res['where']})")
+    for key, label in (("end_to_end", "Recognizer, with pre/post-processing"),
+                       ("model_only", "Recognizer, model only"),
+                       ("time_evaluator", "TVM time_evaluator (module)")):
+        if key in res:
+            click.echo(f"\n{label}:\n{format_latency(res[key])}")
+
+
+COMMANDS = (tune_cmd, bench_cmd)

@@ -1,0 +1,496 @@
+"""Post-training quantization of LPRNet, calibrated on ``calib/`` (host side, torch).
+
+Three modes (:class:`lprnet_edge.compress.configs.QuantizeConfig`):
+
+``fp16``
+    Weights stored in half precision (``fp16`` / ``sparse-fp16`` in ``params.npz``), decoded to
+    float32 at load: 2x smaller weights, float32 compute.
+``int8-weights``
+    Weight-only int8: every conv weight (except ``fallback_layers``) stored as per-output-channel
+    symmetric int8 + float32 scales (the ``int8`` encoding of :mod:`params_codec`), decoded to
+    float32 at load. 4x smaller conv weights, float32 compute. :func:`quantize` returns a
+    float model whose weights are *exactly* what the artifact decodes, so its accuracy is
+    the artifact's.
+``int8``
+    Simulated (fake-quant) int8 inference: per-channel symmetric int8 weights and per-tensor
+    symmetric int8 activations at every conv input, scales from a calibrator (``minmax``,
+    ``percentile``, ``entropy`` (KL), ``mse``). The returned model computes exactly what an
+    integer conv ``int8 x int8 -> int32`` followed by ``* (s_act * s_w[c]) + bias`` computes,
+    which is what :func:`relax_int8_rewrite` emits for TVM.
+
+Layers that hurt accuracy when quantized are found by :func:`sensitivity_scan` (one layer at a
+time, agreement and accuracy on a calibration validation split) and kept in float32 with
+``fallback_layers``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lprnet_edge.compress.configs import QuantizeConfig
+from lprnet_edge.runtime.errors import LprnetEdgeError
+from lprnet_edge.runtime.params_codec import decode, encode
+
+QMAX = 127
+TINY = 1e-30  # weights below this are flushed to zero before int8 encoding
+
+
+# ---------------------------------------------------------------- quantizers
+
+
+def weight_scales(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """Symmetric int8 scales, ``amax / 127`` (1 for an all-zero channel), like params_codec."""
+    if per_channel:
+        amax = w.detach().abs().flatten(1).max(1).values.view(-1, *([1] * (w.dim() - 1)))
+    else:
+        amax = w.detach().abs().max().view(*([1] * w.dim()))
+    # A channel with amax ~0 (dead, or denormal weights whose amax / 127 underflows) gets
+    # scale 1: its weights quantize to 0.
+    return torch.where(amax > TINY, amax / QMAX, torch.ones_like(amax))
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric int8 quantize-dequantize (round half to even, clip to [-127, 127])."""
+    return torch.clamp(torch.round(x / scale), -QMAX, QMAX) * scale
+
+
+def quantize_tensor(x: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
+    return np.clip(np.round(x / scale), -QMAX, QMAX).astype(np.int8)
+
+
+def int8_weight_roundtrip(w: torch.Tensor) -> torch.Tensor:
+    """The float32 weight that the ``int8`` params encoding decodes to (bit-exact)."""
+    a = w.detach().cpu().numpy().astype(np.float32)
+    a = np.where(np.abs(a) < TINY, np.float32(0), a)  # denormals: amax / 127 would underflow
+    files = encode("w", a, "int8")
+    return torch.from_numpy(decode(files, "w", "int8"))
+
+
+# ---------------------------------------------------------------- calibrators
+
+
+class Histogram:
+    """Histogram of ``|x|`` over [0, amax] (two passes: the max first, then the counts)."""
+
+    def __init__(self, amax: float, bins: int = 2048) -> None:
+        self.amax = max(float(amax), 1e-12)
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        h = torch.histc(x.detach().abs().float(), bins=self.bins, min=0.0, max=self.amax)
+        self.counts += h.numpy().astype(np.float64)
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(0.0, self.amax, self.bins + 1)
+
+
+def threshold_percentile(h: Histogram, pct: float) -> float:
+    c = np.cumsum(h.counts)
+    if c[-1] <= 0:
+        return h.amax
+    i = int(np.searchsorted(c, c[-1] * pct / 100.0))
+    return float(h.edges[min(i + 1, h.bins)])
+
+
+def threshold_mse(h: Histogram, candidates: int = 128) -> float:
+    """Clip threshold minimising the expected squared error (clipping + rounding noise)."""
+    centers = (h.edges[:-1] + h.edges[1:]) / 2
+    best, best_t = np.inf, h.amax
+    for t in np.linspace(h.amax / candidates, h.amax, candidates):
+        step = t / QMAX
+        clip = np.maximum(centers - t, 0.0) ** 2
+        err = np.sum(h.counts * np.where(centers > t, clip, step * step / 12.0))
+        if err < best:
+            best, best_t = err, float(t)
+    return best_t
+
+
+def threshold_entropy(h: Histogram, levels: int = QMAX + 1, stride: int = 16) -> float:
+    """TensorRT-style KL-divergence calibration on the ``|x|`` histogram."""
+    p_full = h.counts.copy()
+    # Post-ReLU maps are mostly exact zeros: that spike (bin 0) is represented exactly at any
+    # threshold and would otherwise dominate the divergence (every threshold looks alike).
+    p_full[0] = 0.0
+    if p_full.sum() <= 0:
+        return h.amax
+    best, best_i = np.inf, h.bins
+    for i in range(levels, h.bins + 1, stride):
+        p = p_full[:i].copy()
+        p[i - 1] += p_full[i:].sum()  # clipped mass goes to the last bin
+        # Quantize the first i bins into `levels` buckets, expand back uniformly over non-zeros.
+        idx = (np.arange(i) * levels) // i
+        nz = (p_full[:i] > 0).astype(np.float64)
+        q_sum = np.bincount(idx, weights=p_full[:i], minlength=levels)
+        q_cnt = np.bincount(idx, weights=nz, minlength=levels)
+        q = np.where(nz > 0, (q_sum / np.maximum(q_cnt, 1))[idx], 0.0)
+        ps, qs = p / p.sum(), q / max(q.sum(), 1e-12)
+        mask = ps > 0
+        kl = float(np.sum(ps[mask] * np.log(ps[mask] / np.maximum(qs[mask], 1e-12))))
+        if kl < best:
+            best, best_i = kl, i
+    return float(h.edges[best_i])
+
+
+# ---------------------------------------------------------------- fake-quant model
+
+
+class QuantConv2d(nn.Module):
+    """A Conv2d with int8 fake-quantized input activations and weights.
+
+    ``act_scale``: per-tensor symmetric scale of the input; ``weight_scale``: per output channel.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act_scale: float, per_channel: bool = True,
+                 quant_act: bool = True, quant_weight: bool = True) -> None:
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("act_scale", torch.tensor(float(act_scale)))
+        self.register_buffer("weight_scale", weight_scales(conv.weight, per_channel))
+        self.quant_act = quant_act
+        self.quant_weight = quant_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if not (self.quant_act and self.quant_weight):
+            if self.quant_act:
+                x = fake_quant(x, self.act_scale)
+            w = fake_quant(c.weight, self.weight_scale) if self.quant_weight else c.weight
+            return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        # Integer form: conv of the int8 codes (exact integers in float32), then one rescale.
+        # Same value as conv(fq(x), fq(w)); written so that the exported graph is
+        # conv2d(clip(round(x / s)), clip(round(w / s_w))), which relax_int8_rewrite turns
+        # into an int8 x int8 -> int32 conv.
+        xq = torch.clamp(torch.round(x / self.act_scale), -QMAX, QMAX)
+        wq = torch.clamp(torch.round(c.weight / self.weight_scale), -QMAX, QMAX)
+        acc = F.conv2d(xq, wq, None, c.stride, c.padding, c.dilation, c.groups)
+        y = acc * (self.act_scale * self.weight_scale.view(1, -1, 1, 1))
+        return y + c.bias.view(1, -1, 1, 1) if c.bias is not None else y
+
+
+def conv_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _calib_x(calib: Any, n: int) -> torch.Tensor:
+    x = calib.x if hasattr(calib, "x") else np.asarray(calib)
+    return torch.from_numpy(np.ascontiguousarray(x[:n]))
+
+
+def calibrate(model: nn.Module, calib: Any, cfg: QuantizeConfig, batch: int = 64
+              ) -> dict[str, dict[str, float]]:
+    """Per-conv input activation thresholds (|x| clip) with ``cfg.calibrator``."""
+    from lprnet_edge.model.calib import forward_per_sample
+
+    x = _calib_x(calib, cfg.calib_images)
+    names = conv_names(model)
+    mods = dict(model.named_modules())
+    amax = dict.fromkeys(names, 0.0)
+    hists: dict[str, Histogram] = {}
+
+    def run(fn) -> None:  # noqa: ANN001
+        hooks = [mods[n].register_forward_pre_hook(fn(n)) for n in names]
+        try:
+            with torch.no_grad():
+                for i in range(0, len(x), batch):
+                    forward_per_sample(model, x[i:i + batch])
+        finally:
+            for hk in hooks:
+                hk.remove()
+
+    def max_hook(n: str):  # noqa: ANN202
+        def f(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+            amax[n] = max(amax[n], float(inp[0].detach().abs().max()))
+        return f
+
+    def hist_hook(n: str):  # noqa: ANN202
+        def f(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+            hists[n].add(inp[0])
+        return f
+
+    model.eval()
+    run(max_hook)
+    out: dict[str, dict[str, float]] = {}
+    if cfg.calibrator == "minmax":
+        return {n: {"amax": amax[n], "threshold": amax[n]} for n in names}
+    for n in names:
+        hists[n] = Histogram(amax[n])
+    run(hist_hook)
+    for n in names:
+        h = hists[n]
+        if cfg.calibrator == "percentile":
+            t = threshold_percentile(h, cfg.percentile)
+        elif cfg.calibrator == "mse":
+            t = threshold_mse(h)
+        elif cfg.calibrator == "entropy":
+            t = threshold_entropy(h)
+        else:
+            raise LprnetEdgeError(f"unknown calibrator {cfg.calibrator!r}")
+        out[n] = {"amax": amax[n], "threshold": max(t, 1e-8)}
+    return out
+
+
+def fake_quant_model(model: nn.Module, thresholds: dict[str, dict[str, float]],
+                     cfg: QuantizeConfig, layers: list[str] | None = None) -> nn.Module:
+    """A copy with the convs in ``layers`` (default: all but ``cfg.fallback_layers``) wrapped
+    in :class:`QuantConv2d`."""
+    out = copy.deepcopy(model).eval()
+    todo = layers if layers is not None else [n for n in conv_names(model)
+                                             if n not in set(cfg.fallback_layers)]
+    for n in todo:
+        conv = out.get_submodule(n)
+        _set_module(out, n, QuantConv2d(conv, thresholds[n]["threshold"] / QMAX,
+                                        cfg.per_channel))
+    return out
+
+
+def weight_only_model(model: nn.Module, cfg: QuantizeConfig) -> nn.Module:
+    """A float copy whose conv weights went through the artifact's storage encoding."""
+    out = copy.deepcopy(model).eval()
+    skip = set(cfg.fallback_layers)
+    with torch.no_grad():
+        for n in conv_names(out):
+            if n in skip:
+                continue
+            conv = out.get_submodule(n)
+            if cfg.mode == "fp16":
+                conv.weight.copy_(conv.weight.half().float())
+            elif cfg.per_channel:
+                conv.weight.copy_(int8_weight_roundtrip(conv.weight))
+            else:
+                conv.weight.copy_(fake_quant(conv.weight, weight_scales(conv.weight, False)))
+        if cfg.mode == "fp16":
+            for p in out.parameters():
+                p.copy_(p.half().float())
+    return out
+
+
+# ---------------------------------------------------------------- sensitivity
+
+
+def sensitivity_scan(model: nn.Module, calib: Any, val: Any, cfg: QuantizeConfig | None = None,
+                     thresholds: dict[str, dict[str, float]] | None = None,
+                     progress: Any = None) -> list[dict[str, Any]]:
+    """Quantize one conv at a time (weights + input activations); measure on ``val`` the
+    agreement with the float model (same plate text) and the accuracy drop. Most sensitive
+    first."""
+    from lprnet_edge.model.calib import accuracy, decode_batch, predict_logits
+
+    cfg = cfg or QuantizeConfig()
+    thresholds = thresholds or calibrate(model, calib, cfg)
+    ref = decode_batch(predict_logits(model, val.x))
+    base = float(np.mean([p == t for p, t in zip(ref, val.labels, strict=True)]))
+    rows = []
+    for n in conv_names(model):
+        qm = fake_quant_model(model, thresholds, cfg, layers=[n])
+        pred = decode_batch(predict_logits(qm, val.x))
+        agree = float(np.mean([p == r for p, r in zip(pred, ref, strict=True)]))
+        acc = float(np.mean([p == t for p, t in zip(pred, val.labels, strict=True)]))
+        rows.append({"layer": n, "agreement": agree, "accuracy": acc, "drop": base - acc})
+        if progress:
+            progress(rows[-1])
+    del accuracy
+    return sorted(rows, key=lambda r: (r["agreement"], -r["drop"]))
+
+
+def choose_fallback(scan: list[dict[str, Any]], max_layers: int = 2,
+                    min_agreement: float = 0.995) -> tuple[str, ...]:
+    """The layers (at most ``max_layers``, most sensitive first) below ``min_agreement``."""
+    return tuple(r["layer"] for r in scan if r["agreement"] < min_agreement)[:max_layers]
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """BatchNorm folded into the convs (the compile pipeline's own folding), so the weights
+    that are quantized are the ones the artifact stores."""
+    from lprnet_edge.compiler.build import fold_batchnorm
+
+    return fold_batchnorm(model)
+
+
+def attach_int8_relax(qm: nn.Module) -> nn.Module:
+    """Give a fake-quant model the ``to_relax`` hook of the build pipeline: it then compiles
+    with real int8 convolutions (:func:`int8_to_relax`)."""
+    qm.__dict__["to_relax"] = _ToRelax(qm)
+    qm.verify_tolerance = 1e-2  # float32 summation order differs from int32 accumulation
+    return qm
+
+
+HEAD_LAYERS = ("container.0",)
+
+
+def quantize(model: nn.Module, cfg: QuantizeConfig, calib: Any = None,
+             val: Any = None, real_int8: bool = True, head_fp32: bool = True
+             ) -> tuple[nn.Module, dict[str, Any]]:
+    """Quantize a BatchNorm-folded copy of ``model``; returns ``(model, report)``.
+
+    ``fp16`` / ``int8-weights``: a float model with exactly the weights the artifact decodes;
+    ``int8``: the fake-quant simulation (needs ``calib``; exported as is it runs as float with
+    int8 rounding; :func:`relax_int8_rewrite` turns its convs into real int8 convs). The
+    returned module carries ``param_encodings`` (state-dict names) for the build pipeline,
+    and in ``int8`` mode (``real_int8``) a ``to_relax`` hook that compiles real int8 convs.
+    ``report`` holds the activation thresholds / scales and, with ``val``, the accuracy and
+    agreement on it. With ``head_fp32`` and no ``fallback_layers`` given, ``int8`` keeps the
+    head's container conv in float32 (``report["config"]`` has the layers actually used).
+    """
+    from dataclasses import replace
+
+    from lprnet_edge.compress.prune import params_encodings, stored_size
+
+    if head_fp32 and cfg.mode == "int8" and not cfg.fallback_layers:
+        # The head (normalised concat -> container conv) is by far the most sensitive layer.
+        cfg = replace(cfg, fallback_layers=HEAD_LAYERS)
+    folded = fold_bn(model)
+    rep: dict[str, Any] = {"config": cfg.to_dict(), "bn_folded": True}
+    if cfg.mode in ("fp16", "int8-weights"):
+        qm = weight_only_model(folded, cfg)
+        stored = qm
+    else:
+        if calib is None:
+            raise LprnetEdgeError("int8 activation quantization needs calibration data (calib/)")
+        th = calibrate(folded, calib, cfg)
+        qm = fake_quant_model(folded, th, cfg)
+        stored = folded
+        rep["thresholds"] = th
+        rep["act_scales"] = {n: v["threshold"] / QMAX for n, v in th.items()
+                             if n not in set(cfg.fallback_layers)}
+    enc = params_encodings(qm, cfg)
+    rep["encodings"] = params_encodings(stored, cfg)
+    rep["stored_bytes"] = stored_size(stored, rep["encodings"])
+    qm.param_encodings = enc  # read by lprnet_edge.pipeline.build (names of qm's state dict)
+    if cfg.mode == "int8" and real_int8:
+        attach_int8_relax(qm)
+    if val is not None:
+        from lprnet_edge.model.calib import accuracy, agreement
+
+        rep["val_accuracy"] = accuracy(qm, val)
+        rep["val_agreement"] = agreement(qm, model, val)
+    return qm, rep
+
+
+def strip_fake_quant(model: nn.Module) -> nn.Module:
+    """A plain float model (QuantConv2d -> Conv2d with int8-rounded weights), e.g. to export
+    the weight-rounding part of an int8 model."""
+    out = copy.deepcopy(model)
+    for n, m in list(out.named_modules()):
+        if isinstance(m, QuantConv2d):
+            conv = m.conv
+            with torch.no_grad():
+                conv.weight.copy_(fake_quant(conv.weight, m.weight_scale))
+            _set_module(out, n, conv)
+    return out
+
+
+# ---------------------------------------------------------------- TVM: real int8 convolutions
+
+
+def relax_int8_rewrite(mod: Any) -> tuple[Any, int]:
+    """Rewrite ``R.nn.conv2d(clip(round(a)), clip(round(b)))`` (float tensors holding int8
+    codes, as exported from :class:`QuantConv2d`) into
+    ``astype(R.nn.conv2d(astype(., int8), astype(., int8), out_dtype="int32"), float32)``.
+
+    The codes are exact integers in [-127, 127], so the casts are exact and the int32
+    accumulation equals the float one (up to float32 rounding of large sums). Returns the new
+    module and the number of convolutions rewritten. TVM 0.27 has no quantization pass; this
+    is what makes the convolutions execute in int8.
+    """
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    count = [0]
+
+    @mutator
+    class _Int8Conv(PyExprMutator):
+        def _is_code(self, e: Any) -> bool:
+            if isinstance(e, relax.Var):
+                b = self.lookup_binding(e)
+                if b is not None:
+                    e = b
+            return (isinstance(e, relax.Call) and isinstance(e.op, tvm_op_type())
+                    and e.op.name == "relax.clip" and _clip_is_int8(e))
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm_op_type()) and call.op.name == "relax.nn.conv2d"):
+                return call
+            data, weight = call.args
+            if not (self._is_code(data) and self._is_code(weight)):
+                return call
+            a = call.attrs
+            count[0] += 1
+            conv = relax.op.nn.conv2d(
+                relax.op.astype(data, "int8"), relax.op.astype(weight, "int8"),
+                strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
+                data_layout=a.data_layout, kernel_layout=a.kernel_layout,
+                out_layout=a.out_layout, out_dtype="int32")
+            return relax.op.astype(conv, "float32")
+
+    out = tvm_ir_module_copy(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            out[gv] = _Int8Conv().visit_expr(func)
+    return relax.transform.CanonicalizeBindings()(out), count[0]
+
+
+def tvm_op_type() -> Any:
+    import tvm
+
+    return tvm.ir.Op
+
+
+def tvm_ir_module_copy(mod: Any) -> Any:
+    import tvm
+
+    return tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+
+
+def _clip_is_int8(call: Any) -> bool:
+    try:
+        lo, hi = (float(v.value) for v in call.args[1:3])
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return lo >= -128 and hi <= 127
+
+
+def int8_to_relax(qmodel: nn.Module, frontend: str = "torch.export") -> tuple[Any, dict]:
+    """Import a fake-quant model (from :func:`quantize`, mode ``int8``) and make its quantized
+    convolutions real int8 ones: the hook the build pipeline calls as ``model.to_relax``."""
+    from lprnet_edge.compiler.build import to_relax
+
+    plain = copy.deepcopy(qmodel)
+    plain.__dict__.pop("to_relax", None)  # import the torch module itself, not this hook
+    mod, params = to_relax(plain, frontend)
+    mod, n = relax_int8_rewrite(mod)
+    n_quant = sum(isinstance(m, QuantConv2d) for m in qmodel.modules())
+    if n != n_quant:
+        raise LprnetEdgeError(f"int8 rewrite matched {n} of {n_quant} quantized convolutions "
+                              f"(frontend {frontend!r}); use the torch.export frontend")
+    return mod, params
+
+
+class _ToRelax:
+    """``model.to_relax(frontend=...)`` bound to a fake-quant model (picklable, copyable)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, frontend: str = "torch.export") -> tuple[Any, dict]:
+        return int8_to_relax(self.model, frontend)
+
+    def __deepcopy__(self, memo: dict) -> _ToRelax:
+        # Bound to the copy of the model being made (deepcopy registers it in memo first).
+        return _ToRelax(memo.get(id(self.model), self.model))

@@ -1,0 +1,175 @@
+"""The compile stage: BatchNorm folding, Relax import, host and cross builds (ELF checks)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import randomize_batchnorm  # noqa: E402
+
+from lprnet_edge.compiler.target import load_target  # noqa: E402
+from lprnet_edge.runtime.artifact import machine_arch  # noqa: E402
+
+# ELF e_machine values (bytes 18-19, little endian).
+EM_ARM, EM_X86_64, EM_AARCH64 = 40, 62, 183
+
+
+def elf_machine(path: Path) -> tuple[int, int]:
+    """(EI_CLASS: 1 = 32-bit, 2 = 64-bit, e_machine) of an ELF file."""
+    head = Path(path).read_bytes()[:20]
+    assert head[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return head[4], int.from_bytes(head[18:20], "little")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from lprnet_edge.model.lprnet import LPRNet
+
+    torch.manual_seed(0)
+    m = LPRNet(class_num=68)
+    randomize_batchnorm(m)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def x() -> np.ndarray:
+    return np.random.default_rng(0).uniform(-1, 1, size=(1, 3, 24, 94)).astype(np.float32)
+
+
+def _ref(model, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def test_fold_batchnorm_is_exact_and_keeps_zeros(tiny, x):
+    from torch import nn
+
+    from lprnet_edge.compiler.build import fold_batchnorm
+
+    folded = fold_batchnorm(tiny)  # a copy: the original keeps its BatchNorms
+    assert any(isinstance(m, nn.BatchNorm2d) for m in tiny.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    np.testing.assert_allclose(_ref(folded, x), _ref(tiny, x), atol=1e-4, rtol=1e-4)
+
+    sparse = copy.deepcopy(tiny)
+    with torch.no_grad():
+        w = sparse.backbone[0].weight
+        w[w.abs() < w.abs().median()] = 0
+    folded = fold_batchnorm(sparse)
+    assert torch.equal(folded.backbone[0].weight == 0, sparse.backbone[0].weight == 0)
+
+
+@pytest.fixture(scope="module")
+def relax_tiny(tiny):
+    pytest.importorskip("tvm")
+    from lprnet_edge.compiler.build import to_relax
+
+    return to_relax(tiny, "torch.export")
+
+
+@pytest.mark.slow
+def test_to_relax_lifts_every_weight(relax_tiny):
+    mod, params = relax_tiny
+    names = [v.name for v in mod["main"].params]
+    assert names[0] == "x"
+    assert names[1:] == list(params)
+    # 16 convolutions (BatchNorm folded into them), weight + bias each.
+    assert len(params) == 32
+    assert all(a.dtype == np.float32 for a in params.values())
+    x_ty = mod["main"].params[0].ty
+    assert [int(s) for s in x_ty.shape] == [1, 3, 24, 94] and x_ty.dtype == "float32"
+    assert "batch_norm" not in mod.script()
+
+
+@pytest.mark.slow
+def test_prepare_for_tuning_fuses_deterministically(relax_tiny):
+    from lprnet_edge.compiler.build import prepare_for_tuning
+
+    mod, _ = relax_tiny
+    host = load_target("host")
+    a = prepare_for_tuning(mod, host)
+    b = prepare_for_tuning(mod, host)
+    import tvm_ffi
+
+    assert tvm_ffi.structural_equal(a, b)
+    fused = [gv.name_hint for gv, f in a.functions_items() if gv.name_hint.startswith("fused_")]
+    assert fused, "FuseOps/FuseTIR did not produce fused functions"
+
+
+@pytest.fixture(scope="module")
+def host_lib(relax_tiny, tmp_path_factory) -> Path:
+    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.toolchain import find_compiler
+
+    mod, _ = relax_tiny
+    host = load_target("host")
+    out = tmp_path_factory.mktemp("host") / "model.so"
+    info = build(mod, host, out, find_compiler(host))
+    assert info["tuned"] is False and info["compile_s"] > 0
+    return out
+
+
+@pytest.mark.slow
+def test_host_build_matches_pytorch(host_lib, relax_tiny, tiny, x):
+    from lprnet_edge.compiler.build import HostModule, run_host
+
+    _, params = relax_tiny
+    assert elf_machine(host_lib)[1] == {"x86_64": EM_X86_64, "aarch64": EM_AARCH64,
+                                        "armv7": EM_ARM}[machine_arch()]
+    out = run_host(host_lib, x, params)
+    assert out.shape == (1, 68, 18)
+    np.testing.assert_allclose(out, _ref(tiny, x), atol=1e-3, rtol=0)
+    m = HostModule(host_lib, list(params.values()))
+    x2 = -x
+    np.testing.assert_allclose(m(x2), _ref(tiny, x2), atol=1e-3, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, exe, cls, machine", [
+    ("rpi4", "aarch64-linux-gnu-g++", 2, EM_AARCH64),
+    ("rpi-armv7", "arm-linux-gnueabihf-g++", 1, EM_ARM),
+])
+def test_cross_build_produces_device_elf(relax_tiny, tmp_path, target, exe, cls, machine):
+    if shutil.which(exe) is None:
+        pytest.skip(f"{exe} not installed (cross_compile/install-debian.sh)")
+    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.toolchain import find_compiler
+
+    mod, _ = relax_tiny
+    spec = load_target(target)
+    out = tmp_path / "model.so"
+    info = build(mod, spec, out, find_compiler(spec))
+    assert Path(info["compiler"]).name == exe
+    assert elf_machine(out) == (cls, machine)
+    if target == "rpi-armv7":
+        # e_flags: EABI version 5 + hard-float ABI (0x400), what armhf boards need.
+        flags = int.from_bytes(out.read_bytes()[36:40], "little")
+        assert flags & 0x400 and flags >> 24 == 5
+
+
+@pytest.mark.slow
+def test_onnx_frontend_matches_pytorch(tiny, x, tmp_path):
+    pytest.importorskip("onnx")
+    from lprnet_edge.compiler.build import build, run_host, to_relax
+    from lprnet_edge.compiler.toolchain import find_compiler
+
+    mod, params = to_relax(tiny, "onnx")
+    assert len(params) == 32
+    host = load_target("host")
+    build(mod, host, tmp_path / "m.so", find_compiler(host))
+    np.testing.assert_allclose(run_host(tmp_path / "m.so", x, params), _ref(tiny, x),
+                               atol=1e-3, rtol=0)
+
+
+def test_unknown_frontend():
+    from lprnet_edge.compiler.build import to_relax
+    from lprnet_edge.runtime.errors import LprnetEdgeError
+
+    with pytest.raises(LprnetEdgeError, match="frontend 'tflite'"):
+        to_relax(object(), "tflite")

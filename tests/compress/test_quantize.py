@@ -1,0 +1,166 @@
+"""Quantization: quantize/dequantize error bounds, calibrators, fake-quant = integer conv."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from lprnet_edge.compress.configs import QuantizeConfig  # noqa: E402
+from lprnet_edge.compress.quantize import (  # noqa: E402
+    QMAX,
+    Histogram,
+    QuantConv2d,
+    choose_fallback,
+    conv_names,
+    fake_quant,
+    int8_weight_roundtrip,
+    quantize,
+    sensitivity_scan,
+    threshold_entropy,
+    threshold_mse,
+    threshold_percentile,
+    weight_scales,
+)
+from lprnet_edge.model.calib import CalibrationSet  # noqa: E402
+from lprnet_edge.runtime.params_codec import decode, encode  # noqa: E402
+
+
+def _calib(n: int = 12, seed: int = 0) -> CalibrationSet:
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n, 3, 24, 94), dtype=np.float32) * 2 - 1).astype(np.float32)
+    return CalibrationSet(x, ["京A12345"] * n, [f"{i}.jpg" for i in range(n)])
+
+
+def test_fake_quant_error_bound():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10000, generator=g) * 3
+    s = 4.0 / QMAX
+    q = fake_quant(x, s)
+    inside = x.abs() <= QMAX * s
+    assert float((q - x)[inside].abs().max()) <= s / 2 + 1e-6
+    assert float(q.abs().max()) <= QMAX * s + 1e-6  # clipped
+    assert torch.equal(fake_quant(q, s), q)  # idempotent
+
+
+def test_weight_int8_roundtrip_per_channel_bound():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, generator=g) * torch.logspace(-3, 1, 16).view(-1, 1, 1, 1)
+    w[3] = 0  # an all-zero channel
+    w[5, 0, 0, 0] = 1e-40  # a denormal: must not produce NaN
+    r = int8_weight_roundtrip(w)
+    s = weight_scales(w)
+    assert torch.all((r - w).abs() <= s / 2 + 1e-12)
+    assert torch.all(r[3] == 0) and torch.isfinite(r).all()
+    # bit-exact with what the artifact's params file decodes
+    a = w.numpy().copy()
+    a[5, 0, 0, 0] = 0
+    np.testing.assert_array_equal(r.numpy(), decode(encode("w", a, "int8"), "w", "int8"))
+
+
+def test_calibrators_on_heavy_tailed_histogram():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200000, generator=g).abs()
+    x[:20] = 50.0  # rare outliers
+    h = Histogram(float(x.max()))
+    h.add(x)
+    p = threshold_percentile(h, 99.9)
+    m = threshold_mse(h)
+    e = threshold_entropy(h)
+    assert 2.5 < p < 5.0
+    assert 0 < e < 50.0 * 0.5  # KL clips the rare outliers
+    assert 0 < m <= 50.0  # MSE keeps them here (20 * 46^2 of clipping error is too much)
+    g2 = Histogram(float(x[20:].max()))
+    g2.add(x[20:])
+    assert threshold_mse(g2) < g2.amax  # on a plain half-normal it clips the tail
+    assert threshold_percentile(h, 100.0) == pytest.approx(50.0, rel=1e-3)
+
+
+def test_quant_conv_equals_integer_conv():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+    qc = QuantConv2d(conv, act_scale=0.02)
+    x = torch.randn(2, 8, 10, 12)
+    y = qc(x)
+    xi = torch.clamp(torch.round(x / 0.02), -QMAX, QMAX).double()
+    ws = qc.weight_scale.double()
+    wi = torch.clamp(torch.round(conv.weight.double() / ws), -QMAX, QMAX)
+    acc = torch.nn.functional.conv2d(xi, wi, padding=1)  # integer-valued int32 accumulation
+    ref = acc * 0.02 * ws.view(1, -1, 1, 1) + conv.bias.double().view(1, -1, 1, 1)
+    assert torch.allclose(y.double(), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy", "mse"])
+def test_quantize_int8_simulated(tiny_model, calibrator):
+    cal = _calib()
+    cfg = QuantizeConfig(mode="int8", calibrator=calibrator, calib_images=8,
+                         fallback_layers=("container.0",))
+    qm, rep = quantize(tiny_model, cfg, cal)
+    assert set(rep["act_scales"]) == set(conv_names(tiny_model)) - {"container.0"}
+    assert all(s > 0 for s in rep["act_scales"].values())
+    x = torch.from_numpy(cal.x[:1])
+    with torch.no_grad():
+        a, b = tiny_model(x), qm(x)
+    assert b.shape == a.shape and torch.isfinite(b).all()
+    rel = float((a - b).abs().max() / a.abs().max())
+    assert rel < 0.3
+    assert qm.param_encodings["backbone.0.conv.weight"] == "int8"
+    assert qm.param_encodings["container.0.weight"] == "dense"
+
+
+def test_quantize_weight_only_modes(tiny_model):
+    x = torch.from_numpy(_calib(2).x)
+    with torch.no_grad():
+        ref = torch.cat([tiny_model(x[i:i + 1]) for i in range(2)])
+    for mode, tol in (("fp16", 1e-2), ("int8-weights", 0.1)):
+        qm, rep = quantize(tiny_model, QuantizeConfig(mode=mode))
+        with torch.no_grad():
+            y = torch.cat([qm(x[i:i + 1]) for i in range(2)])
+        assert float((y - ref).abs().max() / ref.abs().max()) < tol, mode
+        assert rep["bn_folded"] and rep["stored_bytes"] > 0
+    # int8 weights are what the codec decodes: encoding again is lossless
+    qm, _ = quantize(tiny_model, QuantizeConfig(mode="int8-weights"))
+    w = qm.backbone[0].weight.detach()
+    assert torch.equal(int8_weight_roundtrip(w), w)
+
+
+def test_sensitivity_scan_and_fallback(tiny_model):
+    cal = _calib(8)
+    cfg = QuantizeConfig(mode="int8", calibrator="minmax", calib_images=4)
+    scan = sensitivity_scan(tiny_model, cal, cal.subset([0, 1, 2, 3]), cfg)
+    assert {r["layer"] for r in scan} == set(conv_names(tiny_model))
+    assert all(0 <= r["agreement"] <= 1 for r in scan)
+    assert scan == sorted(scan, key=lambda r: (r["agreement"], -r["drop"]))
+    fb = choose_fallback(scan, max_layers=2, min_agreement=1.01)
+    assert fb == tuple(r["layer"] for r in scan[:2])
+
+
+@pytest.mark.slow
+def test_relax_int8_rewrite_builds_and_matches():
+    """The int8 path: conv2d on int8 codes with int32 accumulation, compiled by TVM."""
+    pytest.importorskip("tvm")
+    import tvm
+    from tvm import relax
+
+    from lprnet_edge.compress.quantize import attach_int8_relax
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        QuantConv2d(torch.nn.Conv2d(3, 4, 3), act_scale=1 / 127),
+        torch.nn.ReLU(),
+        QuantConv2d(torch.nn.Conv2d(4, 2, (1, 3), padding=(0, 1)), act_scale=0.02),
+    ).eval()
+    attach_int8_relax(model)
+    mod, params = model.to_relax()
+    text = mod.script()
+    assert text.count('out_dtype="int32"') == 2 and 'R.astype' in text
+    ex = tvm.compile(mod, tvm.target.Target({"kind": "llvm"}))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = torch.rand(1, 3, 24, 94) * 2 - 1
+    out = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(v)
+                                                     for v in params.values()])
+    out = out[0] if not hasattr(out, "numpy") else out
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-4)

@@ -1,0 +1,209 @@
+"""``lprnet-edge build`` end to end on a tiny random LPRNet: stages, CLI, atomicity, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import assert_user_error, randomize_batchnorm
+
+from lprnet_edge.compiler.target import load_target
+from lprnet_edge.compress.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
+from lprnet_edge.pipeline.build import BuildOptions, ModelArtifact, _map_names, plan
+from lprnet_edge.runtime.artifact import machine_arch, read_manifest
+from lprnet_edge.runtime.errors import ArtifactError
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    torch = pytest.importorskip("torch")
+    from lprnet_edge.model.checkpoint import save_checkpoint
+    from lprnet_edge.model.lprnet import LPRNet
+
+    torch.manual_seed(0)
+    m = LPRNet(class_num=68)
+    randomize_batchnorm(m)
+    p = tmp_path_factory.mktemp("tiny") / "tiny.pth"
+    save_checkpoint(m.eval(), p)
+    return p
+
+
+# ---------------------------------------------------------------- fast checks
+
+
+def test_plan_lists_the_stages(tmp_path: Path):
+    host = load_target("rpi4")
+    assert plan(BuildOptions(target=host, out=tmp_path)) == [
+        "load", "import", "compile", "verify", "package"]
+    opts = BuildOptions(target=host, out=tmp_path, prune=PruneConfig(), quantize=QuantizeConfig(),
+                        tune=TuneConfig(trials=8), eval_test=True)
+    assert plan(opts) == ["load", "prune", "quantize", "import", "tune", "compile", "verify",
+                          "eval", "package"]
+
+
+def test_encodings_map_state_dict_names_to_compiled_names():
+    enc = {"backbone.0.weight": "sparse", "backbone.4.block.0.weight": "int8"}
+    names = ["p_backbone_0_weight", "p_backbone_0_bias", "p_backbone_4_block_0_weight"]
+    assert _map_names(enc, names) == {"p_backbone_0_weight": "sparse",
+                                      "p_backbone_0_bias": "dense",
+                                      "p_backbone_4_block_0_weight": "int8"}
+    onnx_names = ["backbone.0.weight", "container.0.bias"]
+    assert _map_names(enc, onnx_names) == {"backbone.0.weight": "sparse",
+                                           "container.0.bias": "dense"}
+
+
+def test_dense_encodings_without_compression(tmp_path: Path):
+    from lprnet_edge.pipeline.build import choose_encodings
+    from lprnet_edge.runtime.charset import load_charset
+
+    art = ModelArtifact(model=None, reference=None, original=None, weights=tmp_path,
+                        weights_sha256="0" * 64, charset=load_charset())
+    assert choose_encodings(art, ["a", "b"]) == {"a": "dense", "b": "dense"}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--sparsity", "0.5"], "--sparsity needs --prune unstructured"),
+    (["--prune", "channels", "--sparsity", "0.5"], "--sparsity needs --prune unstructured"),
+    (["--prune-ratio", "0.5"], "--prune-ratio needs --prune channels"),
+    (["--calibrator", "mse"], "--calibrator needs --quantize"),
+    (["--trials", "10"], "--trials needs --tune"),
+    (["--rpc", "h:1", "--rpc-key", "k"], "--rpc, --rpc-key need --tune"),
+    (["--tune", "--rpc", "h:1", "--rpc-tracker", "h:2"], "either --rpc or --rpc-tracker"),
+    (["--tune", "--rpc-tracker", "h:2"], "--rpc-tracker needs --rpc-key"),
+], ids=["sparsity", "sparsity-kind", "ratio", "calibrator", "trials", "rpc", "rpc-both",
+        "tracker-key"])
+def test_cli_usage_errors(cli_runner, tmp_path: Path, args: list[str], fragment: str):
+    r = cli_runner("build", "--out", tmp_path / "out", *args)
+    assert r.exit_code != 0
+    assert fragment in r.output, r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_target_and_target_file_conflict(cli_runner, tmp_path: Path):
+    f = tmp_path / "t.toml"
+    f.write_text('arch = "aarch64"\n[tvm]\nkind = "llvm"\n', encoding="utf-8")
+    r = cli_runner("build", "--target", "rpi4", "--target-file", f)
+    assert r.exit_code == 2 and "either --target or --target-file" in r.output
+
+
+def test_cli_unknown_target(cli_runner, tmp_path: Path):
+    r = cli_runner("build", "--target", "rpi9", "--out", tmp_path / "o")
+    assert_user_error(r, "unknown target 'rpi9'", "rpi4", "rpi-armv7", "host")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_missing_toolchain(cli_runner, tmp_path: Path, tiny_ckpt: Path):
+    f = tmp_path / "board.toml"
+    f.write_text(
+        'name = "board"\narch = "aarch64"\n[tvm]\nkind = "llvm"\nmtriple = "aarch64-linux-gnu"\n'
+        '[toolchain]\ntriple = "aarch64-unknown-elf"\ncompiler = "no-such-cross-g++"\n'
+        'debian_package = "g++-no-such-cross"\n', encoding="utf-8")
+    r = cli_runner("build", "--target-file", f, "--weights", tiny_ckpt, "--out", tmp_path / "o")
+    assert_user_error(r, "apt-get install g++-no-such-cross", "--cc", "no-such-cross-g++")
+    assert r.exit_code == 6  # ToolchainError
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_existing_output_needs_force(cli_runner, tmp_path: Path, tiny_ckpt: Path):
+    out = tmp_path / "o"
+    out.mkdir()
+    r = cli_runner("build", "--target", "host", "--weights", tiny_ckpt, "--out", out)
+    assert_user_error(r, "exists (use --force")
+
+
+# ---------------------------------------------------------------- real builds (tiny model)
+
+
+@pytest.fixture(scope="module")
+def host_build(tiny_ckpt: Path, tmp_path_factory, cli_root):
+    """``lprnet-edge build --target host`` of the tiny model, with a bundle."""
+    pytest.importorskip("tvm")
+    from conftest import CliRunner
+
+    out = tmp_path_factory.mktemp("cli") / "lprnet-tiny"
+    r = CliRunner(cli_root)("build", "--target", "host", "--weights", tiny_ckpt, "--out", out,
+                            "--verify-images", "8", "--bundle", "--threads", "1")
+    assert r.exit_code == 0, r.output
+    return out, r
+
+
+@pytest.mark.slow
+def test_cli_host_build(host_build):
+    out, r = host_build
+    for stage in ("[1/5] load", "[2/5] import", "[3/5] compile", "[4/5] verify",
+                  "[5/5] package"):
+        assert stage in r.stderr, r.stderr
+    assert f"artifact      {out}" in r.stdout
+    assert "verification  passed on 8 images" in r.stdout
+    assert "model.so" in r.stdout and "params.npz" in r.stdout
+    m = read_manifest(out)
+    assert m["verification"]["status"] == "passed"
+    assert m["runtime"]["num_threads"] == 1
+    assert m["stages"]["compile"]["num_threads"] == 1
+    assert (out.parent / "lprnet-tiny.tar.gz").is_file()
+    from lprnet_edge.runtime.recognizer import Recognizer
+
+    rec = Recognizer.from_artifact(out)
+    assert rec.benchmark(runs=2, warmup=1)["runs"] == 2
+
+
+@pytest.mark.slow
+def test_failed_verification_leaves_previous_artifact(host_build, tiny_ckpt: Path, cli_runner):
+    out, _ = host_build
+    before = (out / "manifest.json").read_bytes()
+    # Tolerance 0: float reordering makes some logit differ, so verification must fail.
+    r = cli_runner("build", "--target", "host", "--weights", tiny_ckpt, "--out", out, "--force",
+                   "--verify-images", "4", "--tolerance", "0")
+    assert_user_error(r, "verification failed", "No artifact written")
+    assert r.exit_code == ArtifactError.exit_code
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["lprnet-tiny", "lprnet-tiny.tar.gz"]
+
+
+@pytest.mark.slow
+def test_cli_cross_build_rpi4(cli_runner, tiny_ckpt: Path, tmp_path: Path):
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ not installed")
+    pytest.importorskip("tvm")
+    out = tmp_path / "lprnet-rpi4"
+    r = cli_runner("build", "--target", "rpi4", "--weights", tiny_ckpt, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m == read_manifest(out)
+    assert m["target"]["name"] == "rpi4" and m["target"]["arch"] == "aarch64"
+    assert m["target"]["tvm"]["mcpu"] == "cortex-a72"
+    assert m["target"]["toolchain"]["cross"] is (machine_arch() != "aarch64")
+    assert m["runtime"]["num_threads"] == 4
+    if machine_arch() != "aarch64":
+        assert m["verification"] == {
+            "status": "skipped",
+            "reason": "cross-compiled for aarch64; verify on the device with "
+                      "`lprnet-edge deploy`"}
+        head = (out / "model.so").read_bytes()[:20]
+        assert head[:4] == b"\x7fELF" and head[4] == 2
+        assert int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+        from lprnet_edge.runtime.recognizer import Recognizer
+
+        with pytest.raises(ArtifactError) as e:
+            Recognizer.from_artifact(out)
+        assert f"built for rpi4 (aarch64), but this machine is {machine_arch()}" in str(e.value)
+        r = cli_runner("eval", "--data", tmp_path, "--artifact", out)
+        assert_user_error(r, "built for rpi4 (aarch64)")
+
+
+def test_compile_config_in_options(tmp_path: Path):
+    opts = BuildOptions(target=load_target("rpi4"), out=tmp_path,
+                        compile=CompileConfig(frontend="onnx", num_threads=2))
+    assert opts.compile.to_dict()["frontend"] == "onnx"
+
+
+def test_cli_refuses_test_split_as_calib(cli_runner, tmp_path: Path, tiny_ckpt: Path):
+    test = tmp_path / "test"
+    test.mkdir()
+    r = cli_runner("build", "--target", "host", "--weights", tiny_ckpt, "--out", tmp_path / "o",
+                   "--calib", test, "--verify-images", "2")
+    assert_user_error(r, "refusing to calibrate")
+    assert not (tmp_path / "o").exists()
