@@ -39,7 +39,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Export / compile / tune every variant once; return what the children load."""
     import torch
 
-    from lprnet_edge.compiler.build import build, to_relax
+    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.target import load_target
     from lprnet_edge.compiler.tune import count_records, resolve_db_dir, tune
     from lprnet_edge.compress.configs import TuneConfig

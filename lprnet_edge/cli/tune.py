@@ -38,7 +38,7 @@ def tune_model(target: str = "host", trials: int = 200, weights: str | None = No
                trials_per_iter: int = 16, population_size: int | None = None
                ) -> dict[str, Any]:
     """Import the model as ``lprnet-edge build`` does and tune it into the database."""
-    from lprnet_edge.compiler.build import to_relax
+    from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.target import load_target
     from lprnet_edge.compiler.tune import tune
     from lprnet_edge.compress.configs import TuneConfig

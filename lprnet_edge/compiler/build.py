@@ -1,168 +1,23 @@
-"""Every TVM *compiler* call of lprnet-edge (MetaSchedule tuning aside: ``tune.py``).
-
-Flow: PyTorch model -> :func:`to_relax` (batch 1, weights lifted out as ordered named
-parameters) -> optional tuning on :func:`prepare_for_tuning` -> :func:`build` (``tvm.compile``,
-or MetaSchedule's ``compile_relax`` with a tuning database) -> ``export_library`` linked by the
-target's compiler (a cross compiler for a device).
-
-Weights are *inputs* of ``main``, not constants of the shared object: the artifact stores them
-in ``params.npz`` (dense, fp16, sparse or int8 encodings) and the runtime passes them after the
-image. BatchNorm is folded into the preceding convolutions before import, so every weight is
-such a parameter and the module has no BatchNorm left.
-
-Host side: imports torch and the TVM compiler lazily (importing this module is cheap).
+"""Relax -> a linked shared library: fusion passes, ``tvm.compile`` (or MetaSchedule's
+``compile_relax`` with a tuning database), ``export_library`` with the target's compiler (a
+cross compiler for a device). The import is :mod:`lprnet_edge.compiler.frontend`, tuning
+:mod:`lprnet_edge.compiler.tune`.
 """
 
 from __future__ import annotations
 
-import copy
-import io
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lprnet_edge.compiler.errors import import_tvm_compiler, last_line, tail
+from lprnet_edge.compiler.frontend import ENTRY
 from lprnet_edge.compiler.target import TargetSpec
 from lprnet_edge.compiler.toolchain import Compiler
 from lprnet_edge.runtime.errors import ArtifactError, LprnetEdgeError, ToolchainError
-
-FRONTENDS = ("torch.export", "onnx")
-INPUT_NAME = "x"
-INPUT_SHAPE = (1, 3, 24, 94)  # batch 1 is LPRNet's semantics (batch-wide normalisation)
-ENTRY = "main"
-
-
-def import_tvm_compiler() -> Any:
-    """``tvm`` with its compiler (``tvm.relax``), or a ToolchainError saying how to get it."""
-    try:
-        import tvm
-        from tvm import relax  # noqa: F401  (fails on a runtime-only install)
-    except ImportError as e:
-        raise ToolchainError(
-            "the TVM compiler is not available: pip install 'lprnet-edge[host]' "
-            f"(apache-tvm==0.27.*, apache-tvm-ffi==0.1.14.post1) ({e})"
-        ) from e
-    return tvm
-
-
-# ---------------------------------------------------------------- PyTorch side
-
-
-def fold_batchnorm(model: Any) -> Any:
-    """A copy of ``model`` with each BatchNorm2d folded into the convolution before it.
-
-    Works on ``nn.Sequential`` containers where a BatchNorm follows a Conv2d or a block whose
-    last layer is a Conv2d (LPRNet's SmallBasicBlock). The folded BatchNorm becomes Identity,
-    so module indices (LPRNet's feature taps) do not move. Zero weights stay zero (pruning).
-    """
-    from torch import nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    model = copy.deepcopy(model).eval()
-
-    def last_conv(m: nn.Module) -> tuple[nn.Module, str] | None:
-        # (parent, attribute) of the Conv2d that produces m's output, if there is a single one.
-        if isinstance(m, nn.Sequential) and len(m):
-            last = str(len(m) - 1)
-            if isinstance(m[-1], nn.Conv2d):
-                return m, last
-            return last_conv(m[-1])
-        block = getattr(m, "block", None)
-        if isinstance(block, nn.Sequential):
-            return last_conv(block)
-        return None
-
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(1, len(seq)):
-            bn, prev = seq[i], seq[i - 1]
-            if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
-                continue
-            if isinstance(prev, nn.Conv2d):
-                seq[i - 1] = fuse_conv_bn_eval(prev, bn)
-            elif (found := last_conv(prev)) is not None:
-                parent, key = found
-                parent._modules[key] = fuse_conv_bn_eval(parent._modules[key], bn)
-            else:
-                continue
-            seq[i] = nn.Identity()
-    return model
-
-
-def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True
-             ) -> tuple[Any, dict[str, np.ndarray]]:
-    """Import ``model`` at batch 1: ``(IRModule, {param name: float32 array})``.
-
-    ``main(x, *params)`` takes the parameters in the dict's order. An object with its own
-    ``to_relax(frontend=...)`` (e.g. a quantized model that emits int8 Relax) is delegated to.
-    """
-    if frontend not in FRONTENDS:
-        raise LprnetEdgeError(f"frontend {frontend!r}: use one of {list(FRONTENDS)}")
-    if hasattr(model, "to_relax"):
-        mod, params = model.to_relax(frontend=frontend)
-        return normalize(mod), {k: np.asarray(v) for k, v in params.items()}
-    import_tvm_compiler()
-    import torch
-    from tvm import relax
-
-    model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
-    x = torch.zeros(INPUT_SHAPE, dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            if frontend == "torch.export":
-                from tvm.relax.frontend.torch import from_exported_program
-
-                with torch.no_grad():
-                    ep = torch.export.export(model, (x,))
-                mod = from_exported_program(ep, keep_params_as_input=True)
-            else:
-                mod = _onnx_import(model, x)
-        except LprnetEdgeError:
-            raise
-        except Exception as e:  # exporter / importer errors are many types
-            raise LprnetEdgeError(f"cannot import the model with frontend {frontend!r}: "
-                                  f"{type(e).__name__}: {_first_line(e)}") from e
-    mod, detached = relax.frontend.detach_params(mod)
-    names = [v.name for v in mod[ENTRY].params]
-    values = list(detached.get(ENTRY, []))
-    if len(names) != len(values) + 1:
-        raise LprnetEdgeError(f"import produced {len(names)} inputs for {len(values)} weights")
-    params = {n: v.numpy().astype(np.float32, copy=False)
-              for n, v in zip(names[1:], values, strict=True)}
-    return normalize(mod), params
-
-
-def _onnx_import(model: Any, x: Any) -> Any:
-    try:
-        import onnx
-        import torch
-        from tvm.relax.frontend.onnx import from_onnx
-    except ImportError as e:
-        raise ToolchainError(f"--frontend onnx needs the onnx package ({e}): "
-                             "pip install 'lprnet-edge[host]'") from e
-    buf = io.BytesIO()
-    with torch.no_grad():
-        torch.onnx.export(model, (x,), buf, input_names=[INPUT_NAME], output_names=["logits"],
-                          opset_version=17, dynamo=False, do_constant_folding=True)
-    proto = onnx.load_from_string(buf.getvalue())
-    return from_onnx(proto, shape_dict={INPUT_NAME: list(INPUT_SHAPE)},
-                     keep_params_in_input=True)
-
-
-def normalize(mod: Any) -> Any:
-    """Target-independent clean-up of an imported module (inference-only op forms)."""
-    tvm = import_tvm_compiler()
-    from tvm import relax
-
-    seq = tvm.transform.Sequential([
-        relax.transform.DecomposeOpsForInference(),
-        relax.transform.CanonicalizeBindings(),
-    ])
-    return seq(mod)
-
 
 # ---------------------------------------------------------------- Relax -> module
 
@@ -224,7 +79,7 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
                 executable = tvm.compile(prepared, target)
     except Exception as e:  # TVM errors are TVMError / InternalError / ValueError...
         raise LprnetEdgeError(f"TVM failed to compile for {target_spec.name}: "
-                              f"{type(e).__name__}: {_last_line(e)}") from e
+                              f"{type(e).__name__}: {last_line(e)}") from e
     t_compile = time.perf_counter() - t0
     if log:
         log(f"compiled for {target_spec.name} in {t_compile:.1f}s")
@@ -235,7 +90,7 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
         export_library(executable, out_path, path, options)
     except Exception as e:  # the linker's stderr is in the message
         raise ToolchainError(f"linking {out_path.name} for {target_spec.name} with "
-                             f"{path or 'the default compiler'} failed: {_tail(e)}") from e
+                             f"{path or 'the default compiler'} failed: {tail(e)}") from e
     return {
         "compile_s": round(t_compile, 3),
         "export_s": round(time.perf_counter() - t1, 3),
@@ -259,21 +114,6 @@ def export_library(module: Any, out_path: str | Path, cc_path: str | None,
                           fcompile=tvm_cc.cross_compiler(cc_path, options=list(options) or None))
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
-def _last_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
-def _tail(e: BaseException, n: int = 6) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return " | ".join(lines[-n:]) if lines else type(e).__name__
-
-
 # ---------------------------------------------------------------- run a host build in-process
 
 
@@ -290,7 +130,7 @@ class HostModule:
         try:
             lib = tvm.runtime.load_module(str(lib_path))
         except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"{lib_path}: cannot load compiled module ({_last_line(e)})"
+            raise ArtifactError(f"{lib_path}: cannot load compiled module ({last_line(e)})"
                                 ) from e
         self._vm = VirtualMachine(lib, self.device)
         self._fn = self._vm[ENTRY]

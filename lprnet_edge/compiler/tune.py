@@ -8,10 +8,10 @@
   model's tasks. Records already in the database count: tuning again with the same budget
   measures nothing and returns at once; a larger budget tunes only the difference; tasks with
   ``config.trials_per_task`` records already are skipped.
-* MetaSchedule runs in a **worker process** (``python -m lprnet_edge.compiler.tune SPEC``) in its own
-  process group. Records are appended to the JSON files as they are measured, so a crash, a
-  kill or Ctrl-C loses at most the batch in flight; a crash is reported with its signal and
-  the same command resumes.
+* MetaSchedule runs in a **worker process** (``python -m lprnet_edge.compiler.tune SPEC``)
+  in its own process group. Records are appended to the JSON files as they are measured, so a
+  crash, a kill or Ctrl-C loses at most the batch in flight; a crash is reported with its
+  signal and the same command resumes.
 * The worker and MetaSchedule's builder/runner processes start with a ``PYTHONPATH`` shim
   (:func:`worker_env`) that keeps torch out of them (``tvm_ffi`` imports torch eagerly when
   it is installed) and caches ``inspect.getmodule`` misses, which makes TVMScript's
@@ -593,7 +593,8 @@ def _task_table(names: list[str], weights: list[float], counts: list[int],
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        print("usage: python -m lprnet_edge.compiler.tune SPEC.json (internal: use `lprnet-edge tune`)",
+        print("usage: python -m lprnet_edge.compiler.tune SPEC.json (internal: use "
+              "`lprnet-edge tune`)",
               file=sys.stderr)
         sys.exit(2)
     try:

@@ -317,7 +317,7 @@ def choose_fallback(scan: list[dict[str, Any]], max_layers: int = 2,
 def fold_bn(model: nn.Module) -> nn.Module:
     """BatchNorm folded into the convs (the compile pipeline's own folding), so the weights
     that are quantized are the ones the artifact stores."""
-    from lprnet_edge.compiler.build import fold_batchnorm
+    from lprnet_edge.model.fold import fold_batchnorm
 
     return fold_batchnorm(model)
 
@@ -469,7 +469,7 @@ def _clip_is_int8(call: Any) -> bool:
 def int8_to_relax(qmodel: nn.Module, frontend: str = "torch.export") -> tuple[Any, dict]:
     """Import a fake-quant model (from :func:`quantize`, mode ``int8``) and make its quantized
     convolutions real int8 ones: the hook the build pipeline calls as ``model.to_relax``."""
-    from lprnet_edge.compiler.build import to_relax
+    from lprnet_edge.compiler.frontend import to_relax
 
     plain = copy.deepcopy(qmodel)
     plain.__dict__.pop("to_relax", None)  # import the torch module itself, not this hook

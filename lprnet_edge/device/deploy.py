@@ -651,7 +651,7 @@ def _rpc_time_child(local_port: int, artifact: str, number: int, repeat: int,
 
 def _time_on_session(sess: Any, root: Path, m: dict[str, Any], number: int, repeat: int,
                      warmup: int = 2) -> dict[str, Any]:
-    """Upload model.so, send the params, time ``main`` with time_evaluator (lprnet_edge.compiler.rpc)."""
+    """Upload model.so, send the params, time ``main`` with time_evaluator (compiler.rpc)."""
     import numpy as np
 
     from lprnet_edge.compiler.rpc import time_module

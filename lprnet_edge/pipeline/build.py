@@ -3,7 +3,7 @@
 ::
 
     load_stage(weights)                      -> ModelArtifact   (PyTorch model + provenance)
-    prune_stage / quantize_stage (optional)  -> ModelArtifact   (lprnet_edge.compress.prune / .quantize)
+    prune_stage / quantize_stage (optional)  -> ModelArtifact   (compress.prune / .quantize)
     import_stage(art, frontend)              -> RelaxModel      (Relax IRModule + named weights)
     tune_stage (optional)                    -> MetaSchedule database (lprnet_edge.compiler.tune)
     compile_stage(relax, target, ...)        -> CompiledModule  (model.so + params.npz in a dir)
@@ -112,7 +112,7 @@ class CompiledModule:
         return self.root / PARAMS_FILE
 
     def runtime_entry(self, num_threads: int | None = None) -> dict[str, Any]:
-        from lprnet_edge.compiler.build import ENTRY
+        from lprnet_edge.compiler.frontend import ENTRY
 
         rt: dict[str, Any] = {"entry": ENTRY, "params": PARAMS_FILE,
                               "param_order": list(self.param_order)}
@@ -246,7 +246,7 @@ def _is_torch_module(obj: Any) -> bool:
 
 
 def import_stage(art: ModelArtifact, frontend: str = "torch.export") -> RelaxModel:
-    from lprnet_edge.compiler.build import to_relax
+    from lprnet_edge.compiler.frontend import to_relax
 
     t0 = time.perf_counter()
     mod, params = to_relax(art.model, frontend)
@@ -256,7 +256,7 @@ def import_stage(art: ModelArtifact, frontend: str = "torch.export") -> RelaxMod
 def tune_stage(relax_model: RelaxModel, target: TargetSpec, cfg: TuneConfig,
                log: Log = _stderr, compiler: Compiler | None = None
                ) -> tuple[Any, dict[str, Any]]:
-    """``lprnet_edge.compiler.tune.tune(mod, target, cfg, log) -> (database, summary)``; ``compiler``
+    """``compiler.tune.tune(mod, target, cfg, log) -> (database, summary)``; ``compiler``
     links the candidates measured on a device (the one that links the artifact)."""
     from lprnet_edge.compiler import tune as mod
 
@@ -292,7 +292,7 @@ def choose_encodings(art: ModelArtifact, param_names: list[str]) -> dict[str, st
         return dict.fromkeys(param_names, "dense")
     if not _is_torch_module(art.model):
         return dict.fromkeys(param_names, "dense")
-    from lprnet_edge.compiler.build import fold_batchnorm
+    from lprnet_edge.model.fold import fold_batchnorm
 
     try:
         from lprnet_edge.compress.prune import params_encodings
@@ -496,7 +496,7 @@ def _decoded_reference(reference: Any, compiled: CompiledModule) -> Any:
     decodes to, so a lossy storage encoding is not mistaken for a compiler error."""
     import torch
 
-    from lprnet_edge.compiler.build import fold_batchnorm
+    from lprnet_edge.model.fold import fold_batchnorm
     from lprnet_edge.runtime.params_codec import load_params
 
     if not _is_torch_module(reference):
@@ -761,7 +761,8 @@ def _fraction(points: float | None) -> float | None:
 def select_stage(art: ModelArtifact, opts: BuildOptions, log: Log
                  ) -> tuple[PruneConfig | None, QuantizeConfig | None, Any]:
     """Choose pruning x quantization within ``opts.max_accuracy_drop`` points on a validation
-    split of calib/ (:func:`lprnet_edge.compress.select.search`); the search goes in the manifest."""
+    split of calib/ (:func:`lprnet_edge.compress.select.search`); the search goes in the
+    manifest."""
     from lprnet_edge.compress import select as mod
 
     calib = _calibration_set(opts.calib_dir, art.charset)

@@ -50,7 +50,7 @@ def _ref(model, x: np.ndarray) -> np.ndarray:
 def test_fold_batchnorm_is_exact_and_keeps_zeros(tiny, x):
     from torch import nn
 
-    from lprnet_edge.compiler.build import fold_batchnorm
+    from lprnet_edge.model.fold import fold_batchnorm
 
     folded = fold_batchnorm(tiny)  # a copy: the original keeps its BatchNorms
     assert any(isinstance(m, nn.BatchNorm2d) for m in tiny.modules())
@@ -68,7 +68,7 @@ def test_fold_batchnorm_is_exact_and_keeps_zeros(tiny, x):
 @pytest.fixture(scope="module")
 def relax_tiny(tiny):
     pytest.importorskip("tvm")
-    from lprnet_edge.compiler.build import to_relax
+    from lprnet_edge.compiler.frontend import to_relax
 
     return to_relax(tiny, "torch.export")
 
@@ -156,7 +156,8 @@ def test_cross_build_produces_device_elf(relax_tiny, tmp_path, target, exe, cls,
 @pytest.mark.slow
 def test_onnx_frontend_matches_pytorch(tiny, x, tmp_path):
     pytest.importorskip("onnx")
-    from lprnet_edge.compiler.build import build, run_host, to_relax
+    from lprnet_edge.compiler.build import build, run_host
+    from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.toolchain import find_compiler
 
     mod, params = to_relax(tiny, "onnx")
@@ -168,7 +169,7 @@ def test_onnx_frontend_matches_pytorch(tiny, x, tmp_path):
 
 
 def test_unknown_frontend():
-    from lprnet_edge.compiler.build import to_relax
+    from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.runtime.errors import LprnetEdgeError
 
     with pytest.raises(LprnetEdgeError, match="frontend 'tflite'"):

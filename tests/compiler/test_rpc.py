@@ -123,7 +123,7 @@ def test_cli_bench_rpc_unreachable(cli_runner, tiny_artifact: Path):
 
 
 def test_tune_over_direct_rpc(server, tmp_path: Path):
-    from lprnet_edge.compiler.build import to_relax
+    from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.target import load_target
     from lprnet_edge.compiler.tune import count_records, tune
     from lprnet_edge.compress.configs import TuneConfig

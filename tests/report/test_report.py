@@ -103,7 +103,8 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
     rows = {r["name"]: r for r in data["variants"]}
     for name in ("original", "int8w"):
         r = rows[name]
-        assert r["latency_backend"] == "tvm-tuned" and "latency_error" not in r, r.get("latency_error")
+        assert r["latency_backend"] == "tvm-tuned" and "latency_error" not in r, (
+            r.get("latency_error", r))
         assert math.isfinite(r["latency_ms"]) and r["latency_ms"] > 0
         assert len(r["latency_rounds_ms"]) == 2
         t = r["latency_tvm"]
