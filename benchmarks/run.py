@@ -136,7 +136,7 @@ def load_variants(info: dict[str, Any], work: Path, threads: int) -> dict[str, A
     import torch
 
     torch.set_num_threads(threads)
-    from lprnet_edge.compiler.build import HostModule
+    from lprnet_edge.compiler.session import load_host
     from lprnet_edge.model.checkpoint import load_model
 
     fns: dict[str, Any] = {}
@@ -161,7 +161,7 @@ def load_variants(info: dict[str, Any], work: Path, threads: int) -> dict[str, A
             sess = ort.InferenceSession(v["path"], so, providers=["CPUExecutionProvider"])
             fns[name] = lambda x, sess=sess: sess.run(None, {"x": x})[0]
         elif v["kind"] == "tvm":
-            fns[name] = HostModule(v["path"], plist)
+            fns[name] = load_host(v["path"], plist)
         else:
             from lprnet_edge.runtime.recognizer import Recognizer
 

@@ -6,14 +6,23 @@ Added to the root group by :mod:`lprnet_edge.cli.main` (``COMMANDS``).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from lprnet_edge.cli.common import echo_json, table
+from lprnet_edge.cli.common import (
+    check_rpc,
+    echo_json,
+    grouped,
+    json_option,
+    out_option,
+    rpc_options,
+    table,
+    threads_option,
+)
 from lprnet_edge.cli.device import deploy_with_progress, device_from, ssh_options_optional
 
 DEFAULT_TARGET = "rpi4"
@@ -29,6 +38,154 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+# ---------------------------------------------------------------- option groups
+
+
+@dataclass(frozen=True)
+class CompressionArgs:
+    """``--prune --sparsity --prune-ratio --quantize --calibrator --max-accuracy-drop
+    --search-channels`` as given."""
+
+    prune_kind: str | None
+    sparsity: float | None
+    prune_ratio: float | None
+    quantize_mode: str | None
+    calibrator: str | None
+    max_accuracy_drop: float | None
+    search_channels: tuple[float, ...]
+
+    def check(self) -> None:
+        if self.sparsity is not None and self.prune_kind != "unstructured":
+            raise click.UsageError("--sparsity needs --prune unstructured")
+        if self.prune_ratio is not None and self.prune_kind != "channels":
+            raise click.UsageError("--prune-ratio needs --prune channels")
+        if self.calibrator and not self.quantize_mode:
+            raise click.UsageError("--calibrator needs --quantize")
+        if self.search_channels and (self.max_accuracy_drop is None or self.prune_kind
+                                     or self.quantize_mode):
+            raise click.UsageError("--search-channels goes with --max-accuracy-drop alone "
+                                   "(the search), not with --prune/--quantize")
+
+    def prune_config(self) -> Any:
+        from lprnet_edge.compress.configs import PruneConfig
+
+        if not self.prune_kind:
+            return None
+        kw: dict[str, Any] = {"kind": self.prune_kind}
+        if self.sparsity is not None:
+            kw["sparsity"] = self.sparsity
+        if self.prune_ratio is not None:
+            kw["ratio"] = self.prune_ratio
+        return PruneConfig(**kw)
+
+    def quantize_config(self) -> Any:
+        from lprnet_edge.compress.configs import QuantizeConfig
+
+        if not self.quantize_mode:
+            return None
+        extra = {"calibrator": self.calibrator} if self.calibrator else {}
+        return QuantizeConfig(mode=self.quantize_mode, **extra)
+
+
+@dataclass(frozen=True)
+class TuningArgs:
+    """``--tune --trials --rpc --rpc-tracker --rpc-key --tuning-db`` as given."""
+
+    tune: bool
+    trials: int | None
+    rpc: str | None
+    rpc_tracker: str | None
+    rpc_key: str | None
+    tuning_db: str | None
+
+    def check(self) -> None:
+        only = {"--trials": self.trials, "--rpc": self.rpc, "--rpc-tracker": self.rpc_tracker,
+                "--rpc-key": self.rpc_key, "--tuning-db": self.tuning_db}
+        if not self.tune and (given := [k for k, v in only.items() if v is not None]):
+            raise click.UsageError(f"{', '.join(given)} "
+                                   f"{'needs' if len(given) == 1 else 'need'} --tune")
+        check_rpc(self.rpc, self.rpc_tracker, self.rpc_key)
+
+    def config(self) -> Any:
+        from lprnet_edge.compress.configs import TuneConfig
+
+        if not self.tune:
+            return None
+        kw: dict[str, Any] = {"rpc": self.rpc, "rpc_tracker": self.rpc_tracker,
+                              "rpc_key": self.rpc_key, "db_dir": self.tuning_db}
+        if self.trials is not None:
+            kw["trials"] = self.trials
+        return TuneConfig(**kw)
+
+    @property
+    def measures_on_device_via_ssh(self) -> bool:
+        """With --host and no RPC address, tuning measures through an SSH tunnel."""
+        return self.tune and not (self.rpc or self.rpc_tracker)
+
+
+@dataclass(frozen=True)
+class CheckArgs:
+    """``--calib --verify-images --tolerance --eval-test --test-dir`` as given."""
+
+    calib_dir: str | None
+    verify_images: int | None
+    tolerance: float | None
+    eval_test: bool
+    test_dir: str | None
+
+
+compression_options = grouped(
+    "compression", CompressionArgs,
+    click.option("--prune", "prune_kind", type=click.Choice(["unstructured", "channels"]),
+                 help="Prune before compiling."),
+    click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True),
+                 help="Unstructured pruning: fraction of conv weights set to zero.  "
+                      "[default: 0.8]"),
+    click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True),
+                 help="Channel pruning: fraction of the block 2/3 inner filters removed (and "
+                      "dead channels; widths rounded to 8; distilled on calib/).  "
+                      "[default: 0.5]"),
+    click.option("--quantize", "quantize_mode",
+                 type=click.Choice(["int8", "fp16", "int8-weights"]),
+                 help="Post-training quantization calibrated on calib/."),
+    click.option("--calibrator", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+                 help="Activation range calibrator for --quantize int8.  [default: percentile]"),
+    click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), metavar="POINTS",
+                 help="Accuracy budget in points of calib/ plate accuracy vs the original (0.5 "
+                      "= half a point). Alone: search pruning x quantization for the smallest "
+                      "variant within it (on a validation split of calib/), build it and "
+                      "report its test/ accuracy. With --prune/--quantize: fail the build past "
+                      "it (without it: past 1 point on the calib/ validation split)."),
+    click.option("--search-channels", "search_channels", multiple=True,
+                 type=click.FloatRange(0, 1, max_open=True), metavar="RATIO",
+                 help="Also try channel pruning at RATIO (repeatable) in the search; each "
+                      "distills on calib/ (minutes)."),
+)
+tuning_options = grouped(
+    "tuning", TuningArgs,
+    click.option("--tune", is_flag=True, help="Tune with MetaSchedule before compiling."),
+    click.option("--trials", type=click.IntRange(min=1),
+                 help="Tuning trials in total.  [default: 200]"),
+    rpc_options,
+    click.option("--tuning-db", type=click.Path(file_okay=False),
+                 help="Tuning records directory (reused across builds; default: the cache)."),
+)
+check_options = grouped(
+    "checks", CheckArgs,
+    click.option("--calib", "calib_dir", type=click.Path(exists=True, file_okay=False),
+                 help="Calibration images (prune, quantize, verification).  "
+                      "[default: $LPRNET_EDGE_DATA/calib]"),
+    click.option("--verify-images", type=click.IntRange(min=0),
+                 help="Verify on the first N calib images (0: skip).  [default: all]"),
+    click.option("--tolerance", type=click.FloatRange(min=0),
+                 help="Max |logit diff| vs PyTorch allowed by verification.  [default: 1e-3]"),
+    click.option("--eval-test", is_flag=True,
+                 help="Measure test/ accuracy (host builds) and record it in the manifest."),
+    click.option("--test-dir", type=click.Path(exists=True, file_okay=False),
+                 help="Test images for --eval-test.  [default: $LPRNET_EDGE_DATA/test]"),
+)
+
+
 # ---------------------------------------------------------------- build
 
 
@@ -39,72 +196,25 @@ def _size(n: int) -> str:
               help="A target TOML file instead of a named target.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="PyTorch weights (default: $LPRNET_EDGE_WEIGHTS, $LPRNET_EDGE_DATA, cache).")
-@click.option("--out", type=click.Path(file_okay=False),
-              help="Artifact directory  [default: build/lprnet-<target>]")
+@out_option("Artifact directory  [default: build/lprnet-<target>]")
 @click.option("--cc", help="C++ compiler that links the module (overrides the target's).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
 @click.option("--bundle", is_flag=True, help="Also write <artifact>.tar.gz for deployment.")
 @click.option("--frontend", type=click.Choice(["torch.export", "onnx"]),
               default="torch.export", show_default=True, help="How the model enters TVM.")
-@click.option("--threads", type=click.IntRange(min=1),
-              help="Runtime threads recorded in the artifact (default: the target's cores).")
+@threads_option("Runtime threads recorded in the artifact (default: the target's cores).")
 @click.option("--opt-level", type=click.IntRange(0, 3), default=3, show_default=True,
               help="TVM optimisation level.")
-# compression (lprnet_edge.compress.prune / lprnet_edge.compress.quantize)
-@click.option("--prune", "prune_kind", type=click.Choice(["unstructured", "channels"]),
-              help="Prune before compiling.")
-@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True),
-              help="Unstructured pruning: fraction of conv weights set to zero.  [default: 0.8]")
-@click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True),
-              help="Channel pruning: fraction of filters removed.  [default: 0.5]")
-@click.option("--quantize", "quantize_mode", type=click.Choice(["int8", "fp16", "int8-weights"]),
-              help="Post-training quantization calibrated on calib/.")
-@click.option("--calibrator", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
-              help="Activation range calibrator for --quantize int8.  [default: percentile]")
-@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), metavar="POINTS",
-              help="Accuracy budget in points of calib/ plate accuracy vs the original (0.5 "
-                   "= half a point). Alone: search pruning x quantization for the smallest "
-                   "variant within it (on a validation split of calib/), build it and report "
-                   "its test/ accuracy. With --prune/--quantize: fail the build past it.")
-@click.option("--search-channels", "search_channels", multiple=True,
-              type=click.FloatRange(0, 1, max_open=True), metavar="RATIO",
-              help="Also try channel pruning at RATIO (repeatable) in the search; each "
-                   "distills on calib/ (minutes).")
-# tuning (lprnet_edge.compiler.tune)
-@click.option("--tune", is_flag=True, help="Tune with MetaSchedule before compiling.")
-@click.option("--trials", type=click.IntRange(min=1), help="Tuning trials in total.  "
-              "[default: 200]")
-@click.option("--rpc", metavar="HOST:PORT", help="Measure on a device's TVM RPC server.")
-@click.option("--rpc-tracker", metavar="HOST:PORT", help="Measure through a TVM RPC tracker.")
-@click.option("--rpc-key", help="Device key registered with the tracker.")
-@click.option("--tuning-db", type=click.Path(file_okay=False),
-              help="Tuning records directory (reused across builds; default: the cache).")
-# verification / data
-@click.option("--calib", "calib_dir", type=click.Path(exists=True, file_okay=False),
-              help="Calibration images (prune, quantize, verification).  "
-                   "[default: $LPRNET_EDGE_DATA/calib]")
-@click.option("--verify-images", type=click.IntRange(min=0),
-              help="Verify on the first N calib images (0: skip).  [default: all]")
-@click.option("--tolerance", type=click.FloatRange(min=0),
-              help="Max |logit diff| vs PyTorch allowed by verification.  [default: 1e-3]")
-@click.option("--eval-test", is_flag=True,
-              help="Measure test/ accuracy (host builds) and record it in the manifest.")
-@click.option("--test-dir", type=click.Path(exists=True, file_okay=False),
-              help="Test images for --eval-test.  [default: $LPRNET_EDGE_DATA/test]")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-# the device (lprnet_edge.cli.device)
+@compression_options
+@tuning_options
+@check_options
+@json_option
 @ssh_options_optional
 @click.pass_context
 def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
               weights: str | None, out: str | None, cc: str | None, force: bool, bundle: bool,
-              frontend: str, threads: int | None, opt_level: int, prune_kind: str | None,
-              sparsity: float | None, prune_ratio: float | None, quantize_mode: str | None,
-              calibrator: str | None, max_accuracy_drop: float | None,
-              search_channels: tuple[float, ...], tune: bool,
-              trials: int | None, rpc: str | None, rpc_tracker: str | None,
-              rpc_key: str | None, tuning_db: str | None, calib_dir: str | None,
-              verify_images: int | None, tolerance: float | None, eval_test: bool,
-              test_dir: str | None, as_json: bool, **ssh: Any) -> None:
+              frontend: str, threads: int | None, opt_level: int, compression: CompressionArgs,
+              tuning: TuningArgs, checks: CheckArgs, as_json: bool, **ssh: Any) -> None:
     """Compile LPRNet into a verified artifact for a target (cross-compiling for devices).
 
     \b
@@ -114,7 +224,7 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
 
     \b
     Examples:
-      lprnet-edge build --target host --out build/lprnet-host
+      lprnet-edge build --target host -o build/lprnet-host
       lprnet-edge build --target rpi4 --bundle
       lprnet-edge build --target-file my-board.toml --cc /opt/x-tools/bin/aarch64-g++
       lprnet-edge build --target rpi4 --tune --trials 500 --host pi@raspberrypi.local
@@ -123,69 +233,36 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
     it over SSH and reached through a tunnel, unless --rpc/--rpc-tracker is given), and the
     finished artifact is deployed to it and run there (`lprnet-edge deploy`).
     """
-    from lprnet_edge.compress.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
+    from lprnet_edge.compress.configs import CompileConfig
     from lprnet_edge.pipeline.build import BuildOptions, build_artifact, verification_summary
 
     if target_file and ctx.get_parameter_source("target_name") != ParameterSource.DEFAULT:
         raise click.UsageError("give either --target or --target-file, not both")
-    if (sparsity is not None) and prune_kind != "unstructured":
-        raise click.UsageError("--sparsity needs --prune unstructured")
-    if (prune_ratio is not None) and prune_kind != "channels":
-        raise click.UsageError("--prune-ratio needs --prune channels")
-    if calibrator and not quantize_mode:
-        raise click.UsageError("--calibrator needs --quantize")
-    if search_channels and (max_accuracy_drop is None or prune_kind or quantize_mode):
-        raise click.UsageError("--search-channels goes with --max-accuracy-drop alone (the "
-                               "search), not with --prune/--quantize")
-    tune_only = {"--trials": trials, "--rpc": rpc, "--rpc-tracker": rpc_tracker,
-                 "--rpc-key": rpc_key, "--tuning-db": tuning_db}
-    if not tune and (given := [k for k, v in tune_only.items() if v is not None]):
-        raise click.UsageError(f"{', '.join(given)} "
-                               f"{'needs' if len(given) == 1 else 'need'} --tune")
-    if rpc and rpc_tracker:
-        raise click.UsageError("give either --rpc or --rpc-tracker, not both")
-    if rpc == "tunnel" and not ssh.get("host"):
-        raise click.UsageError("--rpc tunnel needs --host (the device to start the server on)")
-
+    compression.check()
+    tuning.check()
     spec = _target(target_name, target_file)
     if ssh.get("host") and spec.is_native:
         raise click.UsageError(f"--host deploys to a device; --target {spec.name} builds for "
                                "this machine (use a device target, e.g. --target rpi4)")
-    prune_cfg = None
-    if prune_kind:
-        kw: dict[str, Any] = {"kind": prune_kind}
-        if sparsity is not None:
-            kw["sparsity"] = sparsity
-        if prune_ratio is not None:
-            kw["ratio"] = prune_ratio
-        prune_cfg = PruneConfig(**kw)
-    quant_cfg = None
-    if quantize_mode:
-        quant_cfg = QuantizeConfig(mode=quantize_mode, **({"calibrator": calibrator}
-                                                          if calibrator else {}))
-    tune_cfg = None
-    if tune:
-        tkw: dict[str, Any] = {"rpc": rpc, "rpc_tracker": rpc_tracker, "rpc_key": rpc_key,
-                               "db_dir": tuning_db}
-        if trials is not None:
-            tkw["trials"] = trials
-        tune_cfg = TuneConfig(**tkw)
+    tune_cfg = tuning.config()
     ckw: dict[str, Any] = {"frontend": frontend, "opt_level": opt_level, "num_threads": threads}
-    if tolerance is not None:
-        ckw["verify_tolerance"] = tolerance
+    if checks.tolerance is not None:
+        ckw["verify_tolerance"] = checks.tolerance
     opts = BuildOptions(
         target=spec,
         out=Path(out) if out else Path("build") / f"lprnet-{spec.name}",
         weights=weights, cc=cc, force=force, bundle=bundle,
-        compile=CompileConfig(**ckw), prune=prune_cfg, quantize=quant_cfg, tune=tune_cfg,
-        calib_dir=Path(calib_dir) if calib_dir else None, verify_images=verify_images,
-        eval_test=eval_test, test_dir=Path(test_dir) if test_dir else None,
-        max_accuracy_drop=max_accuracy_drop, search_channels=tuple(search_channels),
+        compile=CompileConfig(**ckw), prune=compression.prune_config(),
+        quantize=compression.quantize_config(), tune=tune_cfg,
+        calib_dir=Path(checks.calib_dir) if checks.calib_dir else None,
+        verify_images=checks.verify_images, eval_test=checks.eval_test,
+        test_dir=Path(checks.test_dir) if checks.test_dir else None,
+        max_accuracy_drop=compression.max_accuracy_drop,
+        search_channels=tuple(compression.search_channels),
     )
     with contextlib.ExitStack() as device_ctx:
         dev = device_ctx.enter_context(device_from(ssh)) if ssh.get("host") else None
-        if dev is not None and tune_cfg is not None and (rpc in (None, "tunnel")
-                                                         and not rpc_tracker):
+        if dev is not None and tuning.measures_on_device_via_ssh:
             from lprnet_edge.device.deploy import device_rpc
 
             click.echo(f"starting a TVM RPC server on {dev.conn.spec} (SSH tunnel)", err=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -78,3 +79,59 @@ def format_latency(stats: dict[str, Any]) -> str:
                  ["p50 ms", "p90 ms", "p99 ms", "min ms", "plates/s", "runs"])
 
 
+
+
+# ---------------------------------------------------------------- options defined once
+
+
+def out_option(help: str, **kw: Any) -> Callable:
+    """``-o/--out DIR``: every command that writes a directory takes it the same way."""
+    return click.option("-o", "--out", type=click.Path(file_okay=False), help=help, **kw)
+
+
+def threads_option(help: str = "Runtime threads (default: the artifact's, i.e. the "
+                   "target's cores).") -> Callable:
+    return click.option("--threads", type=click.IntRange(min=1), help=help)
+
+
+def rpc_options(fn: Callable) -> Callable:
+    """``--rpc HOST:PORT`` (always an address), ``--rpc-tracker HOST:PORT``, ``--rpc-key``."""
+    opts = [
+        click.option("--rpc", metavar="HOST:PORT",
+                     help="A device's TVM RPC server (python -m tvm.exec.rpc_server)."),
+        click.option("--rpc-tracker", metavar="HOST:PORT",
+                     help="A TVM RPC tracker the device is registered with."),
+        click.option("--rpc-key", metavar="KEY", help="Device key to request from the tracker."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def check_rpc(rpc: str | None, rpc_tracker: str | None, rpc_key: str | None) -> None:
+    """The combinations ``rpc_options`` allows, as usage errors."""
+    if rpc and rpc_tracker:
+        raise click.UsageError("give either --rpc or --rpc-tracker, not both")
+    if rpc_key and not rpc_tracker:
+        raise click.UsageError("--rpc-key goes with --rpc-tracker")
+    if rpc_tracker and not rpc_key:
+        raise click.UsageError("--rpc-tracker needs --rpc-key (the device key to request)")
+
+
+def grouped(name: str, factory: Callable[..., Any], *options: Callable) -> Callable:
+    """Add ``options`` to a command and hand their values to it as one argument,
+    ``name=factory(**values)``: a command takes a few typed groups, not 30 parameters."""
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs[name] = factory(**{k: kwargs.pop(k) for k in keys})
+            return fn(*args, **kwargs)
+
+        params = wrapper.__dict__.setdefault("__click_params__", [])
+        wrapper.__click_params__ = params = list(params)
+        before = len(params)
+        for o in reversed(options):
+            wrapper = o(wrapper)
+        keys = [p.name for p in wrapper.__click_params__[before:]]
+        return wrapper
+    return deco

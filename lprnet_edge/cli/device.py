@@ -91,9 +91,11 @@ def _step(msg: str) -> None:
 def bench_over_ssh(opts: dict[str, Any], rpc: bool = False, artifact: str | None = None,
                    runs: int = 100, warmup: int = 10, threads: int | None = None,
                    image: str | None = None, include_preprocess: bool = True,
-                   number: int = 10, repeat: int | None = None) -> dict[str, Any]:
-    """Benchmark on the device: the deployed Recognizer (default), or with ``rpc`` the model
-    of ``artifact`` through a TVM RPC server on the device reached by an SSH tunnel."""
+                   number: int = 10, repeat: int | None = None,
+                   profile: bool = False) -> dict[str, Any]:
+    """Benchmark on the device: the deployed Recognizer (default; ``profile`` adds the agent's
+    per-kernel table), or with ``rpc`` the model of ``artifact`` through a TVM RPC server on
+    the device reached by an SSH tunnel."""
     from lprnet_edge.device.deploy import remote_bench, rpc_bench
 
     with device_from(opts) as dev:
@@ -102,7 +104,8 @@ def bench_over_ssh(opts: dict[str, Any], rpc: bool = False, artifact: str | None
                 raise click.UsageError("--rpc with --host needs --artifact (the model to time)")
             return rpc_bench(dev, artifact, number=number, repeat=repeat or max(1, runs // number))
         return remote_bench(dev, runs=runs, warmup=warmup, threads=threads, image=image,
-                            include_preprocess=include_preprocess, expect_artifact=artifact)
+                            include_preprocess=include_preprocess, expect_artifact=artifact,
+                            profile=profile)
 
 
 def deploy_with_progress(dev: Any, artifact: Any, name: str | None = None,
@@ -113,6 +116,20 @@ def deploy_with_progress(dev: Any, artifact: Any, name: str | None = None,
     click.echo(f"Deploying {artifact} to {dev.conn.spec}:{dev.root}", err=True)
     with progress("Uploading", artifact_size(artifact, with_runtime=True)) as bar:
         return deploy(dev, artifact, name=name, keep=keep, progress=bar, on_step=_step)
+
+
+def device_verification_summary(v: dict[str, Any] | None) -> str:
+    """One line for the on-device comparison with PyTorch (``DeployResult.checks``)."""
+    if not v:
+        return "-"
+    if v.get("status") == "absent":
+        return "not run on the device: the artifact carries no verify.npz (rebuild it)"
+    diff = v.get("max_abs_logit_diff")
+    agree = v.get("plate_agreement")
+    return (f"{v.get('status')} on the device: max |logit diff| vs PyTorch "
+            f"{'non-finite' if diff is None else f'{diff:.2e}'} (tol {v.get('tolerance'):g}) on "
+            f"{v.get('inputs')} calib inputs"
+            + (f", {agree:.0%} plates agree" if agree is not None else ""))
 
 
 def print_bench(stats: dict[str, Any], as_json: bool) -> None:
@@ -126,14 +143,24 @@ def print_bench(stats: dict[str, Any], as_json: bool) -> None:
     click.echo(f"device    {stats.get('host')}  ({arch})")
     click.echo(f"measured  {how}")
     click.echo(format_latency(stats))
+    print_profile(stats.get("profile"))
 
+
+def print_profile(profile: dict[str, Any] | None, top: int = 15) -> None:
+    """The per-kernel table after the latency tables (``bench --profile``)."""
+    if not profile:
+        return
+    from lprnet_edge.runtime.profile import Profile
+
+    table = Profile.from_dict(profile).format(top)
+    click.echo(f"\nPer kernel (VM instrument, slowest first):\n{table}")
 
 
 # ---------------------------------------------------------------- deploy / rollback
 
 
 @click.command("deploy")
-@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.argument("artifact", type=click.Path(exists=True))
 @ssh_options
 @click.option("--name", help="Deployment name (default: the artifact folder's name).")
 @click.option("--keep", type=click.IntRange(min=1), default=5, show_default=True,
@@ -141,17 +168,22 @@ def print_bench(stats: dict[str, Any], as_json: bool) -> None:
 @json_option
 @_with_device
 def deploy_cmd(dev: Any, artifact: str, name: str | None, keep: int, as_json: bool) -> None:
-    """Install an artifact on a device over SSH, atomically.
+    """Install an artifact (a folder, or the .tar.gz of `build --bundle`) on a device over
+    SSH, atomically.
 
-    Refuses an artifact built for another architecture than the device's (`uname -m`) and a
-    device without the free space it needs. Uploads the artifact and the lprnet_edge runtime
-    to a staging folder, checks their sha256 on the device, loads and runs the model there,
-    then makes it current with an atomic symlink swap. If anything fails, the previous
-    deployment stays current and untouched (`lprnet-edge rollback` switches back later).
+    Refuses an artifact built for another architecture than the device's (`uname -m`), a
+    manifest naming files outside the artifact, and a device without the free space it needs.
+    Uploads the artifact and the lprnet_edge runtime to a staging folder, checks their sha256
+    on the device, loads and runs the model there and compares its logits with the host's
+    PyTorch ones stored in the artifact (verify.npz), then makes it current with an atomic
+    symlink swap. If anything fails, or the logits differ past the build's tolerance, the
+    previous deployment stays current and untouched (`lprnet-edge rollback` switches back
+    later).
 
     \b
     Examples:
       lprnet-edge deploy build/lprnet-rpi4 --host pi@raspberrypi.local
+      lprnet-edge deploy build/lprnet-rpi4.tar.gz --host pi@raspberrypi.local
       lprnet-edge deploy build/lprnet-rpi4 --host pi@10.0.0.7:2222 --key ~/.ssh/pi_ed25519 \\
           --known-hosts ~/.ssh/known_hosts --accept-new-host
     """
@@ -167,6 +199,7 @@ def deploy_cmd(dev: Any, artifact: str, name: str | None, keep: int, as_json: bo
     click.echo(f"checks       sha256 ok on the device; model loaded in "
                f"{res.checks.get('load_s') or 0:.2f} s, first run "
                f"{res.checks.get('first_inference_s') or 0:.2f} s")
+    click.echo(f"verification {device_verification_summary(res.checks.get('verification'))}")
     click.echo(f"total        {res.seconds:.1f} s")
 
 
@@ -331,4 +364,61 @@ def remote_bench_cmd(rpc: bool, artifact: str | None, runs: int, warmup: int,
     print_bench(stats, as_json)
 
 
-COMMANDS = (deploy_cmd, rollback_cmd, remote)
+# ---------------------------------------------------------------- device group
+
+
+@click.group("device")
+def device_group() -> None:
+    """Prepare a board for lprnet-edge over SSH."""
+
+
+@device_group.command("setup")
+@ssh_options
+@click.option("--offline", is_flag=True,
+              help="The board has no network: download the wheels here (for its platform and "
+                   "Python), upload them, check their sha256 there and install them.")
+@click.option("--wheels", "wheels_dir", type=click.Path(exists=True, file_okay=False),
+              help="Wheels already downloaded for the board (implies --offline).")
+@click.option("--rpc-deps", is_flag=True,
+              help="Also install TVM's RPC server dependencies (cloudpickle, tornado, psutil) "
+                   "for `bench --rpc` and tuning on the board.")
+@json_option
+def device_setup_cmd(offline: bool, wheels_dir: str | None, rpc_deps: bool, as_json: bool,
+                     **kw: Any) -> None:
+    """Create the runtime venv on a board and install everything it needs, in one command.
+
+    Creates REMOTE_DIR/venv (python3 -m venv, or --python), installs numpy,
+    opencv-python-headless, apache-tvm 0.27 and apache-tvm-ffi 0.1.14.post1 from the board's
+    package index (or, with --offline, from aarch64 wheels downloaded on this host), and
+    installs lprnet_edge's runtime so `from lprnet_edge import Recognizer` works in that venv
+    for your own scripts (a .pth file: the current deployment's runtime, else the set-up copy).
+    Safe to run again.
+
+    \b
+    Examples:
+      lprnet-edge device setup --host pi@raspberrypi.local
+      lprnet-edge device setup --host pi@10.0.0.7 --offline
+      ~/.lprnet-edge/venv/bin/python -c 'from lprnet_edge import Recognizer'   # on the board
+    """
+    from lprnet_edge.device.setup import setup_device
+
+    opts = _ssh_kwargs(kw)
+    base = opts.pop("remote_python", None) or "python3"
+    with device_from(opts) as dev:
+        click.echo(f"Setting up {dev.conn.spec}:{dev.root}/venv", err=True)
+        with progress("Uploading wheels", 1) as bar:
+            res = setup_device(dev, offline=offline, wheels_dir=wheels_dir, base_python=base,
+                               rpc=rpc_deps, progress=bar, on_step=_step)
+    if as_json:
+        echo_json(res.to_dict())
+        return
+    v = res.versions
+    click.echo(f"venv         {res.venv} (Python {res.python}, {res.machine})")
+    click.echo(f"installed    tvm {v.get('tvm')}, numpy {v.get('numpy')}, opencv "
+               f"{v.get('opencv')} ({'uploaded wheels' if res.mode == 'offline' else 'pip'})")
+    click.echo(f"runtime      lprnet_edge {v.get('lprnet_edge')} in {res.runtime} ({res.pth})")
+    click.echo(f"total        {res.seconds:.1f} s")
+    click.echo(f"\nNext: lprnet-edge deploy ARTIFACT --host {res.host}")
+
+
+COMMANDS = (deploy_cmd, rollback_cmd, remote, device_group)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from lprnet_edge.cli.common import out_option
+
 
 def _command(ctx: click.Context) -> str:
     """The command as given (options from the command line only), for the report's
@@ -30,8 +32,7 @@ def _command(ctx: click.Context) -> str:
 
 
 @click.command("report")
-@click.option("--out", type=click.Path(file_okay=False), default="docs", show_default=True,
-              help="Folder for compression-report.md/.json/.png.")
+@out_option("Folder for compression-report.md/.json/.png.", default="docs", show_default=True)
 @click.option("--quick", is_flag=True,
               help="Fewer variants, a short distillation, no selection table.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
@@ -117,7 +118,7 @@ def report_cmd(ctx: click.Context, out: str, quick: bool, weights: str | None,
     click.echo(f"wrote {Path(out) / 'compression-report.md'} (.json, .png)")
 
 @click.command("compress")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
               help="Output checkpoint (.pth) with widths metadata.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--calib", "calib_dir", type=click.Path(exists=True, file_okay=False))

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
-from lprnet_edge.cli.device import ssh_options_optional
-from lprnet_edge.runtime.errors import ArtifactError, LprnetEdgeError
+from lprnet_edge.cli.device import print_profile, ssh_options_optional
+from lprnet_edge.runtime.errors import LprnetEdgeError
 
 rpc_option = click.option("--rpc", metavar="HOST:PORT", is_flag=False, flag_value="tunnel",
                           help="TVM RPC server of the device (python -m tvm.exec.rpc_server). "
@@ -67,36 +66,13 @@ def tune_model(target: str = "host", trials: int = 200, weights: str | None = No
     return summary
 
 
-def _artifact_inputs(artifact: str | Path) -> tuple[dict[str, Any], Path, list[np.ndarray]]:
-    """(manifest, model.so path, params in call order) of a TVM artifact."""
-    from lprnet_edge.runtime.artifact import verify
-    from lprnet_edge.runtime.params_codec import load_params
-
-    root = Path(artifact)
-    m = verify(root, check_arch=False)
-    if m.get("backend") != "tvm":
-        raise ArtifactError(f"{root}: a {m.get('backend')!r} artifact; TVM timing needs a "
-                            "TVM artifact (lprnet-edge build)")
-    rt = m.get("runtime", {})
-    params: list[np.ndarray] = []
-    if rt.get("params"):
-        arrays = load_params(root / rt["params"])
-        params = [arrays[k] for k in rt["param_order"]]
-    return m, root / m.get("model_file", "model.so"), params
-
-
-def _example_input(manifest: dict[str, Any]) -> np.ndarray:
-    """A preprocessed synthetic plate (the Recognizer's own benchmark image)."""
-    from lprnet_edge.runtime.preprocess import Preprocess
-    from lprnet_edge.runtime.recognizer import _synthetic_plate
-
-    pre = Preprocess.from_dict(manifest["preprocess"])
-    return np.ascontiguousarray(pre(_synthetic_plate(pre)), dtype=np.float32)
-
-
 def bench_local(artifact: str | Path, runs: int = 200, warmup: int = 20,
-                threads: int | None = None) -> dict[str, Any]:
-    """Time an artifact here: Recognizer end to end, model only, and TVM's time_evaluator."""
+                threads: int | None = None, profile: bool = False,
+                profile_runs: int = 20) -> dict[str, Any]:
+    """Time an artifact here: Recognizer end to end, model only, and the module through the
+    one timing path (:func:`lprnet_edge.compiler.session.time_artifact`, a local session);
+    ``profile`` adds the per-kernel table."""
+    from lprnet_edge.compiler.session import time_artifact
     from lprnet_edge.runtime.recognizer import Recognizer
 
     if threads:
@@ -106,49 +82,28 @@ def bench_local(artifact: str | Path, runs: int = 200, warmup: int = 20,
                            "backend": rec.backend_name, "threads": threads}
     res["end_to_end"] = rec.benchmark(runs=runs, warmup=warmup, include_preprocess=True)
     res["model_only"] = rec.benchmark(runs=runs, warmup=warmup, include_preprocess=False)
-    if rec.backend_name == "tvm":
-        res["time_evaluator"] = time_evaluator_local(artifact, runs, warmup)
+    timed = time_artifact(rec.artifact or artifact, repeat=runs, warmup=warmup,
+                          threads=threads, profile=profile, profile_runs=profile_runs)
+    res["threads"] = timed.timing.threads
+    res["time_evaluator"] = timed.timing.to_dict()
+    if timed.profile is not None:
+        res["profile"] = timed.profile.to_dict()
     return res
-
-
-def time_evaluator_local(artifact: str | Path, runs: int = 200, warmup: int = 20
-                         ) -> dict[str, Any]:
-    import tvm
-    from tvm.runtime.vm import VirtualMachine
-
-    from lprnet_edge.runtime.timing import summarize
-
-    m, lib_path, params = _artifact_inputs(artifact)
-    dev = tvm.cpu(0)
-    vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), dev)
-    entry = m.get("runtime", {}).get("entry", "main")
-    args = [tvm.runtime.tensor(_example_input(m), dev)]
-    args += [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in params]
-    vm.set_input(entry, *args)
-    if warmup:
-        vm.time_evaluator("invoke_stateful", dev, number=1, repeat=warmup)(entry)
-    r = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=runs)(entry)
-    return summarize([s * 1e3 for s in r.results])
 
 
 def bench_rpc(artifact: str | Path, rpc: str | None = None, rpc_tracker: str | None = None,
               rpc_key: str | None = None, runs: int = 200, warmup: int = 20,
               timeout: float = 30.0) -> dict[str, Any]:
-    """Upload the artifact's ``model.so`` to an RPC device, send its params, time ``main``.
+    """Upload the artifact's ``model.so`` to an RPC device, send its params, time the entry
+    (the same code as locally, on a remote session).
 
     The device side needs only the TVM runtime (``tvm.runtime.vm.VirtualMachine``). Threads
     on the device: start its server with ``TVM_NUM_THREADS=N``.
     """
-    from lprnet_edge.compiler.rpc import connect, time_module
+    from lprnet_edge.compiler.session import open_session, time_artifact
 
-    m, lib_path, params = _artifact_inputs(artifact)
-    session = connect(rpc, rpc_tracker, rpc_key, timeout=timeout)
-    x = _example_input(m)
-    out = time_module(session, lib_path, params, x, runs=runs, warmup=warmup,
-                      entry=m.get("runtime", {}).get("entry", "main"))
-    return {"artifact": str(artifact), "where": rpc or f"{rpc_tracker} key {rpc_key}",
-            "target": m["target"].get("name"), "time_evaluator": out["stats"],
-            "output_shape": list(out["output"].shape)}
+    session = open_session(rpc, rpc_tracker, rpc_key, timeout=timeout)
+    return time_artifact(artifact, session, repeat=runs, warmup=warmup).to_dict()
 
 
 # ---------------------------------------------------------------- commands
@@ -238,10 +193,14 @@ def tune_cmd(target: str, trials: int, trials_per_task: int | None, rpc: str | N
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds allowed to reach the RPC device (its server starts a process "
                    "per session).")
+@click.option("--profile", is_flag=True,
+              help="Also time every kernel (VM instrument): ms, share, calls, GFLOP/s of the "
+                   "convolutions, tuned or default schedule. Here, or on a board with --host "
+                   "(not over --rpc: TVM cannot run the instrument remotely).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @ssh_options_optional
 def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rpc_key: str | None,
-              runs: int, warmup: int, threads: int | None, timeout: float,
+              runs: int, warmup: int, threads: int | None, timeout: float, profile: bool,
               as_json: bool, **ssh: Any) -> None:
     """Latency of an artifact at batch 1: here, or on a device through TVM RPC.
 
@@ -254,8 +213,11 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
       lprnet-edge bench --artifact build/lprnet-host --threads 1
       lprnet-edge bench --artifact build/lprnet-rpi4 --rpc 192.168.1.20:9090 --runs 500
       lprnet-edge bench --host pi@raspberrypi.local      # the deployed model, over SSH
+      lprnet-edge bench --artifact build/lprnet-host --profile     # per-kernel table
+      lprnet-edge bench --host pi@raspberrypi.local --profile      # ... on the board
     """
     from lprnet_edge.cli.common import echo_json, format_latency
+    from lprnet_edge.compiler.session import RPC_PROFILE_ERROR
 
     if ssh.get("host"):  # on a device over SSH (lprnet_edge.cli.device)
         from lprnet_edge.cli.device import bench_over_ssh, print_bench
@@ -263,8 +225,11 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
         if rpc not in (None, "tunnel") or rpc_tracker:
             raise click.UsageError("with --host, give --rpc without an address (the server is "
                                    "started on the device and reached through SSH)")
+        if rpc and profile:
+            raise LprnetEdgeError("--profile runs on the board through its agent, not over "
+                                  "RPC: drop --rpc (lprnet-edge bench --host USER@HOST --profile)")
         print_bench(bench_over_ssh(ssh, rpc=bool(rpc), artifact=artifact, runs=runs,
-                                   warmup=warmup, threads=threads), as_json)
+                                   warmup=warmup, threads=threads, profile=profile), as_json)
         return
     if not artifact:
         raise click.UsageError("give --artifact (or --host to time the model deployed there)")
@@ -272,10 +237,13 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
         raise click.UsageError("give either --rpc or --rpc-tracker, not both")
     if rpc_key and not rpc_tracker:
         raise click.UsageError("--rpc-key goes with --rpc-tracker")
+    if (rpc or rpc_tracker) and profile:
+        raise LprnetEdgeError(RPC_PROFILE_ERROR)
     if rpc or rpc_tracker:
         res = bench_rpc(artifact, rpc, rpc_tracker, rpc_key, runs, warmup, timeout)
     else:
-        res = bench_local(artifact, runs, warmup, threads)
+        res = bench_local(artifact, runs, warmup, threads, profile=profile,
+                          profile_runs=max(1, min(runs, 20)))
     if as_json:
         echo_json(res)
         return
@@ -285,6 +253,7 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
                        ("time_evaluator", "TVM time_evaluator (module)")):
         if key in res:
             click.echo(f"\n{label}:\n{format_latency(res[key])}")
+    print_profile(res.get("profile"))
 
 
 COMMANDS = (tune_cmd, bench_cmd)

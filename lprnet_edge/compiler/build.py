@@ -11,13 +11,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lprnet_edge.compiler.errors import import_tvm_compiler, last_line, tail
-from lprnet_edge.compiler.frontend import ENTRY
 from lprnet_edge.compiler.target import TargetSpec
 from lprnet_edge.compiler.toolchain import Compiler
-from lprnet_edge.runtime.errors import ArtifactError, LprnetEdgeError, ToolchainError
+from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
 
 # ---------------------------------------------------------------- Relax -> module
 
@@ -55,20 +52,68 @@ def prepare_for_tuning(mod: Any, target: TargetSpec | Any, opt_level: int = 3) -
         return tvm.transform.Sequential(fusion_passes(tgt))(mod)
 
 
+def schedule_database(mod: Any, target: Any, database: Any = None, defaults: bool = True,
+                      log: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The database a build applies: its own ``database`` first, then the packaged default
+    schedules, then traces transferred to kernels neither knows (see
+    :mod:`lprnet_edge.compiler.schedules`). Returns ``(database or None, coverage)`` where
+    coverage names the kernels of each kind (``naive``: TVM's default loops)."""
+    from lprnet_edge.compiler import schedules
+
+    layers = [db for db in (database, schedules.default_database() if defaults else None)
+              if db is not None]
+    if not layers:
+        return None, {}
+    from tvm.s_tir import meta_schedule as ms
+
+    prepared = prepare_for_tuning(mod, target)
+    tasks = ms.relax_integration.extract_tasks(prepared, target)
+    known: list[Any] = []
+    for db in layers:
+        known += list(schedules.best_records(db).values())
+    cover: dict[str, list[str]] = {"tuned": [], "default": [], "transferred": [], "naive": []}
+    fallback = ms.database.MemoryDatabase()
+    for t in tasks:
+        func = t.dispatched[0]
+        if database is not None and database.has_workload(func):
+            cover["tuned"].append(t.task_name)
+        elif len(layers) > (database is not None) and layers[-1].has_workload(func):
+            cover["default"].append(t.task_name)
+        elif (sch := schedules.transfer(func, target, known)) is not None:
+            wl = fallback.commit_workload(func)
+            fallback.commit_tuning_record(ms.database.TuningRecord(
+                trace=sch.trace, workload=wl, run_secs=[1.0], target=target,
+                args_info=ms.arg_info.ArgInfo.from_prim_func(
+                    next(iter(func.functions.values())))))
+            cover["transferred"].append(t.task_name)
+        else:
+            cover["naive"].append(t.task_name)
+    layers.append(fallback)
+    db = layers[0] if len(layers) == 1 else ms.database.OrderedUnionDatabase(*layers)
+    if log:
+        log("schedules: " + ", ".join(f"{len(v)} {k}" for k, v in cover.items() if v))
+    return db, cover
+
+
 def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler | str | None,
           database: Any = None, opt_level: int = 3,
-          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+          log: Callable[[str], None] | None = None, defaults: bool = True) -> dict[str, Any]:
     """Compile ``mod`` for ``target_spec`` and write the shared library ``out_path``.
 
     ``cc`` links the objects (a :class:`Compiler`, a path, or None for TVM's default host
     compiler). ``database``: a MetaSchedule database applied with ``compile_relax``.
-    Returns timings and what was used.
+    ``defaults``: kernels without a record in ``database`` get the packaged default schedules
+    (:func:`schedule_database`) instead of naive loops.
+    Returns timings and what was used (``schedules``: which kernels got which schedule).
     """
     tvm = import_tvm_compiler()
     target = target_spec.tvm_target()
     out_path = Path(out_path)
     t0 = time.perf_counter()
+    cover: dict[str, Any] = {}
     try:
+        tuned = database is not None
+        database, cover = schedule_database(mod, target, database, defaults, log)
         if database is not None:
             from tvm.s_tir.meta_schedule.relax_integration import compile_relax
 
@@ -94,7 +139,11 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
     return {
         "compile_s": round(t_compile, 3),
         "export_s": round(time.perf_counter() - t1, 3),
-        "tuned": database is not None,
+        "tuned": tuned,
+        "schedules": {k: len(v) for k, v in cover.items()},
+        "untuned_kernels": cover.get("naive", []),
+        # kernel -> "tuned" | "default" | "transferred" | "naive": the profiler's column
+        "kernel_schedules": {n: k for k, names in cover.items() for n in names},
         "opt_level": opt_level,
         "compiler": path,
         "tvm_target": str(target),
@@ -113,40 +162,3 @@ def export_library(module: Any, out_path: str | Path, cc_path: str | None,
     module.export_library(str(out_path),
                           fcompile=tvm_cc.cross_compiler(cc_path, options=list(options) or None))
 
-
-# ---------------------------------------------------------------- run a host build in-process
-
-
-class HostModule:
-    """A host-built ``model.so`` loaded once (TVM runtime), with its parameters bound."""
-
-    def __init__(self, lib_path: str | Path, params: Sequence[np.ndarray] | dict[str, np.ndarray]
-                 ) -> None:
-        import tvm
-        from tvm.runtime.vm import VirtualMachine
-
-        self._tvm = tvm
-        self.device = tvm.cpu(0)
-        try:
-            lib = tvm.runtime.load_module(str(lib_path))
-        except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"{lib_path}: cannot load compiled module ({last_line(e)})"
-                                ) from e
-        self._vm = VirtualMachine(lib, self.device)
-        self._fn = self._vm[ENTRY]
-        values = params.values() if isinstance(params, dict) else params
-        self._params = [tvm.runtime.tensor(np.ascontiguousarray(p, dtype=np.float32),
-                                           self.device) for p in values]
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self._fn(self._tvm.runtime.tensor(np.ascontiguousarray(x, np.float32),
-                                                self.device), *self._params)
-        if not hasattr(out, "numpy"):
-            out = out[0]
-        return out.numpy()
-
-
-def run_host(lib_path: str | Path, x: np.ndarray,
-             params: Sequence[np.ndarray] | dict[str, np.ndarray]) -> np.ndarray:
-    """Run a host-built module once on ``x`` (1x3x24x94 float32): the logits."""
-    return HostModule(lib_path, params)(x)

@@ -3,6 +3,11 @@
 ``main(x, *params)`` takes the parameters in the returned dict's order; the artifact stores them
 in ``params.npz`` and the runtime passes them after the image. BatchNorm is folded before
 import (:func:`lprnet_edge.model.fold.fold_batchnorm`), so the module has none left.
+
+A compressed model (:class:`lprnet_edge.compress.api.CompressedModel`) is imported through its
+``module``; a :class:`~lprnet_edge.compress.api.QuantizedModel` with ``int8_convs`` then gets
+its quantized convolutions rewritten into real int8 ones (:func:`relax_int8_rewrite`: TVM 0.27
+has no quantization pass of its own).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lprnet_edge.compiler.errors import first_line, import_tvm_compiler
+from lprnet_edge.compress.api import CompressedModel, QuantizedModel
 from lprnet_edge.model.fold import fold_batchnorm
 from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
 
@@ -28,14 +34,16 @@ def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True
              ) -> tuple[Any, dict[str, np.ndarray]]:
     """Import ``model`` at batch 1: ``(IRModule, {param name: float32 array})``.
 
-    ``main(x, *params)`` takes the parameters in the dict's order. An object with its own
-    ``to_relax(frontend=...)`` (e.g. a quantized model that emits int8 Relax) is delegated to.
+    ``main(x, *params)`` takes the parameters in the dict's order. ``model`` is a torch
+    module or a :class:`CompressedModel` (a quantized one with ``int8_convs`` compiles them
+    as int8 x int8 -> int32 convolutions).
     """
     if frontend not in FRONTENDS:
         raise LprnetEdgeError(f"frontend {frontend!r}: use one of {list(FRONTENDS)}")
-    if hasattr(model, "to_relax"):
-        mod, params = model.to_relax(frontend=frontend)
-        return normalize(mod), {k: np.asarray(v) for k, v in params.items()}
+    if isinstance(model, QuantizedModel) and model.int8_convs:
+        return int8_to_relax(model, frontend)
+    if isinstance(model, CompressedModel):
+        model = model.module
     import_tvm_compiler()
     import torch
     from tvm import relax
@@ -95,3 +103,77 @@ def normalize(mod: Any) -> Any:
         relax.transform.CanonicalizeBindings(),
     ])
     return seq(mod)
+
+
+# ---------------------------------------------------------------- real int8 convolutions
+
+
+def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export"
+                  ) -> tuple[Any, dict[str, np.ndarray]]:
+    """Import the fake-quant ``qmodel.module`` and make its ``int8_convs`` real int8
+    convolutions; refuses an import where the rewrite did not find every one of them."""
+    mod, params = to_relax(qmodel.module, frontend)
+    mod, n = relax_int8_rewrite(mod)
+    expected = len(qmodel.int8_convs)
+    if n != expected:
+        raise LprnetEdgeError(f"int8 rewrite matched {n} of {expected} quantized convolutions "
+                              f"(frontend {frontend!r}); use the torch.export frontend")
+    return normalize(mod), params
+
+
+def relax_int8_rewrite(mod: Any) -> tuple[Any, int]:
+    """Rewrite ``R.nn.conv2d(clip(round(a)), clip(round(b)))`` (float tensors holding int8
+    codes, as exported from ``compress.quantize.QuantConv2d``) into
+    ``astype(R.nn.conv2d(astype(., int8), astype(., int8), out_dtype="int32"), float32)``.
+
+    The codes are exact integers in [-127, 127], so the casts are exact and the int32
+    accumulation equals the float one (up to float32 rounding of large sums). Returns the new
+    module and the number of convolutions rewritten.
+    """
+    tvm = import_tvm_compiler()
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    count = [0]
+
+    def is_op(e: Any, name: str) -> bool:
+        return isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == name
+
+    @mutator
+    class _Int8Conv(PyExprMutator):
+        def _is_code(self, e: Any) -> bool:
+            if isinstance(e, relax.Var):
+                b = self.lookup_binding(e)
+                if b is not None:
+                    e = b
+            return is_op(e, "relax.clip") and _clip_is_int8(e)
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not is_op(call, "relax.nn.conv2d"):
+                return call
+            data, weight = call.args
+            if not (self._is_code(data) and self._is_code(weight)):
+                return call
+            a = call.attrs
+            count[0] += 1
+            conv = relax.op.nn.conv2d(
+                relax.op.astype(data, "int8"), relax.op.astype(weight, "int8"),
+                strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
+                data_layout=a.data_layout, kernel_layout=a.kernel_layout,
+                out_layout=a.out_layout, out_dtype="int32")
+            return relax.op.astype(conv, "float32")
+
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            out[gv] = _Int8Conv().visit_expr(func)
+    return relax.transform.CanonicalizeBindings()(out), count[0]
+
+
+def _clip_is_int8(call: Any) -> bool:
+    try:
+        lo, hi = (float(v.value) for v in call.args[1:3])
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return lo >= -128 and hi <= 127

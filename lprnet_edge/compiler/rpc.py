@@ -1,4 +1,5 @@
-"""TVM RPC, client side: reach a device directly or through a tracker, run and time a module.
+"""TVM RPC, client side: reach a device directly or through a tracker (running and timing a
+module there is :mod:`lprnet_edge.compiler.session`, the same code as locally).
 
 Also starts and stops a local RPC server or tracker (``python -m tvm.exec.rpc_server`` /
 ``rpc_tracker``) by process group, for tests and for users who want to tune against this
@@ -24,8 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from lprnet_edge.runtime.errors import DeviceError, LprnetEdgeError
 
@@ -54,7 +53,7 @@ def check_port(host: str, port: int, timeout: float = DEFAULT_TIMEOUT_S,
                           "and is the port open?)") from e
 
 
-def _with_timeout(fn: Callable[[], Any], timeout: float, what: str) -> Any:
+def with_timeout(fn: Callable[[], Any], timeout: float, what: str) -> Any:
     """Run ``fn`` in a daemon thread; DeviceError if it does not finish in ``timeout`` s."""
     box: dict[str, Any] = {}
 
@@ -95,13 +94,13 @@ def connect(rpc: str | None = None, tracker: str | None = None, key: str | None 
     if rpc:
         host, port = parse_hostport(rpc, "--rpc")
         check_port(host, port, timeout)
-        return _with_timeout(lambda: tvm_rpc.connect(host, port, session_timeout=session_timeout),
+        return with_timeout(lambda: tvm_rpc.connect(host, port, session_timeout=session_timeout),
                              timeout, f"RPC server {host}:{port}")
     if not key:
         raise LprnetEdgeError("--rpc-tracker needs --rpc-key (the device key to request)")
     host, port = parse_hostport(tracker, "--rpc-tracker")  # type: ignore[arg-type]
     check_port(host, port, timeout, "RPC tracker")
-    trk = _with_timeout(lambda: tvm_rpc.connect_tracker(host, port), timeout,
+    trk = with_timeout(lambda: tvm_rpc.connect_tracker(host, port), timeout,
                         f"RPC tracker {host}:{port}")
     # A server is absent from the tracker's list while it re-registers after each session
     # or idle timeout: look again for a few seconds before calling the key unknown.
@@ -114,14 +113,14 @@ def connect(rpc: str | None = None, tracker: str | None = None, key: str | None 
         raise DeviceError(f"RPC tracker {host}:{port} has no device with key {key!r} "
                           f"(registered: {sorted(keys) or 'none'}); start the device's server "
                           f"with --tracker {host}:{port} --key {key}")
-    return _with_timeout(lambda: trk.request(key, priority=1, session_timeout=session_timeout,
+    return with_timeout(lambda: trk.request(key, priority=1, session_timeout=session_timeout,
                                              max_retry=2),
                          timeout, f"request for device {key!r} from tracker {host}:{port}")
 
 
 def tracker_keys(trk: Any, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, int]:
     """Device keys registered with a tracker session -> number of servers."""
-    summary = _with_timeout(trk.summary, timeout, "tracker summary")
+    summary = with_timeout(trk.summary, timeout, "tracker summary")
     counts: dict[str, int] = {}
     for item in summary.get("server_info", []):
         k = str(item.get("key", "")).split(":", 1)[-1]
@@ -133,7 +132,7 @@ def check_reachable(rpc: str | None = None, tracker: str | None = None, key: str
                     timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """Open a session and ask the device something; DeviceError if anything fails."""
     sess = connect(rpc, tracker, key, timeout)
-    exists = _with_timeout(lambda: bool(sess.cpu(0).exist), timeout, "device query")
+    exists = with_timeout(lambda: bool(sess.cpu(0).exist), timeout, "device query")
     if not exists:
         raise DeviceError("the RPC server answers but has no CPU device")
     return {"rpc": rpc, "tracker": tracker, "key": key}
@@ -146,47 +145,6 @@ def direct_session(rpc_config: Any) -> Any:
 
     return tvm_rpc.connect(rpc_config.tracker_host, int(rpc_config.tracker_port),
                            session_timeout=rpc_config.session_timeout_sec)
-
-
-# ---------------------------------------------------------------- run and time remotely
-
-
-def time_module(session: Any, lib_path: str | Path, params: Sequence[np.ndarray],
-                x: np.ndarray, runs: int = 100, warmup: int = 10, number: int = 1,
-                entry: str = "main", timeout: float = 600.0) -> dict[str, Any]:
-    """Upload ``lib_path`` to the session, load it in a Relax VM, time ``entry(x, *params)``.
-
-    Uses the stateful VM API (set_input + invoke_stateful), which works over RPC whatever the
-    function returns. Returns :func:`lprnet_edge.runtime.timing.summarize` figures of ``runs``
-    samples (each the mean of ``number`` calls) plus the output for checking.
-    """
-    from tvm.runtime import tensor
-    from tvm.runtime.vm import VirtualMachine
-
-    from lprnet_edge.runtime.timing import summarize
-
-    lib_path = Path(lib_path)
-
-    def run() -> dict[str, Any]:
-        t0 = time.perf_counter()
-        session.upload(str(lib_path))
-        rlib = session.load_module(lib_path.name)
-        upload_s = time.perf_counter() - t0
-        dev = session.cpu(0)
-        vm = VirtualMachine(rlib, dev)
-        args = [tensor(np.ascontiguousarray(x, np.float32), dev)]
-        args += [tensor(np.ascontiguousarray(p), dev) for p in params]
-        vm.set_input(entry, *args)
-        if warmup:
-            vm.time_evaluator("invoke_stateful", dev, number=1, repeat=warmup)(entry)
-        res = vm.time_evaluator("invoke_stateful", dev, number=number, repeat=runs)(entry)
-        out = vm.get_outputs(entry)
-        out0 = out if hasattr(out, "numpy") else out[0]
-        stats = summarize([s * 1e3 for s in res.results])
-        stats.update(number=number, warmup=warmup, upload_s=round(upload_s, 3))
-        return {"stats": stats, "output": out0.numpy()}
-
-    return _with_timeout(run, timeout, "remote benchmark")
 
 
 # ---------------------------------------------------------------- local server / tracker
@@ -247,7 +205,7 @@ def wait_for_key(tracker: str, key: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
-            trk = _with_timeout(lambda: tvm_rpc.connect_tracker(host, port), 5.0, "tracker")
+            trk = with_timeout(lambda: tvm_rpc.connect_tracker(host, port), 5.0, "tracker")
             if key in tracker_keys(trk, 5.0):
                 return
         time.sleep(0.5)

@@ -229,6 +229,9 @@ def parse_target(data: bytes | str, source: str, default_name: str | None = None
         if cpu:
             tvm_d["mcpu"] = cpu
             notes.append(f"mcpu {cpu!r} detected on this machine")
+            if "mattr" not in tvm_d and (mattr := host_mattr(cpu)):
+                tvm_d["mattr"] = mattr
+                notes.append("mattr from /proc/cpuinfo: " + " ".join(mattr))
         else:
             del tvm_d["mcpu"]
             notes.append("CPU not detected (TVM compiler not installed): generic code")
@@ -270,6 +273,41 @@ def detect_host_cpu() -> str | None:
     except Exception:  # noqa: BLE001
         return None
     return cpu if cpu and cpu != "generic" else None
+
+
+# /proc/cpuinfo flag -> LLVM feature: the vector units schedules and LLVM care about.
+_X86_FLAGS = {
+    "sse4_1": "sse4.1", "sse4_2": "sse4.2", "avx": "avx", "avx2": "avx2", "fma": "fma",
+    "f16c": "f16c", "avx512f": "avx512f", "avx512cd": "avx512cd", "avx512bw": "avx512bw",
+    "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512_vnni": "avx512vnni",
+    "avx_vnni": "avxvnni", "avx512_bf16": "avx512bf16",
+}
+_ARM_FLAGS = {"asimd": "neon", "asimddp": "dotprod", "fphp": "fullfp16", "i8mm": "i8mm"}
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags (``flags`` on x86, ``Features`` on ARM) from /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return set(val.split())
+    return set()
+
+
+def host_mattr(cpu: str, cpuinfo: str | None = None) -> list[str]:
+    """``mattr`` for the host: ``+f`` for each vector feature /proc/cpuinfo lists and ``-f``
+    for one that ``cpu`` implies but this machine lacks (a VM that hides AVX-512 from a
+    Zen 4 guest would otherwise get code that dies with SIGILL). Empty without cpuinfo."""
+    flags = cpu_flags(cpuinfo)
+    if not flags:
+        return []
+    table = _ARM_FLAGS if "asimd" in flags or machine_arch() != "x86_64" else _X86_FLAGS
+    return [("+" if f in flags else "-") + llvm for f, llvm in table.items()]
 
 
 def _scalar_or_str_list(v: Any) -> bool:

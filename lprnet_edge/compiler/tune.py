@@ -45,7 +45,12 @@ FAILED_SECS = 1e9  # MetaSchedule records failed candidates with run_secs = 1e10
 PROGRESS = "@@lprnet-tune "  # prefix of the worker's progress lines (JSON follows)
 # Tests only: the worker kills itself with SIGSEGV after this many measured batches.
 CRASH_TEST_ENV = "LPRNET_EDGE_TUNE_CRASH_AFTER"
-SCHEDULERS = ("gradient", "round-robin")
+SCHEDULERS = ("balanced", "gradient", "round-robin")
+# "balanced" (lprnet-edge's own plan, see plan_budget): a task whose share of the model's
+# estimated FLOPs is below CHEAP_SHARE is "cheap" (pooling, means, reshapes) and gets at most
+# CHEAP_TRIALS measured candidates; every task gets its first round before any gets a second.
+CHEAP_SHARE = 0.01
+CHEAP_TRIALS = 4
 
 # ---------------------------------------------------------------- worker environment
 
@@ -215,7 +220,7 @@ def _eprint(msg: str) -> None:
 
 def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] | None = None,
          tasks: Sequence[str] | None = None, prepared: bool = False,
-         timeout_s: float | None = None, scheduler: str = "gradient",
+         timeout_s: float | None = None, scheduler: str = "balanced",
          search: dict[str, Any] | None = None, cc: Any = None) -> tuple[Any, dict[str, Any]]:
     """Tune ``mod`` (from ``compile.to_relax``) for ``target`` (a TargetSpec).
 
@@ -223,11 +228,13 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
     ``tasks``: only tune tasks whose name contains one of these strings (tests, debugging).
     ``prepared``: ``mod`` already went through ``compile.prepare_for_tuning``.
     ``timeout_s``: kill the worker after that long (records measured so far stay).
-    ``scheduler``: MetaSchedule's ``"gradient"`` task scheduler (default: spends the budget
-    where the estimated latency gains most) or ``"round-robin"``. MetaSchedule writes a
-    batch's records when the scheduler *joins* it: round-robin joins every batch as soon as
-    it is measured, gradient only after its first pass over all tasks (an interrupted first
-    pass keeps nothing).
+    ``scheduler``: ``"balanced"`` (default, :func:`plan_budget`): every task gets its first
+    round (a few trials for cheap pooling/elementwise tasks) before any task gets a second,
+    the rest goes to the convolutions in proportion to FLOPs x calls; it runs MetaSchedule's
+    round-robin scheduler round by round, so each batch is saved as soon as it is measured.
+    ``"gradient"`` / ``"round-robin"``: one MetaSchedule run with that task scheduler over all
+    tasks (gradient keeps nothing of an interrupted first pass, and a small budget runs out
+    before the last tasks get any trial).
     ``search``: options of MetaSchedule's ``EvolutionarySearch`` (e.g. a smaller
     ``population_size`` for quick tests); default: MetaSchedule's defaults.
     ``cc``: the :class:`lprnet_edge.compiler.toolchain.Compiler` that links candidates measured on a
@@ -246,6 +253,7 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
         log(f"checking the device ({config.rpc or config.rpc_tracker})...")
         check_reachable(config.rpc, config.rpc_tracker, config.rpc_key,
                         timeout=config.timeout_s)
+    log("tuning: preparing the module (fusion passes)...")
     import tvm
 
     t0 = time.perf_counter()
@@ -409,7 +417,14 @@ def _format_progress(p: dict[str, Any]) -> str:
     kind = p.get("event")
     if kind == "start":
         return (f"tuning {p['tasks_to_tune']} of {p['tasks']} tasks, {p['budget']} new trials "
-                f"({p['existing']} records already in {p['db_dir']})")
+                + (f"in {p['rounds']} rounds ({p['cheap']} cheap tasks get at most "
+                   f"{CHEAP_TRIALS}) " if p.get("scheduler") == "balanced" else "")
+                + f"({p['existing']} records already in {p['db_dir']})")
+    if kind == "stage":
+        return f"tuning: {p['what']}... ({p['elapsed_s']:.0f}s)"
+    if kind == "round":
+        return (f"round {p['round']}/{p['rounds']}: {p['tasks']} tasks x {p['trials']} trials "
+                f"[{p['done']}/{p['budget']} done] ({p['elapsed_s']:.0f}s)")
     if kind == "skip":
         return (f"tuning skipped: the database already has {p['existing']} records for this "
                 f"model and target (budget {p['trials']}); reusing them")
@@ -419,7 +434,13 @@ def _format_progress(p: dict[str, Any]) -> str:
             f"{p['task']}: {p['task_trials']} trials, best "
             + (f"{best:.3f} ms" if best is not None else "-")
             + (f"; model estimate {est:.2f} ms" if est is not None else "")
-            + f" ({p['elapsed_s']:.0f}s)")
+            + f" ({p['elapsed_s']:.0f}s"
+            + (f", ETA {_duration(p['eta_s'])})" if p.get("eta_s") is not None else ")"))
+
+
+def _duration(secs: float) -> str:
+    secs = int(round(secs))
+    return f"{secs // 60}m{secs % 60:02d}s" if secs >= 60 else f"{secs}s"
 
 
 def _log_summary(s: dict[str, Any], log: Callable[[str], None]) -> None:
@@ -430,28 +451,91 @@ def _log_summary(s: dict[str, Any], log: Callable[[str], None]) -> None:
         f"{s['trials_new']} new trials ({s['records_total']} records in total), "
         f"{s['tune_s']:.0f}s; estimated latency {ms(s['est_ms_before'])} -> "
         f"{ms(s['est_ms_after'])}; database {s['db_dir']}")
+    if s.get("untuned"):
+        log(f"  {len(s['untuned'])} tasks have no record and keep default schedules: "
+            + ", ".join(s["untuned"]))
 
 
 # ---------------------------------------------------------------- the worker process
 
 
+def plan_budget(costs: Sequence[float], have: Sequence[int], budget: int, per_iter: int,
+                cap: int | None = None) -> list[list[tuple[int, int]]]:
+    """Rounds of ``(task index, new trials)`` for the "balanced" scheduler.
+
+    Round 0 gives every task its first round (``per_iter`` trials, ``CHEAP_TRIALS`` for a
+    cheap task; none if its records already make one), heaviest first, so a budget too small
+    for everyone still tunes the convolutions. The rest goes in ``per_iter`` units to the
+    non-cheap tasks, each unit to the task with the highest ``cost / (trials + per_iter)``,
+    which makes trials proportional to cost (FLOPs x calls); existing records count, so a
+    resumed run rebalances. ``cap``: at most that many records per task (existing included).
+    """
+    n = len(costs)
+    total = float(sum(costs)) or 1.0
+    cheap = [c / total < CHEAP_SHARE for c in costs]
+    room = [max(0, cap - h) if cap is not None else budget for h in have]
+    trials = [int(h) for h in have]
+    left = max(0, int(budget))
+    order = sorted(range(n), key=lambda i: (cheap[i], -costs[i], i))
+    first: list[tuple[int, int]] = []
+    for i in order:
+        want = CHEAP_TRIALS if cheap[i] else per_iter
+        t = min(want - trials[i], room[i], left) if trials[i] < want else 0
+        if t > 0:
+            first.append((i, t))
+            trials[i] += t
+            room[i] -= t
+            left -= t
+    units: list[list[int]] = [[] for _ in range(n)]
+    for pool in ([i for i in order if not cheap[i]], order):
+        while left > 0:
+            open_ = [i for i in pool if room[i] > 0]
+            if not open_:
+                break
+            i = max(open_, key=lambda j: (costs[j] / (trials[j] + per_iter), -j))
+            t = min(per_iter, room[i], left)
+            units[i].append(t)
+            trials[i] += t
+            room[i] -= t
+            left -= t
+    rounds = [first] if first else []
+    for r in range(max((len(u) for u in units), default=0)):
+        rounds.append([(i, units[i][r]) for i in order if len(units[i]) > r])
+    return rounds
+
+
+def _task_costs(extracted: Sequence[Any]) -> list[float]:
+    """Estimated FLOPs x calls of each task (0 when TVM cannot estimate it)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    out = []
+    for t in extracted:
+        try:
+            f = float(estimate_tir_flops(t.dispatched[0]))
+        except Exception:  # noqa: BLE001 - unknown ops: treat as cheap
+            f = 0.0
+        out.append(max(f, 1.0) * float(t.weight))
+    return out
+
+
 def _worker_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
+    t0 = time.perf_counter()
+
+    def emit(**kw: Any) -> None:
+        kw.setdefault("elapsed_s", time.perf_counter() - t0)
+        print(PROGRESS + json.dumps(kw), flush=True)
+
+    emit(event="stage", what="loading TVM and the module")
     import tvm
     import tvm_ffi
-    from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     cfg = TuneConfig.from_dict(spec["config"])
     db_dir = Path(spec["db_dir"])
     mod = tvm.ir.load_json(Path(spec["module"]).read_text())
     target = tvm.target.Target(spec["target"])
-    t0 = time.perf_counter()
-
-    def emit(**kw: Any) -> None:
-        print(PROGRESS + json.dumps(kw), flush=True)
-
+    emit(event="stage", what="extracting tuning tasks")
     extracted = ms.relax_integration.extract_tasks(mod, target)
     wanted = spec.get("tasks")
     if wanted:
@@ -462,6 +546,7 @@ def _worker_main(spec_path: str) -> int:
     hashes = [int(tvm_ffi.structural_hash(t.dispatched[0])) for t in extracted]
     weights = [float(t.weight) for t in extracted]
     names = [t.task_name for t in extracted]
+    costs = _task_costs(extracted)
 
     def per_task() -> tuple[list[int], list[float | None]]:
         counts = [0] * len(extracted)
@@ -486,36 +571,115 @@ def _worker_main(spec_path: str) -> int:
     existing = sum(counts)
     est_before = estimate(best0)
     cap = cfg.trials_per_task
-    todo = [i for i in range(len(extracted)) if cap is None or counts[i] < cap]
     budget = cfg.trials - existing
+    scheduler = spec.get("scheduler") or "balanced"
+    if scheduler == "balanced":
+        rounds = plan_budget(costs, counts, max(budget, 0), cfg.num_trials_per_iter, cap)
+    else:
+        todo0 = [i for i in range(len(extracted)) if cap is None or counts[i] < cap]
+        rounds = [[(i, budget) for i in todo0]] if todo0 and budget > 0 else []
     summary: dict[str, Any] = {
         "tasks": len(extracted), "records_before": existing, "est_ms_before": est_before,
+        "scheduler": scheduler,
     }
-    if budget <= 0 or not todo:
-        emit(event="skip", existing=existing, trials=cfg.trials)
-        summary.update(skipped=True, tasks_tuned=0, trials_new=0, tune_s=0.0,
-                       records_total=existing, est_ms_after=est_before,
-                       per_task=_task_table(names, weights, counts, best0))
+
+    def finish(skipped: bool) -> int:
+        counts, best = per_task()
+        summary.update(skipped=skipped, trials_new=sum(counts) - existing,
+                       tasks_tuned=sum(1 for c in counts if c > 0),
+                       untuned=[n for n, c in zip(names, counts, strict=True) if c == 0],
+                       tune_s=round(time.perf_counter() - t0, 1), records_total=sum(counts),
+                       est_ms_after=estimate(best),
+                       per_task=_task_table(names, weights, costs, counts, best))
         Path(spec["summary"]).write_text(json.dumps(summary))
         return 0
 
-    emit(event="start", tasks=len(extracted), tasks_to_tune=len(todo), budget=budget,
-         existing=existing, db_dir=str(db_dir))
-    nthreads = os.cpu_count() or 1
+    if budget <= 0 or not rounds:
+        emit(event="skip", existing=existing, trials=cfg.trials)
+        return finish(True)
+    planned = sum(t for r in rounds for _i, t in r)
+    todo = sorted({i for r in rounds for i, _t in r})
+    emit(event="start", tasks=len(extracted), tasks_to_tune=len(todo), budget=planned,
+         existing=existing, db_dir=str(db_dir), rounds=len(rounds), scheduler=scheduler,
+         cheap=sum(1 for c in costs if c / (sum(costs) or 1) < CHEAP_SHARE))
+    tools = _measure_tools(ms, cfg, spec, emit)
+    state = {"done": 0, "best": list(best0), "trials": [0] * len(extracted), "batches": 0,
+             "ids": [], "t_tune": time.perf_counter()}
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                 _progress_callback(ms, state, names, counts, planned, emit, estimate)]
     strategy: Any = "evolutionary"
     if spec.get("search"):
         strategy = ms.search_strategy.EvolutionarySearch(**spec["search"])
-    contexts, ctx_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        [extracted[i] for i in todo], work_dir=str(db_dir), num_threads=nthreads,
-        seed=cfg.seed, strategy=strategy)
-    state = {"done": 0, "best": list(best0), "trials": [0] * len(extracted), "batches": 0}
+    nthreads = os.cpu_count() or 1
+    for _attempt in range(3):
+        _run_rounds(ms, extracted, rounds, state, cfg, scheduler, cap, tools, database,
+                    callbacks, strategy, nthreads, db_dir, emit, planned)
+        # Tasks with tiny search spaces (reshapes) measure fewer candidates than planned:
+        # give what is left to the tasks that can still use it.
+        counts_now, _ = per_task()
+        left = cfg.trials - sum(counts_now)
+        got = {i: state["trials"][i] for i in range(len(extracted))}
+        short = {i for r in rounds for i, _t in r if got[i] < sum(
+            t for rr in rounds for j, t in rr if j == i)}
+        if scheduler != "balanced" or left < cfg.num_trials_per_iter:
+            break
+        live = [0.0 if i in short else c for i, c in enumerate(costs)]
+        rounds = plan_budget(live, counts_now, left, cfg.num_trials_per_iter, cap)
+        rounds = [[(i, t) for i, t in r if i not in short] for r in rounds]
+        rounds = [r for r in rounds if r]
+        if not rounds:
+            break
+        state["trials"] = [0] * len(extracted)
+        planned = state["done"] + sum(t for r in rounds for _i, t in r)
+        emit(event="stage", what=f"{left} trials left after exhausted search spaces: "
+             f"{len(rounds)} more rounds")
+    return finish(False)
+
+
+def _run_rounds(ms: Any, extracted: Sequence[Any], rounds: list[list[tuple[int, int]]],
+                state: dict[str, Any], cfg: TuneConfig, scheduler: str, cap: int | None,
+                tools: dict[str, Any], database: Any, callbacks: list[Any], strategy: Any,
+                nthreads: int, db_dir: Path, emit: Callable[..., None], planned: int) -> None:
+    """One MetaSchedule run per (round, trials per task) group; records are saved per batch."""
+    state["planned"] = planned
+    for r, entries in enumerate(rounds):
+        by_trials: dict[int, list[int]] = {}
+        for i, t in entries:
+            by_trials.setdefault(t, []).append(i)
+        for t, ids in by_trials.items():
+            emit(event="round", round=r + 1, rounds=len(rounds), tasks=len(ids), trials=t,
+                 done=state["done"], budget=planned)
+            contexts, ctx_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [extracted[i] for i in ids], work_dir=str(db_dir), num_threads=nthreads,
+                seed=cfg.seed + 7919 * r if cfg.seed is not None else None, strategy=strategy)
+            state["ids"] = ids
+            per_task_cap = t if scheduler == "balanced" else (cap if cap is not None else t)
+            ms.tune_tasks(
+                tasks=contexts, task_weights=ctx_weights, work_dir=str(db_dir),
+                max_trials_global=t * len(ids) if scheduler == "balanced" else t,
+                max_trials_per_task=per_task_cap,
+                num_trials_per_iter=min(cfg.num_trials_per_iter, per_task_cap),
+                builder=tools["builder"], runner=tools["runner"], database=database,
+                cost_model=tools["cost_model"], measure_callbacks=callbacks,
+                task_scheduler="round-robin" if scheduler == "balanced" else scheduler)
+
+
+def _progress_callback(ms: Any, state: dict[str, Any], names: list[str], counts: list[int],
+                       planned: int, emit: Callable[..., None],
+                       estimate: Callable[[Sequence[float | None]], float | None]) -> Any:
+    """A MeasureCallback that reports every measured batch with the best latency and an ETA."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
     crash_after = int(os.environ.get(CRASH_TEST_ENV) or 0)
 
     @derived_object
     class Progress(PyMeasureCallback):
         def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
                   builder_results: Any, runner_results: Any) -> None:
-            i = todo[task_id]
+            i = state["ids"][task_id]
+            if not runner_results:  # the task's search space is exhausted
+                return
             state["done"] += len(runner_results)
             state["trials"][i] += len(runner_results)
             for br, rr in zip(builder_results, runner_results, strict=False):
@@ -524,14 +688,30 @@ def _worker_main(spec_path: str) -> int:
                     if secs is not None and (state["best"][i] is None or secs < state["best"][i]):
                         state["best"][i] = secs
             b = state["best"][i]
-            emit(event="batch", done=state["done"], budget=budget, task_index=todo.index(i),
-                 tasks=len(todo), task=names[i], task_trials=counts[i] + state["trials"][i],
+            spent = time.perf_counter() - state["t_tune"]
+            planned_now = state.get("planned", planned)
+            eta = (spent / state["done"] * max(0, planned_now - state["done"])
+                   if state["done"] else None)
+            emit(event="batch", done=state["done"], budget=planned_now, task_index=i,
+                 tasks=len(names), task=names[i], task_trials=counts[i] + state["trials"][i],
                  best_ms=None if b is None else b * 1e3, est_ms=estimate(state["best"]),
-                 elapsed_s=time.perf_counter() - t0)
+                 eta_s=eta)
             state["batches"] += 1
             if crash_after and state["batches"] >= crash_after:  # tests: a crash mid-tuning
                 os.kill(os.getpid(), signal.SIGSEGV)
 
+    return Progress()
+
+
+def _measure_tools(ms: Any, cfg: TuneConfig, spec: dict[str, Any],
+                   emit: Callable[..., None]) -> dict[str, Any]:
+    """Builder, runner (local, RPC server or tracker) and one cost model shared by all rounds,
+    wrapped so that builds and measurements show up in the progress as they start."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import PyBuilder
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+
+    nthreads = os.cpu_count() or 1
     timeout = max(1, int(cfg.timeout_s))
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100,
                                           enable_cpu_cache_flush=False)
@@ -557,21 +737,23 @@ def _worker_main(spec_path: str) -> int:
             runner = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator)
     else:
         runner = ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator)
-    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), Progress()]
-    ms.tune_tasks(
-        tasks=contexts, task_weights=ctx_weights, work_dir=str(db_dir),
-        max_trials_global=budget, max_trials_per_task=cap if cap is not None else budget,
-        num_trials_per_iter=cfg.num_trials_per_iter, builder=builder, runner=runner,
-        database=database,
-        cost_model=ms.cost_model.XGBModel(num_tuning_cores=nthreads, tree_method="auto"),
-        measure_callbacks=callbacks, task_scheduler=spec.get("scheduler") or "gradient")
-    counts, best = per_task()
-    summary.update(skipped=False, tasks_tuned=len(todo), trials_new=sum(counts) - existing,
-                   tune_s=round(time.perf_counter() - t0, 1), records_total=sum(counts),
-                   est_ms_after=estimate(best),
-                   per_task=_task_table(names, weights, counts, best))
-    Path(spec["summary"]).write_text(json.dumps(summary))
-    return 0
+
+    @derived_object
+    class ShowBuilds(PyBuilder):
+        def build(self, build_inputs: Any) -> Any:
+            if build_inputs:
+                emit(event="stage", what=f"building {len(build_inputs)} candidates")
+            return builder.build(build_inputs)
+
+    @derived_object
+    class ShowRuns(PyRunner):
+        def run(self, runner_inputs: Any) -> Any:
+            if runner_inputs:
+                emit(event="stage", what=f"measuring {len(runner_inputs)} candidates")
+            return runner.run(runner_inputs)
+
+    return {"builder": ShowBuilds(), "runner": ShowRuns(),
+            "cost_model": ms.cost_model.XGBModel(num_tuning_cores=nthreads, tree_method="auto")}
 
 
 def _mean_secs(run_secs: Any) -> float | None:
@@ -584,11 +766,13 @@ def _mean_secs(run_secs: Any) -> float | None:
     return None if m >= FAILED_SECS else m
 
 
-def _task_table(names: list[str], weights: list[float], counts: list[int],
+def _task_table(names: list[str], weights: list[float], costs: list[float], counts: list[int],
                 best: list[float | None]) -> list[dict[str, Any]]:
-    return [{"task": n, "weight": w, "records": c,
+    total = sum(costs) or 1.0
+    return [{"task": n, "weight": w, "mflop": round(f / w / 1e6, 3),
+             "cost_share": round(f / total, 4), "records": c,
              "best_ms": None if b is None else round(b * 1e3, 4)}
-            for n, w, c, b in zip(names, weights, counts, best, strict=True)]
+            for n, w, f, c, b in zip(names, weights, costs, counts, best, strict=True)]
 
 
 if __name__ == "__main__":

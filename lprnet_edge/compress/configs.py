@@ -1,11 +1,36 @@
-"""One config dataclass per technique; each is saved in the artifact manifest as-is."""
+"""One config dataclass per technique (torchao style); each is saved in the manifest as-is.
+
+Compression techniques come in two families, each with a discriminator key that the manifest's
+``stages`` dicts carry: pruning (``kind``) and quantization (``mode``)::
+
+    UnstructuredPruneConfig  {"kind": "unstructured", "sparsity": 0.8, ...}
+    ChannelPruneConfig       {"kind": "channels", "ratio": 0.5, "groups": [...], ...}
+    Fp16WeightsConfig        {"mode": "fp16", ...}
+    Int8WeightsConfig        {"mode": "int8-weights", ...}
+    Int8Config               {"mode": "int8", "calibrator": "percentile", ...}
+
+``PruneConfig.from_dict(d)`` / ``QuantizeConfig.from_dict(d)`` read any of them back (manifests
+written before the split included). Calling a family with its discriminator builds the
+technique's config (``PruneConfig(kind="channels")`` is ``ChannelPruneConfig()``), so code
+that names a technique by string (the CLI, the manifest) needs no ``if mode == ...``. A new
+technique is a new config class here and a handler (:func:`lprnet_edge.compress.api
+.register_handler`) beside its code.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from lprnet_edge.runtime.errors import LprnetEdgeError
+
+# LPRNet's channel spaces that channel pruning may shrink (see compress.prune).
+CHANNEL_GROUPS = ("stem", "b1_mid", "b2_mid", "b3_mid", "b2_out", "fc")
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+
+
+def _tuplify(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
 
 
 class _Config:
@@ -19,33 +44,181 @@ class _Config:
         if unknown:
             raise LprnetEdgeError(f"{cls.__name__}: unknown options {sorted(unknown)}; "
                                   f"use one of {sorted(names)}")
-        return cls(**d)
+        return cls(**{k: _tuplify(v) for k, v in d.items()})
+
+
+class _FamilyMeta(type):
+    """``PruneConfig(kind=...)`` / ``QuantizeConfig(mode=...)`` build the technique's class."""
+
+    def __call__(cls, *args: Any, **kw: Any) -> Any:
+        if cls.__dict__.get("_family_root"):
+            if args:
+                raise TypeError(f"{cls.__name__}(...) takes keyword arguments only")
+            tag = kw.pop(cls.tag_key, cls.default_tag)
+            return super(_FamilyMeta, cls.technique(tag)).__call__(**kw)
+        return super().__call__(*args, **kw)
+
+
+class CompressConfig(_Config, metaclass=_FamilyMeta):
+    """Base of every compression technique's config (like torchao's ``AOBaseConfig``).
+
+    A family root (:class:`PruneConfig`, :class:`QuantizeConfig`) names its discriminator
+    (``tag_key``); each technique subclass sets that class attribute (``kind = "channels"``)
+    and registers itself by it.
+    """
+
+    tag_key: ClassVar[str] = ""
+    default_tag: ClassVar[str] = ""
+    _techniques: ClassVar[dict[str, type]]
+    # Keys of manifests written before this technique had its own class: ignored on read.
+    legacy_keys: ClassVar[frozenset[str]] = frozenset()
+    # Defaults those manifests meant, for options they did not record.
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("_family_root"):
+            cls._techniques = {}
+            return
+        tag = cls.__dict__.get(cls.tag_key)
+        if tag:
+            cls._techniques[tag] = cls
+
+    @property
+    def tag(self) -> str:
+        return getattr(self, self.tag_key)
+
+    @classmethod
+    def technique(cls, tag: str) -> type:
+        try:
+            return cls._techniques[tag]
+        except KeyError:
+            raise LprnetEdgeError(f"{cls.tag_key} {tag!r}: use one of "
+                                  f"{sorted(cls._techniques)}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.tag_key: self.tag, **asdict(self)}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):  # noqa: ANN206
+        d = dict(d)
+        tag = d.pop(cls.tag_key, None)
+        target: type = cls
+        if cls.__dict__.get("_family_root"):
+            target = cls.technique(tag or cls.default_tag)
+        elif tag is not None and tag != getattr(cls, cls.tag_key):
+            raise LprnetEdgeError(f"{cls.__name__}: {cls.tag_key} {tag!r} is not "
+                                  f"{getattr(cls, cls.tag_key)!r}")
+        names = {f.name for f in fields(target)}  # type: ignore[arg-type]
+        if target.legacy_defaults and not (set(target.legacy_defaults) & set(d)):
+            d = {**target.legacy_defaults, **d}
+        d = {k: v for k, v in d.items() if k not in target.legacy_keys or k in names}
+        return _Config.from_dict.__func__(target, d)  # type: ignore[attr-defined]
+
+
+class PruneConfig(CompressConfig):
+    """Pruning techniques, told apart by ``kind``."""
+
+    _family_root: ClassVar[bool] = True
+    tag_key: ClassVar[str] = "kind"
+    default_tag: ClassVar[str] = "unstructured"
+    kind: ClassVar[str]
+
+
+class QuantizeConfig(CompressConfig):
+    """Quantization techniques, told apart by ``mode``."""
+
+    _family_root: ClassVar[bool] = True
+    tag_key: ClassVar[str] = "mode"
+    default_tag: ClassVar[str] = "int8"
+    mode: ClassVar[str]
+    fallback_layers: tuple[str, ...]
+    # How params.npz stores the conv weights (except fallback layers) and the other tensors.
+    weight_storage: ClassVar[str] = "int8"
+    other_storage: ClassVar[str] = "dense"
 
 
 @dataclass(frozen=True)
-class PruneConfig(_Config):
-    """``unstructured``: global L1 magnitude over conv weights to ``sparsity``.
-    ``channels``: remove ``ratio`` of the filters of the prunable convs, then distill."""
+class UnstructuredPruneConfig(PruneConfig):
+    """Global L1 magnitude over all conv weights to ``sparsity`` (zeros pay off on disk)."""
 
-    kind: str = "unstructured"  # "unstructured" | "channels"
+    kind: ClassVar[str] = "unstructured"
+    legacy_keys: ClassVar[frozenset[str]] = frozenset({"ratio", "distill_epochs"})
     sparsity: float = 0.8
-    ratio: float = 0.5
-    distill_epochs: int = 30
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("unstructured", "channels"):
-            raise LprnetEdgeError(
-                f"prune kind {self.kind!r}: use one of ['unstructured', 'channels']")
-        if not 0.0 <= self.sparsity < 1.0 or not 0.0 <= self.ratio < 1.0:
-            raise LprnetEdgeError("sparsity and ratio must be in [0, 1)")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise LprnetEdgeError(f"sparsity {self.sparsity}: must be in [0, 1)")
 
 
 @dataclass(frozen=True)
-class QuantizeConfig(_Config):
-    """Post-training quantization calibrated on ``calib/`` (never ``test/``)."""
+class ChannelPruneConfig(PruneConfig):
+    """Remove ``ratio`` of the filters of the channel spaces ``groups`` (and, with
+    ``drop_dead``, the dead channels of the BatchNorm-followed spaces), round every pruned
+    width up to a multiple of ``round_to`` (the vector width, so pruned convolutions still
+    vectorize; 1: no rounding), then distill from the original on calib/ for at most
+    ``distill_epochs`` epochs / ``distill_time_s`` seconds.
 
-    mode: str = "int8"  # "int8" | "fp16" (weight storage) | "int8-weights" (weight-only)
+    The defaults are the best variant of docs/compression-report.md
+    (``channels-b23x0.5+kd``: block 2 and 3 inner widths halved, 8 epochs), with widths
+    rounded to 8.
+    """
+
+    kind: ClassVar[str] = "channels"
+    legacy_keys: ClassVar[frozenset[str]] = frozenset({"sparsity"})
+    # What a manifest without ``groups`` (written before this class) built.
+    legacy_defaults: ClassVar[dict[str, Any]] = {
+        "groups": ("b1_mid", "b2_mid", "b3_mid"), "round_to": 1, "distill_time_s": 600.0}
+    ratio: float = 0.5
+    groups: tuple[str, ...] = ("b2_mid", "b3_mid")
+    drop_dead: bool = True
+    round_to: int = 8
+    distill_epochs: int = 8
+    distill_time_s: float = 420.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise LprnetEdgeError(f"prune ratio {self.ratio}: must be in [0, 1)")
+        bad = [g for g in self.groups if g not in CHANNEL_GROUPS]
+        if bad:
+            raise LprnetEdgeError(f"channel groups {bad}: use some of {list(CHANNEL_GROUPS)}")
+        if self.round_to < 1:
+            raise LprnetEdgeError(f"round_to {self.round_to}: must be >= 1 (1: no rounding)")
+        if self.distill_epochs < 0 or self.distill_time_s <= 0:
+            raise LprnetEdgeError("distill_epochs must be >= 0 and distill_time_s > 0")
+
+
+@dataclass(frozen=True)
+class Fp16WeightsConfig(QuantizeConfig):
+    """Weights stored in half precision, decoded to float32 at load (size only)."""
+
+    mode: ClassVar[str] = "fp16"
+    weight_storage: ClassVar[str] = "fp16"
+    other_storage: ClassVar[str] = "fp16"
+    legacy_keys: ClassVar[frozenset[str]] = frozenset(
+        {"calibrator", "percentile", "per_channel", "calib_images"})
+    fallback_layers: tuple[str, ...] = ()  # convs kept in float32
+
+
+@dataclass(frozen=True)
+class Int8WeightsConfig(QuantizeConfig):
+    """Weight-only int8 (symmetric, per output channel), decoded to float32 at load."""
+
+    mode: ClassVar[str] = "int8-weights"
+    legacy_keys: ClassVar[frozenset[str]] = frozenset(
+        {"calibrator", "percentile", "calib_images"})
+    per_channel: bool = True
+    fallback_layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Int8Config(QuantizeConfig):
+    """int8 weights and activations (int8 x int8 -> int32 convolutions), activation ranges
+    from ``calibrator`` on calib/ (never test/)."""
+
+    mode: ClassVar[str] = "int8"
     calibrator: str = "percentile"  # "minmax" | "percentile" | "entropy" | "mse"
     percentile: float = 99.99
     per_channel: bool = True
@@ -53,12 +226,9 @@ class QuantizeConfig(_Config):
     fallback_layers: tuple[str, ...] = ()  # layers kept in fp32 (from the sensitivity scan)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("int8", "fp16", "int8-weights"):
-            raise LprnetEdgeError(f"quantize mode {self.mode!r}: use one of "
-                                  "['int8', 'fp16', 'int8-weights']")
-        if self.calibrator not in ("minmax", "percentile", "entropy", "mse"):
+        if self.calibrator not in CALIBRATORS:
             raise LprnetEdgeError(f"calibrator {self.calibrator!r}: use one of "
-                                  "['minmax', 'percentile', 'entropy', 'mse']")
+                                  f"{list(CALIBRATORS)}")
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,18 @@
   trained. Dropout is therefore off too.
 - Loss: ``kd_weight * T^2 * KL(teacher/T || student/T)`` per time step (+ optional MSE on
   logits) ``+ ctc_weight * CTC(student, label)`` with labels from the file names.
+- Progress: a bar on stderr (steps, loss, validation accuracy; redrawn in place on a
+  terminal, one line per epoch in a log), or any callable taking an :class:`EpochRecord`.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import cv2
 import numpy as np
@@ -114,16 +117,103 @@ def freeze_bn(model: nn.Module) -> None:
                 p.requires_grad_(False)
 
 
+@dataclass
+class EpochRecord:
+    """One epoch of distillation, as the progress display and the history keep it."""
+
+    epoch: int
+    epochs: int
+    steps: int
+    loss: float | None
+    elapsed_s: float
+    val_accuracy: float | None = None
+    best_val_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        parts = [f"epoch {self.epoch}/{self.epochs}"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.val_accuracy is not None:
+            parts.append(f"val acc {self.val_accuracy:.3f} (best {self.best_val_accuracy:.3f})")
+        parts.append(f"{self.elapsed_s:.0f}s")
+        return ", ".join(parts)
+
+
+class ProgressBar:
+    """``distill [#######-----] 58% 70/120 steps, epoch 5/8, loss 0.4123, val acc 0.536``.
+
+    Redrawn in place after every step on a terminal; elsewhere (CI, a log file) one line per
+    epoch, so a log does not fill with carriage returns.
+    """
+
+    def __init__(self, stream: TextIO | None = None, width: int = 24, label: str = "distill"
+                 ) -> None:
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.label = label
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.last: EpochRecord | None = None
+        self.drawn = False
+
+    def _line(self, step: int, total: int, loss: float | None) -> str:
+        frac = step / max(total, 1)
+        filled = int(round(frac * self.width))
+        bar = "#" * filled + "-" * (self.width - filled)
+        text = f"{self.label} [{bar}] {100 * frac:3.0f}% {step}/{total} steps"
+        if self.last is not None:
+            text += f", {self.last}"
+        elif loss is not None:
+            text += f", loss {loss:.4f}"
+        return text
+
+    def step(self, step: int, total: int, loss: float) -> None:
+        if self.tty:
+            self.stream.write("\r" + self._line(step, total, loss) + "\x1b[K")
+            self.stream.flush()
+            self.drawn = True
+
+    def epoch(self, rec: EpochRecord, total: int) -> None:
+        self.last = rec
+        if self.tty:
+            self.stream.write("\r" + self._line(rec.steps, total, rec.loss) + "\x1b[K")
+        else:
+            self.stream.write(self._line(rec.steps, total, rec.loss) + "\n")
+        self.stream.flush()
+        self.drawn = self.tty
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+Progress = ProgressBar | Callable[[EpochRecord], None] | None
+
+
 def distill(teacher: nn.Module, student: nn.Module, train: CalibrationSet,
             cfg: DistillConfig | None = None, val: CalibrationSet | None = None,
-            progress: Callable[[dict[str, Any]], None] | None = print,
-            ) -> tuple[nn.Module, dict[str, Any]]:
+            progress: Progress | str = "bar") -> tuple[nn.Module, dict[str, Any]]:
     """Train a copy of ``student`` to match ``teacher`` on ``train``; returns it + history.
 
     The best epoch on ``val`` (agreement-free accuracy on its labels) is kept when ``val`` is
-    given; otherwise the last one.
+    given; otherwise the last one. ``progress``: ``"bar"`` (a :class:`ProgressBar` on
+    stderr), a :class:`ProgressBar`, a callable given each :class:`EpochRecord`, or None.
     """
-    cfg = cfg or DistillConfig()
+    bar = ProgressBar() if progress == "bar" else progress
+    try:
+        return _distill(teacher, student, train, cfg or DistillConfig(), val, bar)
+    finally:
+        if isinstance(bar, ProgressBar):
+            bar.close()
+
+
+def _distill(teacher: nn.Module, student: nn.Module, train: CalibrationSet,
+             cfg: DistillConfig, val: CalibrationSet | None, progress: Progress
+             ) -> tuple[nn.Module, dict[str, Any]]:
     if cfg.augment:
         train.ensure_raw()
     if cfg.threads:
@@ -168,22 +258,26 @@ def distill(teacher: nn.Module, student: nn.Module, train: CalibrationSet,
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
+            if isinstance(progress, ProgressBar):
+                progress.step(step, total_steps, float(np.mean(losses)))
             if (cfg.max_steps and step >= cfg.max_steps) or (
                     cfg.time_budget_s and time.time() - t0 > cfg.time_budget_s):
                 stop = True
                 break
-        rec: dict[str, Any] = {"epoch": epoch + 1, "steps": step,
-                               "loss": float(np.mean(losses)) if losses else None,
-                               "elapsed_s": round(time.time() - t0, 1)}
+        rec = EpochRecord(epoch + 1, cfg.epochs, step,
+                          float(np.mean(losses)) if losses else None,
+                          round(time.time() - t0, 1))
         if val is not None:
             acc = accuracy(student, val)
-            rec["val_accuracy"] = acc
             if acc >= best_acc:
                 best_acc, best_state = acc, copy.deepcopy(student.state_dict())
-        hist["epochs"].append(rec)
-        if progress:
+            rec.val_accuracy, rec.best_val_accuracy = acc, best_acc
+        hist["epochs"].append(rec.to_dict())
+        if isinstance(progress, ProgressBar):
+            progress.epoch(rec, total_steps)
+        elif progress is not None:
             progress(rec)
         if stop:
             break

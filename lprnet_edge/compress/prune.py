@@ -1,12 +1,12 @@
 """Pruning of LPRNet (host side, torch): unstructured magnitude pruning and channel pruning.
 
-``prune(model, PruneConfig(kind="unstructured", sparsity=s))``
+``compress(model, UnstructuredPruneConfig(sparsity=s))``
     Global L1-magnitude pruning over all convolution weights: the ``s`` fraction of conv
     weights with the smallest ``|w|`` (ranked across layers) is set to zero. The model keeps
     its shapes; the zeros pay off on disk through the ``sparse`` / ``sparse-fp16`` encodings
     of :mod:`lprnet_edge.runtime.params_codec` (:func:`params_encodings`), not in dense FLOPs.
 
-``prune(model, PruneConfig(kind="channels", ratio=r), calib=...)``
+``compress(model, ChannelPruneConfig(ratio=r, groups=...), calib=...)``
     Removes whole filters by L1 norm (of the filter as seen after its BatchNorm scale) from the
     channel spaces that ``LPRNet(widths=...)`` can shrink without changing what the
     channel-strided pools select:
@@ -24,7 +24,12 @@
     removed channel (measured on ``calib``, or the channel's constant output when its filter is
     ~0) is folded into the consumer's bias, and for ``stem`` the container's weights are
     rescaled for the head's mean-of-squares normalisation, which is taken over fewer channels.
-    Accuracy is then recovered by distillation (:mod:`lprnet_edge.compress.distill`).
+    Widths are rounded up to a multiple of ``round_to`` (the CPU's vector width): a conv
+    with 33 or 19 output channels leaves a vector lane tail that defeats vectorization, and
+    the channels added back are the least important (often dead) ones. Accuracy is then
+    recovered by distillation (:mod:`lprnet_edge.compress.distill`).
+
+:func:`prune` is the ``(model, report)`` form of :func:`lprnet_edge.compress.api.compress`.
 """
 
 from __future__ import annotations
@@ -38,7 +43,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig
+from lprnet_edge.compress.api import PrunedModel, compress, register_handler
+from lprnet_edge.compress.configs import (
+    ChannelPruneConfig,
+    Fp16WeightsConfig,
+    PruneConfig,
+    QuantizeConfig,
+    UnstructuredPruneConfig,
+)
 from lprnet_edge.model.flops import summary as flops_summary
 from lprnet_edge.model.lprnet import LPRNet
 from lprnet_edge.runtime.errors import LprnetEdgeError
@@ -101,8 +113,8 @@ def params_encodings(model: nn.Module, cfg: PruneConfig | QuantizeConfig | None 
       ``sparse-fp16`` when values are stored in half precision);
     - with a :class:`QuantizeConfig` of mode ``int8`` / ``int8-weights``: conv weights are
       ``int8`` (per-output-channel symmetric; a zero stays exactly zero, and zeros compress
-      in the npz), except the ``fallback_layers`` (kept float32: ``dense`` / ``sparse``);
-      mode ``fp16``: ``fp16`` / ``sparse-fp16``;
+      in the npz), mode ``fp16``: ``fp16`` / ``sparse-fp16``; except the
+      ``fallback_layers`` (kept float32: ``dense`` / ``sparse``);
     - everything else (biases, BN affine, running stats): ``dense`` (or ``fp16`` in fp16 mode).
 
     ``cfg`` may be either config; pass both with ``cfg=prune_cfg, quant=quant_cfg``.
@@ -110,23 +122,25 @@ def params_encodings(model: nn.Module, cfg: PruneConfig | QuantizeConfig | None 
     parameter names.
     """
     q = quant if quant is not None else (cfg if isinstance(cfg, QuantizeConfig) else None)
-    mode = q.mode if q is not None else None
+    w_store = q.weight_storage if q is not None else None  # "int8" | "fp16" | None
+    rest = q.other_storage if q is not None else "dense"
     fallback = set(q.fallback_layers) if q is not None else set()
     convs = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     enc: dict[str, str] = {}
     for name, t in model.state_dict().items():
         if "num_batches_tracked" in name:
             continue
-        layer = name.rsplit(".", 1)[0]
+        if name not in convs:
+            enc[name] = rest
+            continue
         sparse = t.numel() > 0 and float((t == 0).float().mean()) >= sparse_threshold
-        if name in convs and mode in ("int8", "int8-weights") and layer not in fallback:
+        store = None if name.rsplit(".", 1)[0] in fallback else w_store
+        if store == "int8":
             enc[name] = "int8"
-        elif mode == "fp16":
-            enc[name] = "sparse-fp16" if (name in convs and sparse) else "fp16"
-        elif name in convs and sparse:
-            enc[name] = "sparse"
+        elif store == "fp16":
+            enc[name] = "sparse-fp16" if sparse else "fp16"
         else:
-            enc[name] = "dense"
+            enc[name] = "sparse" if sparse else "dense"
     return enc
 
 
@@ -270,10 +284,12 @@ def live_channels(model: LPRNet, tol: float = 1e-3) -> dict[str, int]:
 
 def channel_widths(model: LPRNet, ratio: float | dict[str, float],
                    groups: tuple[str, ...] = ("b1_mid", "b2_mid", "b3_mid"),
-                   drop_dead: bool = True) -> dict[str, int]:
+                   drop_dead: bool = True, round_to: int = 1) -> dict[str, int]:
     """Target widths: each group in ``groups`` keeps ``ceil((1 - ratio) * width)`` channels
     (``ratio`` may be a dict per group); with ``drop_dead``, the BN-followed spaces (stem,
-    block 2 output, fc) also lose their dead channels (exact up to a bias fold)."""
+    block 2 output, fc) also lose their dead channels (exact up to a bias fold). Every
+    width that changed is then rounded up to a multiple of ``round_to`` (at most the
+    model's own width)."""
     ratios = ratio if isinstance(ratio, dict) else dict.fromkeys(groups, ratio)
     out = dict(model.widths)
     for g, r in ratios.items():
@@ -283,7 +299,16 @@ def channel_widths(model: LPRNet, ratio: float | dict[str, float],
     if drop_dead:
         for g, n in live_channels(model).items():
             out[g] = min(out[g], n)
-    return out
+    return round_widths(out, model.widths, round_to)
+
+
+def round_widths(widths: dict[str, int], full: dict[str, int], multiple: int
+                 ) -> dict[str, int]:
+    """Pruned widths rounded up to a multiple of ``multiple``, never past ``full``."""
+    if multiple <= 1:
+        return dict(widths)
+    return {g: n if n == full[g] else min(full[g], int(math.ceil(n / multiple)) * multiple)
+            for g, n in widths.items()}
 
 
 def prune_channels(model: LPRNet, widths: dict[str, int], calib_x: np.ndarray | None = None,
@@ -353,53 +378,71 @@ def _head_factor(model: LPRNet, keep: torch.Tensor, x: torch.Tensor | None) -> f
     return r * c_old / c_new
 
 
-# ---------------------------------------------------------------- entry point
+# ---------------------------------------------------------------- entry points
 
 
 def prune(model: LPRNet, cfg: PruneConfig, calib: Any = None, distill_kwargs: dict | None = None,
           ) -> tuple[LPRNet, dict[str, Any]]:
-    """Prune a copy of ``model`` as ``cfg`` says; returns ``(model, report)``.
+    """``(model, report)`` of :func:`compress` for a pruning config (a copy is pruned).
 
-    ``calib`` is a :class:`lprnet_edge.model.calib.CalibrationSet`. For ``kind="channels"`` with
+    ``calib`` is a :class:`lprnet_edge.model.calib.CalibrationSet`. For channel pruning with
     ``cfg.distill_epochs > 0`` and ``calib`` given, the pruned model is distilled from
     ``model`` on the training part of ``calib`` and evaluated on its validation part.
     """
-    before = flops_summary(model)
-    if cfg.kind == "unstructured":
-        out = copy.deepcopy(model).eval()
-        masks = magnitude_masks(out, cfg.sparsity)
-        apply_masks(out, masks)
-        sp = sparsity_report(out)
-        enc32 = params_encodings(out)
-        enc16 = params_encodings(out, QuantizeConfig(mode="fp16"))
-        report = {
-            "kind": "unstructured", "config": cfg.to_dict(), **sp,
-            "stored_bytes": {"dense": stored_size(model, "dense"),
-                             "sparse": stored_size(out, enc32),
-                             "sparse-fp16": stored_size(out, enc16)},
-            "flops_before": before, "flops_after": flops_summary(out),
-        }
-        return out, report
+    res = compress(model, cfg, calib, distill_kwargs=distill_kwargs)
+    return res.module, res.report
 
-    widths = channel_widths(model, cfg.ratio)
-    calib_x = calib.x if calib is not None else None
-    out, info = prune_channels(model, widths, calib_x)
-    report: dict[str, Any] = {"kind": "channels", "config": cfg.to_dict(), "widths": widths,
+
+def folded_encodings(model: nn.Module) -> dict[str, str]:
+    """Encodings of the BatchNorm-folded model the pipeline compiles (sparse where zeros)."""
+    from lprnet_edge.model.fold import fold_batchnorm
+
+    return params_encodings(fold_batchnorm(model))
+
+
+@register_handler(UnstructuredPruneConfig)
+def _unstructured(model: LPRNet, cfg: UnstructuredPruneConfig, calib: Any = None,
+                  **_options: Any) -> PrunedModel:
+    before = flops_summary(model)
+    out = copy.deepcopy(model).eval()
+    apply_masks(out, magnitude_masks(out, cfg.sparsity))
+    sp = sparsity_report(out)
+    enc32 = params_encodings(out)
+    enc16 = params_encodings(out, Fp16WeightsConfig())
+    report = {
+        "kind": cfg.kind, "config": cfg.to_dict(), **sp,
+        "stored_bytes": {"dense": stored_size(model, "dense"),
+                         "sparse": stored_size(out, enc32),
+                         "sparse-fp16": stored_size(out, enc16)},
+        "flops_before": before, "flops_after": flops_summary(out),
+    }
+    return PrunedModel(out, cfg, report, folded_encodings(out))
+
+
+@register_handler(ChannelPruneConfig)
+def _channels(model: LPRNet, cfg: ChannelPruneConfig, calib: Any = None,
+              distill_kwargs: dict | None = None, **_options: Any) -> PrunedModel:
+    """Widths from ``cfg``, filters chosen (and removed channels compensated) on the training
+    split of ``calib``, then distilled there and measured on its validation split."""
+    before = flops_summary(model)
+    widths = channel_widths(model, dict.fromkeys(cfg.groups, cfg.ratio),
+                            drop_dead=cfg.drop_dead, round_to=cfg.round_to)
+    train, val = calib.split(0.3, cfg.seed) if calib is not None else (None, None)
+    out, info = prune_channels(model, widths, train.x if train is not None else None)
+    report: dict[str, Any] = {"kind": cfg.kind, "config": cfg.to_dict(), "widths": widths,
                               "head_factor": info["head_factor"],
                               "flops_before": before, "flops_after": flops_summary(out)}
     report["flops_reduction"] = before["flops"] / report["flops_after"]["flops"]
-    if calib is not None:
+    if train is not None and val is not None:
         from lprnet_edge.compress.distill import DistillConfig, distill
         from lprnet_edge.model.calib import accuracy
 
-        train, val = calib.split(0.3, cfg.seed)
         report["val_accuracy_original"] = accuracy(model, val)
         report["val_accuracy_pruned"] = accuracy(out, val)
         if cfg.distill_epochs > 0:
-            # A wall-time cap by default: PruneConfig's epochs are an upper bound.
-            kw = {"time_budget_s": 600.0, **(distill_kwargs or {})}
+            kw = {"time_budget_s": cfg.distill_time_s, **(distill_kwargs or {})}
             dcfg = DistillConfig(epochs=cfg.distill_epochs, seed=cfg.seed, **kw)
             out, hist = distill(model, out, train, dcfg, val=val)
             report["distill"] = hist
             report["val_accuracy_distilled"] = accuracy(out, val)
-    return out, report
+    return PrunedModel(out, cfg, report, folded_encodings(out))

@@ -1,6 +1,8 @@
 """Post-training quantization of LPRNet, calibrated on ``calib/`` (host side, torch).
 
-Three modes (:class:`lprnet_edge.compress.configs.QuantizeConfig`):
+Three techniques, one config class each (:mod:`lprnet_edge.compress.configs`), each with a
+handler for :func:`lprnet_edge.compress.api.compress`; :func:`quantize` returns a typed
+:class:`~lprnet_edge.compress.api.QuantizedModel`:
 
 ``fp16``
     Weights stored in half precision (``fp16`` / ``sparse-fp16`` in ``params.npz``), decoded to
@@ -16,7 +18,9 @@ Three modes (:class:`lprnet_edge.compress.configs.QuantizeConfig`):
     symmetric int8 activations at every conv input, scales from a calibrator (``minmax``,
     ``percentile``, ``entropy`` (KL), ``mse``). The returned model computes exactly what an
     integer conv ``int8 x int8 -> int32`` followed by ``* (s_act * s_w[c]) + bias`` computes,
-    which is what :func:`relax_int8_rewrite` emits for TVM.
+    which is what the compiler's int8 rewrite
+    (``lprnet_edge.compiler.frontend.relax_int8_rewrite``) emits for TVM, for the layers
+    listed in ``QuantizedModel.int8_convs``.
 
 Layers that hurt accuracy when quantized are found by :func:`sensitivity_scan` (one layer at a
 time, agreement and accuracy on a calibration validation split) and kept in float32 with
@@ -33,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lprnet_edge.compress.configs import QuantizeConfig
+from lprnet_edge.compress.api import QuantizedModel, compress, register_handler
+from lprnet_edge.compress.configs import (
+    Fp16WeightsConfig,
+    Int8Config,
+    Int8WeightsConfig,
+    QuantizeConfig,
+)
 from lprnet_edge.runtime.errors import LprnetEdgeError
 from lprnet_edge.runtime.params_codec import decode, encode
 
@@ -166,7 +176,7 @@ class QuantConv2d(nn.Module):
             return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
         # Integer form: conv of the int8 codes (exact integers in float32), then one rescale.
         # Same value as conv(fq(x), fq(w)); written so that the exported graph is
-        # conv2d(clip(round(x / s)), clip(round(w / s_w))), which relax_int8_rewrite turns
+        # conv2d(clip(round(x / s)), clip(round(w / s_w))), which the compiler turns
         # into an int8 x int8 -> int32 conv.
         xq = torch.clamp(torch.round(x / self.act_scale), -QMAX, QMAX)
         wq = torch.clamp(torch.round(c.weight / self.weight_scale), -QMAX, QMAX)
@@ -189,7 +199,7 @@ def _calib_x(calib: Any, n: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x[:n]))
 
 
-def calibrate(model: nn.Module, calib: Any, cfg: QuantizeConfig, batch: int = 64
+def calibrate(model: nn.Module, calib: Any, cfg: Int8Config, batch: int = 64
               ) -> dict[str, dict[str, float]]:
     """Per-conv input activation thresholds (|x| clip) with ``cfg.calibrator``."""
     from lprnet_edge.model.calib import forward_per_sample
@@ -228,22 +238,15 @@ def calibrate(model: nn.Module, calib: Any, cfg: QuantizeConfig, batch: int = 64
     for n in names:
         hists[n] = Histogram(amax[n])
     run(hist_hook)
+    thresholds = {"percentile": lambda h: threshold_percentile(h, cfg.percentile),
+                  "mse": threshold_mse, "entropy": threshold_entropy}
     for n in names:
-        h = hists[n]
-        if cfg.calibrator == "percentile":
-            t = threshold_percentile(h, cfg.percentile)
-        elif cfg.calibrator == "mse":
-            t = threshold_mse(h)
-        elif cfg.calibrator == "entropy":
-            t = threshold_entropy(h)
-        else:
-            raise LprnetEdgeError(f"unknown calibrator {cfg.calibrator!r}")
-        out[n] = {"amax": amax[n], "threshold": max(t, 1e-8)}
+        out[n] = {"amax": amax[n], "threshold": max(thresholds[cfg.calibrator](hists[n]), 1e-8)}
     return out
 
 
 def fake_quant_model(model: nn.Module, thresholds: dict[str, dict[str, float]],
-                     cfg: QuantizeConfig, layers: list[str] | None = None) -> nn.Module:
+                     cfg: Int8Config, layers: list[str] | None = None) -> nn.Module:
     """A copy with the convs in ``layers`` (default: all but ``cfg.fallback_layers``) wrapped
     in :class:`QuantConv2d`."""
     out = copy.deepcopy(model).eval()
@@ -256,31 +259,33 @@ def fake_quant_model(model: nn.Module, thresholds: dict[str, dict[str, float]],
     return out
 
 
-def weight_only_model(model: nn.Module, cfg: QuantizeConfig) -> nn.Module:
-    """A float copy whose conv weights went through the artifact's storage encoding."""
+def weight_only_model(model: nn.Module, cfg: Fp16WeightsConfig | Int8WeightsConfig
+                      ) -> nn.Module:
+    """A float copy whose weights went through the artifact's storage encoding."""
     out = copy.deepcopy(model).eval()
-    skip = set(cfg.fallback_layers)
     with torch.no_grad():
+        if isinstance(cfg, Fp16WeightsConfig):
+            skip = {f"{n}.weight" for n in cfg.fallback_layers}
+            for name, p in out.named_parameters():
+                if name not in skip:
+                    p.copy_(p.half().float())
+            return out
+        skip = set(cfg.fallback_layers)
         for n in conv_names(out):
             if n in skip:
                 continue
             conv = out.get_submodule(n)
-            if cfg.mode == "fp16":
-                conv.weight.copy_(conv.weight.half().float())
-            elif cfg.per_channel:
+            if cfg.per_channel:
                 conv.weight.copy_(int8_weight_roundtrip(conv.weight))
             else:
                 conv.weight.copy_(fake_quant(conv.weight, weight_scales(conv.weight, False)))
-        if cfg.mode == "fp16":
-            for p in out.parameters():
-                p.copy_(p.half().float())
     return out
 
 
 # ---------------------------------------------------------------- sensitivity
 
 
-def sensitivity_scan(model: nn.Module, calib: Any, val: Any, cfg: QuantizeConfig | None = None,
+def sensitivity_scan(model: nn.Module, calib: Any, val: Any, cfg: Int8Config | None = None,
                      thresholds: dict[str, dict[str, float]] | None = None,
                      progress: Any = None) -> list[dict[str, Any]]:
     """Quantize one conv at a time (weights + input activations); measure on ``val`` the
@@ -288,7 +293,7 @@ def sensitivity_scan(model: nn.Module, calib: Any, val: Any, cfg: QuantizeConfig
     first."""
     from lprnet_edge.model.calib import accuracy, decode_batch, predict_logits
 
-    cfg = cfg or QuantizeConfig()
+    cfg = cfg or Int8Config()
     thresholds = thresholds or calibrate(model, calib, cfg)
     ref = decode_batch(predict_logits(model, val.x))
     base = float(np.mean([p == t for p, t in zip(ref, val.labels, strict=True)]))
@@ -322,64 +327,74 @@ def fold_bn(model: nn.Module) -> nn.Module:
     return fold_batchnorm(model)
 
 
-def attach_int8_relax(qm: nn.Module) -> nn.Module:
-    """Give a fake-quant model the ``to_relax`` hook of the build pipeline: it then compiles
-    with real int8 convolutions (:func:`int8_to_relax`)."""
-    qm.__dict__["to_relax"] = _ToRelax(qm)
-    qm.verify_tolerance = 1e-2  # float32 summation order differs from int32 accumulation
-    return qm
-
-
 HEAD_LAYERS = ("container.0",)
+INT8_VERIFY_TOLERANCE = 1e-2  # float32 summation order differs from int32 accumulation
 
 
-def quantize(model: nn.Module, cfg: QuantizeConfig, calib: Any = None,
-             val: Any = None, real_int8: bool = True, head_fp32: bool = True
-             ) -> tuple[nn.Module, dict[str, Any]]:
-    """Quantize a BatchNorm-folded copy of ``model``; returns ``(model, report)``.
+def quantize(model: nn.Module, cfg: QuantizeConfig, calib: Any = None, val: Any = None,
+             real_int8: bool = True, head_fp32: bool = True) -> QuantizedModel:
+    """Quantize a BatchNorm-folded copy of ``model`` (:func:`compress` for a quantize config).
 
-    ``fp16`` / ``int8-weights``: a float model with exactly the weights the artifact decodes;
-    ``int8``: the fake-quant simulation (needs ``calib``; exported as is it runs as float with
-    int8 rounding; :func:`relax_int8_rewrite` turns its convs into real int8 convs). The
-    returned module carries ``param_encodings`` (state-dict names) for the build pipeline,
-    and in ``int8`` mode (``real_int8``) a ``to_relax`` hook that compiles real int8 convs.
-    ``report`` holds the activation thresholds / scales and, with ``val``, the accuracy and
-    agreement on it. With ``head_fp32`` and no ``fallback_layers`` given, ``int8`` keeps the
-    head's container conv in float32 (``report["config"]`` has the layers actually used).
+    ``fp16`` / ``int8-weights``: ``module`` is a float model with exactly the weights the
+    artifact decodes; ``int8`` (needs ``calib``): the fake-quant simulation, whose
+    quantized convolutions are listed in ``int8_convs`` for the compiler (``real_int8``;
+    without it they compile as float with int8 rounding). ``report`` holds the activation
+    thresholds / scales and, with ``val``, the accuracy and agreement on it. With
+    ``head_fp32`` and no ``fallback_layers`` given, ``int8`` keeps the head's container conv
+    in float32 (``result.config`` is the config actually applied).
     """
-    from dataclasses import replace
+    res = compress(model, cfg, calib, val=val, real_int8=real_int8, head_fp32=head_fp32)
+    if not isinstance(res, QuantizedModel):
+        raise LprnetEdgeError(f"{type(cfg).__name__} is not a quantization config")
+    return res
 
+
+def _finish(res: QuantizedModel, stored: nn.Module, original: nn.Module, val: Any
+            ) -> QuantizedModel:
+    """Stored size, encodings and (with ``val``) accuracy in the report."""
     from lprnet_edge.compress.prune import params_encodings, stored_size
 
-    if head_fp32 and cfg.mode == "int8" and not cfg.fallback_layers:
-        # The head (normalised concat -> container conv) is by far the most sensitive layer.
-        cfg = replace(cfg, fallback_layers=HEAD_LAYERS)
-    folded = fold_bn(model)
-    rep: dict[str, Any] = {"config": cfg.to_dict(), "bn_folded": True}
-    if cfg.mode in ("fp16", "int8-weights"):
-        qm = weight_only_model(folded, cfg)
-        stored = qm
-    else:
-        if calib is None:
-            raise LprnetEdgeError("int8 activation quantization needs calibration data (calib/)")
-        th = calibrate(folded, calib, cfg)
-        qm = fake_quant_model(folded, th, cfg)
-        stored = folded
-        rep["thresholds"] = th
-        rep["act_scales"] = {n: v["threshold"] / QMAX for n, v in th.items()
-                             if n not in set(cfg.fallback_layers)}
-    enc = params_encodings(qm, cfg)
-    rep["encodings"] = params_encodings(stored, cfg)
-    rep["stored_bytes"] = stored_size(stored, rep["encodings"])
-    qm.param_encodings = enc  # read by lprnet_edge.pipeline.build (names of qm's state dict)
-    if cfg.mode == "int8" and real_int8:
-        attach_int8_relax(qm)
+    res.param_encodings = params_encodings(res.module, res.config)
+    res.report["config"] = res.config.to_dict()
+    res.report["bn_folded"] = True
+    res.report["encodings"] = params_encodings(stored, res.config)
+    res.report["stored_bytes"] = stored_size(stored, res.report["encodings"])
     if val is not None:
         from lprnet_edge.model.calib import accuracy, agreement
 
-        rep["val_accuracy"] = accuracy(qm, val)
-        rep["val_agreement"] = agreement(qm, model, val)
-    return qm, rep
+        res.report["val_accuracy"] = accuracy(res.module, val)
+        res.report["val_agreement"] = agreement(res.module, original, val)
+    return res
+
+
+@register_handler(Fp16WeightsConfig)
+@register_handler(Int8WeightsConfig)
+def _weight_only(model: nn.Module, cfg: Fp16WeightsConfig | Int8WeightsConfig,
+                 calib: Any = None, val: Any = None, **_options: Any) -> QuantizedModel:
+    qm = weight_only_model(fold_bn(model), cfg)
+    return _finish(QuantizedModel(qm, cfg), qm, model, val)
+
+
+@register_handler(Int8Config)
+def _int8(model: nn.Module, cfg: Int8Config, calib: Any = None, val: Any = None,
+          real_int8: bool = True, head_fp32: bool = True, **_options: Any) -> QuantizedModel:
+    from dataclasses import replace
+
+    if calib is None:
+        raise LprnetEdgeError("int8 activation quantization needs calibration data (calib/)")
+    if head_fp32 and not cfg.fallback_layers:
+        # The head (normalised concat -> container conv) is by far the most sensitive layer.
+        cfg = replace(cfg, fallback_layers=HEAD_LAYERS)
+    folded = fold_bn(model)
+    th = calibrate(folded, calib, cfg)
+    qm = fake_quant_model(folded, th, cfg)
+    scales = {n: v["threshold"] / QMAX for n, v in th.items()
+              if n not in set(cfg.fallback_layers)}
+    convs = tuple(n for n, m in qm.named_modules() if isinstance(m, QuantConv2d))
+    res = QuantizedModel(qm, cfg, {"thresholds": th, "act_scales": scales},
+                         int8_convs=convs if real_int8 else (), act_scales=scales,
+                         verify_tolerance=INT8_VERIFY_TOLERANCE if real_int8 else None)
+    return _finish(res, folded, model, val)
 
 
 def strip_fake_quant(model: nn.Module) -> nn.Module:
@@ -393,104 +408,3 @@ def strip_fake_quant(model: nn.Module) -> nn.Module:
                 conv.weight.copy_(fake_quant(conv.weight, m.weight_scale))
             _set_module(out, n, conv)
     return out
-
-
-# ---------------------------------------------------------------- TVM: real int8 convolutions
-
-
-def relax_int8_rewrite(mod: Any) -> tuple[Any, int]:
-    """Rewrite ``R.nn.conv2d(clip(round(a)), clip(round(b)))`` (float tensors holding int8
-    codes, as exported from :class:`QuantConv2d`) into
-    ``astype(R.nn.conv2d(astype(., int8), astype(., int8), out_dtype="int32"), float32)``.
-
-    The codes are exact integers in [-127, 127], so the casts are exact and the int32
-    accumulation equals the float one (up to float32 rounding of large sums). Returns the new
-    module and the number of convolutions rewritten. TVM 0.27 has no quantization pass; this
-    is what makes the convolutions execute in int8.
-    """
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    count = [0]
-
-    @mutator
-    class _Int8Conv(PyExprMutator):
-        def _is_code(self, e: Any) -> bool:
-            if isinstance(e, relax.Var):
-                b = self.lookup_binding(e)
-                if b is not None:
-                    e = b
-            return (isinstance(e, relax.Call) and isinstance(e.op, tvm_op_type())
-                    and e.op.name == "relax.clip" and _clip_is_int8(e))
-
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm_op_type()) and call.op.name == "relax.nn.conv2d"):
-                return call
-            data, weight = call.args
-            if not (self._is_code(data) and self._is_code(weight)):
-                return call
-            a = call.attrs
-            count[0] += 1
-            conv = relax.op.nn.conv2d(
-                relax.op.astype(data, "int8"), relax.op.astype(weight, "int8"),
-                strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
-                data_layout=a.data_layout, kernel_layout=a.kernel_layout,
-                out_layout=a.out_layout, out_dtype="int32")
-            return relax.op.astype(conv, "float32")
-
-    out = tvm_ir_module_copy(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out[gv] = _Int8Conv().visit_expr(func)
-    return relax.transform.CanonicalizeBindings()(out), count[0]
-
-
-def tvm_op_type() -> Any:
-    import tvm
-
-    return tvm.ir.Op
-
-
-def tvm_ir_module_copy(mod: Any) -> Any:
-    import tvm
-
-    return tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-
-
-def _clip_is_int8(call: Any) -> bool:
-    try:
-        lo, hi = (float(v.value) for v in call.args[1:3])
-    except (AttributeError, TypeError, ValueError):
-        return False
-    return lo >= -128 and hi <= 127
-
-
-def int8_to_relax(qmodel: nn.Module, frontend: str = "torch.export") -> tuple[Any, dict]:
-    """Import a fake-quant model (from :func:`quantize`, mode ``int8``) and make its quantized
-    convolutions real int8 ones: the hook the build pipeline calls as ``model.to_relax``."""
-    from lprnet_edge.compiler.frontend import to_relax
-
-    plain = copy.deepcopy(qmodel)
-    plain.__dict__.pop("to_relax", None)  # import the torch module itself, not this hook
-    mod, params = to_relax(plain, frontend)
-    mod, n = relax_int8_rewrite(mod)
-    n_quant = sum(isinstance(m, QuantConv2d) for m in qmodel.modules())
-    if n != n_quant:
-        raise LprnetEdgeError(f"int8 rewrite matched {n} of {n_quant} quantized convolutions "
-                              f"(frontend {frontend!r}); use the torch.export frontend")
-    return mod, params
-
-
-class _ToRelax:
-    """``model.to_relax(frontend=...)`` bound to a fake-quant model (picklable, copyable)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __call__(self, frontend: str = "torch.export") -> tuple[Any, dict]:
-        return int8_to_relax(self.model, frontend)
-
-    def __deepcopy__(self, memo: dict) -> _ToRelax:
-        # Bound to the copy of the model being made (deepcopy registers it in memo first).
-        return _ToRelax(memo.get(id(self.model), self.model))

@@ -18,7 +18,15 @@ from typing import Any
 
 from torch import nn
 
-from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig
+from lprnet_edge.compress.configs import (
+    ChannelPruneConfig,
+    Fp16WeightsConfig,
+    Int8Config,
+    Int8WeightsConfig,
+    PruneConfig,
+    QuantizeConfig,
+    UnstructuredPruneConfig,
+)
 from lprnet_edge.compress.prune import params_encodings, prune, stored_size
 from lprnet_edge.compress.quantize import quantize
 from lprnet_edge.model.calib import CalibrationSet, decode_batch, predict_logits
@@ -57,8 +65,9 @@ def build_variant(original: nn.Module, cand: Candidate, calib: CalibrationSet | 
     stored = model
     evaluated = model
     if cand.quant is not None:
-        evaluated, qrep = quantize(model, cand.quant, calib)
-        info["act_scales"] = qrep.get("act_scales")
+        q = quantize(model, cand.quant, calib)
+        evaluated = q.module
+        info["act_scales"] = q.act_scales or None
     enc = params_encodings(stored, cand.prune, quant=cand.quant)
     return evaluated, stored, enc, info
 
@@ -135,13 +144,11 @@ def default_candidates(sparsities: tuple[float, ...] = (0.8, 0.9),
     """A small grid: unstructured sparsity x {fp32, fp16, int8 weights, int8 (+fallback)}."""
     out = [Candidate("original")]
     quants: list[tuple[str, QuantizeConfig | None]] = [
-        ("", None), ("+fp16", QuantizeConfig(mode="fp16")),
-        ("+int8w", QuantizeConfig(mode="int8-weights"))]
+        ("", None), ("+fp16", Fp16WeightsConfig()), ("+int8w", Int8WeightsConfig())]
     for c in calibrators:
-        quants.append((f"+int8-{c}", QuantizeConfig(mode="int8", calibrator=c,
-                                                     fallback_layers=fallback)))
+        quants.append((f"+int8-{c}", Int8Config(calibrator=c, fallback_layers=fallback)))
     for s in (0.0, *sparsities):
-        p = PruneConfig(kind="unstructured", sparsity=s) if s else None
+        p = UnstructuredPruneConfig(sparsity=s) if s else None
         for suffix, q in quants:
             if p is None and q is None:
                 continue
@@ -157,15 +164,14 @@ def channel_candidates(original: nn.Module, train: CalibrationSet, ratios: tuple
     exactly the one measured."""
     out = []
     for r in ratios:
-        cfg = PruneConfig(kind="channels", ratio=r)
+        cfg = ChannelPruneConfig(ratio=r)
         if log:
             log(f"  channel pruning {r:g} + distillation on the calib/ training split ...")
         model, rep = prune(original, cfg, train)
         info = {"prune_report": {k: v for k, v in rep.items() if k not in ("layers", "distill")}}
         name = f"channels{int(r * 100)}"
         out.append(Candidate(name, cfg, None, model, info))
-        out.append(Candidate(name + "+int8w", cfg, QuantizeConfig(mode="int8-weights"), model,
-                             info))
+        out.append(Candidate(name + "+int8w", cfg, Int8WeightsConfig(), model, info))
     return out
 
 

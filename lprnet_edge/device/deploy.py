@@ -35,11 +35,20 @@ from pathlib import Path
 from typing import Any
 
 from lprnet_edge.device.ssh import SshConnection
-from lprnet_edge.runtime.artifact import _ARCH_ALIASES, MANIFEST, read_manifest, sha256_file, verify
+from lprnet_edge.runtime.artifact import (
+    _ARCH_ALIASES,
+    MANIFEST,
+    Artifact,
+    load_manifest,
+    read_manifest,
+    sha256_file,
+    verify,
+)
 from lprnet_edge.runtime.errors import ArtifactError, DataError, DeviceError, LprnetEdgeError
 
 DEFAULT_REMOTE_DIR = "~/.lprnet-edge"
 AGENT = "lprnet_edge.runtime.agent"
+SELFCHECK = "lprnet_edge.runtime.selfcheck"
 SPACE_MARGIN = 1 << 20  # bytes kept free beyond what a deployment needs
 _TS_RE = re.compile(r"-(\d{8}T\d{6}\.\d{6}Z)$")
 
@@ -112,13 +121,14 @@ class Device:
     # ---------------------------------------------------------------- agent
 
     def agent(self, runtime: str, args: list[str], timeout: float | None = None,
-              progress: Progress | None = None, log: Callable[[str], None] | None = None
-              ) -> Any:
-        """Run ``python -m lprnet_edge.runtime.agent ARGS`` with ``runtime`` on PYTHONPATH."""
+              progress: Progress | None = None, log: Callable[[str], None] | None = None,
+              module: str = AGENT) -> Any:
+        """Run ``python -m MODULE ARGS`` (the agent, or another runtime module that speaks its
+        JSON protocol) with ``runtime`` on PYTHONPATH."""
         env = f"PYTHONPATH={_q(runtime)} PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1"
         if self.runtime_lib_only:
             env += " TVM_USE_RUNTIME_LIB=1"
-        cmd = (f"cd {_q(self.root)} && {env} {_q(self.python)} -m {AGENT} "
+        cmd = (f"cd {_q(self.root)} && {env} {_q(self.python)} -m {module} "
                + " ".join(_q(a) for a in args))
 
         def on_line(line: str) -> None:
@@ -195,18 +205,32 @@ class Device:
 # ---------------------------------------------------------------- runtime package
 
 
-def runtime_zip(dest: Path) -> Path:
-    """The ``lprnet_edge`` package source (``*.py`` + data) as a zip: what a device runs."""
+RUNTIME_SUFFIXES = (".py", ".json", ".typed")
+
+
+def runtime_files() -> list[tuple[Path, str]]:
+    """What ships to a board: ``lprnet_edge/__init__.py`` (it imports only the runtime) and
+    the ``lprnet_edge/runtime/`` folder, as (local path, name in the zip) pairs.
+
+    Nothing else of the package goes: the device has no torch, no compiler and no use for
+    the pipeline, and a smaller upload is a smaller attack surface."""
     import lprnet_edge
 
     pkg = Path(lprnet_edge.__file__).parent
+    files = [(pkg / "__init__.py", "lprnet_edge/__init__.py")]
+    for p in sorted((pkg / "runtime").rglob("*")):
+        if "__pycache__" in p.parts or not p.is_file() or p.suffix not in RUNTIME_SUFFIXES:
+            continue
+        files.append((p, f"lprnet_edge/{p.relative_to(pkg).as_posix()}"))
+    return files
+
+
+def runtime_zip(dest: Path) -> Path:
+    """The on-device runtime (:func:`runtime_files`) as ``dest/runtime.zip``."""
     out = dest / "runtime.zip"
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-        for p in sorted(pkg.rglob("*")):
-            if "__pycache__" in p.parts or not p.is_file():
-                continue
-            if p.suffix in (".py", ".json", ".typed"):
-                z.write(p, Path("lprnet_edge") / p.relative_to(pkg))
+        for path, name in runtime_files():
+            z.write(path, name)
     return out
 
 
@@ -229,26 +253,147 @@ class DeployResult:
         return asdict(self)
 
 
-def deploy(dev: Device, artifact: str | Path, name: str | None = None,
-           progress: Progress | None = None, keep: int = 5, check_space: bool = True,
-           on_step: Callable[[str], None] | None = None) -> DeployResult:
-    """Upload ``artifact`` + runtime, verify them on the device, then make them current."""
-    t0 = time.perf_counter()
-    step = on_step or (lambda _s: None)
-    root = Path(artifact)
-    manifest = verify(root, read_manifest(root), check_arch=False)
+def local_artifact(root: Path) -> dict[str, Any]:
+    """The manifest of a local artifact, validated (:class:`Artifact`: every name in ``files``
+    a plain file name inside the artifact, every loaded file listed), then every file's
+    checksum. Names become paths on the device (``../x`` would be written outside the
+    deployment), so this runs before anything is uploaded."""
+    return Artifact.open(root, check_arch=False).manifest.to_dict()
+
+
+@contextlib.contextmanager
+def artifact_dir(artifact: str | Path) -> Iterator[Path]:
+    """An artifact folder, or the folder inside a bundle made by ``build --bundle``
+    (``<name>.tar.gz``, extracted safely into a temporary folder for the block)."""
+    path = Path(artifact)
+    if path.is_dir():
+        yield path
+        return
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such artifact folder or bundle")
+    from lprnet_edge.runtime.artifact import unbundle
+
+    with tempfile.TemporaryDirectory(prefix="lprnet-bundle-") as tmpd:
+        yield unbundle(path, Path(tmpd))
+
+
+def _check_arch(dev: Device, root: Path, manifest: dict[str, Any]) -> str:
+    """The device's ``uname -m``; refuses an artifact built for another architecture."""
     want = manifest["target"].get("arch")
-    step("checking the device")
     machine = dev.machine()
-    have = arch_of(machine)
-    if want and want != have:
+    if want and want != arch_of(machine):
         raise ArtifactError(
             f"{root} is built for {manifest['target'].get('name', '?')} ({want}) but "
             f"{dev.conn.spec} is {machine}; build it with the device's target "
             f"(e.g. `lprnet-edge build --target rpi4`). Nothing was uploaded")
-    label = _safe_name(name or root.name)
+    return machine
+
+
+def _check_space(dev: Device, dest: str, need: int) -> None:
+    free = dev.free_bytes(dest)
+    if free < need:
+        raise DeviceError(
+            f"not enough disk space on {dev.conn.spec}: {dest} has {_mb(free)} free, "
+            f"this deployment needs {_mb(need)}; free some space (older deployments are in "
+            f"{dest}) and retry. Nothing was changed")
+
+
+def _upload(dev: Device, uploads: list[tuple[Path, str]], staging: str, dest: str,
+            progress: Progress | None) -> None:
+    """Copy each (local, relative name) into ``staging``; progress counts all the bytes."""
+    total = sum(p.stat().st_size for p, _ in uploads)
+    done_before = 0
+    for path, rel in uploads:
+        size = path.stat().st_size
+
+        def cb(done: int, _t: int, base: int = done_before) -> None:
+            if progress:
+                progress(base + done, total)
+
+        try:
+            dev.conn.put(path, f"{staging}/{rel}", progress=cb)
+        except DeviceError as e:
+            free_now = None
+            if dev.conn._alive():
+                with contextlib.suppress(LprnetEdgeError):
+                    free_now = dev.free_bytes(dest)
+            if free_now is not None and free_now < size:
+                raise DeviceError(f"{e}: the device ran out of disk space "
+                                  f"({_mb(free_now)} free in {dest})") from None
+            raise
+        done_before += size
+
+
+def _unpack_runtime(dev: Device, staging: str, dest: str) -> None:
+    res = dev.sh(f"cd {_q(staging)} && sha256sum -c --quiet SHA256SUMS", check=False)
+    if not res.ok:
+        raise DeviceError(f"checksum mismatch on {dev.conn.spec} after upload: "
+                          f"{(res.stdout + res.stderr).strip()[-800:]}")
+    res = dev.sh(
+        f"cd {_q(staging)} && {_q(dev.python)} -c "
+        + _q("import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])")
+        + " runtime.zip runtime && rm runtime.zip && "
+        f"{_q(dev.python)} -m compileall -q runtime >/dev/null", check=False)
+    if not res.ok:
+        free_now = dev.free_bytes(dest)
+        raise DeviceError(
+            f"unpacking the runtime failed on {dev.conn.spec} ({_mb(free_now)} free in "
+            f"{dest}): {(res.stderr.strip() or res.stdout.strip())[-800:]}")
+
+
+def check_on_device(dev: Device, deployment: str, previous: str | None) -> dict[str, Any]:
+    """Load and run the model in ``deployment`` on the device, and compare it with the stored
+    PyTorch logits (:mod:`lprnet_edge.runtime.selfcheck`); raise past the tolerance.
+
+    Returns ``{"info": agent info, "selfcheck": comparison}``."""
+    res = dev.agent(f"{deployment}/runtime", ["--artifact", f"{deployment}/artifact", "--info"],
+                    timeout=900, module=SELFCHECK)
+    check = res.get("selfcheck") or {}
+    if check.get("status") == "failed":
+        diff = check.get("max_abs_logit_diff")
+        agree = check.get("plate_agreement")
+        raise ArtifactError(
+            f"verification on {dev.conn.spec} failed: max |logit diff| vs the host's PyTorch "
+            f"{'non-finite' if diff is None else f'{diff:.3g}'} > tolerance "
+            f"{check.get('tolerance'):g} on {check.get('inputs')} calib inputs"
+            + (f" ({agree:.0%} of plates agree)" if agree is not None else "")
+            + ": the compiled model is wrong on this device (a bad tuning record or "
+            "toolchain); rebuild it (e.g. without --tune). "
+            + (f"{Path(previous).name} stays current" if previous else "Nothing was deployed"))
+    return res
+
+
+def _record(final_name: str, ts: str, root: Path, manifest: dict[str, Any],
+            checked: dict[str, Any]) -> dict[str, Any]:
+    """``deployment.json``: what was deployed, on what runtime, and what the device measured."""
+    info = checked.get("info") or {}
+    return {
+        "name": final_name, "created": ts, "artifact": root.name,
+        "target": manifest["target"], "lprnet_edge": info.get("lprnet_edge"),
+        "files": {n: e["sha256"] for n, e in manifest["files"].items()},
+        "device": {k: info.get(k) for k in ("machine", "python", "tvm", "numpy", "opencv")},
+        "load_s": info.get("load_s"), "first_inference_s": info.get("first_inference_s"),
+        "verification": checked.get("selfcheck"),
+    }
+
+
+def deploy(dev: Device, artifact: str | Path, name: str | None = None,
+           progress: Progress | None = None, keep: int = 5, check_space: bool = True,
+           on_step: Callable[[str], None] | None = None) -> DeployResult:
+    """Upload ``artifact`` (a folder or a ``build --bundle`` tarball) + the runtime, check
+    them on the device (checksums, load, comparison with PyTorch), then make them current."""
+    with artifact_dir(artifact) as root:
+        return _deploy(dev, root, name, progress, keep, check_space, on_step or (lambda _s: None))
+
+
+def _deploy(dev: Device, root: Path, name: str | None, progress: Progress | None, keep: int,
+            check_space: bool, step: Callable[[str], None]) -> DeployResult:
+    t0 = time.perf_counter()
+    manifest = local_artifact(root)
+    step("checking the device")
+    machine = _check_arch(dev, root, manifest)
     ts = _timestamp()
-    final_name = f"{label}-{ts}"
+    final_name = f"{_safe_name(name or root.name)}-{ts}"
     dest = f"{dev.root}/deployments"
     staging = f"{dest}/.staging-{final_name}"
     previous = dev.current()
@@ -266,70 +411,23 @@ def deploy(dev: Device, artifact: str | Path, name: str | None = None,
         # Leftovers of interrupted deploys (never the current one: it is not a staging dir).
         dev.sh(f"find {_q(dest)} -maxdepth 1 -name '.staging-*' -mmin +30 "
                "-exec rm -rf {} + 2>/dev/null || true")
-        need = total + unpacked + SPACE_MARGIN
-        free = dev.free_bytes(dest)
-        if check_space and free < need:
-            raise DeviceError(
-                f"not enough disk space on {dev.conn.spec}: {dest} has {_mb(free)} free, "
-                f"this deployment needs {_mb(need)}; free some space (older deployments are in "
-                f"{dest}) and retry. Nothing was changed")
+        if check_space:
+            _check_space(dev, dest, total + unpacked + SPACE_MARGIN)
 
         step(f"uploading {len(uploads)} files ({_mb(total)})")
         dev.sh(f"mkdir -p {_q(staging)}/artifact")
         ok = False
         try:
             t_up = time.perf_counter()
-            done_before = 0
-            for path, rel in uploads:
-                size = path.stat().st_size
-
-                def cb(done: int, _t: int, base: int = done_before) -> None:
-                    if progress:
-                        progress(base + done, total)
-
-                try:
-                    dev.conn.put(path, f"{staging}/{rel}", progress=cb)
-                except DeviceError as e:
-                    free_now = None
-                    if dev.conn._alive():
-                        with contextlib.suppress(LprnetEdgeError):
-                            free_now = dev.free_bytes(dest)
-                    if free_now is not None and free_now < size:
-                        raise DeviceError(f"{e}: the device ran out of disk space "
-                                          f"({_mb(free_now)} free in {dest})") from None
-                    raise
-                done_before += size
+            _upload(dev, uploads, staging, dest, progress)
             dev.conn.put_bytes(sums.encode(), f"{staging}/SHA256SUMS")
             upload_s = time.perf_counter() - t_up
 
             step("verifying checksums on the device")
-            res = dev.sh(f"cd {_q(staging)} && sha256sum -c --quiet SHA256SUMS", check=False)
-            if not res.ok:
-                raise DeviceError(f"checksum mismatch on {dev.conn.spec} after upload: "
-                                  f"{(res.stdout + res.stderr).strip()[-800:]}")
-            res = dev.sh(
-                f"cd {_q(staging)} && {_q(dev.python)} -c "
-                + _q("import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])")
-                + " runtime.zip runtime && rm runtime.zip && "
-                f"{_q(dev.python)} -m compileall -q runtime >/dev/null", check=False)
-            if not res.ok:
-                free_now = dev.free_bytes(dest)
-                raise DeviceError(
-                    f"unpacking the runtime failed on {dev.conn.spec} ({_mb(free_now)} free in "
-                    f"{dest}): {(res.stderr.strip() or res.stdout.strip())[-800:]}")
-
-            step("loading the model on the device")
-            info = dev.agent(f"{staging}/runtime",
-                             ["info", "--artifact", f"{staging}/artifact", "--load"],
-                             timeout=600)
-            record = {
-                "name": final_name, "created": ts, "artifact": root.name,
-                "target": manifest["target"], "lprnet_edge": info.get("lprnet_edge"),
-                "files": {n: e["sha256"] for n, e in manifest["files"].items()},
-                "device": {k: info.get(k) for k in ("machine", "python", "tvm", "numpy",
-                                                    "opencv")},
-                "load_s": info.get("load_s"), "first_inference_s": info.get("first_inference_s"),
-            }
+            _unpack_runtime(dev, staging, dest)
+            step("loading the model on the device and comparing it with PyTorch")
+            checked = check_on_device(dev, staging, previous)
+            record = _record(final_name, ts, root, manifest, checked)
             dev.conn.put_bytes(json.dumps(record, indent=2, ensure_ascii=False).encode(),
                                f"{staging}/deployment.json")
 
@@ -344,12 +442,14 @@ def deploy(dev: Device, artifact: str | Path, name: str | None = None,
 
     with contextlib.suppress(LprnetEdgeError):
         prune(dev, keep)
+    info = checked.get("info") or {}
     return DeployResult(
         host=str(dev.conn.spec), name=final_name, path=f"{dest}/{final_name}",
         previous=Path(previous).name if previous else None, bytes_uploaded=total,
         seconds=time.perf_counter() - t0, upload_seconds=upload_s, device_arch=machine,
         checks={"sha256": "ok", "torch_imported": info.get("torch_imported"),
-                "load_s": info.get("load_s"), "first_inference_s": info.get("first_inference_s")})
+                "load_s": info.get("load_s"), "first_inference_s": info.get("first_inference_s"),
+                "verification": checked.get("selfcheck")})
 
 
 def prune(dev: Device, keep: int) -> list[str]:
@@ -489,10 +589,11 @@ def remote_eval(dev: Device, data: str | Path, skip_bad: bool = False, limit: in
 
 def remote_bench(dev: Device, runs: int = 100, warmup: int = 10, threads: int | None = None,
                  image: str | Path | None = None, include_preprocess: bool = True,
-                 timeout: float = 3600, expect_artifact: str | Path | None = None
-                 ) -> dict[str, Any]:
+                 timeout: float = 3600, expect_artifact: str | Path | None = None,
+                 profile: bool = False) -> dict[str, Any]:
     """Recognizer.benchmark on the device, with the current deployment (which must be
-    ``expect_artifact``, when given)."""
+    ``expect_artifact``, when given); ``profile`` adds the agent's per-kernel profile
+    (``stats["profile"]``, :class:`lprnet_edge.runtime.profile.Profile` as a dict)."""
     cur = dev.require_current()
     runtime, art = dev.runtime_of(cur)
     if expect_artifact is not None:
@@ -511,6 +612,8 @@ def remote_bench(dev: Device, runs: int = 100, warmup: int = 10, threads: int | 
         args += ["--threads", str(threads)]
     if not include_preprocess:
         args.append("--no-preprocess")
+    if profile:
+        args.append("--profile")
     with dev.job_dir() as job:
         if image:
             dev.conn.put(Path(image), f"{job}/bench{Path(image).suffix}")
@@ -646,32 +749,18 @@ def _rpc_time_child(local_port: int, artifact: str, number: int, repeat: int,
         raise DeviceError(f"cannot open a TVM RPC session through the SSH tunnel: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}"
                           ) from None
-    return _time_on_session(sess, root, read_manifest(root), number, repeat)
+    return _time_on_session(sess, root, number, repeat)
 
 
-def _time_on_session(sess: Any, root: Path, m: dict[str, Any], number: int, repeat: int,
-                     warmup: int = 2) -> dict[str, Any]:
-    """Upload model.so, send the params, time ``main`` with time_evaluator (compiler.rpc)."""
-    import numpy as np
+def _time_on_session(sess: Any, root: Path, number: int, repeat: int, warmup: int = 2,
+                     timeout: float = 3600) -> dict[str, Any]:
+    """Time the artifact's module on an open TVM RPC session: the same code as a local
+    ``bench`` (:func:`lprnet_edge.compiler.session.time_artifact`), on a remote session."""
+    from lprnet_edge.compiler.session import Session, time_artifact
 
-    from lprnet_edge.compiler.rpc import time_module
-    from lprnet_edge.runtime.preprocess import Preprocess
-    from lprnet_edge.runtime.recognizer import _synthetic_plate
-
-    rt = m.get("runtime", {})
-    params: list[np.ndarray] = []
-    if rt.get("params"):
-        from lprnet_edge.runtime.params_codec import load_params
-
-        arrays = load_params(root / rt["params"])
-        params = [arrays[k] for k in rt["param_order"]]
-    pre = Preprocess.from_dict(m["preprocess"])
-    x = np.ascontiguousarray(pre(_synthetic_plate(pre)), dtype=np.float32)
-    out = time_module(sess, root / m.get("model_file", "model.so"), params, x, runs=repeat,
-                      warmup=warmup, number=number, entry=rt.get("entry", "main"),
-                      timeout=3600)
-    stats = out["stats"]
-    return {"stats": stats, "output_shape": list(out["output"].shape)}
+    res = time_artifact(root, Session("rpc", "SSH tunnel", sess, timeout), number=number,
+                        repeat=repeat, warmup=warmup)
+    return {"stats": res.timing.to_dict(), "output_shape": res.output_shape}
 
 
 def _mb(n: int) -> str:
@@ -679,10 +768,11 @@ def _mb(n: int) -> str:
 
 
 def artifact_size(artifact: str | Path, with_runtime: bool = False) -> int:
-    """Bytes a deploy uploads: the artifact's files (+ the runtime zip)."""
-    root = Path(artifact)
-    m = read_manifest(root)
-    n = sum(e["size"] for e in m["files"].values()) + (root / MANIFEST).stat().st_size
+    """Bytes a deploy uploads: the artifact's files (+ the runtime zip). ``artifact``: a
+    folder or a ``build --bundle`` tarball."""
+    with artifact_dir(artifact) as root:
+        m = load_manifest(root)
+        n = sum(e.size for e in m.files.values()) + (root / MANIFEST).stat().st_size
     if with_runtime:
         with tempfile.TemporaryDirectory() as d:
             n += runtime_zip(Path(d)).stat().st_size

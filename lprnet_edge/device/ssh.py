@@ -15,6 +15,7 @@ import base64
 import contextlib
 import getpass
 import hashlib
+import logging
 import os
 import re
 import select
@@ -88,6 +89,19 @@ def default_known_hosts() -> Path:
     return Path.home() / ".ssh" / "known_hosts"
 
 
+def quiet_paramiko_logging() -> None:
+    """Keep paramiko's own log lines (a full traceback when a peer drops the connection) off
+    stderr: every failure they describe becomes one :class:`DeviceError` here.
+
+    paramiko logs from its transport thread through :mod:`logging`; with no handler anywhere,
+    Python's last-resort handler prints WARNING and above to stderr. A NullHandler on the
+    ``paramiko`` logger stops that, and an application that configures logging still gets
+    the records through propagation."""
+    logger = logging.getLogger("paramiko")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+
+
 class _UnknownHost(Exception):
     def __init__(self, key: Any) -> None:
         super().__init__("unknown host key")
@@ -133,6 +147,7 @@ class SshConnection:
             import paramiko
         except ImportError as e:
             raise DeviceError("paramiko is needed for SSH: pip install 'lprnet-edge[host]'") from e
+        quiet_paramiko_logging()
         if self.key is not None and not self.key.is_file():
             raise DeviceError(f"SSH key {self.key} not found")
         client = paramiko.SSHClient()

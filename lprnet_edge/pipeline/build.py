@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import platform
 import sys
 import time
@@ -35,11 +36,16 @@ from lprnet_edge.compiler.target import TargetSpec
 from lprnet_edge.compiler.toolchain import Compiler, find_compiler
 from lprnet_edge.compress.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
 from lprnet_edge.paths import data_subdir
+from lprnet_edge.pipeline.interrupt import InterruptGuard, pause_for_tests
 from lprnet_edge.runtime import __version__
 from lprnet_edge.runtime.artifact import (
     MANIFEST,
-    SCHEMA_VERSION,
-    file_entries,
+    Artifact,
+    FileEntry,
+    InputSpec,
+    Manifest,
+    RuntimeSpec,
+    TargetInfo,
     machine_arch,
     sha256_file,
     staging_dir,
@@ -66,10 +72,13 @@ def _stderr(msg: str) -> None:
 class ModelArtifact:
     """A model on its way to an artifact, with where it came from and what was done to it.
 
-    ``model`` is what gets compiled: an ``nn.Module``, or an object with
-    ``to_relax(frontend=...) -> (IRModule, {name: array})`` (a quantized model that emits its
-    own Relax). ``reference`` is the PyTorch module verification compares against (None: no
-    logit comparison); ``original`` is the model as loaded (for ``--max-accuracy-drop``).
+    ``model`` is what gets compiled: an ``nn.Module``, or a
+    :class:`lprnet_edge.compress.api.CompressedModel` (``compiler.frontend.to_relax``
+    dispatches on its type: a quantized one compiles its int8 convolutions as int8).
+    ``reference`` is the PyTorch module verification compares against (None: no logit
+    comparison); ``original`` is the model as loaded (for the accuracy guard and
+    ``--max-accuracy-drop``). ``param_encodings`` and ``verify_tolerance`` come from the
+    compression result's typed fields.
     """
 
     model: Any
@@ -111,14 +120,31 @@ class CompiledModule:
     def params_path(self) -> Path:
         return self.root / PARAMS_FILE
 
-    def runtime_entry(self, num_threads: int | None = None) -> dict[str, Any]:
+    def runtime_entry(self, num_threads: int | None = None) -> RuntimeSpec:
         from lprnet_edge.compiler.frontend import ENTRY
 
-        rt: dict[str, Any] = {"entry": ENTRY, "params": PARAMS_FILE,
-                              "param_order": list(self.param_order)}
-        if num_threads:
-            rt["num_threads"] = num_threads
-        return rt
+        return RuntimeSpec(entry=ENTRY, params=PARAMS_FILE, param_order=tuple(self.param_order),
+                           num_threads=num_threads or None)
+
+    def artifact(self, charset: Charset, num_threads: int | None = None,
+                 records: dict[str, Any] | None = None) -> Artifact:
+        """The staged directory as an :class:`Artifact` (checksums of the files as written),
+        verified; ``records`` are the manifest's build records (empty while verifying)."""
+        target = self.target
+        manifest = Manifest(
+            backend="tvm", model_file=MODEL_FILE,
+            target=TargetInfo(
+                name=target.name, arch=target.arch, description=target.description,
+                tvm=_jsonable(dict(target.tvm)),
+                toolchain=_jsonable({**{k: v for k, v in target.toolchain.items()
+                                        if k != "compiler"}, **self.compiler.to_dict()}),
+                device=_jsonable(dict(target.device))),
+            input=InputSpec(name="x", shape=(1, 3, 24, 94), layout="NCHW", dtype="float32",
+                            color="BGR"),
+            preprocess=Preprocess(), charset=charset,
+            files={n: FileEntry.of(self.root / n) for n in (MODEL_FILE, PARAMS_FILE)},
+            runtime=self.runtime_entry(num_threads), records=records or {})
+        return Artifact(self.root, manifest).verify(check_arch=False)
 
 
 @dataclass
@@ -161,20 +187,24 @@ class BuildResult:
 class Stages:
     """``[i/n] name ... 1.2s`` lines on the log (stderr in the CLI)."""
 
-    def __init__(self, names: list[str], log: Log) -> None:
+    def __init__(self, names: list[str], log: Log, guard: InterruptGuard | None = None) -> None:
         self.names = names
         self.log = log
         self.timings: list[tuple[str, float]] = []
+        self.guard = guard or InterruptGuard()
 
     @contextmanager
     def stage(self, name: str, detail: str = "") -> Iterator[dict[str, str]]:
         i = self.names.index(name) + 1
         n = len(self.names)
         head = f"[{i}/{n}] {name:<8}"
+        self.guard.check()
+        pause_for_tests(name)
         self.log(f"{head} {detail}".rstrip() + " ...")
         note: dict[str, str] = {}
         t0 = time.perf_counter()
         yield note
+        self.guard.check()  # a signal a library swallowed still ends the build here
         dt = time.perf_counter() - t0
         self.timings.append((name, dt))
         result = f": {note['result']}" if note.get("result") else ""
@@ -205,36 +235,87 @@ def _calibration_set(calib_dir: Path | None, charset: Charset) -> Any:
 
 def prune_stage(art: ModelArtifact, cfg: PruneConfig, calib_dir: Path | None = None
                 ) -> ModelArtifact:
-    """``lprnet_edge.compress.prune.prune(model, cfg, calib)`` (calib: the ``calib/`` images)."""
-    from lprnet_edge.compress import prune as mod
+    """``compress(model, cfg, calib) -> PrunedModel`` (calib: the ``calib/`` images)."""
+    from lprnet_edge.compress.api import PrunedModel, compress
 
     calib = _calibration_set(calib_dir, art.charset)
-    model, report = mod.prune(art.model, cfg, calib)
-    art.model = art.reference = model
-    art.stages["prune"] = cfg.to_dict()
-    art.reports["prune"] = report
+    res = compress(art.model, cfg, calib)
+    if not isinstance(res, PrunedModel):
+        raise LprnetEdgeError(f"{type(cfg).__name__} is not a pruning config")
+    return adopt_pruned(art, res)
+
+
+def adopt_pruned(art: ModelArtifact, res: Any) -> ModelArtifact:
+    """``art`` continuing with the :class:`PrunedModel` ``res`` (from the prune stage, or the
+    model the selection distilled and measured)."""
+    art.model = art.reference = res.module
+    art.param_encodings = res.param_encodings
+    art.stages["prune"] = res.config.to_dict()
+    art.reports["prune"] = res.report
     return art
 
 
 def quantize_stage(art: ModelArtifact, cfg: QuantizeConfig, calib_dir: Path | None = None
                    ) -> ModelArtifact:
-    """``lprnet_edge.compress.quantize.quantize(model, cfg, calib) -> (QuantizedModel, report)``.
+    """``quantize(model, cfg, calib) -> QuantizedModel``, calibrated on the training part of
+    the calib/ split (the accuracy guard measures on the other part). The result is what
+    gets compiled; its ``module`` is the PyTorch reference."""
+    from lprnet_edge.compress.quantize import quantize
 
-    The quantized object may carry ``reference`` (a PyTorch module computing what the
-    compiled model should), ``param_encodings`` and ``verify_tolerance``.
-    """
-    from lprnet_edge.compress import quantize as mod
-
-    calib = _calibration_set(calib_dir, art.charset)
-    qmodel, report = mod.quantize(art.model, cfg, calib)
-    art.model = qmodel
-    art.reference = getattr(qmodel, "reference", None) or (
-        qmodel if _is_torch_module(qmodel) else None)
-    art.param_encodings = getattr(qmodel, "param_encodings", None)
-    art.verify_tolerance = getattr(qmodel, "verify_tolerance", None)
-    art.stages["quantize"] = cfg.to_dict()
-    art.reports["quantize"] = report
+    train, _val = guard_split(_calibration_set(calib_dir, art.charset))
+    res = quantize(art.model, cfg, train)
+    art.model = res
+    art.reference = res.module
+    art.param_encodings = res.param_encodings
+    art.verify_tolerance = res.verify_tolerance
+    art.stages["quantize"] = res.config.to_dict()
+    art.reports["quantize"] = res.report
     return art
+
+
+# The accuracy guard of a build that changes the model: the split select.py decides on.
+GUARD_VAL_FRACTION = 0.3
+GUARD_SEED = 0
+DEFAULT_MAX_ACCURACY_DROP = 1.0  # points, without an explicit --max-accuracy-drop
+
+
+def guard_split(calib: Any) -> tuple[Any, Any]:
+    """(train, validation) of calib/: compression fits on the first, the guard reads the
+    second."""
+    return calib.split(GUARD_VAL_FRACTION, GUARD_SEED)
+
+
+def guard_stage(art: ModelArtifact, calib_dir: Path | None = None,
+                max_drop_points: float | None = None) -> dict[str, Any]:
+    """Plate accuracy of the compressed PyTorch model (``art.reference``: for int8 its exact
+    simulation) against the original on the calib/ validation split; raises past
+    ``max_drop_points`` (default :data:`DEFAULT_MAX_ACCURACY_DROP`). Runs before compiling,
+    so a bad setting costs seconds, not a build."""
+    from lprnet_edge.model.calib import accuracy
+
+    _train, val = guard_split(_calibration_set(calib_dir, art.charset))
+    explicit = max_drop_points is not None
+    budget = float(max_drop_points) if explicit else DEFAULT_MAX_ACCURACY_DROP
+    with torch_one_thread():
+        orig, new = accuracy(art.original, val), accuracy(art.reference, val)
+    drop = 100 * (orig - new)
+    res = {"split": {"fraction": GUARD_VAL_FRACTION, "seed": GUARD_SEED, "images": len(val)},
+           "original": orig, "compressed": new, "drop_points": drop, "budget_points": budget,
+           "budget_source": "--max-accuracy-drop" if explicit else "default",
+           "ok": drop <= budget + 1e-9}
+    art.reports["accuracy_guard"] = res
+    if not res["ok"]:
+        head = (f"accuracy drop {drop:.1f} points on the calib/ validation split ({len(val)} "
+                f"plates: original {orig:.3f}, compressed {new:.3f})")
+        if explicit:
+            raise ArtifactError(f"{head} exceeds --max-accuracy-drop {budget:g}. "
+                                "No artifact written")
+        raise ArtifactError(f"{head} exceeds the default budget of "
+                            f"{DEFAULT_MAX_ACCURACY_DROP:g} point: use a milder "
+                            "--prune/--quantize setting, or accept the loss explicitly with "
+                            f"--max-accuracy-drop {math.ceil(drop * 10) / 10:g}. "
+                            "No artifact written")
+    return res
 
 
 def _is_torch_module(obj: Any) -> bool:
@@ -246,6 +327,7 @@ def _is_torch_module(obj: Any) -> bool:
 
 
 def import_stage(art: ModelArtifact, frontend: str = "torch.export") -> RelaxModel:
+    """``to_relax(art.model)``: a torch module, or a compression result (typed dispatch)."""
     from lprnet_edge.compiler.frontend import to_relax
 
     t0 = time.perf_counter()
@@ -283,31 +365,12 @@ def compile_stage(relax_model: RelaxModel, target: TargetSpec, out_dir: Path,
 
 
 def choose_encodings(art: ModelArtifact, param_names: list[str]) -> dict[str, str]:
-    """Storage encoding of each compiled parameter: the quantized model's own choice, else
-    ``lprnet_edge.compress.prune.params_encodings`` (sparse for pruned convs, fp16/int8 per the
-    quantize mode) on the BatchNorm-folded model that was compiled, else dense."""
+    """Storage encoding of each compiled parameter: the compression result's own choice
+    (``param_encodings``: sparse for pruned convs, fp16/int8 per quantization technique, on
+    the BatchNorm-folded model that is compiled), else dense."""
     if art.param_encodings:
         return _map_names(art.param_encodings, param_names)
-    if not art.stages.get("prune") and not art.stages.get("quantize"):
-        return dict.fromkeys(param_names, "dense")
-    if not _is_torch_module(art.model):
-        return dict.fromkeys(param_names, "dense")
-    from lprnet_edge.model.fold import fold_batchnorm
-
-    try:
-        from lprnet_edge.compress.prune import params_encodings
-    except ImportError:
-        return dict.fromkeys(param_names, "dense")
-    pcfg = art.stages.get("prune")
-    qcfg = art.stages.get("quantize")
-    enc = params_encodings(fold_batchnorm(art.model),
-                           PruneConfig.from_dict(pcfg) if pcfg else None,
-                           quant=QuantizeConfig.from_dict(_tuplify(qcfg)) if qcfg else None)
-    return _map_names(enc, param_names)
-
-
-def _tuplify(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return dict.fromkeys(param_names, "dense")
 
 
 def _norm_name(name: str) -> str:
@@ -416,8 +479,7 @@ def _verify(art: ModelArtifact, compiled: CompiledModule, config: CompileConfig,
     images = verification_images(calib_dir, art.charset, limit, log)
     if max_accuracy_drop is not None and not any(y is not None for y in images.labels):
         raise DataError("--max-accuracy-drop needs labelled calib/ images (--calib DIR)")
-    partial = {"model_file": MODEL_FILE, "runtime": compiled.runtime_entry()}
-    backend = TvmBackend(compiled.root, partial)
+    backend = TvmBackend(compiled.artifact(art.charset))
     lossy = any(e not in LOSSLESS for e in compiled.encodings.values())
     reference = art.reference
     if reference is not None and lossy:
@@ -552,8 +614,7 @@ def eval_test_stage(art: ModelArtifact, compiled: CompiledModule, test_dir: Path
     folder = Path(test_dir) if test_dir else data_subdir("test")
     if folder is None or not folder.is_dir():
         raise DataError("--eval-test: no test/ folder (set LPRNET_EDGE_DATA or --test-dir)")
-    backend = TvmBackend(compiled.root, {"model_file": MODEL_FILE,
-                                         "runtime": compiled.runtime_entry()})
+    backend = TvmBackend(compiled.artifact(art.charset))
     res = evaluate(Recognizer(backend, art.charset, Preprocess()), folder)
     return {"data": str(folder), "split": "test", "images": res.count,
             "accuracy": res.accuracy, "char_accuracy": res.char_accuracy,
@@ -580,60 +641,41 @@ def _jsonable(obj: Any) -> Any:
 def make_manifest(name: str, art: ModelArtifact, compiled: CompiledModule,
                   config: CompileConfig, verification: dict[str, Any],
                   accuracy: dict[str, Any] | None = None,
-                  tune_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+                  tune_summary: dict[str, Any] | None = None) -> Manifest:
+    """The typed manifest of the staged artifact (files checksummed as they are now)."""
     root = compiled.root
-    files = [MODEL_FILE, PARAMS_FILE]
-    sizes = {n: (root / n).stat().st_size for n in files}
-    target = compiled.target
-    num_threads = config.num_threads or target.num_threads
+    sizes = {n: (root / n).stat().st_size for n in (MODEL_FILE, PARAMS_FILE)}
     stages = {"prune": art.stages.get("prune"), "quantize": art.stages.get("quantize"),
               "tune": art.stages.get("tune"), "compile": config.to_dict()}
     reports = dict(art.reports)
     if tune_summary is not None:
         reports["tune"] = tune_summary
     reports["compile"] = compiled.info
-    n_classes = len(art.charset)
-    return _jsonable({
-        "schema_version": SCHEMA_VERSION,
+    records = _jsonable({
         "name": name,
-        "backend": "tvm",
-        "model_file": MODEL_FILE,
-        "target": {
-            "name": target.name,
-            "arch": target.arch,
-            "description": target.description,
-            "tvm": dict(target.tvm),
-            "toolchain": {**{k: v for k, v in target.toolchain.items() if k != "compiler"},
-                          **compiled.compiler.to_dict()},
-            "device": dict(target.device),
-        },
-        "input": {"name": "x", "shape": [1, 3, 24, 94], "layout": "NCHW", "dtype": "float32",
-                  "color": "BGR"},
-        "output": {"shape": [1, n_classes, 18], "dtype": "float32", "layout": "NCT"},
-        "preprocess": Preprocess().to_dict(),
-        "charset": art.charset.to_dict(),
+        "output": {"shape": [1, len(art.charset), 18], "dtype": "float32", "layout": "NCT"},
         "source": {"weights": art.weights.name, "weights_sha256": art.weights_sha256},
         "stages": stages,
         "reports": reports,
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "built_on": {"machine": machine_arch(), "platform": platform.platform()},
-        "files": file_entries(root, files),
-        "runtime": compiled.runtime_entry(num_threads),
         "sizes": {**sizes, "total": sum(sizes.values())},
         "param_encodings": compiled.encodings,
         "verification": verification,
         "accuracy": accuracy,
     })
+    num_threads = config.num_threads or compiled.target.num_threads
+    return compiled.artifact(art.charset, num_threads, records).manifest
 
 
-def package_stage(stage_dir: Path, manifest: dict[str, Any]) -> Path:
+def package_stage(stage_dir: Path, manifest: Manifest) -> Path:
     """Write ``manifest.json`` last: a directory without one is not an artifact.
 
     (``manifest.staging_dir`` gives the finished directory its umask-based mode.)
     """
     path = Path(stage_dir) / MANIFEST
-    write_json_atomic(path, manifest)
+    write_json_atomic(path, manifest.to_dict())
     return path
 
 
@@ -645,6 +687,12 @@ def searching(opts: BuildOptions) -> bool:
     return opts.max_accuracy_drop is not None and not (opts.prune or opts.quantize)
 
 
+def guarded(opts: BuildOptions) -> bool:
+    """``--prune``/``--quantize`` given: the model changes, so the accuracy guard runs (the
+    search guards its own candidates)."""
+    return not searching(opts) and bool(opts.prune or opts.quantize)
+
+
 def plan(opts: BuildOptions, prune: Any = None, quantize: Any = None) -> list[str]:
     names = ["load"]
     if searching(opts):
@@ -653,6 +701,8 @@ def plan(opts: BuildOptions, prune: Any = None, quantize: Any = None) -> list[st
         names.append("prune")
     if opts.quantize or quantize:
         names.append("quantize")
+    if guarded(opts):
+        names.append("guard")
     if searching(opts):
         names.append("test")
     names.append("import")
@@ -666,7 +716,14 @@ def plan(opts: BuildOptions, prune: Any = None, quantize: Any = None) -> list[st
 
 
 def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
-    """Every stage for ``opts``; the artifact appears at ``opts.out`` only if all succeed."""
+    """Every stage for ``opts``; the artifact appears at ``opts.out`` only if all succeed
+    (and no SIGINT/SIGTERM came, even one a library swallowed: :mod:`.interrupt`)."""
+    guard = InterruptGuard()
+    with guard.installed():
+        return _build_artifact(opts, log, guard)
+
+
+def _build_artifact(opts: BuildOptions, log: Log, guard: InterruptGuard) -> BuildResult:
     from lprnet_edge.runtime.artifact import bundle as make_bundle
 
     out = Path(opts.out)
@@ -682,7 +739,7 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
         from lprnet_edge.model.calib import check_not_test
 
         check_not_test(opts.calib_dir)  # calib/ shapes the model and decides pass/fail
-    stages = Stages(plan(opts), log)
+    stages = Stages(plan(opts), log, guard)
 
     with stages.stage("load") as note:
         art = load_stage(opts.weights, opts.charset)
@@ -696,8 +753,7 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
         stages.names = plan(opts, prune_cfg, quant_cfg)
     if chosen_model is not None:
         with stages.stage("prune", f"{prune_cfg.kind}, as selected") as note:
-            art.model = art.reference = chosen_model
-            art.stages["prune"] = prune_cfg.to_dict()
+            art = adopt_pruned(art, chosen_model)
             note["result"] = "the model distilled and measured during selection"
     elif prune_cfg:
         with stages.stage("prune", prune_cfg.kind) as note:
@@ -705,6 +761,12 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
     if quant_cfg:
         with stages.stage("quantize", quant_cfg.mode) as note:
             art = quantize_stage(art, quant_cfg, opts.calib_dir)
+    if guarded(opts):
+        with stages.stage("guard", "accuracy on the calib/ validation split") as note:
+            g = guard_stage(art, opts.calib_dir, opts.max_accuracy_drop)
+            note["result"] = (f"{g['compressed']:.3f} vs original {g['original']:.3f} on "
+                              f"{g['split']['images']} plates ({-g['drop_points']:+.1f} pt, "
+                              f"budget {g['budget_points']:g} pt)")
     if searching(opts):
         with stages.stage("test", "test/ accuracy of the selected model (PyTorch)") as note:
             from lprnet_edge.compress.select import test_comparison
@@ -748,10 +810,11 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
             manifest = make_manifest(name, art, compiled, opts.compile, verification, accuracy,
                                      tune_summary)
             package_stage(tmp, manifest)
+        guard.check()  # the last point before the new directory replaces the old one
     bundle_path = None
     if opts.bundle:
         bundle_path = make_bundle(out)
-    return BuildResult(out, manifest, bundle_path, stages.timings)
+    return BuildResult(out, manifest.to_dict(), bundle_path, stages.timings)
 
 
 def _fraction(points: float | None) -> float | None:
@@ -762,14 +825,21 @@ def select_stage(art: ModelArtifact, opts: BuildOptions, log: Log
                  ) -> tuple[PruneConfig | None, QuantizeConfig | None, Any]:
     """Choose pruning x quantization within ``opts.max_accuracy_drop`` points on a validation
     split of calib/ (:func:`lprnet_edge.compress.select.search`); the search goes in the
-    manifest."""
+    manifest. The third value is the winner's :class:`PrunedModel` when it must be reused as
+    measured (channel-pruned: distilled during the search), else None."""
     from lprnet_edge.compress import select as mod
+    from lprnet_edge.compress.api import PrunedModel
+    from lprnet_edge.compress.prune import folded_encodings
 
     calib = _calibration_set(opts.calib_dir, art.charset)
     best, model, report = mod.search(art.original, calib, opts.max_accuracy_drop,
                                      channels=opts.search_channels, log=log)
     art.reports["selection"] = report
-    return best.prune, best.quant, model
+    pruned = None
+    if model is not None and best.prune is not None:
+        pruned = PrunedModel(model, best.prune, dict(best.extra.get("prune_report") or {}),
+                             folded_encodings(model))
+    return best.prune, best.quant, pruned
 
 
 def verification_summary(v: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ from torch import nn
 from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig, TuneConfig
 from lprnet_edge.model.calib import CalibrationSet, EvalSet, accuracy, load_eval_set
 from lprnet_edge.model.flops import summary as flops_summary
+from lprnet_edge.runtime.artifact import Artifact
 
 
 @dataclass
@@ -141,13 +142,15 @@ def build_tvm(v: Variant, work: Path, base_weights: str | Path | None, trials: i
                                                 "tune_s", "est_ms_before", "est_ms_after")}
         info["tuning"]["tasks_with_records"] = tasks_with_records(s["db_dir"])
     res = build_artifact(opts, log=lambda _m: None)
-    rt = res.manifest["reports"].get("tune")
+    art = Artifact.open(res.path, check_arch=False)
+    m = art.manifest
+    rt = m.reports.get("tune")
     info["records_applied"] = int(rt["records_total"]) if rt else 0
-    info["manifest_stages_tune"] = res.manifest["stages"].get("tune")
-    info["compile"] = {k: res.manifest["reports"]["compile"].get(k)
+    info["manifest_stages_tune"] = m.stages.get("tune")
+    info["compile"] = {k: m.reports.get("compile", {}).get(k)
                        for k in ("tuned", "compile_s", "tvm_target")}
     info["artifact"] = str(res.path)
-    info["artifact_params_bytes"] = (res.path / res.manifest["runtime"]["params"]).stat().st_size
+    info["artifact_params_bytes"] = art.params_path.stat().st_size if art.params_path else 0
     info["build_s"] = round(time.perf_counter() - t0, 1)
     return info
 
@@ -365,23 +368,23 @@ def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = Fal
             add(tag, f"global L1 magnitude pruning {s:.0%}, sparse fp32 storage", pm,
                 "fp32 (dense kernels)", pcfg, info={"global_sparsity": rep["global_sparsity"]})
         qf = QuantizeConfig(mode="fp16")
-        qm, _ = quantize(pm, qf)
+        qm = quantize(pm, qf).module
         add(f"{tag}+fp16", f"{s:.0%} sparse, fp16 values (sparse-fp16)", qm,
             "fp32 (weights decoded from fp16)", pcfg, qf)
         qw = QuantizeConfig(mode="int8-weights")
-        qm, _ = quantize(pm, qw)
+        qm = quantize(pm, qw).module
         add(f"{tag}+int8w", f"{s:.0%} sparse, weight-only int8 (zeros compress)", qm,
             "fp32 (weights decoded from int8)", pcfg, qw)
 
     log("variant: dense int8 weight-only / fp16")
     qw = QuantizeConfig(mode="int8-weights")
-    qm, _ = quantize(original, qw)
+    qm = quantize(original, qw).module
     add("int8w", "weight-only int8 per-channel, dense", qm, "fp32 (weights decoded from int8)",
         None, qw)
 
     log("variant: simulated int8 (weights + activations)")
     qi = QuantizeConfig(mode="int8", calibrator="percentile", fallback_layers=("container.0",))
-    qm, qrep = quantize(original, qi, train)
+    qm = quantize(original, qi, train).module
     add("int8-sim", "int8 weights + activations (percentile 99.99, per-channel), head fp32 "
         "(simulated)", qm, "int8 x int8 -> int32 convs (simulated in PyTorch; "
         "see relax_int8_rewrite)", None, qi, stored=fold_batchnorm(original))
@@ -402,13 +405,13 @@ def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = Fal
     add("channels-b23x0.5+kd", f"dead channels + b2/b3 mid widths halved {dinfo['widths']}, "
         "distilled on calib/", dm, "fp32", weights_path=dpath, info=dinfo)
     qw = QuantizeConfig(mode="int8-weights")
-    qm, _ = quantize(dm, qw)
+    qm = quantize(dm, qw).module
     add("channels-b23x0.5+kd+int8w", "channel-pruned + distilled, weight-only int8", qm,
         "fp32 (weights decoded from int8)", None, qw, weights_path=dpath, info=dinfo)
     if not quick:
         pcfg = PruneConfig(kind="unstructured", sparsity=0.7)
         sm, _ = prune(dm, pcfg)
-        qm, _ = quantize(sm, qw)
+        qm = quantize(sm, qw).module
         add("channels-b23x0.5+kd+sparse70+int8w",
             "channel-pruned + distilled, then 70% unstructured, weight-only int8", qm,
             "fp32 (weights decoded from int8)", pcfg, qw, stored=sm, weights_path=dpath,
@@ -602,7 +605,8 @@ def compare_calibrators(original: nn.Module, calib: CalibrationSet, test: EvalSe
             t0 = time.time()
             cfg = QuantizeConfig(mode="int8", calibrator=c,
                                  fallback_layers=("container.0",) if h else ())
-            qm, qrep = quantize(original, cfg, train, head_fp32=h)
+            q = quantize(original, cfg, train, head_fp32=h)
+            qm, qrep = q.module, q.report
             pred = decode_batch(predict_logits(qm, test.x))
             acc = float(np.mean([p == t for p, t in zip(pred, test.labels, strict=True)]))
             agree = float(np.mean([p == q for p, q in zip(pred, ref, strict=True)]))

@@ -5,7 +5,7 @@ Run on the device by the host over SSH::
     python -m lprnet_edge.runtime.agent info [--artifact DIR [--load]]
     python -m lprnet_edge.runtime.agent recognize --artifact DIR IMG...
     python -m lprnet_edge.runtime.agent eval --artifact DIR (--data DIR | --data-tar FILE)
-    python -m lprnet_edge.runtime.agent bench --artifact DIR [--runs N] [--warmup N]
+    python -m lprnet_edge.runtime.agent bench --artifact DIR [--runs N] [--warmup N] [--profile]
 
 It needs numpy, OpenCV and the TVM runtime only (no torch, no click, no paramiko). It prints one
 JSON document on stdout, ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ...,
@@ -95,12 +95,12 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
 
     info["arch"] = machine_arch()
     if args.artifact:
-        from lprnet_edge.runtime.artifact import read_manifest, verify
+        from lprnet_edge.runtime.artifact import Artifact
 
-        m = verify(args.artifact, read_manifest(args.artifact))
+        m = Artifact.open(args.artifact).manifest
         info["artifact"] = {"path": str(Path(args.artifact).resolve()),
-                            "target": m["target"], "backend": m["backend"],
-                            "files": {k: v["size"] for k, v in m["files"].items()}}
+                            "target": m.target.to_dict(), "backend": m.backend,
+                            "files": {k: v.size for k, v in m.files.items()}}
         if args.load:
             t0 = time.perf_counter()
             rec = _open(args.artifact, args.threads)
@@ -125,7 +125,14 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
                           include_preprocess=not args.no_preprocess)
     stats.update(threads=args.threads or int(os.environ.get("TVM_NUM_THREADS", "0") or 0)
                  or os.cpu_count(), machine=platform.machine(),
-                 target=rec.manifest.get("target", {}))
+                 target=rec.manifest.target.to_dict() if rec.manifest else {})
+    if args.profile:  # per kernel, in this process (the VM instrument cannot cross RPC)
+        from lprnet_edge.runtime.profile import profile_artifact
+
+        stats["profile"] = profile_artifact(rec.artifact or args.artifact,
+                                            runs=max(1, min(args.runs, 20)),
+                                            warmup=min(args.warmup, 5),
+                                            threads=args.threads).to_dict()
     return stats
 
 
@@ -200,13 +207,12 @@ def _eval_parallel(args: argparse.Namespace, data: Path, workers: int):
     so the figures are exactly those of the single-process evaluation."""
     import multiprocessing as mp
 
-    from lprnet_edge.runtime.artifact import read_manifest
-    from lprnet_edge.runtime.charset import Charset
+    from lprnet_edge.runtime.artifact import Artifact
     from lprnet_edge.runtime.dataset import PlateFolder
     from lprnet_edge.runtime.errors import DataError
     from lprnet_edge.runtime.metrics import Accumulator
 
-    charset = Charset.from_dict(read_manifest(args.artifact)["charset"])
+    charset = Artifact.open(args.artifact).manifest.charset
     folder = PlateFolder(data, charset, skip_bad=args.skip_bad, limit=args.limit)
     indexed = list(enumerate(str(p) for p in folder.paths))
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
@@ -229,7 +235,7 @@ def _eval_parallel(args: argparse.Namespace, data: Path, workers: int):
             folder.skipped.append((r[2], r[3]))
         else:
             acc.add(r[2], r[3], r[4])
-    return acc.result(skipped=len(folder.skipped)), "tvm"
+    return acc.result(skipped=folder.skipped), "tvm"
 
 
 # ---------------------------------------------------------------- entry point
@@ -270,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--warmup", type=int, default=10)
     sp.add_argument("--image", help="plate image to time (default: a synthetic plate)")
     sp.add_argument("--no-preprocess", action="store_true", help="time the model call only")
+    sp.add_argument("--profile", action="store_true",
+                    help="add a per-kernel profile (VM instrument): ms, calls, GFLOP/s")
     sp.set_defaults(fn=cmd_bench)
     return p
 

@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import threading
 from typing import Any, Protocol
 
 import numpy as np
 
+from lprnet_edge.runtime.artifact import Artifact
 from lprnet_edge.runtime.errors import ArtifactError, ToolchainError
 
 
@@ -27,8 +28,9 @@ def import_tvm_runtime() -> Any:
         import tvm.runtime  # noqa: F401
     except ImportError as e:
         raise ToolchainError(
-            "the TVM runtime is not installed: pip install 'lprnet-edge[device]' "
-            "(apache-tvm==0.27.*, apache-tvm-ffi==0.1.14.post1)"
+            f"the TVM runtime cannot be imported ({e}): pip install 'lprnet-edge[device]' "
+            "(apache-tvm==0.27.*, apache-tvm-ffi==0.1.14.post1); without the TVM compiler "
+            "installed, set TVM_USE_RUNTIME_LIB=1"
         ) from e
     return tvm
 
@@ -36,64 +38,70 @@ def import_tvm_runtime() -> Any:
 class TvmBackend:
     """A Relax VM executable (``export_library`` output) run with the TVM runtime only.
 
-    ``runtime`` in the manifest says how: the entry function, and an optional params file
-    (``.npz`` of named arrays, decoded from a compact encoding) passed after the input.
+    Thread model: the loaded module and the weight tensors are shared (read-only); each thread
+    gets its own ``VirtualMachine`` (``threading.local``, created on the thread's first call).
+    A Relax VM keeps per-call state (registers, the current frame), so two threads in one VM
+    corrupt each other (a segfault in ``StorageObj::AllocTensor``); separate VMs over the same
+    module do not, and unlike a lock they let threads run at once.
+
+    The artifact must have been verified (:meth:`Artifact.open` does it, or
+    :meth:`Artifact.verify` for an in-memory manifest) before this loads its shared object.
     """
 
     name = "tvm"
 
-    def __init__(self, root: Path, manifest: dict[str, Any], num_threads: int | None = None
-                 ) -> None:
+    def __init__(self, artifact: Artifact, num_threads: int | None = None) -> None:
         tvm = import_tvm_runtime()
         from tvm.runtime.vm import VirtualMachine
 
-        rt = manifest.get("runtime", {})
-        lib_name = manifest.get("model_file", "model.so")
-        self._tvm = tvm
+        self._tvm, self._vm_cls = tvm, VirtualMachine
+        self.artifact = artifact
         # The artifact's recorded thread count (the target's cores) applies unless the caller
         # or $TVM_NUM_THREADS says otherwise; TVM reads it when its thread pool starts.
         if not num_threads and "TVM_NUM_THREADS" not in os.environ:
-            num_threads = rt.get("num_threads")
+            num_threads = artifact.num_threads
         if num_threads:
-            _set_threads(int(num_threads))
+            os.environ["TVM_NUM_THREADS"] = str(int(num_threads))
+        lib_path = artifact.lib_path
         try:
-            lib = tvm.runtime.load_module(str(root / lib_name))
+            self.lib = tvm.runtime.load_module(str(lib_path))
         except Exception as e:  # TVM raises its own error types
-            raise ArtifactError(f"{root / lib_name}: cannot load compiled module ({e})") from e
+            raise ArtifactError(f"{lib_path}: cannot load compiled module ({e})") from e
         self.device = tvm.cpu(0)
-        self.vm = VirtualMachine(lib, self.device)
-        self.entry = rt.get("entry", "main")
-        self.params: list[Any] = []
-        if rt.get("params"):
-            from lprnet_edge.runtime.params_codec import load_params
+        self.entry = artifact.entry
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(a), self.device)
+                       for a in artifact.params()]
+        self._local = threading.local()
+        self._fn()  # fail now (not in the first call) on an unknown entry function
 
-            arrays = load_params(root / rt["params"])
-            order = rt.get("param_order") or list(arrays)
-            missing = [k for k in order if k not in arrays]
-            if missing:
-                raise ArtifactError(f"{root / rt['params']}: weights {missing[:3]} listed in "
-                                    "the manifest are missing (rebuild the artifact)")
-            self.params = [tvm.runtime.tensor(arrays[k], self.device) for k in order]
-        try:
-            self._fn = self.vm[self.entry]
-        except Exception as e:  # AttributeError / TVMError for an unknown function
-            raise ArtifactError(f"{root / lib_name}: no function {self.entry!r} in the "
-                                "compiled module") from e
+    @property
+    def vm(self) -> Any:
+        """This thread's VirtualMachine."""
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            vm = self._local.vm = self._vm_cls(self.lib, self.device)
+        return vm
+
+    def _fn(self) -> Any:
+        fn = getattr(self._local, "fn", None)
+        if fn is None:
+            try:
+                fn = self._local.fn = self.vm[self.entry]
+            except Exception as e:  # AttributeError / TVMError for an unknown function
+                raise ArtifactError(f"{self.artifact.lib_path}: no function {self.entry!r} in "
+                                    "the compiled module") from e
+        return fn
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self._fn(self._tvm.runtime.tensor(x, self.device), *self.params)
+        out = self._fn()(self._tvm.runtime.tensor(x, self.device), *self.params)
         if not hasattr(out, "numpy"):  # a tuple of outputs
             out = out[0]
         return out.numpy()
 
 
-def _set_threads(n: int) -> None:
-    os.environ["TVM_NUM_THREADS"] = str(n)
-
-
-def load_backend(root: Path, manifest: dict[str, Any], num_threads: int | None = None
-                 ) -> Backend:
-    kind = manifest["backend"]
-    if kind == "tvm":
-        return TvmBackend(root, manifest, num_threads)
-    raise ArtifactError(f"{root}: unknown backend {kind!r} (this runtime runs 'tvm' artifacts)")
+def load_backend(artifact: Artifact, num_threads: int | None = None) -> Backend:
+    """The backend the manifest names (only ``tvm``: the manifest refuses any other)."""
+    if artifact.manifest.backend == "tvm":
+        return TvmBackend(artifact, num_threads)
+    raise ArtifactError(f"{artifact.root}: unknown backend {artifact.manifest.backend!r} "
+                        "(this runtime runs 'tvm' artifacts)")

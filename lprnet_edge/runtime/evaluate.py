@@ -13,7 +13,9 @@ from lprnet_edge.runtime.recognizer import Recognizer
 
 def evaluate(rec: Recognizer, data: str | Path, skip_bad: bool = False, limit: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
-    """Exact-match accuracy and friends of ``rec`` on the plates of ``data``."""
+    """Exact-match accuracy and friends of ``rec`` on the plates of ``data``.
+
+    With ``skip_bad`` the result's ``skipped`` lists each skipped file and why."""
     folder = PlateFolder(Path(data), rec.charset, skip_bad=skip_bad, limit=limit)
     acc = Accumulator(rec.charset)
     total = len(folder)
@@ -22,4 +24,4 @@ def evaluate(rec: Recognizer, data: str | Path, skip_bad: bool = False, limit: i
         acc.add(sample.label, text, sample.path.name)
         if progress:
             progress(i, total)
-    return acc.result(skipped=len(folder.skipped))
+    return acc.result(skipped=folder.skipped)

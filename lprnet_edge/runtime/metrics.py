@@ -27,11 +27,18 @@ class EvalResult:
     char_accuracy: float
     mean_edit_distance: float
     per_region: dict[str, dict[str, float]] = field(default_factory=dict)
-    skipped: int = 0
+    # (path, reason) of each file left out with skip_bad; to_dict gives [path, reason] pairs.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
 
+    @property
+    def skipped_count(self) -> int:
+        return len(self.skipped)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["skipped"] = [[path, why] for path, why in self.skipped]
+        return d
 
 
 class Accumulator:
@@ -58,7 +65,7 @@ class Accumulator:
         if not ok and len(self.errors) < self.keep_errors:
             self.errors.append({"file": name, "label": label, "prediction": pred})
 
-    def result(self, skipped: int = 0) -> EvalResult:
+    def result(self, skipped: list[tuple[str, str]] | None = None) -> EvalResult:
         n = max(self.n, 1)
         return EvalResult(
             count=self.n,
@@ -70,6 +77,6 @@ class Accumulator:
                 r: {"count": c, "correct": k, "accuracy": k / c}
                 for r, (c, k) in sorted(self.regions.items(), key=lambda kv: -kv[1][0])
             },
-            skipped=skipped,
-            errors=self.errors,
+            skipped=[(str(p), str(why)) for p, why in skipped or []],
+            errors=list(self.errors),
         )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -28,34 +30,87 @@ class Preprocess:
     def from_dict(cls, d: dict) -> Preprocess:
         return cls(**{k: d[k] for k in ("width", "height", "mean", "scale", "color") if k in d})
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """One BGR uint8 HxWx3 image -> float32 1x3xHxW tensor."""
-        image = check_image(image)
-        if image.shape[:2] != (self.height, self.width):
-            image = cv2.resize(image, (self.width, self.height))
-        x = (image.astype(np.float32) - np.float32(self.mean)) * np.float32(self.scale)
-        return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    def __call__(self, image: np.ndarray, value_range: ValueRange | None = None) -> np.ndarray:
+        """One image (see :func:`check_image`) -> float32 1x3xHxW tensor."""
+        return self.batch([image], value_range)
+
+    def batch(self, images: Sequence[np.ndarray], value_range: ValueRange | None = None
+              ) -> np.ndarray:
+        """Images -> one float32 Nx3xHxW tensor: resized one by one, normalised at once."""
+        out = np.empty((len(images), self.height, self.width, 3), dtype=np.uint8)
+        for i, image in enumerate(images):
+            image = check_image(image, value_range)
+            if image.shape[:2] != (self.height, self.width):
+                image = cv2.resize(image, (self.width, self.height))
+            out[i] = image
+        x = (out.astype(np.float32) - np.float32(self.mean)) * np.float32(self.scale)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def check_image(image: np.ndarray) -> np.ndarray:
-    """Accept HxWx3 BGR (or HxW grey) arrays; reject anything else with a clear message."""
+ValueRange = tuple[float, float]
+VALUE_RANGES = ((0, 1), (0, 255))
+EXPECTED = ("a uint8 BGR image (HxWx3; also HxW or HxWx1 grey, HxWx4 BGRA, uint16, or "
+            "float32/float64 with value_range=(0, 1) or (0, 255))")
+
+
+def check_image(image: Any, value_range: ValueRange | None = None) -> np.ndarray:
+    """Any accepted image -> uint8 BGR HxWx3; :class:`DataError` naming what was expected.
+
+    Accepted: uint8 BGR HxWx3 as is; grey HxW or HxWx1 (replicated); BGRA HxWx4 (alpha
+    dropped); uint16 (scaled by 1/257, 65535 -> 255). Float images only with their range
+    declared, ``value_range=(0, 1)`` or ``(0, 255)``: a float image's scale cannot be guessed
+    (a [0, 1] image read as [0, 255] is black and still gives a confident wrong plate). NaN or
+    inf, values outside the declared range, other dtypes and shapes are refused.
+    """
     if not isinstance(image, np.ndarray):
-        raise DataError(f"expected a numpy image array, got {type(image).__name__}")
+        raise DataError(f"expected {EXPECTED}, got {type(image).__name__}")
+    if image.size == 0:
+        raise DataError(f"expected {EXPECTED}, got an empty array of shape {image.shape}")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
-    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)) \
-            or image.size == 0:
-        raise DataError(f"expected an HxWx3 BGR image, got an array of shape {image.shape}")
-    if image.dtype.kind not in "iuf":
-        raise DataError(f"expected an image of numbers, got dtype {image.dtype}")
-    if image.dtype != np.uint8:
-        # OpenCV's colour conversions do not take every dtype: convert first.
-        image = np.clip(np.nan_to_num(image), 0, 255).astype(np.uint8)
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise DataError(f"expected {EXPECTED}, got an array of shape {image.shape}")
+    image = _to_uint8(image, value_range)
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     elif image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     return image
+
+
+def _to_uint8(image: np.ndarray, value_range: ValueRange | None) -> np.ndarray:
+    kind = image.dtype
+    if value_range is not None and (kind.kind != "f" and not (kind == np.uint8 and tuple(
+            value_range) == (0, 255))):
+        raise DataError(f"value_range applies to float images (got {kind} with value_range="
+                        f"{value_range!r}): pass uint8/uint16 images without it")
+    if kind == np.uint8:
+        return image
+    if kind == np.uint16:
+        return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if kind in (np.float32, np.float64):
+        if value_range is None:
+            raise DataError(f"a {kind} image needs its value range declared: "
+                            "recognize(img, value_range=(0, 1)) or value_range=(0, 255)")
+        lo, hi = _range(value_range)
+        if not np.isfinite(image).all():
+            raise DataError("the image has NaN or infinite values")
+        if image.min() < lo or image.max() > hi:
+            raise DataError(f"image values span [{image.min():g}, {image.max():g}], outside the "
+                            f"declared value_range ({lo:g}, {hi:g})")
+        scaled = image.astype(np.float64) * (255.0 / hi)
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    raise DataError(f"expected {EXPECTED}, got dtype {kind}")
+
+
+def _range(value_range: Any) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if (lo, hi) not in VALUE_RANGES:
+        raise DataError(f"value_range must be (0, 1) or (0, 255), got {value_range!r}")
+    return lo, hi
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -117,7 +117,7 @@ def host_lib(relax_tiny, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_host_build_matches_pytorch(host_lib, relax_tiny, tiny, x):
-    from lprnet_edge.compiler.build import HostModule, run_host
+    from lprnet_edge.compiler.session import load_host, run_host
 
     _, params = relax_tiny
     assert elf_machine(host_lib)[1] == {"x86_64": EM_X86_64, "aarch64": EM_AARCH64,
@@ -125,7 +125,7 @@ def test_host_build_matches_pytorch(host_lib, relax_tiny, tiny, x):
     out = run_host(host_lib, x, params)
     assert out.shape == (1, 68, 18)
     np.testing.assert_allclose(out, _ref(tiny, x), atol=1e-3, rtol=0)
-    m = HostModule(host_lib, list(params.values()))
+    m = load_host(host_lib, list(params.values()))
     x2 = -x
     np.testing.assert_allclose(m(x2), _ref(tiny, x2), atol=1e-3, rtol=0)
 
@@ -156,7 +156,8 @@ def test_cross_build_produces_device_elf(relax_tiny, tmp_path, target, exe, cls,
 @pytest.mark.slow
 def test_onnx_frontend_matches_pytorch(tiny, x, tmp_path):
     pytest.importorskip("onnx")
-    from lprnet_edge.compiler.build import build, run_host
+    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.session import run_host
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.toolchain import find_compiler
 

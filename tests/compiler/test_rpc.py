@@ -87,20 +87,21 @@ def tracker_and_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_remote_run_matches_local(tiny_artifact: Path, tmp_path: Path):
-    from lprnet_edge.cli.tune import _artifact_inputs, _example_input
-    from lprnet_edge.compiler.build import run_host
-    from lprnet_edge.compiler.rpc import connect, start_server, time_module
+    from lprnet_edge.compiler.rpc import start_server
+    from lprnet_edge.compiler.session import open_session, run_host, time_module
+    from lprnet_edge.runtime.profile import module_inputs
 
-    m, lib, params = _artifact_inputs(tiny_artifact)
-    x = _example_input(m)
+    inp = module_inputs(tiny_artifact)
     # Its own server: a server serves one session at a time, and this test's session may
     # outlive the test until Python collects it.
     with start_server("127.0.0.1", log_path=str(tmp_path / "server.log"), wait=90) as srv:
-        sess = connect(rpc=srv.address, timeout=120)
-        res = time_module(sess, lib, params, x, runs=5, warmup=1)
+        sess = open_session(rpc=srv.address, timeout=120)
+        res = time_module(sess, inp.lib_path, inp.params, inp.x, inp.entry, repeat=5, warmup=1)
         del sess
-    np.testing.assert_allclose(res["output"], run_host(lib, x, params), rtol=1e-4, atol=1e-4)
-    assert res["stats"]["runs"] == 5 and res["stats"]["p50_ms"] > 0
+    np.testing.assert_allclose(res.output, run_host(inp.lib_path, inp.x, inp.params),
+                               rtol=1e-4, atol=1e-4)
+    assert res.timing.runs == 5 and res.timing.median_ms > 0
+    assert res.timing.threads is None  # the server's TVM_NUM_THREADS decides, not ours
 
 
 def test_cli_bench_rpc_direct(cli_runner, server, tiny_artifact: Path):

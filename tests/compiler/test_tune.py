@@ -120,7 +120,8 @@ def host():
 def test_tune_crash_resume_and_reuse(relax_model, host, tmp_path: Path, monkeypatch):
     """A crash keeps the records; the same call resumes; a third call measures nothing; the
     build applies the records and still computes what PyTorch computes."""
-    from lprnet_edge.compiler.build import build, prepare_for_tuning, run_host
+    from lprnet_edge.compiler.build import build, prepare_for_tuning
+    from lprnet_edge.compiler.session import run_host
     from lprnet_edge.compiler.frontend import INPUT_SHAPE
     from lprnet_edge.compiler.tune import CRASH_TEST_ENV, count_records, list_tasks, tune
 

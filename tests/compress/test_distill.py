@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import numpy as np
 import pytest
 
@@ -9,6 +12,8 @@ torch = pytest.importorskip("torch")
 
 from lprnet_edge.compress.distill import (  # noqa: E402
     DistillConfig,
+    EpochRecord,
+    ProgressBar,
     augment_image,
     distill,
     distill_loss,
@@ -83,9 +88,41 @@ def test_distill_with_augmentation_ctc_and_val(tiny_model):
     cal = _calib()
     train, val = cal.split(0.25, 0)
     student, _ = prune_channels(tiny_model, channel_widths(tiny_model, 0.5, drop_dead=False))
-    seen = []
-    out, hist = distill(tiny_model, student, train,
-                        DistillConfig(epochs=1, batch_size=4, max_steps=2, ctc_weight=0.1),
-                        val=val, progress=seen.append)
-    assert seen and "val_accuracy" in seen[0] and "val_accuracy_best" in hist
+    seen: list[EpochRecord] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, hist = distill(tiny_model, student, train,
+                            DistillConfig(epochs=1, batch_size=4, max_steps=2, ctc_weight=0.1),
+                            val=val, progress=seen.append)
+    # No PyTorch warning from the training loop (e.g. a scalar taken from a grad tensor).
+    assert not [w for w in caught if issubclass(w.category, UserWarning)], \
+        [str(w.message) for w in caught]
+    assert seen and seen[0].val_accuracy is not None and "val_accuracy_best" in hist
+    assert hist["epochs"][0] == seen[0].to_dict()
     assert out(torch.zeros(1, 3, 24, 94)).shape == (1, 68, 18)
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_shows_steps_loss_and_val_accuracy(tiny_model):
+    cal = _calib()
+    train, val = cal.split(0.25, 0)
+    student, _ = prune_channels(tiny_model, channel_widths(tiny_model, 0.5, drop_dead=False))
+    cfg = DistillConfig(epochs=2, batch_size=6, augment=False, ctc_weight=0.0)
+    log = io.StringIO()  # not a terminal: one line per epoch
+    distill(tiny_model, student, train, cfg, val=val, progress=ProgressBar(log))
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in log.getvalue()
+    assert lines[0].startswith("distill [") and "2/4 steps" in lines[0]
+    assert "epoch 1/2" in lines[0] and "loss " in lines[0] and "val acc " in lines[0]
+    assert "100% 4/4 steps" in lines[1] and "epoch 2/2" in lines[1]
+    assert "{" not in log.getvalue()  # no dict dumps
+    tty = _Tty()  # a terminal: redrawn in place after every step, one final newline
+    distill(tiny_model, student, train, cfg, val=val, progress=ProgressBar(tty))
+    out = tty.getvalue()
+    assert out.count("\r") >= 4 and out.endswith("\n") and out.count("\n") == 1
+    rec = EpochRecord(3, 8, 30, 0.41234, 12.0, 0.5, 0.52)
+    assert str(rec) == "epoch 3/8, loss 0.4123, val acc 0.500 (best 0.520), 12s"

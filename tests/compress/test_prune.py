@@ -7,7 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig  # noqa: E402
+from lprnet_edge.compress.api import PrunedModel, compress  # noqa: E402
+from lprnet_edge.compress.configs import (  # noqa: E402
+    ChannelPruneConfig,
+    PruneConfig,
+    QuantizeConfig,
+)
 from lprnet_edge.compress.prune import (  # noqa: E402
     channel_widths,
     conv_weights,
@@ -17,6 +22,7 @@ from lprnet_edge.compress.prune import (  # noqa: E402
     params_encodings,
     prune,
     prune_channels,
+    round_widths,
     roundtrip,
     sparsity_report,
     stored_size,
@@ -187,9 +193,33 @@ def test_prune_channels_entry_point_with_distillation(tiny_model):
     raw = [rng.integers(0, 255, (36, 136, 3), dtype=np.uint8) for _ in range(8)]
     x = np.concatenate([Preprocess()(r) for r in raw])
     cal = CalibrationSet(x, ["京A12345"] * 8, [f"{i}.jpg" for i in range(8)], raw=raw)
-    cfg = PruneConfig(kind="channels", ratio=0.5, distill_epochs=1)
-    pm, rep = prune(tiny_model, cfg, cal, distill_kwargs={"max_steps": 1, "batch_size": 4})
-    assert pm.widths["b1_mid"] == 16 and rep["flops_reduction"] > 1.5
+    cfg = ChannelPruneConfig(ratio=0.75, groups=("b1_mid", "b2_mid", "b3_mid"), round_to=16,
+                             distill_epochs=1)
+    res = compress(tiny_model, cfg, cal, distill_kwargs={"max_steps": 1, "batch_size": 4})
+    pm, rep = res.module, res.report
+    assert isinstance(res, PrunedModel) and res.config == cfg
+    # ceil(0.25 * 32) = 8 and ceil(0.25 * 64) = 16, rounded up to the vector width 16
+    assert pm.widths["b1_mid"] == 16 and pm.widths["b2_mid"] == 16 and pm.widths["b3_mid"] == 16
+    assert rep["widths"] == pm.widths and rep["flops_reduction"] > 1.5
     for k in ("val_accuracy_original", "val_accuracy_pruned", "val_accuracy_distilled"):
         assert 0.0 <= rep[k] <= 1.0
     assert rep["distill"]["epochs"][0]["steps"] == 1
+    assert set(res.param_encodings) >= {"backbone.0.weight", "container.0.weight"}
+
+
+def test_pruned_widths_round_up_to_the_vector_width():
+    torch.manual_seed(0)
+    model = _with_dead_channels(LPRNet().eval())  # live: stem 32, b2_out 170, fc 128
+    exact = channel_widths(model, {"b2_mid": 0.55, "b3_mid": 0.5})
+    assert exact["b2_mid"] == 29 and exact["b2_out"] == 170
+    for m in (8, 16):
+        w = channel_widths(model, {"b2_mid": 0.55, "b3_mid": 0.5}, round_to=m)
+        assert all(n % m == 0 for n in w.values()), w
+        assert w["b2_mid"] == -(-29 // m) * m and w["b2_out"] == -(-170 // m) * m
+        assert all(exact[g] <= w[g] <= model.widths[g] for g in w)
+        pm, _ = prune_channels(model, w, _x(4).numpy())
+        assert pm.widths == w and pm(torch.zeros(1, 3, 24, 94)).shape == (1, 68, 18)
+    # never past the model's own width; an unpruned width stays as it is
+    assert round_widths({"stem": 63, "fc": 256}, {"stem": 64, "fc": 256}, 16) == {
+        "stem": 64, "fc": 256}
+    assert round_widths({"stem": 33}, {"stem": 64}, 1) == {"stem": 33}

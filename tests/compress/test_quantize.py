@@ -7,7 +7,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lprnet_edge.compress.configs import QuantizeConfig  # noqa: E402
+from lprnet_edge.compress.api import QuantizedModel  # noqa: E402
+from lprnet_edge.compress.configs import (  # noqa: E402
+    Fp16WeightsConfig,
+    Int8Config,
+    Int8WeightsConfig,
+    QuantizeConfig,
+)
+from lprnet_edge.compress.prune import roundtrip  # noqa: E402
 from lprnet_edge.compress.quantize import (  # noqa: E402
     QMAX,
     Histogram,
@@ -96,8 +103,14 @@ def test_quantize_int8_simulated(tiny_model, calibrator):
     cal = _calib()
     cfg = QuantizeConfig(mode="int8", calibrator=calibrator, calib_images=8,
                          fallback_layers=("container.0",))
-    qm, rep = quantize(tiny_model, cfg, cal)
+    res = quantize(tiny_model, cfg, cal)
+    qm, rep = res.module, res.report
+    assert isinstance(res, QuantizedModel) and res.config == cfg
     assert set(rep["act_scales"]) == set(conv_names(tiny_model)) - {"container.0"}
+    # What the compiler needs for real int8 convolutions: which layers, and a tolerance.
+    assert set(res.int8_convs) == set(rep["act_scales"]) and res.act_scales == rep["act_scales"]
+    assert all(isinstance(qm.get_submodule(n), QuantConv2d) for n in res.int8_convs)
+    assert res.verify_tolerance is not None and not hasattr(qm, "to_relax")
     assert all(s > 0 for s in rep["act_scales"].values())
     x = torch.from_numpy(cal.x[:1])
     with torch.no_grad():
@@ -105,24 +118,34 @@ def test_quantize_int8_simulated(tiny_model, calibrator):
     assert b.shape == a.shape and torch.isfinite(b).all()
     rel = float((a - b).abs().max() / a.abs().max())
     assert rel < 0.3
-    assert qm.param_encodings["backbone.0.conv.weight"] == "int8"
-    assert qm.param_encodings["container.0.weight"] == "dense"
+    assert res.param_encodings["backbone.0.conv.weight"] == "int8"
+    assert res.param_encodings["container.0.weight"] == "dense"
+    assert quantize(tiny_model, cfg, cal, real_int8=False).int8_convs == ()
 
 
 def test_quantize_weight_only_modes(tiny_model):
     x = torch.from_numpy(_calib(2).x)
     with torch.no_grad():
         ref = torch.cat([tiny_model(x[i:i + 1]) for i in range(2)])
-    for mode, tol in (("fp16", 1e-2), ("int8-weights", 0.1)):
-        qm, rep = quantize(tiny_model, QuantizeConfig(mode=mode))
+    for cfg, tol in ((Fp16WeightsConfig(), 1e-2), (Int8WeightsConfig(), 0.1)):
+        res = quantize(tiny_model, cfg)
         with torch.no_grad():
-            y = torch.cat([qm(x[i:i + 1]) for i in range(2)])
-        assert float((y - ref).abs().max() / ref.abs().max()) < tol, mode
-        assert rep["bn_folded"] and rep["stored_bytes"] > 0
+            y = torch.cat([res.module(x[i:i + 1]) for i in range(2)])
+        assert float((y - ref).abs().max() / ref.abs().max()) < tol, cfg
+        assert res.report["bn_folded"] and res.report["stored_bytes"] > 0
+        assert res.int8_convs == () and res.verify_tolerance is None  # float graph
+        # The module holds exactly what params.npz decodes to.
+        rt = roundtrip(res.module, res.param_encodings)
+        for k, v in res.module.state_dict().items():
+            assert torch.equal(v, rt.state_dict()[k]), (cfg, k)
     # int8 weights are what the codec decodes: encoding again is lossless
-    qm, _ = quantize(tiny_model, QuantizeConfig(mode="int8-weights"))
+    qm = quantize(tiny_model, Int8WeightsConfig()).module
     w = qm.backbone[0].weight.detach()
     assert torch.equal(int8_weight_roundtrip(w), w)
+    # fp16 with a float32 fallback layer: that conv weight is stored (and kept) float32
+    res = quantize(tiny_model, Fp16WeightsConfig(fallback_layers=("container.0",)))
+    assert res.param_encodings["container.0.weight"] == "dense"
+    assert res.param_encodings["backbone.0.weight"] == "fp16"
 
 
 def test_sensitivity_scan_and_fallback(tiny_model):
@@ -143,7 +166,7 @@ def test_relax_int8_rewrite_builds_and_matches():
     import tvm
     from tvm import relax
 
-    from lprnet_edge.compress.quantize import attach_int8_relax
+    from lprnet_edge.compiler.frontend import to_relax
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -151,8 +174,8 @@ def test_relax_int8_rewrite_builds_and_matches():
         torch.nn.ReLU(),
         QuantConv2d(torch.nn.Conv2d(4, 2, (1, 3), padding=(0, 1)), act_scale=0.02),
     ).eval()
-    attach_int8_relax(model)
-    mod, params = model.to_relax()
+    qres = QuantizedModel(model, Int8Config(), int8_convs=("0", "2"))
+    mod, params = to_relax(qres)  # typed dispatch: a quantized result with int8 convs
     text = mod.script()
     assert text.count('out_dtype="int32"') == 2 and 'R.astype' in text
     ex = tvm.compile(mod, tvm.target.Target({"kind": "llvm"}))
@@ -164,3 +187,12 @@ def test_relax_int8_rewrite_builds_and_matches():
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(out.numpy(), ref, atol=1e-4)
+
+    # The same module as a float result compiles as float (no int8 conv), and a result
+    # whose int8 layers the rewrite cannot all find is refused.
+    text = to_relax(QuantizedModel(model, Int8Config()))[0].script()
+    assert 'out_dtype="int32"' not in text
+    from lprnet_edge.runtime.errors import LprnetEdgeError
+
+    with pytest.raises(LprnetEdgeError, match="matched 2 of 3"):
+        to_relax(QuantizedModel(model, Int8Config(), int8_convs=("0", "2", "4")))

@@ -27,8 +27,57 @@ pytestmark = pytest.mark.slow  # builds a TVM artifact (~40 s) once per session
 PLATE = "京PL3N67.jpg"
 
 
+VERIFY_TOLERANCE = 1e-3  # the pipeline's default max |logit diff| vs PyTorch
+
+
+def verify_set_inputs(n: int = 4):
+    """The first ``n`` calib/ plates, preprocessed as the pipeline's verification does."""
+    import cv2
+    import numpy as np
+
+    from lprnet_edge.paths import data_subdir
+    from lprnet_edge.runtime.preprocess import Preprocess
+
+    calib = data_subdir("calib")
+    paths = sorted(p for p in calib.iterdir() if p.suffix == ".jpg")[:n]
+    pre = Preprocess()
+    return [pre(cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_COLOR)) for p in paths]
+
+
+def add_verify_set(root: Path, model, tolerance: float = VERIFY_TOLERANCE,
+                   shift: float = 0.0) -> None:
+    """Write verify.npz (calib inputs + ``model``'s PyTorch logits, ``+ shift``) into the
+    artifact and list it in the manifest, as the pipeline does at package time."""
+    import torch
+
+    from lprnet_edge.runtime.artifact import file_entries
+    from lprnet_edge.runtime.selfcheck import write_verify_set
+
+    xs = verify_set_inputs()
+    with torch.inference_mode():
+        logits = [model(torch.from_numpy(x)).numpy() + shift for x in xs]
+    name = write_verify_set(root, xs, logits, tolerance)
+    m = json.loads((root / "manifest.json").read_text())
+    m["files"].update(file_entries(root, [name]))
+    m["verification"] = {"status": "skipped", "tolerance": tolerance}
+    (root / "manifest.json").write_text(json.dumps(m, ensure_ascii=False, indent=2))
+
+
+def fp16_rounded(model):
+    """``model`` with every float tensor rounded through fp16, as params.npz stores them:
+    the reference the fp16 artifact must match."""
+    import torch
+
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return model
+
+
 def build_host_artifact(out: Path, weights: Path) -> Path:
-    """A host (x86_64) TVM artifact of the pretrained model: model.so + params.npz + manifest."""
+    """A host (x86_64) TVM artifact of the pretrained model: model.so + params.npz + manifest,
+    and verify.npz (PyTorch logits of 4 calib plates) for the check on the device."""
     import torch
     import tvm
     import tvm.relax.frontend.torch  # noqa: F401
@@ -60,6 +109,7 @@ def build_host_artifact(out: Path, weights: Path) -> Path:
         "runtime": {"entry": "main", "params": "params.npz", "param_order": names},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2))
+    add_verify_set(out, fp16_rounded(load_model(weights, 68).eval()))
     return out
 
 
@@ -136,8 +186,16 @@ def test_deploy_recognize_eval_bench_rollback(host_sshd, host_artifact, remote_d
     dep = remote_dir / "deployments" / first.name
     assert (remote_dir / "current").is_symlink() and current_name(remote_dir) == first.name
     assert sorted(p.name for p in (dep / "artifact").iterdir()) == [
-        "manifest.json", "model.so", "params.npz"]
-    assert (dep / "runtime" / "lprnet_edge" / "device_agent.py").is_file()
+        "manifest.json", "model.so", "params.npz", "verify.npz"]
+    assert (dep / "runtime" / "lprnet_edge" / "runtime" / "agent.py").is_file()
+    assert sorted(p.name for p in (dep / "runtime" / "lprnet_edge").iterdir()) == [
+        "__init__.py", "__pycache__", "runtime"]  # the runtime only, nothing of the host side
+    # The model was compared with PyTorch on the device, and the result recorded there.
+    v = first.checks["verification"]
+    assert v["status"] == "passed" and v["inputs"] == 4
+    assert v["max_abs_logit_diff"] <= v["tolerance"] == VERIFY_TOLERANCE
+    record = json.loads((dep / "deployment.json").read_text())
+    assert record["verification"] == v
     assert not list((remote_dir / "deployments").glob(".staging-*"))
 
     # Same plates and confidences as the local Recognizer on the same artifact.
@@ -403,3 +461,115 @@ def test_cli_bench_host(host_sshd, host_artifact, remote_dir, cli_runner, tmp_pa
     m["files"]["params.npz"]["sha256"] = "0" * 64
     (other / "manifest.json").write_text(json.dumps(m))
     assert_user_error(cli_runner("bench", "--artifact", other, *args), "deploy it first")
+
+
+# ---------------------------------------------------------------- what ships, what is trusted
+
+
+def test_runtime_zip_holds_the_runtime_only(tmp_path):
+    """deploy uploads lprnet_edge/__init__.py + lprnet_edge/runtime/ and nothing else, and
+    that alone is enough for `from lprnet_edge import Recognizer` (torch blocked)."""
+    import zipfile
+
+    from lprnet_edge.device.deploy import runtime_zip
+
+    names = zipfile.ZipFile(runtime_zip(tmp_path)).namelist()
+    outside = [n for n in names
+               if n != "lprnet_edge/__init__.py" and not n.startswith("lprnet_edge/runtime/")]
+    assert outside == []
+    for needed in ("agent.py", "selfcheck.py", "recognizer.py", "data/chinese68.json"):
+        assert f"lprnet_edge/runtime/{needed}" in names
+    zipfile.ZipFile(tmp_path / "runtime.zip").extractall(tmp_path / "rt")
+    code = ("import sys; sys.modules['torch'] = None; "
+            f"sys.path.insert(0, {str(tmp_path / 'rt')!r}); "
+            "from lprnet_edge import Recognizer; import lprnet_edge.runtime.selfcheck; "
+            "print(Recognizer.__module__, lprnet_edge.__file__)")
+    r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["lprnet_edge.runtime.recognizer",
+                                str(tmp_path / "rt" / "lprnet_edge" / "__init__.py")]
+
+
+def _with_files_entry(src: Path, dest: Path, name: str, real: str = "params.npz") -> Path:
+    """A copy of ``src`` whose manifest also lists ``name`` (with the checksum of ``real``)."""
+    shutil.copytree(src, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    m["files"][name] = dict(m["files"][real])
+    (dest / "manifest.json").write_text(json.dumps(m, ensure_ascii=False))
+    return dest
+
+
+@pytest.mark.parametrize("name", ["../../escaped.bin", "/tmp/absolute.bin", "sub/dir.bin",
+                                  "..", "a\\b.bin"])
+def test_refuses_file_names_outside_the_artifact(host_sshd, host_artifact, remote_dir,
+                                                 tmp_path, name):
+    """Issue 12 defect 3: a `files` name with '/', '..' or absolute is refused before anything
+    is written on the device (it would be uploaded outside the deployment folder)."""
+    from lprnet_edge.device.deploy import deploy
+
+    bad = _with_files_entry(host_artifact, tmp_path / "bad", name)
+    dev = make_device(host_sshd, remote_dir)
+    with pytest.raises(ArtifactError, match="not a plain file name inside the artifact"):
+        deploy(dev, bad)
+    assert not (remote_dir / "deployments").exists()
+    assert not (remote_dir.parent / "escaped.bin").exists()
+    dev.conn.close()
+
+
+def test_refuses_a_model_file_missing_from_files(host_sshd, host_artifact, remote_dir, tmp_path):
+    from lprnet_edge.device.deploy import deploy
+
+    bad = tmp_path / "bad"
+    shutil.copytree(host_artifact, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["model_file"] = "other.so"
+    (bad / "manifest.json").write_text(json.dumps(m, ensure_ascii=False))
+    dev = make_device(host_sshd, remote_dir)
+    with pytest.raises(ArtifactError, match="model_file 'other.so' is not listed in files"):
+        deploy(dev, bad)
+    assert not (remote_dir / "deployments").exists()
+    dev.conn.close()
+
+
+def test_device_check_refuses_wrong_logits_and_keeps_current(host_sshd, host_artifact,
+                                                             remote_dir, test_dir, tmp_path,
+                                                             weights_path):
+    """The model runs on the device and is compared with the stored PyTorch logits: past the
+    tolerance the deployment is refused and the previous one stays current."""
+    from lprnet_edge.device.deploy import deploy
+    from lprnet_edge.model.checkpoint import load_model
+
+    dev = make_device(host_sshd, remote_dir)
+    first = deploy(dev, host_artifact)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(host_artifact, wrong)
+    add_verify_set(wrong, fp16_rounded(load_model(weights_path, 68).eval()), shift=0.05)
+    with pytest.raises(ArtifactError, match=r"verification on .* failed: max \|logit diff\| "
+                                            r"vs the host's PyTorch 0\.05.* > tolerance 0\.001 "
+                                            rf"on 4 calib inputs.*{first.name} stays current"):
+        deploy(dev, wrong)
+    assert current_name(remote_dir) == first.name
+    assert not list((remote_dir / "deployments").glob(".staging-*"))
+    assert_current_reads_plates(dev, test_dir, first.name)
+    dev.conn.close()
+
+
+def test_deploy_a_bundle(host_sshd, host_artifact, remote_dir, tmp_path, cli_runner):
+    """Issue 12 defect 7: `deploy X.tar.gz` takes what `build --bundle` writes."""
+    from conftest import assert_user_error
+
+    from lprnet_edge.runtime.artifact import bundle
+
+    tarball = bundle(host_artifact, tmp_path / "lprnet-host.tar.gz")
+    make_device(host_sshd, remote_dir).conn.close()
+    args = ssh_args(host_sshd, remote_dir)
+    r = cli_runner("deploy", tarball, *args, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["name"].startswith(f"{host_artifact.name}-")
+    assert current_name(remote_dir) == res["name"]
+    assert res["checks"]["verification"]["status"] == "passed"
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"not a tarball")
+    assert_user_error(cli_runner("deploy", junk, *args), "not a readable bundle")

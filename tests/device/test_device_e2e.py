@@ -188,6 +188,62 @@ def test_bench_over_ssh_and_rpc(pi_device, deployed, rpi4_artifact):
     assert left == ""
 
 
+def test_bench_profile_over_ssh(emulated_pi, deployed, cli_runner):
+    """`bench --host ... --profile`: the agent on the board times every kernel of the deployed
+    model (VM instrument, in the device's process) and the host prints the table."""
+    args = ["--host", f"{emulated_pi.user}@{emulated_pi.host}:{emulated_pi.port}", "--key",
+            str(emulated_pi.key_path), "--known-hosts", str(emulated_pi.known_hosts_path)]
+    t0 = time.perf_counter()
+    r = cli_runner("bench", *args, "--profile", "--runs", "2", "--warmup", "0", "--json")
+    print(f"\nbench --host --profile on the emulated Pi: {time.perf_counter() - t0:.0f} s")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["mode"] == "ssh" and res["machine"] == "aarch64"
+    prof = res["profile"]
+    assert prof["runs"] >= 1 and prof["kernels_ms"] > 0 and len(prof["rows"]) > 10
+    r = cli_runner("bench", *args, "--profile", "--runs", "2", "--warmup", "0")
+    assert r.exit_code == 0, r.output
+    assert "conv2d" in r.stdout  # the per-kernel table names the convolutions
+
+
+def test_deploy_compares_with_pytorch_on_the_device(pi_device, deployed, rpi4_artifact,
+                                                    tmp_path, weights_path, test_dir):
+    """The cross-built aarch64 model against the host's PyTorch logits, on the board: within
+    the tolerance it is deployed (and recorded); a wrong reference is refused and the
+    previous deployment stays current."""
+    from test_deploy import add_verify_set, fp16_rounded
+
+    from lprnet_edge.device.deploy import deploy
+    from lprnet_edge.model.checkpoint import load_model
+
+    art = tmp_path / "lprnet-rpi4-verified"
+    shutil.copytree(rpi4_artifact, art)
+    enc = set(json.loads((art / "manifest.json").read_text()).get("param_encodings", {})
+              .values())
+    model = load_model(weights_path, 68).eval()
+    if "fp16" in enc:
+        model = fp16_rounded(model)
+    add_verify_set(art, model, tolerance=1e-3)
+    res = deploy(pi_device, art)
+    v = res.checks["verification"]
+    print(f"\non-device comparison with PyTorch: max |logit diff| {v['max_abs_logit_diff']:.2e} "
+          f"on {v['inputs']} calib inputs ({v['seconds']:.1f} s)")
+    assert v["status"] == "passed" and v["machine"] == "aarch64"
+    assert res.device_arch == "aarch64"
+    record = json.loads(pi_device.sh(f"cat {res.path}/deployment.json").stdout)
+    assert record["verification"] == v
+
+    wrong = tmp_path / "lprnet-rpi4-wrong"
+    shutil.copytree(rpi4_artifact, wrong)
+    add_verify_set(wrong, model, tolerance=1e-3, shift=0.05)
+    with pytest.raises(ArtifactError, match=f"verification on .* failed.*{res.name} stays "
+                                            "current"):
+        deploy(pi_device, wrong)
+    check_current_works(pi_device, test_dir, res.name)
+    # Back to the module's deployment for the tests after this one.
+    pi_device.switch_to(deployed.name)
+
+
 def _session_sshd_pids(emulated_pi) -> list[int]:
     """Host pids of the device's per-connection sshd processes: sshd processes whose parent is
     an sshd too (the listener's parent is the device's init). Under qemu-user the host sees

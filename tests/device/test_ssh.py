@@ -212,3 +212,44 @@ def test_connection_lost_while_running(fresh_sshd):
     with pytest.raises(DeviceError, match="connection to .* was lost"):
         c.run("sleep 20", timeout=30)
     c.close()
+
+
+def test_peer_that_closes_at_once_gives_one_error_line_and_no_traceback(tmp_path):
+    """A port that accepts TCP and closes it at once (issue 12 defect 6): the CLI prints the
+    `Error:` line only; paramiko's transport thread logs a traceback unless it is silenced."""
+    import subprocess
+    import sys
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+    accepted: list[int] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                s, _ = srv.accept()
+            except OSError:
+                continue
+            accepted.append(1)
+            s.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "lprnet_edge.cli.main", "remote", "info", "--host",
+             f"pi@127.0.0.1:{srv.getsockname()[1]}", "--known-hosts", str(tmp_path / "kh"),
+             "--accept-new-host", "--ssh-timeout", "10"],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        stop.set()
+        t.join(2)
+        srv.close()
+    assert accepted
+    assert r.returncode == 7, r.stderr
+    assert r.stderr.startswith("Error: ") and "closed the connection" in r.stderr
+    assert "Traceback" not in r.stderr and "paramiko" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr

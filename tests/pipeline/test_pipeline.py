@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, randomize_batchnorm
+from conftest import assert_user_error, copy_images, randomize_batchnorm
 
 from lprnet_edge.compiler.target import load_target
 from lprnet_edge.compress.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
@@ -39,8 +39,9 @@ def test_plan_lists_the_stages(tmp_path: Path):
         "load", "import", "compile", "verify", "package"]
     opts = BuildOptions(target=host, out=tmp_path, prune=PruneConfig(), quantize=QuantizeConfig(),
                         tune=TuneConfig(trials=8), eval_test=True)
-    assert plan(opts) == ["load", "prune", "quantize", "import", "tune", "compile", "verify",
-                          "eval", "package"]
+    # A build that changes the model is guarded on calib/ before anything compiles.
+    assert plan(opts) == ["load", "prune", "quantize", "guard", "import", "tune", "compile",
+                          "verify", "eval", "package"]
 
 
 def test_encodings_map_state_dict_names_to_compiled_names():
@@ -207,3 +208,72 @@ def test_cli_refuses_test_split_as_calib(cli_runner, tmp_path: Path, tiny_ckpt: 
                    "--calib", test, "--verify-images", "2")
     assert_user_error(r, "refusing to calibrate")
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the accuracy guard
+
+
+@pytest.fixture(scope="module")
+def small_calib(data_dir: Path, tmp_path_factory) -> Path:
+    files = sorted((data_dir / "calib").glob("*.jpg"))[:120]
+    return copy_images(files, tmp_path_factory.mktemp("guard") / "calib")
+
+
+def test_guard_fails_a_build_that_loses_accuracy(cli_runner, weights_path: Path,
+                                                 small_calib: Path, tmp_path: Path):
+    """Without --max-accuracy-drop a compressed build may lose at most 1 point on the calib/
+    validation split; it fails before compiling, and says which flag accepts the loss."""
+    out = tmp_path / "o"
+    args = ["build", "--target", "host", "--weights", weights_path, "--calib", small_calib,
+            "--out", out, "--prune", "unstructured", "--sparsity", "0.95"]
+    r = cli_runner(*args)
+    assert_user_error(r, "on the calib/ validation split (36 plates", "default budget of 1 point",
+                      "--max-accuracy-drop")
+    assert r.exit_code == ArtifactError.exit_code
+    assert "guard" in r.stderr and "import" not in r.stderr  # nothing was compiled
+    assert not out.exists()
+    r = cli_runner(*args, "--max-accuracy-drop", "0.5")
+    assert_user_error(r, "exceeds --max-accuracy-drop 0.5")
+    assert not out.exists()
+
+
+def test_guard_stage_measures_on_the_select_split(weights_path: Path, small_calib: Path):
+    from lprnet_edge.compress.configs import Int8WeightsConfig
+    from lprnet_edge.model.calib import CalibrationSet, accuracy
+    from lprnet_edge.pipeline.build import guard_stage, load_stage, quantize_stage
+
+    art = quantize_stage(load_stage(weights_path), Int8WeightsConfig(), small_calib)
+    g = guard_stage(art, small_calib)
+    _, val = CalibrationSet.load(small_calib).split(0.3, 0)  # select.py's split
+    assert g["split"] == {"fraction": 0.3, "seed": 0, "images": len(val)}
+    assert g["original"] == accuracy(art.original, val)
+    assert g["compressed"] == accuracy(art.reference, val)
+    assert g["drop_points"] == pytest.approx(100 * (g["original"] - g["compressed"]))
+    assert g["budget_points"] == 1.0 and g["budget_source"] == "default" and g["ok"]
+    assert art.reports["accuracy_guard"] == g
+    # The typed result's fields, not attributes read back from a module.
+    assert art.param_encodings["backbone.0.weight"] == "int8"
+    assert art.model.module is art.reference and art.stages["quantize"]["mode"] == "int8-weights"
+
+
+@pytest.mark.slow
+def test_int8_build_compiles_the_typed_result(cli_runner, tiny_ckpt: Path, small_calib: Path,
+                                              tmp_path: Path):
+    """``--quantize int8``: quantize returns a QuantizedModel, the frontend compiles its int8
+    convolutions as int8 x int8 -> int32, verification compares with its simulation."""
+    pytest.importorskip("tvm")
+    out = tmp_path / "int8"
+    r = cli_runner("build", "--target", "host", "--weights", tiny_ckpt, "--calib", small_calib,
+                   "--out", out, "--quantize", "int8", "--verify-images", "8", "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    q = m["stages"]["quantize"]
+    assert q["mode"] == "int8" and q["fallback_layers"] == ["container.0"]
+    from lprnet_edge.compress.configs import Int8Config, QuantizeConfig
+
+    assert isinstance(QuantizeConfig.from_dict(q), Int8Config)  # the manifest reads back
+    assert m["reports"]["accuracy_guard"]["ok"] and "[4/8] guard" in r.stderr
+    enc = m["param_encodings"]
+    assert enc["p_backbone_0_conv_weight"] == "int8" and enc["p_container_0_weight"] == "dense"
+    v = m["verification"]
+    assert v["status"] == "passed" and v["tolerance"] == pytest.approx(1e-2)

@@ -222,8 +222,8 @@ def test_compare_calibrators_tiny(tiny_model):
         assert 0 < r["threshold_over_max_median"] <= 1.0 + 1e-9
     assert got[("minmax", True)]["threshold_over_max_median"] == pytest.approx(1.0)
     train, _ = cal.split(0.3, 0)
-    qm, _ = quantize(tiny_model, QuantizeConfig(mode="int8", calibrator="percentile",
-                                                fallback_layers=("container.0",)), train)
+    qm = quantize(tiny_model, QuantizeConfig(mode="int8", calibrator="percentile",
+                                             fallback_layers=("container.0",)), train).module
     assert got[("percentile", True)]["test_accuracy"] == accuracy(qm, test)
     assert res["test_images"] == len(test.labels)
 

@@ -48,8 +48,10 @@ def test_accumulator_summary():
     ]
     for i, (label, pred) in enumerate(pairs):
         acc.add(label, pred, f"{i}.jpg")
-    r = acc.result(skipped=2)
-    assert (r.count, r.correct, r.skipped) == (5, 3, 2)
+    skipped = [("a/x.txt", "not an image file"), ("a/京A.jpg", "not a readable image")]
+    r = acc.result(skipped=skipped)
+    assert (r.count, r.correct, r.skipped, r.skipped_count) == (5, 3, skipped, 2)
+    assert r.to_dict()["skipped"] == [list(s) for s in skipped]
     assert r.accuracy == pytest.approx(3 / 5)
     chars = sum(len(lbl) for lbl, _ in pairs)
     assert r.char_accuracy == pytest.approx((chars - 1 - 7) / chars)

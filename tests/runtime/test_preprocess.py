@@ -53,34 +53,67 @@ def test_real_files_match_the_reference(test_images, data_dir):
 
 
 @pytest.mark.parametrize(
-    ("make", "expected"),
+    ("make", "expected", "value_range"),
     [
-        (lambda im: cv2.cvtColor(im, cv2.COLOR_BGR2GRAY), "grey"),
-        (lambda im: cv2.cvtColor(im, cv2.COLOR_BGR2GRAY)[:, :, None], "grey"),
-        (lambda im: cv2.cvtColor(im, cv2.COLOR_BGR2BGRA), "bgr"),
-        (lambda im: im.astype(np.float64), "bgr"),
-        (lambda im: im.astype(np.int64), "bgr"),
-        (lambda im: cv2.cvtColor(im, cv2.COLOR_BGR2GRAY).astype(np.float32), "grey"),
+        (lambda im: cv2.cvtColor(im, cv2.COLOR_BGR2GRAY), "grey", None),
+        (lambda im: cv2.cvtColor(im, cv2.COLOR_BGR2GRAY)[:, :, None], "grey", None),
+        (lambda im: cv2.cvtColor(im, cv2.COLOR_BGR2BGRA), "bgr", None),
+        (lambda im: im.astype(np.uint16) * 257, "bgr", None),  # 16-bit: 65535 is white
+        (lambda im: im.astype(np.float64), "bgr", (0, 255)),
+        (lambda im: im.astype(np.float32) / 255, "bgr", (0, 1)),
+        (lambda im: im.astype(np.float64) / 255, "bgr", (0.0, 1.0)),
+        (lambda im: cv2.cvtColor(im, cv2.COLOR_BGR2GRAY).astype(np.float32), "grey", (0, 255)),
+        (lambda im: im, "bgr", (0, 255)),  # uint8 declared as what it is
     ],
 )
-def test_accepted_variants(make, expected):
+def test_accepted_variants(make, expected, value_range):
     img = random_image(seed=2)
     grey = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
     want = reference(grey if expected == "grey" else img)
-    np.testing.assert_array_equal(Preprocess()(make(img)), want)
+    np.testing.assert_array_equal(Preprocess()(make(img), value_range), want)
 
 
-def test_out_of_range_values_are_clipped():
-    img = np.full((24, 94, 3), 300.0)
-    img[0, 0] = -20
-    out = check_image(img)
-    assert out.dtype == np.uint8 and out.max() == 255 and out[0, 0, 0] == 0
+def test_batch_is_the_single_image_path_stacked():
+    imgs = [random_image(seed=s) for s in range(3)] + [random_image(36, 136, seed=9)]
+    x = Preprocess().batch(imgs)
+    assert x.shape == (4, 3, 24, 94) and x.dtype == np.float32 and x.flags.c_contiguous
+    for i, im in enumerate(imgs):
+        np.testing.assert_array_equal(x[i:i + 1], reference(im))
+    assert Preprocess().batch([]).shape == (0, 3, 24, 94)
+
+
+@pytest.mark.parametrize(
+    ("image", "value_range", "match"),
+    [
+        (np.full((24, 94, 3), 0.5), None, "value range declared"),  # [0,1] mistaken for 255
+        (np.full((24, 94, 3), 0.5, np.float32), None, "value range declared"),
+        (np.full((24, 94, 3), np.nan, np.float32), (0, 1), "NaN or infinite"),
+        (np.full((24, 94, 3), np.inf), (0, 255), "NaN or infinite"),
+        (np.full((24, 94, 3), 300.0), (0, 255), "outside the declared"),
+        (np.full((24, 94, 3), 2.0), (0, 1), "outside the declared"),
+        (np.full((24, 94, 3), 0.5), (0, 2), "must be .0, 1. or .0, 255."),
+        (np.full((24, 94, 3), 0.5), "0-1", "must be .0, 1. or .0, 255."),
+        (np.zeros((24, 94, 3), np.uint8), (0, 1), "applies to float images"),
+        (np.zeros((24, 94, 3), np.uint16), (0, 255), "applies to float images"),
+        (np.zeros((24, 94, 3), np.int64), None, "dtype int64"),
+        (np.zeros((24, 94, 3), np.int8), None, "dtype int8"),
+        (np.zeros((24, 94, 3), np.float16), (0, 1), "dtype float16"),
+        (np.zeros((24, 94, 3), np.complex64), None, "dtype complex64"),
+    ],
+)
+def test_float_and_odd_dtypes_need_a_declared_range(image, value_range, match):
+    with pytest.raises(DataError, match=match) as e:
+        Preprocess()(image, value_range)
+    assert "uint8" in str(e.value) or "value_range" in str(e.value) or "NaN" in str(e.value)
 
 
 @pytest.mark.parametrize(
     "bad",
     [
         None,
+        {},
+        b"\xff\xd8\xff",
+        42,
         [[1, 2, 3]],
         np.zeros(10, np.uint8),
         np.zeros((1, 24, 94, 3), np.uint8),
@@ -89,10 +122,11 @@ def test_out_of_range_values_are_clipped():
         np.zeros((0, 0), np.uint8),
         np.zeros((24, 94, 3), dtype=bool),
         np.full((24, 94, 3), "a"),
+        np.zeros((24, 94, 3), dtype=object),
     ],
 )
 def test_rejected_inputs(bad):
-    with pytest.raises(DataError) as e:
+    with pytest.raises(DataError, match="expected a uint8 BGR image") as e:
         Preprocess()(bad)
     assert isinstance(e.value, LprnetEdgeError)
 

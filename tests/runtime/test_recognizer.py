@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 from pathlib import Path
 
 import cv2
@@ -16,10 +18,10 @@ from conftest import REPO  # noqa: E402
 from lprnet_edge import LprnetEdgeError, PlateResult, Recognizer  # noqa: E402
 from lprnet_edge.model.lprnet import OriginalLPRNet  # noqa: E402
 from lprnet_edge.model.reference import TorchBackend, reference_recognizer  # noqa: E402
-from lprnet_edge.runtime.artifact import SCHEMA_VERSION, file_entries, machine_arch  # noqa: E402
+from lprnet_edge.runtime.artifact import Artifact, machine_arch  # noqa: E402
 from lprnet_edge.runtime.charset import load_charset  # noqa: E402
 from lprnet_edge.runtime.errors import ArtifactError, DataError, WeightsError  # noqa: E402
-from lprnet_edge.runtime.preprocess import Preprocess  # noqa: E402
+from tvm_artifact import tiny_tvm_artifact  # noqa: E402, F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_cache")
 
@@ -88,6 +90,34 @@ def test_bad_inputs(tiny_rec, tmp_path):
         tiny_rec.recognize(bad)
 
 
+@pytest.mark.parametrize("bad", [None, {}, b"\xff\xd8 jpeg bytes", 42, 3.5, {"a": 1}, set()],
+                         ids=["None", "dict", "bytes", "int", "float", "dict2", "set"])
+def test_not_an_image_is_refused_by_name(tiny_rec, bad):
+    """Issue 12 defect 2: None, dict, bytes, ints give a DataError naming what is expected."""
+    with pytest.raises(DataError, match="expected an image path, a numpy image or a list"):
+        tiny_rec.recognize(bad)
+
+
+def test_float_images_need_a_declared_range(tiny_rec, test_images):
+    img = cv2.imdecode(np.fromfile(str(test_images[0]), np.uint8), cv2.IMREAD_COLOR)
+    want = tiny_rec.recognize(img)
+    unit = img.astype(np.float32) / 255
+    with pytest.raises(DataError, match="value_range=.0, 1."):
+        tiny_rec.recognize(unit)  # [0, 1] read as [0, 255] would be a black plate
+    assert tiny_rec.recognize(unit, value_range=(0, 1)).text == want.text
+    assert tiny_rec.recognize(img.astype(np.float64), value_range=(0, 255)) == want
+    assert tiny_rec.recognize(img.astype(np.uint16) * 257) == want
+    assert tiny_rec.recognize(cv2.cvtColor(img, cv2.COLOR_BGR2BGRA)) == want
+    assert tiny_rec.recognize([img, unit * 255], value_range=(0, 255))[1] == want
+    nan = np.full_like(unit, np.nan)
+    with pytest.raises(DataError, match="NaN"):
+        tiny_rec.recognize(nan, value_range=(0, 1))
+    with pytest.raises(DataError, match="dtype int32"):
+        tiny_rec.recognize(img.astype(np.int32))
+    with pytest.raises(DataError, match="empty array"):
+        tiny_rec.recognize(np.zeros((0, 94, 3), np.uint8))
+
+
 def test_pretrained_reads_match_an_independent_pipeline(real_rec, weights_path, test_images):
     orig = OriginalLPRNet().eval()
     orig.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
@@ -127,41 +157,84 @@ def test_benchmark(tiny_rec, test_images):
         tiny_rec.benchmark(runs=0)
 
 
-def write_torch_artifact(root: Path, model) -> Path:
-    """A minimal artifact of the ``torch`` backend, as `build` would describe it."""
-    from lprnet_edge.model.checkpoint import save_checkpoint
-    from lprnet_edge.runtime.artifact import write_json_atomic
-
-    root.mkdir()
-    save_checkpoint(model, root / "model.pth")
-    write_json_atomic(root / "manifest.json", {
-        "schema_version": SCHEMA_VERSION,
-        "backend": "torch",
-        "model_file": "model.pth",
-        "files": file_entries(root, ["model.pth"]),
-        "target": {"name": "host", "arch": machine_arch()},
-        "charset": load_charset().to_dict(),
-        "preprocess": Preprocess().to_dict(),
-        "input": {"name": "x", "shape": [1, 3, 24, 94], "dtype": "float32"},
-    })
-    return root
+# ---------------------------------------------------------------- a real TVM artifact
 
 
-def test_from_artifact(tiny_model, tiny_rec, tmp_path, test_images):
-    art = write_torch_artifact(tmp_path / "art", tiny_model)
-    rec = Recognizer.from_artifact(art)
-    assert rec.path == art and rec.manifest["backend"] == "torch"
-    assert rec.recognize(test_images[:3]) == tiny_rec.recognize(test_images[:3])
+@pytest.fixture
+def tvm_rec(tiny_tvm_artifact: Path) -> Recognizer:
+    return Recognizer.from_artifact(tiny_tvm_artifact)
 
 
-def test_from_artifact_refuses_a_damaged_one(tiny_model, tmp_path):
-    art = write_torch_artifact(tmp_path / "art", tiny_model)
-    with open(art / "model.pth", "ab") as f:
+@pytest.mark.slow
+def test_from_artifact(tiny_tvm_artifact, tvm_rec, tiny_rec, test_images):
+    """The compiled tiny model reads like the same model in PyTorch."""
+    rec = tvm_rec
+    assert rec.path == tiny_tvm_artifact and rec.backend_name == "tvm"
+    assert rec.artifact.manifest.backend == "tvm"
+    assert rec.manifest.target.arch == machine_arch()
+    assert rec.recognize(test_images[:3]) == [
+        PlateResult(r.text, pytest.approx(r.confidence, abs=1e-4), r.source)
+        for r in tiny_rec.recognize(test_images[:3])]
+    np.testing.assert_allclose(rec.logits(test_images[0]), tiny_rec.logits(test_images[0]),
+                               atol=1e-3, rtol=1e-3)
+    # An opened Artifact is accepted as is.
+    again = Recognizer.from_artifact(Artifact.open(tiny_tvm_artifact))
+    assert again.recognize(test_images[0]) == rec.recognize(test_images[0])
+
+
+@pytest.mark.slow
+def test_from_artifact_refuses_a_damaged_one(tiny_tvm_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_tvm_artifact, art)
+    with open(art / "model.so", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ArtifactError, match="checksum mismatch"):
         Recognizer.from_artifact(art)
     with pytest.raises(ArtifactError, match="not an artifact"):
         Recognizer.from_artifact(tmp_path / "absent")
+
+
+@pytest.mark.slow
+def test_recognize_batch_equals_one_by_one(tvm_rec, test_images):
+    paths = test_images[:6]
+    arrays = [cv2.imdecode(np.fromfile(str(p), np.uint8), cv2.IMREAD_COLOR) for p in paths]
+    one_by_one = [tvm_rec.recognize(p) for p in paths]
+    assert tvm_rec.recognize_batch(paths) == one_by_one
+    assert [r.text for r in tvm_rec.recognize_batch(arrays)] == [r.text for r in one_by_one]
+    assert tvm_rec.recognize(paths) == one_by_one
+    assert tvm_rec.recognize_batch([]) == []
+    # A bad image anywhere refuses the batch before any inference.
+    with pytest.raises(DataError, match="numpy image"):
+        tvm_rec.recognize_batch([paths[0], None])
+
+
+@pytest.mark.slow
+def test_one_recognizer_shared_by_threads(tvm_rec, test_images):
+    """Issue 12 defect 1: 4 threads x 20 calls on one Recognizer (a segfault with one shared
+    VM) give exactly the sequential results."""
+    images = [cv2.imdecode(np.fromfile(str(p), np.uint8), cv2.IMREAD_COLOR)
+              for p in test_images[:4]]
+    calls = 20
+    want = [tvm_rec.recognize(im) for im in images]
+    errors: list[BaseException] = []
+    results: dict[int, list[PlateResult]] = {}
+
+    def work(k: int) -> None:
+        try:
+            results[k] = [tvm_rec.recognize(images[(k + i) % 4]) for i in range(calls)]
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in range(4):
+        assert results[k] == [want[(k + i) % 4] for i in range(calls)]
+    # Each thread ran its own VM over the one loaded module and one copy of the weights.
+    assert len({id(p) for p in tvm_rec.backend.params}) == len(tvm_rec.backend.params)
 
 
 def test_example_script(tiny_checkpoint, test_images, tmp_path, capsys):

@@ -1,0 +1,195 @@
+"""Default schedules: what a build applies to kernels that have no tuning record of its own.
+
+An untuned TVM build compiles every fused kernel as naive loops (one thread, no vectors):
+LPRNet then runs ~12x slower than PyTorch. Three layers, first match wins, per kernel:
+
+1. the build's own tuning database (``--tune`` / ``--tuning-db``), measured for this target;
+2. the packaged database ``lprnet_edge/compiler/data/default_schedules/``: the best
+   MetaSchedule trace per LPRNet fp32 workload, tuned on an x86 host and made by
+   ``python benchmarks/make_default_schedules.py`` (:func:`export_defaults`). Records are keyed
+   by workload, not target: a trace is a sequence of loop transformations (tiling, vectorize,
+   parallel, unroll), so it replays for aarch64 too, where LLVM maps the vectors to NEON;
+3. for a kernel no database knows (pruned widths, other input sizes), :func:`transfer` replays
+   the trace of the most similar known kernel (same compute, other shapes) with its tile sizes
+   re-fitted to the new loop extents, then MetaSchedule's post-processors for the target.
+
+Everything here runs in the build process; nothing is measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+DEFAULTS_DIR = Path(__file__).resolve().parent / "data" / "default_schedules"
+DB_FILES = ("database_workload.json", "database_tuning_record.json")
+FAILED_SECS = 1e9
+
+
+def has_defaults(path: Path | None = None) -> bool:
+    path = DEFAULTS_DIR if path is None else path
+    return all((path / f).is_file() and (path / f).stat().st_size > 0 for f in DB_FILES)
+
+
+def _mean(run_secs: Any) -> float | None:
+    if run_secs is None:
+        return None
+    vals = [float(getattr(v, "value", v)) for v in run_secs]
+    if not vals:
+        return None
+    m = sum(vals) / len(vals)
+    return None if m >= FAILED_SECS else m
+
+
+def _json_db(path: Path) -> Any:
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(path_workload=str(path / DB_FILES[0]),
+                                    path_tuning_record=str(path / DB_FILES[1]),
+                                    allow_missing=True)
+
+
+def best_records(db: Any) -> dict[int, Any]:
+    """structural hash of the workload -> its fastest valid record."""
+    import tvm_ffi
+
+    best: dict[int, tuple[float, Any]] = {}
+    for rec in db.get_all_tuning_records():
+        secs = _mean(rec.run_secs)
+        if secs is None:
+            continue
+        h = int(tvm_ffi.structural_hash(rec.workload.mod))
+        if h not in best or secs < best[h][0]:
+            best[h] = (secs, rec)
+    return {h: r for h, (_s, r) in best.items()}
+
+
+def export_defaults(src_dirs: Iterable[str | Path], out_dir: str | Path | None = None
+                    ) -> dict[str, Any]:
+    """Write the fastest record per workload of the tuning databases ``src_dirs`` (merged,
+    the existing defaults included) to ``out_dir``: the packaged default schedules."""
+    import shutil
+    import tempfile
+
+    from tvm.s_tir import meta_schedule as ms
+
+    out_dir = Path(out_dir) if out_dir is not None else DEFAULTS_DIR
+    merged: dict[int, Any] = {}
+    sources = [Path(d) for d in src_dirs] + ([out_dir] if has_defaults(out_dir) else [])
+    for d in sources:
+        for h, rec in best_records(_json_db(d)).items():
+            old = merged.get(h)
+            if old is None or _mean(rec.run_secs) < _mean(old.run_secs):  # type: ignore[operator]
+                merged[h] = rec
+    tmp = Path(tempfile.mkdtemp(prefix=".defaults-", dir=out_dir.parent
+                                if out_dir.parent.is_dir() else None))
+    dst = _json_db(tmp)
+    for rec in merged.values():
+        wl = dst.commit_workload(rec.workload.mod)
+        dst.commit_tuning_record(ms.database.TuningRecord(
+            trace=rec.trace, workload=wl, run_secs=rec.run_secs, target=rec.target,
+            args_info=rec.args_info))
+    del dst
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in DB_FILES:
+        shutil.move(str(tmp / f), str(out_dir / f))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"records": len(merged), "dir": str(out_dir),
+            "sources": [str(d) for d in sources]}
+
+
+def default_database() -> Any:
+    """The packaged defaults as an in-memory database (None if not packaged)."""
+    if not has_defaults():
+        return None
+    from tvm.s_tir import meta_schedule as ms
+
+    mem = ms.database.MemoryDatabase()
+    for rec in best_records(_json_db(DEFAULTS_DIR)).values():
+        wl = mem.commit_workload(rec.workload.mod)
+        mem.commit_tuning_record(ms.database.TuningRecord(
+            trace=rec.trace, workload=wl, run_secs=rec.run_secs, target=rec.target,
+            args_info=rec.args_info))
+    return mem
+
+
+# ---------------------------------------------------------------- trace transfer
+
+
+def _fit_tiles(extent: int, old: list[int]) -> list[int]:
+    """Tile factors for ``extent`` shaped like ``old`` (same length, product = extent):
+    keep the innermost factors while they divide what is left (the vector width), put the
+    rest in the outermost tile."""
+    n = len(old)
+    out = [1] * n
+    left = extent
+    for k in range(n - 1, 0, -1):
+        f = int(old[k])
+        while f > 1 and left % f:
+            f -= 1
+        out[k] = max(f, 1)
+        left //= out[k]
+    out[0] = left
+    return out
+
+
+def _decision_provider(sch: Any) -> Callable[..., Any]:
+    def provide(inst: Any, inputs: list[Any], attrs: list[Any], decision: Any) -> Any:
+        name = inst.kind.name
+        if name == "SamplePerfectTile" and decision is not None:
+            extent = sch.get(inputs[0]).extent
+            try:
+                extent = int(extent)
+            except TypeError:
+                return decision
+            return _fit_tiles(extent, [int(d) for d in decision])
+        if name == "SampleComputeLocation":
+            return -1 if decision is not None else decision  # inline-safe: compute at root
+        return decision
+
+    return provide
+
+
+def _signature(func: Any) -> tuple:
+    """What a trace needs to replay: the blocks' names, in order, and loop-nest depths."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
+    return tuple((sch.get(b).name_hint, len(sch.get_loops(b))) for b in blocks)
+
+
+def _has_root(sch: Any) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def transfer(func: Any, target: Any, known: list[Any]) -> Any:
+    """A scheduled ``func`` (an IRModule with one PrimFunc) from the trace of a record in
+    ``known`` whose workload has the same block structure, or None."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    sig = _signature(func)
+    if not sig:
+        return None
+    candidates = [r for r in known if _signature(r.workload.mod) == sig]
+    for rec in candidates:
+        sch = s_tir.Schedule(func, debug_mask="all")
+        try:
+            rec.trace.apply_to_schedule(sch, remove_postproc=True,
+                                        decision_provider=_decision_provider(sch))
+            # MetaSchedule's LLVM post-processors (parallel/vectorize/unroll annotations
+            # become loops; reduction blocks are split), without a TuneContext: creating
+            # one imports tvm.s_tir.tensor_intrin, minutes of TVMScript when torch is loaded.
+            for post in ms.postproc.Postproc.create("llvm"):
+                if not post.apply(sch):
+                    raise ValueError(f"postproc {type(post).__name__} rejects the trace")
+        except Exception:  # noqa: BLE001 - try the next candidate
+            continue
+        return sch
+    return None

@@ -1,0 +1,177 @@
+"""One path that loads and times a compiled module, here or on a device (tvmc's ``run_module``).
+
+A :class:`Session` is local (``tvm.rpc.LocalSession()``, this process) or remote (a server or a
+tracker, :func:`lprnet_edge.compiler.rpc.connect`). Then the same code runs for both
+(:class:`lprnet_edge.runtime.profile.LoadedModule`): upload the library, load it, build the VM
+on ``session.cpu()``, send the weights, ``vm.time_evaluator`` -> a typed :class:`Timing`.
+
+Per-kernel profiles (``profile=True``) need the module in this process: they run locally, and on
+a board through its agent over SSH (``bench --host --profile``). Over RPC they cannot work in
+TVM 0.27, see :data:`RPC_PROFILE_ERROR`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lprnet_edge.compiler.rpc import DEFAULT_TIMEOUT_S, connect, with_timeout
+from lprnet_edge.runtime.artifact import Artifact
+from lprnet_edge.runtime.errors import LprnetEdgeError
+from lprnet_edge.runtime.profile import (
+    LoadedModule,
+    Profile,
+    Timing,
+    configured_threads,
+    module_inputs,
+)
+
+# Why `--rpc --profile` is refused (checked on TVM 0.27): the profiler is a Python callback
+# given to VirtualMachine.set_instrument, and RPC refuses to send a function to the remote
+# ("Cannot pass type ffi.Function as an argument to the remote"); timing each kernel remotely
+# with time_evaluator fails too: the kernels live in the executable's imported library module,
+# which RPCTimeEvaluator does not search and which is not reachable from an RPC module handle,
+# and the VM's own time_evaluator / save_function accept Relax functions only.
+RPC_PROFILE_ERROR = ("--profile cannot run over RPC: TVM 0.27 profiles kernels with a Python "
+                     "callback in the VM, which RPC cannot send to the device. Profile on the "
+                     "board over SSH instead: lprnet-edge bench --host USER@HOST --profile "
+                     "(the deployed artifact, profiled by the device agent)")
+
+
+@dataclass
+class Session:
+    """Where a module runs: ``kind`` ``"local"`` or ``"rpc"``; ``tvm_session`` is the
+    ``tvm.rpc`` session object (``LocalSession`` or ``RPCSession``)."""
+
+    kind: str
+    where: str
+    tvm_session: Any
+    timeout: float = 600.0
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind == "local"
+
+
+def local_session() -> Session:
+    """This process, through ``tvm.rpc.LocalSession`` (the same calls as a remote one)."""
+    from tvm import rpc as tvm_rpc
+
+    return Session("local", "local", tvm_rpc.LocalSession())
+
+
+def open_session(rpc: str | None = None, tracker: str | None = None, key: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, session_timeout: float = 0,
+                 run_timeout: float = 600.0) -> Session:
+    """A local session, or with ``rpc="HOST:PORT"`` / ``tracker`` + ``key`` a device's.
+
+    ``timeout`` bounds reaching the device; ``run_timeout`` each timing run on it."""
+    if not rpc and not tracker:
+        return local_session()
+    sess = connect(rpc, tracker, key, timeout=timeout, session_timeout=session_timeout)
+    where = rpc or f"{tracker} key {key}"
+    return Session("rpc", where, sess, run_timeout)
+
+
+@dataclass(frozen=True)
+class ModuleRun:
+    """A timed module: the figures, its first output (to check it) and the load time
+    (upload included over RPC)."""
+
+    timing: Timing
+    output: np.ndarray
+    load_s: float
+
+
+def time_module(session: Session, lib_path: str | Path, params: list[np.ndarray],
+                x: np.ndarray, entry: str = "main", number: int = 1, repeat: int = 100,
+                warmup: int = 10, threads: int | None = None) -> ModuleRun:
+    """Load ``lib_path`` on the session, bind ``x`` and ``params``, time ``entry``.
+
+    ``threads``: the thread count to report (local: the one configured here)."""
+
+    def run() -> ModuleRun:
+        mod = LoadedModule(lib_path, params, entry, session.tvm_session)
+        timing = mod.time(x, number=number, repeat=repeat, warmup=warmup, threads=threads)
+        return ModuleRun(timing, mod.output(), mod.load_s)
+
+    if session.is_local:
+        return run()
+    return with_timeout(run, session.timeout, f"benchmark on {session.where}")
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """``time_artifact``'s answer: where, what, how fast (and per kernel with a profile)."""
+
+    artifact: str
+    where: str
+    target: str
+    timing: Timing
+    output_shape: list[int]
+    load_s: float
+    profile: Profile | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"artifact": self.artifact, "where": self.where,
+                             "target": self.target, "time_evaluator": self.timing.to_dict(),
+                             "output_shape": self.output_shape, "load_s": self.load_s}
+        if self.profile is not None:
+            d["profile"] = self.profile.to_dict()
+        return d
+
+
+def apply_threads(threads: int | None, artifact: Artifact | None = None) -> None:
+    """``TVM_NUM_THREADS`` for this process's runtime: ``threads``, else the environment's,
+    else the artifact's recorded count. Effective before TVM's thread pool first starts."""
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    elif "TVM_NUM_THREADS" not in os.environ and artifact is not None and artifact.num_threads:
+        os.environ["TVM_NUM_THREADS"] = str(artifact.num_threads)
+
+
+def time_artifact(artifact: str | Path | Artifact, session: Session | None = None,
+                  number: int = 1, repeat: int = 100, warmup: int = 10,
+                  threads: int | None = None, profile: bool = False,
+                  profile_runs: int = 20) -> BenchResult:
+    """Time an artifact's module on ``session`` (None: locally); ``profile`` adds the
+    per-kernel breakdown (local only: :data:`RPC_PROFILE_ERROR`)."""
+    session = session or local_session()
+    if profile and not session.is_local:
+        raise LprnetEdgeError(RPC_PROFILE_ERROR)
+    inp = module_inputs(artifact, check_arch=session.is_local)
+    n_threads = None
+    if session.is_local:
+        apply_threads(threads, inp.artifact)
+        n_threads = configured_threads(threads)
+    run = time_module(session, inp.lib_path, inp.params, inp.x, inp.entry, number=number,
+                      repeat=repeat, warmup=warmup, threads=n_threads)
+    prof = None
+    if profile:
+        mod = LoadedModule(inp.lib_path, inp.params, inp.entry)
+        prof = mod.profile(inp.x, runs=profile_runs, warmup=min(warmup, 5),
+                           schedules=inp.schedules, threads=n_threads)
+    return BenchResult(artifact=str(inp.artifact.root), where=session.where,
+                       target=inp.artifact.manifest.target.name, timing=run.timing,
+                       output_shape=list(run.output.shape), load_s=run.load_s, profile=prof)
+
+
+# ---------------------------------------------------------------- host conveniences
+
+
+def load_host(lib_path: str | Path, params: list[np.ndarray] | dict[str, np.ndarray],
+              entry: str = "main") -> LoadedModule:
+    """A host-built library loaded in this process, weights bound; call it with ``x``."""
+    values = list(params.values()) if isinstance(params, dict) else list(params)
+    return LoadedModule(lib_path, [np.asarray(p, np.float32) for p in values], entry)
+
+
+def run_host(lib_path: str | Path, x: np.ndarray,
+             params: list[np.ndarray] | dict[str, np.ndarray]) -> np.ndarray:
+    """Run a host-built module once on ``x`` (1x3x24x94 float32): the logits."""
+    return load_host(lib_path, params)(x)
+
