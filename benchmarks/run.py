@@ -66,10 +66,15 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     spec = load_target(args.target)
     mod, params = to_relax(model)
     np.savez(work / "params.npz", **{f"p{i:03d}": v for i, v in enumerate(params.values())})
-    if not (work / "untuned.so").is_file() or args.rebuild:
-        t0 = time.perf_counter()
-        build(mod, spec, work / "untuned.so", None)
-        log(f"TVM untuned build {time.perf_counter() - t0:.1f}s")
+    builds: dict[str, Any] = {}
+    for name, defaults in (("naive", False), ("untuned", True)):
+        if not (work / f"{name}.so").is_file() or args.rebuild:
+            t0 = time.perf_counter()
+            builds[name] = build(mod, spec, work / f"{name}.so", None, defaults=defaults, log=log)
+            log(f"TVM {name} build {time.perf_counter() - t0:.1f}s")
+            (work / f"{name}.build.json").write_text(json.dumps(builds[name], default=str))
+        else:
+            builds[name] = json.loads((work / f"{name}.build.json").read_text())
 
     cfg = TuneConfig(trials=args.trials, num_trials_per_iter=args.trials_per_iter,
                      db_dir=args.tuning_db)
@@ -82,26 +87,38 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         db_dir = resolve_db_dir(spec, prepare_for_tuning(mod, spec), cfg)
         database = open_database(db_dir) if count_records(db_dir) else None
     else:
-        database, tune_summary = tune(mod, spec, cfg, log=log, tasks=tasks)
+        database, tune_summary = tune(mod, spec, cfg, log=log, tasks=tasks,
+                                      time_budget_s=args.tune_minutes * 60
+                                      if args.tune_minutes else None)
         db_dir = Path(tune_summary["db_dir"])
+        (work / "tune-summary.json").write_text(json.dumps(tune_summary, default=str))
     records = count_records(db_dir)
     info["tuning"] = {"db_dir": str(db_dir), "records": records, "budget": args.trials,
                       "tasks": tasks or "all", "summary": tune_summary,
-                      "tuning_time_s": _tuning_time(db_dir)}
+                      "tuning_time_s": (tune_summary or {}).get("wall_s")
+                      if tune_summary and not tune_summary.get("skipped")
+                      else _tuning_time(db_dir)}
     if database is not None:
         t0 = time.perf_counter()
-        build(mod, spec, work / "tuned.so", None, database=database)
+        builds["tuned"] = build(mod, spec, work / "tuned.so", None, database=database, log=log)
         log(f"TVM tuned build ({records} records) {time.perf_counter() - t0:.1f}s")
+    info["builds"] = {k: {"schedules": v.get("schedules"), "naive": v.get("untuned_kernels"),
+                          "kernel_schedules": v.get("kernel_schedules")}
+                      for k, v in builds.items()}
 
     psize = sum(v.nbytes for v in params.values())
     info["variants"]["PyTorch eager fp32"] = {"kind": "torch", "size": weights.stat().st_size}
     info["variants"]["ONNX Runtime fp32"] = {"kind": "ort", "path": str(onnx_path),
                                              "size": onnx_path.stat().st_size}
-    info["variants"]["TVM untuned"] = {"kind": "tvm", "path": str(work / "untuned.so"),
-                                       "size": (work / "untuned.so").stat().st_size + psize}
+    info["variants"]["TVM naive loops (no schedules)"] = {
+        "kind": "tvm", "path": str(work / "naive.so"), "build": "naive",
+        "size": (work / "naive.so").stat().st_size + psize}
+    info["variants"]["TVM untuned (default schedules)"] = {
+        "kind": "tvm", "path": str(work / "untuned.so"), "build": "untuned",
+        "size": (work / "untuned.so").stat().st_size + psize}
     if database is not None:
         info["variants"][f"TVM tuned ({records} trials)"] = {
-            "kind": "tvm", "path": str(work / "tuned.so"),
+            "kind": "tvm", "path": str(work / "tuned.so"), "build": "tuned",
             "size": (work / "tuned.so").stat().st_size + psize}
     for item in args.artifact:
         name, _, path = item.partition("=")
@@ -147,6 +164,10 @@ def load_variants(info: dict[str, Any], work: Path, threads: int) -> dict[str, A
             model = load_model(info["weights"])
 
             def run_torch(x: np.ndarray, model: Any = model) -> np.ndarray:
+                # Denormals flushed, set again before every call: creating an ORT session or
+                # running TVM on this thread can reset the FPU mode (34% of the checkpoint's
+                # weights are denormal: 10x slower on Intel without it).
+                torch.set_flush_denormal(True)
                 with torch.inference_mode():
                     return model(torch.from_numpy(x)).numpy()
 
@@ -195,6 +216,30 @@ def measure(fns: dict[str, Any], runs: int, warmup: int) -> dict[str, dict[str, 
     return out
 
 
+def profile_fastest(info: dict[str, Any], fns: dict[str, Any],
+                    lat: dict[str, dict[str, float]], threads: int) -> dict[str, Any] | None:
+    """Per-kernel profile (``VirtualMachine.set_instrument``) of the fastest TVM variant."""
+    from lprnet_edge.runtime.preprocess import Preprocess
+    from lprnet_edge.runtime.recognizer import _synthetic_plate
+
+    tvm_names = [n for n, v in info["variants"].items() if v["kind"] == "tvm"]
+    if not tvm_names:
+        return None
+    name = min(tvm_names, key=lambda n: lat[n]["p50_ms"])
+    fn = fns[name]
+    if not hasattr(fn, "profile"):
+        return None
+    pre = Preprocess()
+    x = np.ascontiguousarray(pre(_synthetic_plate(pre)), dtype=np.float32)
+    from lprnet_edge.runtime.profile import KernelSchedules
+
+    ks = ((info.get("builds") or {}).get(info["variants"][name].get("build")) or {}).get(
+        "kernel_schedules")
+    prof = fn.profile(x, runs=30, warmup=5, threads=threads,
+                      schedules=KernelSchedules(dict(ks)) if ks else None)
+    return {"variant": name, "text": prof.format(top=12), "kernels_ms": prof.kernels_ms}
+
+
 def accuracy(fns: dict[str, Any], test_dir: Path, skip: tuple[str, ...] = ()
              ) -> dict[str, float]:
     from lprnet_edge.runtime.charset import load_charset
@@ -228,6 +273,7 @@ def child(args: argparse.Namespace) -> None:
     fns = load_variants(info, work, args.threads)
     res: dict[str, Any] = {"threads": args.threads,
                            "latency": measure(fns, args.runs, args.warmup)}
+    res["profile"] = profile_fastest(info, fns, res["latency"], args.threads)
     if args.accuracy and args.test_dir:
         res["accuracy"] = accuracy(fns, Path(args.test_dir),
                                    tuple(x for x in args.accuracy_skip.split(",") if x))
@@ -246,6 +292,8 @@ def cpu_info() -> dict[str, Any]:
                   if ln.startswith("flags")), [])
     cores = os.cpu_count() or 1
     ghz = (max(mhz) / 1000) if mhz else None
+    # FP32 FLOP/cycle/core: two 256-bit FMA pipes (Zen 4 runs AVX-512 FMAs as two halves;
+    # Intel cores with two 512-bit FMA units reach 64, not assumed here).
     fpc = 32 if ("avx2" in flags and "fma" in flags) else 16 if "avx" in flags else 8
     llvm_cpu = None
     try:
@@ -302,7 +350,22 @@ def report(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
               f"in the database applied (tasks: {t['tasks']}), "
               + (f"tuning time {tt / 60:.0f} min (sum of the tuning runs' logs)" if tt
                  else "tuning time unknown"),
-              f"- Database: `{t['db_dir']}`", ""]
+              f"- Database: `{t['db_dir']}`"]
+    summ = t.get("summary") or {}
+    if summ and not summ.get("skipped"):
+        lines += [f"- This run: {summ.get('trials_new')} new trials in {summ.get('wall_s')} s "
+                  f"({summ.get('scheduler')} scheduler); tasks without any record: "
+                  + (", ".join(summ.get("untuned") or []) or "none")]
+    for k, b in (info.get("builds") or {}).items():
+        sc = b.get("schedules") or {}
+        lines += [f"- Build `{k}`: kernels by schedule source: "
+                  + (", ".join(f"{v} {n}" for n, v in sc.items() if v) or "all naive loops")
+                  + (f"; naive loops: {', '.join(b['naive'])}" if b.get("naive") else "")]
+    lines += ["", "Schedule sources: *tuned* = this build's tuning database; *default* = the "
+              "packaged default schedules (`lprnet_edge/compiler/data/default_schedules`, "
+              "made by `python benchmarks/make_default_schedules.py` from a tuning run on an "
+              "x86 host); *transferred* = the trace of a similar kernel re-fitted to the shape; "
+              "*naive* = TVM's default loops.", ""]
     peak = cpu["peak_gflops_per_core"]
     lines += ["## Work", "",
               f"- FLOPs per plate: {flops / 1e6:.1f} MFLOP ({info['flops']['macs'] / 1e6:.1f} M "
@@ -310,8 +373,7 @@ def report(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
               f"{info['flops']['params'] / 1e6:.2f} M parameters.",
               (f"- Peak estimate: {cpu['flops_per_cycle']} FP32 FLOP/cycle/core (AVX2: 2 FMA "
                f"units x 8 lanes x 2) x {cpu['ghz']:.2f} GHz = {peak:.0f} GFLOP/s per core, "
-               f"{peak * cpu['cores']:.0f} GFLOP/s for {cpu['cores']} cores. (A Zen 1 core, "
-               "which LLVM reports here, splits 256-bit FMAs in two: its real peak is half.)")
+               f"{peak * cpu['cores']:.0f} GFLOP/s for {cpu['cores']} cores.")
               if peak else "- Peak: CPU frequency unknown", ""]
     for r in results:
         n = r["threads"]
@@ -341,6 +403,15 @@ def report(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
                       f"{100 * g / (peak * n):.1f}% of the {peak * n:.0f} GFLOP/s peak of "
                       f"{n} core{'s' if n > 1 else ''}.", ""]
         lines += ["'speed vs X' = X's p50 / this variant's p50 (above 1: faster than X).", ""]
+    lines += ratio_lines(results)
+    for r in results:
+        pr = r.get("profile")
+        if pr:
+            lines += [f"## Per-kernel profile: {pr['variant']}, {r['threads']} thread"
+                      f"{'s' if r['threads'] > 1 else ''}", "",
+                      "`VirtualMachine.set_instrument` around every kernel call (mean of 30 "
+                      "inferences), next to the uninstrumented call:", "", "```",
+                      pr["text"], "```", ""]
     load1 = float(str(info.get("loadavg", "0")).split()[0] or 0)
     if load1 > cpu["cores"]:
         lines += [f"**Caveat: the machine was oversubscribed** (load average {load1:.1f} on "
@@ -360,6 +431,27 @@ def report(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
     return "\n".join(lines)
 
 
+def ratio_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The goals of the speed issue, measured: tuned vs ORT, untuned vs PyTorch."""
+    out = ["## Goals", "", "| threads | goal | measured | reached |", "|---|---|---|---|"]
+    for r in results:
+        lat = {k: v["p50_ms"] for k, v in r["latency"].items()}
+        ort = next((v for k, v in lat.items() if k.startswith("ONNX")), None)
+        pt = next((v for k, v in lat.items() if k.startswith("PyTorch")), None)
+        tuned = next((v for k, v in lat.items() if k.startswith("TVM tuned")), None)
+        untuned = lat.get("TVM untuned (default schedules)")
+        n = r["threads"]
+        if ort and tuned:
+            out.append(f"| {n} | tuned >= 1.2x ONNX Runtime | {ort / tuned:.2f}x | "
+                       f"{'yes' if ort / tuned >= 1.2 else 'no'} |")
+        if pt and untuned:
+            out.append(f"| {n} | untuned >= 1.0x PyTorch eager | {pt / untuned:.2f}x | "
+                       f"{'yes' if pt / untuned >= 1.0 else 'no'} |")
+        if ort and untuned:
+            out.append(f"| {n} | (untuned vs ONNX Runtime) | {ort / untuned:.2f}x | - |")
+    return [*out, ""]
+
+
 def _md_table(rows: list[list[str]], headers: list[str]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -375,11 +467,13 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="Thread counts, comma-separated.")
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--trials", type=int, default=800, help="Tuning budget (records reused).")
-    ap.add_argument("--trials-per-iter", type=int, default=32)
-    ap.add_argument("--tasks", default="conv2d",
+    ap.add_argument("--trials", type=int, default=600, help="Tuning budget (records reused).")
+    ap.add_argument("--trials-per-iter", type=int, default=16)
+    ap.add_argument("--tune-minutes", type=float, default=None,
+                    help="Start no new tuning round after this many minutes.")
+    ap.add_argument("--tasks", default="",
                     help="Tune only tasks whose name contains one of these (comma-separated; "
-                         "empty: all). The convolutions are where the time goes.")
+                         "empty: all, with the balanced scheduler).")
     ap.add_argument("--no-tune", action="store_true",
                     help="Do not tune: apply the records the database already has.")
     ap.add_argument("--tuning-db", help="Tuning database directory (default: the cache).")
@@ -389,7 +483,7 @@ def main() -> None:
                     help="Also time an lprnet-edge artifact (e.g. a pruned or int8 build).")
     ap.add_argument("--accuracy", action="store_true", help="Evaluate on test/ (batch 1).")
     ap.add_argument("--test-dir", default=None)
-    ap.add_argument("--accuracy-skip", default="TVM untuned",
+    ap.add_argument("--accuracy-skip", default="TVM naive loops (no schedules)",
                     help="Variants not evaluated (comma-separated; default: the untuned "
                          "module, slow and numerically the same as the tuned one: see the "
                          "logit-difference column).")

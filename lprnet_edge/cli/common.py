@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from lprnet_edge.runtime.errors import LprnetEdgeError
+
 
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
@@ -59,8 +61,14 @@ def open_recognizer(artifact: str | None, weights: str | None, threads: int | No
         raise click.UsageError("give either --artifact or --weights, not both")
     if artifact:
         return Recognizer.from_artifact(artifact, num_threads=threads)
-    from lprnet_edge.model.reference import reference_recognizer
-
+    try:
+        from lprnet_edge.model.reference import reference_recognizer
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise LprnetEdgeError("--weights runs the PyTorch model, and PyTorch is not installed "
+                              "here: pip install 'lprnet-edge[host]', or run a compiled "
+                              "artifact with --artifact") from None
     return reference_recognizer(weights)
 
 

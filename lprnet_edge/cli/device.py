@@ -92,10 +92,12 @@ def bench_over_ssh(opts: dict[str, Any], rpc: bool = False, artifact: str | None
                    runs: int = 100, warmup: int = 10, threads: int | None = None,
                    image: str | None = None, include_preprocess: bool = True,
                    number: int = 10, repeat: int | None = None,
-                   profile: bool = False) -> dict[str, Any]:
+                   profile: bool = False, compare: bool = False, rounds: int = 5,
+                   weights: str | None = None) -> dict[str, Any]:
     """Benchmark on the device: the deployed Recognizer (default; ``profile`` adds the agent's
     per-kernel table), or with ``rpc`` the model of ``artifact`` through a TVM RPC server on
-    the device reached by an SSH tunnel."""
+    the device reached by an SSH tunnel. ``compare`` adds ``stats["compare"]``: the deployed
+    model beside ONNX Runtime fp32 on the device (:func:`compare_on_device`)."""
     from lprnet_edge.device.deploy import remote_bench, rpc_bench
 
     with device_from(opts) as dev:
@@ -103,9 +105,43 @@ def bench_over_ssh(opts: dict[str, Any], rpc: bool = False, artifact: str | None
             if not artifact:
                 raise click.UsageError("--rpc with --host needs --artifact (the model to time)")
             return rpc_bench(dev, artifact, number=number, repeat=repeat or max(1, runs // number))
-        return remote_bench(dev, runs=runs, warmup=warmup, threads=threads, image=image,
-                            include_preprocess=include_preprocess, expect_artifact=artifact,
-                            profile=profile)
+        stats = remote_bench(dev, runs=runs, warmup=warmup, threads=threads, image=image,
+                             include_preprocess=include_preprocess, expect_artifact=artifact,
+                             profile=profile)
+        if compare:
+            stats["compare"] = compare_on_device(dev, artifact, runs, warmup, rounds, threads,
+                                                 weights)
+        return stats
+
+
+def compare_on_device(dev: Any, artifact: str | None = None, runs: int = 100, warmup: int = 10,
+                      rounds: int = 5, threads: int | None = None, weights: str | None = None
+                      ) -> dict[str, Any]:
+    """The deployed model and ONNX Runtime fp32, interleaved on the device: the fp32 original
+    is exported here (cached ONNX file of ``weights``), uploaded, and timed by the agent; the
+    weights are checked against the deployed artifact's source."""
+    from lprnet_edge.device.deploy import remote_compare
+    from lprnet_edge.model.onnx import source_note, torch_missing
+    from lprnet_edge.runtime.errors import LprnetEdgeError
+
+    if (why := torch_missing()) is not None:
+        raise LprnetEdgeError(f"--compare exports the model to ONNX here, which needs PyTorch "
+                              f"on this machine ({why}); or pass --no-compare")
+    from lprnet_edge.model.onnx import export_onnx
+
+    classes = 68
+    if artifact:
+        from lprnet_edge.runtime.artifact import load_manifest
+
+        classes = len(load_manifest(artifact).charset)
+    exported = export_onnx(weights, classes)
+    comp = remote_compare(dev, exported.path, runs=runs, warmup=warmup, rounds=rounds,
+                          threads=threads)
+    same, note = source_note(comp.get("source"), exported)
+    comp.update(notes=[*(comp.get("notes") or []), note], same_weights=same,
+                onnx=str(exported.path), weights=str(exported.weights),
+                weights_sha256=exported.weights_sha256)
+    return comp
 
 
 def deploy_with_progress(dev: Any, artifact: Any, name: str | None = None,
@@ -144,6 +180,17 @@ def print_bench(stats: dict[str, Any], as_json: bool) -> None:
     click.echo(f"measured  {how}")
     click.echo(format_latency(stats))
     print_profile(stats.get("profile"))
+    print_comparison(stats.get("compare"))
+
+
+def print_comparison(comp: dict[str, Any] | None) -> None:
+    """The side-by-side table (artifact, ONNX Runtime, PyTorch) after the latency tables."""
+    if not comp:
+        return
+    from lprnet_edge.runtime.baselines import comparison_title, format_comparison
+
+    where = f" on {comp['host']}" if comp.get("host") else ""
+    click.echo(f"\n{comparison_title(comp).rstrip(':')}{where}:\n{format_comparison(comp)}")
 
 
 def print_profile(profile: dict[str, Any] | None, top: int = 15) -> None:
@@ -336,11 +383,11 @@ def remote_info_cmd(dev: Any, as_json: bool) -> None:
 
 @remote.command("bench")
 @ssh_options
-@click.option("--rpc", is_flag=True,
+@click.option("--tunnel", "rpc", is_flag=True,
               help="Time the model of --artifact with time_evaluator through a TVM RPC server "
                    "started on the device and an SSH tunnel (model only).")
 @click.option("--artifact", type=click.Path(exists=True, file_okay=False),
-              help="Local artifact whose model --rpc times.")
+              help="Local artifact whose model --tunnel times.")
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads on the device.")
@@ -356,7 +403,7 @@ def remote_bench_cmd(rpc: bool, artifact: str | None, runs: int, warmup: int,
     \b
     Examples:
       lprnet-edge remote bench --host pi@raspberrypi.local
-      lprnet-edge remote bench --host pi@raspberrypi.local --rpc --artifact build/lprnet-rpi4
+      lprnet-edge remote bench --host pi@raspberrypi.local --tunnel --artifact build/lprnet-rpi4
     """
     stats = bench_over_ssh(_ssh_kwargs(kw), rpc=rpc, artifact=artifact, runs=runs,
                            warmup=warmup, threads=threads, image=image,

@@ -99,7 +99,7 @@ def eval_cmd(data: str, artifact: str | None, weights: str | None, skip_bad: boo
         echo_json({"backend": rec.backend_name, "data": str(data), **res.to_dict()})
         return
     click.echo(f"backend           {rec.backend_name}")
-    skipped = f" ({res.skipped} skipped)" if res.skipped else ""
+    skipped = f" ({res.skipped_count} skipped)" if res.skipped else ""
     click.echo(f"plates            {res.count}{skipped}")
     click.echo(f"accuracy          {res.accuracy:.3f}  ({res.correct}/{res.count})")
     click.echo(f"char accuracy     {res.char_accuracy:.3f}")

@@ -13,18 +13,9 @@ from typing import Any
 
 import click
 
-from lprnet_edge.cli.device import print_profile, ssh_options_optional
+from lprnet_edge.cli.common import check_rpc, rpc_options
+from lprnet_edge.cli.device import print_comparison, print_profile, ssh_options_optional
 from lprnet_edge.runtime.errors import LprnetEdgeError
-
-rpc_option = click.option("--rpc", metavar="HOST:PORT", is_flag=False, flag_value="tunnel",
-                          help="TVM RPC server of the device (python -m tvm.exec.rpc_server). "
-                               "With --host: no value, a server is started on the device and "
-                               "reached through an SSH tunnel.")
-rpc_tracker_option = click.option("--rpc-tracker", metavar="HOST:PORT",
-                                  help="TVM RPC tracker the device is registered with.")
-rpc_key_option = click.option("--rpc-key", metavar="KEY",
-                              help="Device key to request from --rpc-tracker.")
-
 
 # ---------------------------------------------------------------- library side
 
@@ -44,8 +35,7 @@ def tune_model(target: str = "host", trials: int = 200, weights: str | None = No
     from lprnet_edge.model.checkpoint import load_model
     from lprnet_edge.model.weights import resolve_weights
 
-    if rpc and rpc_tracker:
-        raise click.UsageError("give either --rpc or --rpc-tracker, not both")
+    check_rpc(rpc, rpc_tracker, rpc_key)
     spec = load_target(target)
     if not (rpc or rpc_tracker) and not spec.is_native:
         raise LprnetEdgeError(
@@ -68,10 +58,13 @@ def tune_model(target: str = "host", trials: int = 200, weights: str | None = No
 
 def bench_local(artifact: str | Path, runs: int = 200, warmup: int = 20,
                 threads: int | None = None, profile: bool = False,
-                profile_runs: int = 20) -> dict[str, Any]:
+                profile_runs: int = 20, compare: bool = False, rounds: int = 5,
+                weights: str | None = None) -> dict[str, Any]:
     """Time an artifact here: Recognizer end to end, model only, and the module through the
     one timing path (:func:`lprnet_edge.compiler.session.time_artifact`, a local session);
-    ``profile`` adds the per-kernel table."""
+    ``profile`` adds the per-kernel table; ``compare`` the side-by-side with ONNX Runtime fp32
+    and PyTorch eager at the same thread count (:func:`lprnet_edge.model.onnx.compare_on_host`,
+    ``runs`` split over ``rounds`` interleaved rounds)."""
     from lprnet_edge.compiler.session import time_artifact
     from lprnet_edge.runtime.recognizer import Recognizer
 
@@ -88,7 +81,25 @@ def bench_local(artifact: str | Path, runs: int = 200, warmup: int = 20,
     res["time_evaluator"] = timed.timing.to_dict()
     if timed.profile is not None:
         res["profile"] = timed.profile.to_dict()
+    if compare:
+        from lprnet_edge.model.onnx import compare_on_host
+
+        res["compare"] = compare_on_host(rec.artifact or artifact, threads=res["threads"],
+                                         rounds=rounds, runs=max(1, runs // rounds),
+                                         warmup=min(warmup, 10), weights=weights)
     return res
+
+
+def default_compare() -> bool:
+    """``bench`` compares with the baselines by default when PyTorch is installed here (it
+    exports the ONNX file and runs the eager row); a missing ONNX Runtime becomes a row that
+    says how to install it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def bench_rpc(artifact: str | Path, rpc: str | None = None, rpc_tracker: str | None = None,
@@ -117,9 +128,7 @@ def bench_rpc(artifact: str | Path, rpc: str | None = None, rpc_tracker: str | N
               help="Total measured candidates wanted (records already in the database count).")
 @click.option("--trials-per-task", type=click.IntRange(min=1),
               help="Cap per task (tasks that have this many records are skipped).")
-@rpc_option
-@rpc_tracker_option
-@rpc_key_option
+@rpc_options
 @click.option("--tuning-db", type=click.Path(file_okay=False),
               help="Database directory (default: the cache, keyed by target and model).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
@@ -183,9 +192,7 @@ def tune_cmd(target: str, trials: int, trials_per_task: int | None, rpc: str | N
 @click.option("--artifact", type=click.Path(exists=True, file_okay=False),
               help="Artifact directory built by `lprnet-edge build` (with --host: optional, "
                    "checked against the deployed one).")
-@rpc_option
-@rpc_tracker_option
-@rpc_key_option
+@rpc_options
 @click.option("--runs", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1),
@@ -193,14 +200,28 @@ def tune_cmd(target: str, trials: int, trials_per_task: int | None, rpc: str | N
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds allowed to reach the RPC device (its server starts a process "
                    "per session).")
+@click.option("--tunnel", is_flag=True,
+              help="With --host: time the model with time_evaluator through a TVM RPC server "
+                   "started on the device and reached through an SSH tunnel (model only).")
 @click.option("--profile", is_flag=True,
               help="Also time every kernel (VM instrument): ms, share, calls, GFLOP/s of the "
                    "convolutions, tuned or default schedule. Here, or on a board with --host "
                    "(not over --rpc: TVM cannot run the instrument remotely).")
+@click.option("--compare/--no-compare", default=None,
+              help="Also time ONNX Runtime fp32 and PyTorch eager (denormals flushed) on the "
+                   "fp32 original, interleaved with the artifact at the same thread count, "
+                   "and print the artifact's speed-ups. With --host: ONNX Runtime on the "
+                   "board (when installed in its venv). Default: on when PyTorch is installed.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved rounds of the comparison (--runs are split over them).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="PyTorch weights the baselines run (default: resolved like every command; "
+                   "checked against the artifact's source weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @ssh_options_optional
 def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rpc_key: str | None,
-              runs: int, warmup: int, threads: int | None, timeout: float, profile: bool,
+              runs: int, warmup: int, threads: int | None, timeout: float, tunnel: bool,
+              profile: bool, compare: bool | None, rounds: int, weights: str | None,
               as_json: bool, **ssh: Any) -> None:
     """Latency of an artifact at batch 1: here, or on a device through TVM RPC.
 
@@ -208,13 +229,20 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
     on the module. Over RPC: model.so is uploaded, its params sent, and time_evaluator runs
     on the device.
 
+    Side by side (--compare, default when PyTorch is installed): the artifact's model next to
+    ONNX Runtime fp32 and PyTorch eager on the fp32 original, same input, same threads,
+    timed in interleaved rounds, with the artifact's speed-up over each. On a board (--host)
+    the ONNX file is uploaded and timed there (pip install onnxruntime in its venv).
+
     \b
     Examples:
       lprnet-edge bench --artifact build/lprnet-host --threads 1
       lprnet-edge bench --artifact build/lprnet-rpi4 --rpc 192.168.1.20:9090 --runs 500
       lprnet-edge bench --host pi@raspberrypi.local      # the deployed model, over SSH
+      lprnet-edge bench --host pi@raspberrypi.local --tunnel --artifact build/lprnet-rpi4
       lprnet-edge bench --artifact build/lprnet-host --profile     # per-kernel table
       lprnet-edge bench --host pi@raspberrypi.local --profile      # ... on the board
+      lprnet-edge bench --artifact build/lprnet-host --threads 1 --no-compare
     """
     from lprnet_edge.cli.common import echo_json, format_latency
     from lprnet_edge.compiler.session import RPC_PROFILE_ERROR
@@ -222,28 +250,39 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
     if ssh.get("host"):  # on a device over SSH (lprnet_edge.cli.device)
         from lprnet_edge.cli.device import bench_over_ssh, print_bench
 
-        if rpc not in (None, "tunnel") or rpc_tracker:
-            raise click.UsageError("with --host, give --rpc without an address (the server is "
-                                   "started on the device and reached through SSH)")
-        if rpc and profile:
+        if rpc or rpc_tracker:
+            raise click.UsageError("--host reaches the device over SSH: drop --rpc/--rpc-tracker "
+                                   "(--tunnel times it through an RPC server started there)")
+        if tunnel and profile:
             raise LprnetEdgeError("--profile runs on the board through its agent, not over "
-                                  "RPC: drop --rpc (lprnet-edge bench --host USER@HOST --profile)")
-        print_bench(bench_over_ssh(ssh, rpc=bool(rpc), artifact=artifact, runs=runs,
-                                   warmup=warmup, threads=threads, profile=profile), as_json)
+                                  "RPC: drop --tunnel (lprnet-edge bench --host USER@HOST "
+                                  "--profile)")
+        if tunnel and compare:
+            raise click.UsageError("--compare runs on the board through its agent, not over "
+                                   "RPC: drop --tunnel")
+        print_bench(bench_over_ssh(ssh, rpc=tunnel, artifact=artifact, runs=runs,
+                                   warmup=warmup, threads=threads, profile=profile,
+                                   compare=not tunnel and (default_compare() if compare is None
+                                                           else compare),
+                                   rounds=rounds, weights=weights), as_json)
         return
+    if tunnel:
+        raise click.UsageError("--tunnel goes with --host (the device to start the server on)")
     if not artifact:
         raise click.UsageError("give --artifact (or --host to time the model deployed there)")
-    if rpc and rpc_tracker:
-        raise click.UsageError("give either --rpc or --rpc-tracker, not both")
-    if rpc_key and not rpc_tracker:
-        raise click.UsageError("--rpc-key goes with --rpc-tracker")
+    check_rpc(rpc, rpc_tracker, rpc_key)
     if (rpc or rpc_tracker) and profile:
         raise LprnetEdgeError(RPC_PROFILE_ERROR)
+    if (rpc or rpc_tracker) and compare:
+        raise click.UsageError("--compare runs here or on a board over SSH (--host USER@HOST), "
+                               "not over --rpc")
     if rpc or rpc_tracker:
         res = bench_rpc(artifact, rpc, rpc_tracker, rpc_key, runs, warmup, timeout)
     else:
         res = bench_local(artifact, runs, warmup, threads, profile=profile,
-                          profile_runs=max(1, min(runs, 20)))
+                          profile_runs=max(1, min(runs, 20)),
+                          compare=default_compare() if compare is None else compare,
+                          rounds=rounds, weights=weights)
     if as_json:
         echo_json(res)
         return
@@ -254,6 +293,7 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
         if key in res:
             click.echo(f"\n{label}:\n{format_latency(res[key])}")
     print_profile(res.get("profile"))
+    print_comparison(res.get("compare"))
 
 
 COMMANDS = (tune_cmd, bench_cmd)

@@ -68,16 +68,22 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
 
     prepared = prepare_for_tuning(mod, target)
     tasks = ms.relax_integration.extract_tasks(prepared, target)
-    known: list[Any] = []
-    for db in layers:
-        known += list(schedules.best_records(db).values())
+    import tvm_ffi
+
+    # A workload counts only with a valid record: the tuner commits a task's workload before
+    # measuring, and failed candidates are recorded too.
+    best = [schedules.best_records(db) for db in layers]
+    known = [r for b in best for r in b.values()]
+    own = best[0] if database is not None else {}
+    packaged = best[-1] if len(layers) > (database is not None) else {}
     cover: dict[str, list[str]] = {"tuned": [], "default": [], "transferred": [], "naive": []}
     fallback = ms.database.MemoryDatabase()
     for t in tasks:
         func = t.dispatched[0]
-        if database is not None and database.has_workload(func):
+        h = int(tvm_ffi.structural_hash(func))
+        if h in own:
             cover["tuned"].append(t.task_name)
-        elif len(layers) > (database is not None) and layers[-1].has_workload(func):
+        elif h in packaged:
             cover["default"].append(t.task_name)
         elif (sch := schedules.transfer(func, target, known)) is not None:
             wl = fallback.commit_workload(func)

@@ -12,7 +12,6 @@ TVM 0.27, see :data:`RPC_PROFILE_ERROR`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from lprnet_edge.runtime.profile import (
     LoadedModule,
     Profile,
     Timing,
+    apply_threads,
     configured_threads,
     module_inputs,
 )
@@ -59,8 +59,12 @@ class Session:
 
 def local_session() -> Session:
     """This process, through ``tvm.rpc.LocalSession`` (the same calls as a remote one)."""
+    import logging
+
     from tvm import rpc as tvm_rpc
 
+    # LocalSession runs TVM's server-side handlers here, which log every load_module at INFO.
+    logging.getLogger("RPCServer").setLevel(logging.WARNING)
     return Session("local", "local", tvm_rpc.LocalSession())
 
 
@@ -123,15 +127,6 @@ class BenchResult:
         if self.profile is not None:
             d["profile"] = self.profile.to_dict()
         return d
-
-
-def apply_threads(threads: int | None, artifact: Artifact | None = None) -> None:
-    """``TVM_NUM_THREADS`` for this process's runtime: ``threads``, else the environment's,
-    else the artifact's recorded count. Effective before TVM's thread pool first starts."""
-    if threads:
-        os.environ["TVM_NUM_THREADS"] = str(threads)
-    elif "TVM_NUM_THREADS" not in os.environ and artifact is not None and artifact.num_threads:
-        os.environ["TVM_NUM_THREADS"] = str(artifact.num_threads)
 
 
 def time_artifact(artifact: str | Path | Artifact, session: Session | None = None,

@@ -306,7 +306,7 @@ def host_mattr(cpu: str, cpuinfo: str | None = None) -> list[str]:
     flags = cpu_flags(cpuinfo)
     if not flags:
         return []
-    table = _ARM_FLAGS if "asimd" in flags or machine_arch() != "x86_64" else _X86_FLAGS
+    table = _ARM_FLAGS if "asimd" in flags else _X86_FLAGS
     return [("+" if f in flags else "-") + llvm for f, llvm in table.items()]
 
 

@@ -221,7 +221,8 @@ def _eprint(msg: str) -> None:
 def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] | None = None,
          tasks: Sequence[str] | None = None, prepared: bool = False,
          timeout_s: float | None = None, scheduler: str = "balanced",
-         search: dict[str, Any] | None = None, cc: Any = None) -> tuple[Any, dict[str, Any]]:
+         search: dict[str, Any] | None = None, cc: Any = None,
+         time_budget_s: float | None = None) -> tuple[Any, dict[str, Any]]:
     """Tune ``mod`` (from ``compile.to_relax``) for ``target`` (a TargetSpec).
 
     Returns ``(database, summary)``; build with ``compile.build(mod, spec, ..., database=db)``.
@@ -235,6 +236,8 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
     ``"gradient"`` / ``"round-robin"``: one MetaSchedule run with that task scheduler over all
     tasks (gradient keeps nothing of an interrupted first pass, and a small budget runs out
     before the last tasks get any trial).
+    ``time_budget_s``: start no new task round after that many seconds (the worker then
+    finishes cleanly with what it measured; unlike ``timeout_s``, not an error).
     ``search``: options of MetaSchedule's ``EvolutionarySearch`` (e.g. a smaller
     ``population_size`` for quick tests); default: MetaSchedule's defaults.
     ``cc``: the :class:`lprnet_edge.compiler.toolchain.Compiler` that links candidates measured on a
@@ -275,7 +278,7 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
         spec = {"module": str(Path(tmp) / "module.json"), "target": tdict,
                 "config": config.to_dict(), "db_dir": str(db_dir),
                 "tasks": list(tasks) if tasks else None, "scheduler": scheduler,
-                "search": dict(search or {}),
+                "search": dict(search or {}), "time_budget_s": time_budget_s,
                 "export_cc": _export_compiler(target, config, cc),
                 "summary": str(Path(tmp) / "summary.json")}
         Path(spec["module"]).write_text(tvm.ir.save_json(prep))
@@ -423,7 +426,8 @@ def _format_progress(p: dict[str, Any]) -> str:
     if kind == "stage":
         return f"tuning: {p['what']}... ({p['elapsed_s']:.0f}s)"
     if kind == "round":
-        return (f"round {p['round']}/{p['rounds']}: {p['tasks']} tasks x {p['trials']} trials "
+        return (f"round {p['round']}/{p['rounds']}: {p['tasks']} tasks, up to {p['trials']} "
+                "trials each "
                 f"[{p['done']}/{p['budget']} done] ({p['elapsed_s']:.0f}s)")
     if kind == "skip":
         return (f"tuning skipped: the database already has {p['existing']} records for this "
@@ -451,6 +455,8 @@ def _log_summary(s: dict[str, Any], log: Callable[[str], None]) -> None:
         f"{s['trials_new']} new trials ({s['records_total']} records in total), "
         f"{s['tune_s']:.0f}s; estimated latency {ms(s['est_ms_before'])} -> "
         f"{ms(s['est_ms_after'])}; database {s['db_dir']}")
+    if s.get("stopped_by_time_budget"):
+        log("  stopped by the time budget before the trial budget was spent")
     if s.get("untuned"):
         log(f"  {len(s['untuned'])} tasks have no record and keep default schedules: "
             + ", ".join(s["untuned"]))
@@ -460,7 +466,8 @@ def _log_summary(s: dict[str, Any], log: Callable[[str], None]) -> None:
 
 
 def plan_budget(costs: Sequence[float], have: Sequence[int], budget: int, per_iter: int,
-                cap: int | None = None) -> list[list[tuple[int, int]]]:
+                cap: int | None = None, skip: Sequence[int] = ()
+                ) -> list[list[tuple[int, int]]]:
     """Rounds of ``(task index, new trials)`` for the "balanced" scheduler.
 
     Round 0 gives every task its first round (``per_iter`` trials, ``CHEAP_TRIALS`` for a
@@ -469,11 +476,13 @@ def plan_budget(costs: Sequence[float], have: Sequence[int], budget: int, per_it
     non-cheap tasks, each unit to the task with the highest ``cost / (trials + per_iter)``,
     which makes trials proportional to cost (FLOPs x calls); existing records count, so a
     resumed run rebalances. ``cap``: at most that many records per task (existing included).
+    ``skip``: tasks that get nothing (their search space is exhausted).
     """
     n = len(costs)
     total = float(sum(costs)) or 1.0
     cheap = [c / total < CHEAP_SHARE for c in costs]
-    room = [max(0, cap - h) if cap is not None else budget for h in have]
+    room = [0 if i in skip else max(0, cap - h) if cap is not None else budget
+            for i, h in enumerate(have)]
     trials = [int(h) for h in have]
     left = max(0, int(budget))
     order = sorted(range(n), key=lambda i: (cheap[i], -costs[i], i))
@@ -604,13 +613,16 @@ def _worker_main(spec_path: str) -> int:
          cheap=sum(1 for c in costs if c / (sum(costs) or 1) < CHEAP_SHARE))
     tools = _measure_tools(ms, cfg, spec, emit)
     state = {"done": 0, "best": list(best0), "trials": [0] * len(extracted), "batches": 0,
-             "ids": [], "t_tune": time.perf_counter()}
+             "ids": [], "t_tune": time.perf_counter(),
+             "deadline": (time.monotonic() + float(spec["time_budget_s"])
+                          if spec.get("time_budget_s") else None)}
     callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
                  _progress_callback(ms, state, names, counts, planned, emit, estimate)]
     strategy: Any = "evolutionary"
     if spec.get("search"):
         strategy = ms.search_strategy.EvolutionarySearch(**spec["search"])
     nthreads = os.cpu_count() or 1
+    exhausted: set[int] = set()
     for _attempt in range(3):
         _run_rounds(ms, extracted, rounds, state, cfg, scheduler, cap, tools, database,
                     callbacks, strategy, nthreads, db_dir, emit, planned)
@@ -621,18 +633,18 @@ def _worker_main(spec_path: str) -> int:
         got = {i: state["trials"][i] for i in range(len(extracted))}
         short = {i for r in rounds for i, _t in r if got[i] < sum(
             t for rr in rounds for j, t in rr if j == i)}
-        if scheduler != "balanced" or left < cfg.num_trials_per_iter:
+        if scheduler != "balanced" or left < cfg.num_trials_per_iter or state.get("stopped"):
             break
-        live = [0.0 if i in short else c for i, c in enumerate(costs)]
-        rounds = plan_budget(live, counts_now, left, cfg.num_trials_per_iter, cap)
-        rounds = [[(i, t) for i, t in r if i not in short] for r in rounds]
-        rounds = [r for r in rounds if r]
+        exhausted |= short
+        rounds = plan_budget(costs, counts_now, left, cfg.num_trials_per_iter, cap,
+                             skip=sorted(exhausted))
         if not rounds:
             break
         state["trials"] = [0] * len(extracted)
         planned = state["done"] + sum(t for r in rounds for _i, t in r)
         emit(event="stage", what=f"{left} trials left after exhausted search spaces: "
              f"{len(rounds)} more rounds")
+    summary["stopped_by_time_budget"] = bool(state.get("stopped"))
     return finish(False)
 
 
@@ -642,13 +654,21 @@ def _run_rounds(ms: Any, extracted: Sequence[Any], rounds: list[list[tuple[int, 
                 nthreads: int, db_dir: Path, emit: Callable[..., None], planned: int) -> None:
     """One MetaSchedule run per (round, trials per task) group; records are saved per batch."""
     state["planned"] = planned
+    deadline = state.get("deadline")
     for r, entries in enumerate(rounds):
-        by_trials: dict[int, list[int]] = {}
-        for i, t in entries:
-            by_trials.setdefault(t, []).append(i)
-        for t, ids in by_trials.items():
-            emit(event="round", round=r + 1, rounds=len(rounds), tasks=len(ids), trials=t,
-                 done=state["done"], budget=planned)
+        # balanced: one MetaSchedule run per task and round (a round-robin run over several
+        # tasks cannot stop between them); the others: one run over all tasks.
+        groups = ([([i], t) for i, t in entries] if scheduler == "balanced"
+                  else [([i for i, _t in entries], entries[0][1])])
+        for ids, t in groups:
+            if deadline is not None and time.monotonic() > deadline:
+                emit(event="stage", what="time budget spent: stopping before round "
+                     f"{r + 1}/{len(rounds)} (records so far are kept)")
+                state["stopped"] = True
+                return
+            if ids is groups[0][0]:
+                emit(event="round", round=r + 1, rounds=len(rounds), tasks=len(entries),
+                     trials=max(tt for _i, tt in entries), done=state["done"], budget=planned)
             contexts, ctx_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [extracted[i] for i in ids], work_dir=str(db_dir), num_threads=nthreads,
                 seed=cfg.seed + 7919 * r if cfg.seed is not None else None, strategy=strategy)
@@ -656,8 +676,7 @@ def _run_rounds(ms: Any, extracted: Sequence[Any], rounds: list[list[tuple[int, 
             per_task_cap = t if scheduler == "balanced" else (cap if cap is not None else t)
             ms.tune_tasks(
                 tasks=contexts, task_weights=ctx_weights, work_dir=str(db_dir),
-                max_trials_global=t * len(ids) if scheduler == "balanced" else t,
-                max_trials_per_task=per_task_cap,
+                max_trials_global=t, max_trials_per_task=per_task_cap,
                 num_trials_per_iter=min(cfg.num_trials_per_iter, per_task_cap),
                 builder=tools["builder"], runner=tools["runner"], database=database,
                 cost_model=tools["cost_model"], measure_callbacks=callbacks,
@@ -703,6 +722,56 @@ def _progress_callback(ms: Any, state: dict[str, Any], names: list[str], counts:
     return Progress()
 
 
+class _PooledBuild:
+    """``LocalBuilder.build`` with a worker pool kept for ``REUSE_BATCHES`` batches.
+
+    MetaSchedule's LocalBuilder starts a new process pool for every batch (against a memory
+    leak of long-lived workers), and each new worker imports TVM and its tensor intrinsics:
+    10-20 s per batch on a busy 2-core machine, as long as the builds themselves. Recycling
+    the pool every few batches keeps the leak bounded and pays the start-up less often.
+    """
+
+    REUSE_BATCHES = 8
+
+    def __init__(self, builder: Any, f_export: Any) -> None:
+        self.builder = builder
+        # The Python callable itself: read back from the builder object it is an ffi.Function,
+        # which the worker pool cannot serialize.
+        self.f_export = f_export
+        self.pool: Any = None
+        self.uses = 0
+
+    def __call__(self, build_inputs: Any) -> list[Any]:
+        from tvm.s_tir.meta_schedule.builder import BuilderResult
+        from tvm.s_tir.meta_schedule.builder import local_builder as lb
+        from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+        b = self.builder
+        if not build_inputs:
+            return []
+        if self.pool is None or self.uses >= self.REUSE_BATCHES:
+            if self.pool is not None:
+                self.pool.shutdown()
+            self.pool = PopenPoolExecutor(max_workers=b.max_workers, timeout=b.timeout_sec,
+                                          initializer=b.initializer)
+            self.uses = 0
+        self.uses += 1
+        args = [(None, self.f_export, bi.mod, bi.target, lb._serialize_params(bi.params))
+                for bi in build_inputs]
+        results = []
+        for res in self.pool.map_with_error_catching(lambda x: lb._worker_func(*x), args):
+            if res.status == StatusKind.COMPLETE:
+                results.append(BuilderResult(res.value, None))
+            elif res.status == StatusKind.TIMEOUT:
+                results.append(BuilderResult(
+                    None, f"LocalBuilder: Timeout, killed after {b.timeout_sec} seconds"))
+                self.uses = self.REUSE_BATCHES  # a killed worker: start a fresh pool
+            else:
+                results.append(BuilderResult(
+                    None, "LocalBuilder: An exception occurred\n" + str(res.value)))
+        return results
+
+
 def _measure_tools(ms: Any, cfg: TuneConfig, spec: dict[str, Any],
                    emit: Callable[..., None]) -> dict[str, Any]:
     """Builder, runner (local, RPC server or tracker) and one cost model shared by all rounds,
@@ -716,10 +785,10 @@ def _measure_tools(ms: Any, cfg: TuneConfig, spec: dict[str, Any],
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100,
                                           enable_cpu_cache_flush=False)
     export = spec.get("export_cc")
-    builder = ms.builder.LocalBuilder(
-        max_workers=nthreads, timeout_sec=timeout,
-        f_export=functools.partial(export_shared, export["path"], tuple(export["options"]))
-        if export else None)
+    f_export = (functools.partial(export_shared, export["path"], tuple(export["options"]))
+                if export else None)
+    builder = ms.builder.LocalBuilder(max_workers=nthreads, timeout_sec=timeout,
+                                      f_export=f_export)
     if cfg.rpc or cfg.rpc_tracker:
         from lprnet_edge.compiler.rpc import direct_session, parse_hostport
 
@@ -738,12 +807,14 @@ def _measure_tools(ms: Any, cfg: TuneConfig, spec: dict[str, Any],
     else:
         runner = ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator)
 
+    pooled = _PooledBuild(builder, f_export)
+
     @derived_object
     class ShowBuilds(PyBuilder):
         def build(self, build_inputs: Any) -> Any:
             if build_inputs:
                 emit(event="stage", what=f"building {len(build_inputs)} candidates")
-            return builder.build(build_inputs)
+            return pooled(build_inputs)
 
     @derived_object
     class ShowRuns(PyRunner):

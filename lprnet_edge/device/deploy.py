@@ -618,9 +618,42 @@ def remote_bench(dev: Device, runs: int = 100, warmup: int = 10, threads: int | 
         if image:
             dev.conn.put(Path(image), f"{job}/bench{Path(image).suffix}")
             args += ["--image", f"{job}/bench{Path(image).suffix}"]
-        stats = dev.agent(runtime, args, timeout=timeout)
+        try:
+            stats = dev.agent(runtime, args, timeout=timeout)
+        except DeviceError as e:
+            if profile and "unrecognized arguments: --profile" in str(e):
+                raise DeviceError(f"{dev.conn.spec} runs {Path(cur).name}, deployed by an "
+                                  "lprnet-edge whose agent cannot profile: deploy the artifact "
+                                  "again (`lprnet-edge deploy ARTIFACT --host ...`)") from None
+            raise
     stats.update(host=str(dev.conn.spec), deployment=Path(cur).name, mode="ssh")
     return stats
+
+
+def remote_compare(dev: Device, onnx: str | Path, runs: int = 100, warmup: int = 10,
+                   rounds: int = 5, threads: int | None = None, timeout: float = 3600
+                   ) -> dict[str, Any]:
+    """The current deployment's model next to ONNX Runtime on the device: ``onnx`` (the fp32
+    original) is uploaded to a job dir and the agent's ``bench --onnx`` times both interleaved
+    (ORT's row says how to install it when the device venv lacks it)."""
+    cur = dev.require_current()
+    runtime, art = dev.runtime_of(cur)
+    args = ["bench", "--artifact", art, "--compare-only", "--runs", str(runs), "--warmup",
+            str(warmup), "--rounds", str(rounds)]
+    if threads:
+        args += ["--threads", str(threads)]
+    with dev.job_dir() as job:
+        dev.conn.put(Path(onnx), f"{job}/model.onnx")
+        try:
+            res = dev.agent(runtime, [*args, "--onnx", f"{job}/model.onnx"], timeout=timeout)
+        except DeviceError as e:
+            if "unrecognized arguments" in str(e):
+                raise DeviceError(f"{dev.conn.spec} runs {Path(cur).name}, deployed by an "
+                                  "lprnet-edge whose agent cannot compare with ONNX Runtime: "
+                                  "deploy the artifact again (`lprnet-edge deploy ARTIFACT "
+                                  "--host ...`)") from None
+            raise
+    return {**res["compare"], "host": str(dev.conn.spec), "deployment": Path(cur).name}
 
 
 # ---------------------------------------------------------------- RPC over an SSH tunnel

@@ -6,6 +6,7 @@ Run on the device by the host over SSH::
     python -m lprnet_edge.runtime.agent recognize --artifact DIR IMG...
     python -m lprnet_edge.runtime.agent eval --artifact DIR (--data DIR | --data-tar FILE)
     python -m lprnet_edge.runtime.agent bench --artifact DIR [--runs N] [--warmup N] [--profile]
+        [--onnx FILE [--rounds N] [--compare-only]]
 
 It needs numpy, OpenCV and the TVM runtime only (no torch, no click, no paramiko). It prints one
 JSON document on stdout, ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ...,
@@ -120,6 +121,15 @@ def cmd_recognize(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    stats: dict[str, Any] = {}
+    if not args.compare_only:
+        stats = _bench_recognizer(args)
+    if args.onnx:  # side by side with ONNX Runtime, when it is installed here
+        stats["compare"] = _bench_compare(args)
+    return stats
+
+
+def _bench_recognizer(args: argparse.Namespace) -> dict[str, Any]:
     rec = _open(args.artifact, args.threads)
     stats = rec.benchmark(args.image, runs=args.runs, warmup=args.warmup,
                           include_preprocess=not args.no_preprocess)
@@ -134,6 +144,23 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
                                             warmup=min(args.warmup, 5),
                                             threads=args.threads).to_dict()
     return stats
+
+
+def _bench_compare(args: argparse.Namespace) -> dict[str, Any]:
+    """The artifact's model and ONNX Runtime on ``args.onnx``, interleaved in ``args.rounds``
+    rounds (``args.runs`` runs each in all), at the artifact's (or ``--threads``) threads."""
+    from lprnet_edge.runtime.artifact import Artifact
+    from lprnet_edge.runtime.baselines import TORCH, compare_artifact
+
+    art = Artifact.open(args.artifact)
+    rounds = max(1, args.rounds)
+    comp = compare_artifact(art, onnx=args.onnx, threads=args.threads, rounds=rounds,
+                            runs=max(1, args.runs // rounds), warmup=min(args.warmup, 10),
+                            missing={TORCH: "not run on the device (its runtime has no "
+                                            "PyTorch)"},
+                            where=" on the device")
+    return {**comp.to_dict(), "source": art.manifest.records.get("source"),
+            "machine": platform.machine()}
 
 
 def _extract(tar_path: str) -> Path:
@@ -278,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-preprocess", action="store_true", help="time the model call only")
     sp.add_argument("--profile", action="store_true",
                     help="add a per-kernel profile (VM instrument): ms, calls, GFLOP/s")
+    sp.add_argument("--onnx", help="ONNX file of the fp32 original: time ONNX Runtime on it "
+                                   "interleaved with the artifact's model (result.compare)")
+    sp.add_argument("--rounds", type=int, default=5, help="interleaved rounds with --onnx")
+    sp.add_argument("--compare-only", action="store_true",
+                    help="with --onnx: skip the Recognizer benchmark")
     sp.set_defaults(fn=cmd_bench)
     return p
 

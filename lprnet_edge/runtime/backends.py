@@ -42,7 +42,12 @@ class TvmBackend:
     gets its own ``VirtualMachine`` (``threading.local``, created on the thread's first call).
     A Relax VM keeps per-call state (registers, the current frame), so two threads in one VM
     corrupt each other (a segfault in ``StorageObj::AllocTensor``); separate VMs over the same
-    module do not, and unlike a lock they let threads run at once.
+    module do not, and unlike a lock they let threads run at once. Measured on a tiny untuned
+    host artifact, 4 threads x 20 calls, TVM_NUM_THREADS=1, on a busy 2-core machine: identical
+    results both ways, 3.7-4.7 plates/s with a VM per thread against 3.0 with a lock. Each
+    calling thread also gets its own TVM worker pool of ``num_threads``: with several caller
+    threads, give the Recognizer ``num_threads=1`` (or cores / threads) to avoid
+    oversubscription.
 
     The artifact must have been verified (:meth:`Artifact.open` does it, or
     :meth:`Artifact.verify` for an in-memory manifest) before this loads its shared object.

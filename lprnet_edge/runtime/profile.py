@@ -167,6 +167,15 @@ def configured_threads(threads: int | None = None) -> int:
     return int(threads or (env if env.isdigit() and int(env) > 0 else 0) or os.cpu_count() or 1)
 
 
+def apply_threads(threads: int | None, artifact: Artifact | None = None) -> None:
+    """``TVM_NUM_THREADS`` for this process's runtime: ``threads``, else the environment's,
+    else the artifact's recorded count. Effective before TVM's thread pool first starts."""
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    elif "TVM_NUM_THREADS" not in os.environ and artifact is not None and artifact.num_threads:
+        os.environ["TVM_NUM_THREADS"] = str(artifact.num_threads)
+
+
 class LoadedModule:
     """A compiled Relax module in a VM on a session's CPU, with its weights resident there.
 
@@ -402,8 +411,7 @@ def profile_artifact(artifact: str | Path | Artifact, runs: int = 20, warmup: in
     a board). ``threads`` must be set before TVM's pool starts: the caller's job (the agent
     sets ``TVM_NUM_THREADS`` first)."""
     inp = module_inputs(artifact, check_arch=True)
-    if threads is None and "TVM_NUM_THREADS" not in os.environ and inp.artifact.num_threads:
-        os.environ["TVM_NUM_THREADS"] = str(inp.artifact.num_threads)
+    apply_threads(threads, inp.artifact)
     mod = LoadedModule(inp.lib_path, inp.params, inp.entry)
     return mod.profile(inp.x, runs=runs, warmup=warmup, schedules=inp.schedules,
                        threads=configured_threads(threads))

@@ -161,7 +161,7 @@ def test_skip_bad_counts_skipped(cli_runner, tiny_checkpoint, tmp_path, test_ima
     r = cli_runner("eval", "--data", root, "--weights", tiny_checkpoint, "--skip-bad", "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["count"] == 3 and res["skipped"] == 3
+    assert res["count"] == 3 and len(res["skipped"]) == 3  # [path, reason] pairs
     r = cli_runner("eval", "--data", root, "--weights", tiny_checkpoint, "--skip-bad")
     assert r.exit_code == 0, r.output
     assert "plates            3 (3 skipped)" in r.stdout

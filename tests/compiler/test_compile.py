@@ -157,8 +157,8 @@ def test_cross_build_produces_device_elf(relax_tiny, tmp_path, target, exe, cls,
 def test_onnx_frontend_matches_pytorch(tiny, x, tmp_path):
     pytest.importorskip("onnx")
     from lprnet_edge.compiler.build import build
-    from lprnet_edge.compiler.session import run_host
     from lprnet_edge.compiler.frontend import to_relax
+    from lprnet_edge.compiler.session import run_host
     from lprnet_edge.compiler.toolchain import find_compiler
 
     mod, params = to_relax(tiny, "onnx")
@@ -175,3 +175,63 @@ def test_unknown_frontend():
 
     with pytest.raises(LprnetEdgeError, match="frontend 'tflite'"):
         to_relax(object(), "tflite")
+
+
+# ---------------------------------------------------------------- default schedules
+
+
+def _needs_defaults() -> None:
+    from lprnet_edge.compiler import schedules
+
+    if not schedules.has_defaults():
+        pytest.skip("no packaged default schedules (benchmarks/make_default_schedules.py)")
+
+
+@pytest.mark.slow
+def test_untuned_builds_apply_the_default_schedules(relax_tiny, tiny, x, tmp_path):
+    """Without a tuning database the host build replays the packaged schedules (and still
+    computes what PyTorch computes); the rpi4 cross build replays the same ones."""
+    _needs_defaults()
+    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.session import run_host
+    from lprnet_edge.compiler.toolchain import find_compiler
+
+    mod, params = relax_tiny
+    host = load_target("host")
+    info = build(mod, host, tmp_path / "host.so", find_compiler(host))
+    sched = info["schedules"]
+    assert sched["default"] > 0 and info["tuned"] is False
+    assert sum(sched.values()) == len(info["kernel_schedules"])
+    np.testing.assert_allclose(run_host(tmp_path / "host.so", x, params), _ref(tiny, x),
+                               atol=1e-3, rtol=0)
+    naive = build(mod, host, tmp_path / "naive.so", find_compiler(host), defaults=False)
+    assert naive["schedules"] == {}
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ not installed")
+    rpi = load_target("rpi4")
+    cross = build(mod, rpi, tmp_path / "rpi.so", find_compiler(rpi))
+    assert cross["schedules"]["default"] == sched["default"]
+    assert elf_machine(tmp_path / "rpi.so") == (2, EM_AARCH64)
+
+
+@pytest.mark.slow
+def test_unknown_shapes_get_a_transferred_schedule(tmp_path):
+    """A convolution no database knows (other channel counts, as after pruning) replays the
+    trace of a known one with refitted tiles: scheduled, and still exact."""
+    _needs_defaults()
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.session import run_host
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(40, 24, 3, padding=1), torch.nn.ReLU()).eval()
+    xin = torch.randn(1, 40, 20, 44)
+    mod = from_exported_program(torch.export.export(net, (xin,)), keep_params_as_input=True)
+    params = [p.detach().numpy() for p in net.parameters()]
+    info = build(mod, load_target("host"), tmp_path / "m.so", None)
+    assert info["schedules"]["transferred"] >= 1, info["kernel_schedules"]
+    with torch.no_grad():
+        want = net(xin).numpy()
+    np.testing.assert_allclose(run_host(tmp_path / "m.so", xin.numpy(), params), want,
+                               atol=1e-4, rtol=1e-4)

@@ -150,6 +150,12 @@ def test_cli_rpc_profile_is_a_clear_error(cli_runner, artifact: Path):
     assert_user_error(r, "cannot run over RPC", "--host USER@HOST --profile")
 
 
+def test_cli_host_rpc_profile_is_a_clear_error(cli_runner):
+    # Refused before SSH is tried: the profile runs in the device agent, not over RPC.
+    r = cli_runner("bench", "--host", "pi@127.0.0.1:1", "--tunnel", "--profile")
+    assert_user_error(r, "drop --tunnel", "--host USER@HOST --profile")
+
+
 def test_agent_bench_profile(artifact: Path):
     """The device agent's ``bench --profile``, run here as it runs on a board (torch blocked,
     JSON on stdout)."""

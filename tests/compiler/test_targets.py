@@ -258,3 +258,22 @@ def test_cli_targets_list_shows_a_broken_user_file(cli_runner, tmp_path: Path,
     r = cli_runner("targets", "list")
     assert r.exit_code == 0, r.output
     assert "broken" in r.output and "INVALID" in r.output and "rpi4" in r.output
+
+
+def test_host_mattr_follows_cpuinfo():
+    """The host target carries the features /proc/cpuinfo lists, and switches off the ones its
+    CPU name implies but the machine (e.g. a VM) lacks."""
+    from lprnet_edge.compiler.target import cpu_flags, host_mattr
+
+    avx2_only = "processor\t: 0\nflags\t\t: fpu sse4_1 sse4_2 avx avx2 fma f16c\n"
+    m = host_mattr("znver4", avx2_only)
+    assert {"+avx2", "+fma", "-avx512f", "-avx512vnni"} <= set(m)
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid asimddp\n"
+    assert {"+neon", "+dotprod", "-i8mm"} <= set(host_mattr("cortex-a76", arm))
+    assert host_mattr("znver4", "no flags here\n") == []
+    host = load_target("host")
+    flags = cpu_flags()
+    if host.tvm.get("mcpu") and flags and "asimd" not in flags:
+        mattr = set(host.tvm["mattr"])
+        for flag, feat in (("avx2", "avx2"), ("avx512f", "avx512f"), ("fma", "fma")):
+            assert (("+" if flag in flags else "-") + feat) in mattr

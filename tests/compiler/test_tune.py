@@ -121,8 +121,8 @@ def test_tune_crash_resume_and_reuse(relax_model, host, tmp_path: Path, monkeypa
     """A crash keeps the records; the same call resumes; a third call measures nothing; the
     build applies the records and still computes what PyTorch computes."""
     from lprnet_edge.compiler.build import build, prepare_for_tuning
-    from lprnet_edge.compiler.session import run_host
     from lprnet_edge.compiler.frontend import INPUT_SHAPE
+    from lprnet_edge.compiler.session import run_host
     from lprnet_edge.compiler.tune import CRASH_TEST_ENV, count_records, list_tasks, tune
 
     model, mod, params = relax_model
@@ -194,3 +194,50 @@ def test_cli_tune_then_reuse(cli_runner, tiny_checkpoint, tmp_path: Path):
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert s["skipped"] and s["trials_new"] == 0
+
+
+# ---------------------------------------------------------------- the balanced budget plan
+
+# Shares like LPRNet's: four convolutions, three cheap kernels (pooling, means, reshapes).
+COSTS = [40.0, 30.0, 20.0, 9.0, 0.5, 0.3, 0.2]
+
+
+def _totals(rounds: list[list[tuple[int, int]]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for r in rounds:
+        for i, t in r:
+            out[i] = out.get(i, 0) + t
+    return out
+
+
+def test_plan_gives_every_task_a_first_round_before_any_second():
+    from lprnet_edge.compiler.tune import CHEAP_TRIALS, plan_budget
+
+    rounds = plan_budget(COSTS, [0] * 7, 200, 16)
+    first = dict(rounds[0])
+    assert sorted(first) == list(range(7))
+    assert [first[i] for i in range(4)] == [16] * 4
+    assert [first[i] for i in range(4, 7)] == [CHEAP_TRIALS] * 3
+    later = {i for r in rounds[1:] for i, _t in r}
+    assert later <= {0, 1, 2, 3}  # cheap tasks get no second round
+    tot = _totals(rounds)
+    assert sum(tot.values()) == 200
+    assert tot[0] >= tot[1] >= tot[2] >= tot[3]  # the rest follows FLOPs x calls
+
+
+def test_plan_small_budget_tunes_the_heaviest_first():
+    from lprnet_edge.compiler.tune import plan_budget
+
+    assert plan_budget(COSTS, [0] * 7, 40, 16) == [[(0, 16), (1, 16), (2, 8)]]
+
+
+def test_plan_counts_existing_records_and_the_cap():
+    from lprnet_edge.compiler.tune import plan_budget
+
+    have = [16, 16, 16, 16, 4, 4, 4]
+    rounds = plan_budget(COSTS, have, 100, 16, cap=48)
+    tot = _totals(rounds)
+    assert all(have[i] + t <= 48 for i, t in tot.items())
+    assert not any(i >= 4 for i in tot)  # first rounds already done: nothing for cheap ones
+    assert sum(tot.values()) == 100
+    assert plan_budget(COSTS, have, 0, 16) == []

@@ -435,7 +435,7 @@ def test_bench_over_rpc_through_the_ssh_tunnel(host_sshd, host_artifact, remote_
 
 
 def test_cli_bench_host(host_sshd, host_artifact, remote_dir, cli_runner, tmp_path):
-    """`lprnet-edge bench --host` (SSH, the deployed Recognizer) and `--host --rpc`."""
+    """`lprnet-edge bench --host` (SSH, the deployed Recognizer) and `--host --tunnel`."""
     from conftest import assert_user_error
 
     make_device(host_sshd, remote_dir).conn.close()
@@ -452,7 +452,7 @@ def test_cli_bench_host(host_sshd, host_artifact, remote_dir, cli_runner, tmp_pa
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["runs"] == 2
     assert_user_error(cli_runner("bench"), "give --artifact")
-    r = cli_runner("bench", "--artifact", host_artifact, *args, "--rpc", "--runs", "3")
+    r = cli_runner("bench", "--artifact", host_artifact, *args, "--tunnel", "--runs", "3")
     assert r.exit_code == 0, r.output
     assert "time_evaluator over RPC + SSH tunnel" in r.stdout and "p50 ms" in r.stdout
     # A different artifact than the deployed one is not silently timed.

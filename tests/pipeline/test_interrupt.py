@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import randomize_batchnorm
 
 pytest.importorskip("torch")

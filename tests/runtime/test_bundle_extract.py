@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_manifest import manifest_dict, write
 
 from lprnet_edge.runtime.artifact import bundle, unbundle
 from lprnet_edge.runtime.errors import ArtifactError
 from lprnet_edge.runtime.files import safe_extractall
 from lprnet_edge.runtime.params_codec import save_params
-from test_manifest import manifest_dict, write
 
 
 @pytest.fixture(params=["data-filter", "fallback"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,7 @@ def test_reference_accuracy_through_the_cli(cli_runner, test_dir, weights_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["backend"] == "torch"
-    assert res["count"] == REFERENCE_COUNT and res["skipped"] == 0
+    assert res["count"] == REFERENCE_COUNT and res["skipped"] == []
     assert res["correct"] == REFERENCE_CORRECT
     assert res["accuracy"] == pytest.approx(0.894, abs=5e-4)
     assert f"{res['accuracy']:.3f}" == "0.894"
@@ -70,3 +71,22 @@ def test_eval_cli_text_and_limit(cli_runner, weights_path, test_images, tmp_path
     assert res["count"] == 2 and res["data"] == str(root)
     assert set(res) >= {"accuracy", "char_accuracy", "mean_edit_distance", "count",
                         "per_region", "correct", "skipped"}
+
+
+def test_evaluate_lists_each_skipped_file_and_why(weights_path, test_images, tmp_path):
+    """`eval --skip-bad` can say which files it left out and why (issue 12 defect 5)."""
+    rec = reference_recognizer(weights_path)
+    root = copy_images(test_images[:3], tmp_path / "plates")
+    (root / "README.txt").write_text("not an image")
+    (root / "京A12345.jpg").write_bytes(b"\xff\xd8\xff broken")
+    (root / "京AB#123.jpg").write_bytes(test_images[0].read_bytes())
+    res = evaluate(rec, root, skip_bad=True)
+    assert res.count == 3 and res.skipped_count == 3
+    why = {Path(p).name: reason for p, reason in res.skipped}
+    assert set(why) == {"README.txt", "京A12345.jpg", "京AB#123.jpg"}
+    assert "not an image file" in why["README.txt"]
+    assert "not a readable image" in why["京A12345.jpg"]
+    assert "'#'" in why["京AB#123.jpg"] and "charset" in why["京AB#123.jpg"]
+    assert all(Path(p).parent == root for p, _ in res.skipped)
+    d = json.loads(json.dumps(res.to_dict(), ensure_ascii=False))
+    assert sorted(Path(p).name for p, _ in d["skipped"]) == sorted(why)

@@ -17,16 +17,19 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import tvm_artifact
 from conftest import REPO, copy_images
 
-from tvm_artifact import tiny_tvm_artifact  # noqa: F401 (a fixture)
-
+tiny_tvm_artifact = tvm_artifact.tiny_tvm_artifact  # the session fixture
 RUNTIME = REPO / "lprnet_edge" / "runtime"
 # What the board has: the standard library, numpy, OpenCV and the TVM runtime.
 ALLOWED_THIRD_PARTY = {"numpy", "cv2", "tvm", "tvm.runtime", "tvm.runtime.vm", "tvm_ffi"}
 FORBIDDEN_PREFIXES = ("torch", "tvm.relax", "tvm.s_tir", "tvm.tir", "tvm.te", "tvm.target",
                       "tvm.contrib", "tvm.meta_schedule", "onnx", "onnxruntime", "click",
                       "paramiko")
+# Optional packages a runtime module may import lazily, behind an ImportError fallback: the
+# device bench times ONNX Runtime beside the artifact when it is installed on the board.
+OPTIONAL_ON_BOARD = {"baselines.py": {"onnxruntime"}}
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
@@ -66,11 +69,9 @@ def test_imports_parser_sees_lazy_and_relative_imports(tmp_path: Path):
             import importlib
             importlib.import_module("lprnet_edge.pipeline.build")
     """))
-    mods = [m for _, m in imports_of(src)]
-    assert mods == ["os", "lprnet_edge.model", "lprnet_edge.compiler", "importlib",
-                    "lprnet_edge.pipeline.build"] or set(mods) == {
-        "os", "lprnet_edge.model", "lprnet_edge.compiler", "importlib",
-        "lprnet_edge.pipeline.build"}
+    mods = {m for _, m in imports_of(src)}
+    assert mods == {"os", "lprnet_edge.model", "lprnet_edge.compiler", "importlib",
+                    "lprnet_edge.pipeline.build"}
 
 
 def test_runtime_imports_nothing_above_it():
@@ -83,7 +84,8 @@ def test_runtime_imports_nothing_above_it():
             if mod.startswith("lprnet_edge") and not (
                     mod == "lprnet_edge.runtime" or mod.startswith("lprnet_edge.runtime.")):
                 bad.append(f"{rel} imports {mod}")
-            if mod.startswith(FORBIDDEN_PREFIXES):
+            if mod.startswith(FORBIDDEN_PREFIXES) and mod not in OPTIONAL_ON_BOARD.get(f.name,
+                                                                                     ()):
                 bad.append(f"{rel} imports {mod} (not on the board)")
             top = mod.split(".")[0]
             if top in {"tvm", "tvm_ffi"} and mod not in ALLOWED_THIRD_PARTY:

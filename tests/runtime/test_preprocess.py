@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lprnet_edge.runtime.errors import DataError, LprnetEdgeError
-from lprnet_edge.runtime.preprocess import Preprocess, check_image, read_image
+from lprnet_edge.runtime.preprocess import Preprocess, read_image
 
 
 def reference(image: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import tvm_artifact  # noqa: E402
 from conftest import REPO  # noqa: E402
 
 from lprnet_edge import LprnetEdgeError, PlateResult, Recognizer  # noqa: E402
@@ -21,8 +22,8 @@ from lprnet_edge.model.reference import TorchBackend, reference_recognizer  # no
 from lprnet_edge.runtime.artifact import Artifact, machine_arch  # noqa: E402
 from lprnet_edge.runtime.charset import load_charset  # noqa: E402
 from lprnet_edge.runtime.errors import ArtifactError, DataError, WeightsError  # noqa: E402
-from tvm_artifact import tiny_tvm_artifact  # noqa: E402, F401 (a fixture)
 
+tiny_tvm_artifact = tvm_artifact.tiny_tvm_artifact  # the session fixture
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_cache")
 
 

@@ -17,8 +17,8 @@ _BUILT: dict[str, Path] = {}
 
 def build_tiny_artifact(root: Path) -> Path:
     import torch
-
     from conftest import randomize_batchnorm
+
     from lprnet_edge.compiler.target import load_target
     from lprnet_edge.model.checkpoint import save_checkpoint
     from lprnet_edge.model.lprnet import LPRNet

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Regenerate the packaged default schedules (lprnet_edge/compiler/data/default_schedules).
+
+Every build applies them to kernels its own tuning database does not cover (every untuned
+build, every cross build without a board): the fastest MetaSchedule trace per LPRNet fp32
+workload, tuned here on the host. Records are keyed by workload, so they replay for any LLVM
+target (aarch64 included); see lprnet_edge/compiler/schedules.py.
+
+    python benchmarks/make_default_schedules.py                    # tune (--trials) + export
+    python benchmarks/make_default_schedules.py --from DB [--from DB2]   # export only
+
+Existing defaults are merged in (a faster record wins), so repeated runs only improve them.
+Run it on an x86 host with AVX2 or better; it takes as long as the tuning budget says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("LPRNET_EDGE_DATA", str(REPO.parent / "shared" / "lprnet"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--from", dest="src", action="append", default=[], metavar="DB_DIR",
+                    help="Tuning database directories to export (skip tuning).")
+    ap.add_argument("--trials", type=int, default=1500, help="Tuning budget when tuning here.")
+    ap.add_argument("--tune-minutes", type=float, default=None,
+                    help="Start no new tuning round after this many minutes.")
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--out", default=None, help="Output directory (default: the package's).")
+    args = ap.parse_args()
+
+    from lprnet_edge.compiler import schedules
+
+    src = [Path(p) for p in args.src]
+    if not src:
+        from lprnet_edge.compiler.frontend import to_relax
+        from lprnet_edge.compiler.target import load_target
+        from lprnet_edge.compiler.tune import tune
+        from lprnet_edge.compress.configs import TuneConfig
+        from lprnet_edge.model.checkpoint import load_model
+        from lprnet_edge.model.weights import resolve_weights
+
+        mod, _params = to_relax(load_model(resolve_weights(args.weights)))
+        _db, summary = tune(mod, load_target("host"), TuneConfig(trials=args.trials),
+                            time_budget_s=args.tune_minutes * 60 if args.tune_minutes else None)
+        src = [Path(summary["db_dir"])]
+    res = schedules.export_defaults(src, args.out)
+    print(f"{res['records']} default schedules written to {res['dir']} "
+          f"(from {', '.join(res['sources'])})")
+
+
+if __name__ == "__main__":
+    main()

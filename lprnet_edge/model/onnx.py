@@ -1,0 +1,185 @@
+"""The fp32 original as ONNX (for ONNX Runtime) and the host's side-by-side of an artifact with
+ONNX Runtime and PyTorch eager.
+
+The export runs once per weights file: it is cached in ``cache_dir()/onnx`` under the weights'
+sha256 (the device bench uploads the same file). The model is the export-friendly LPRNet
+(``ChannelStridedMaxPool`` instead of the original ``MaxPool3d``, which ONNX importers
+reject), exported like ``compiler.frontend``'s ONNX import: TorchScript exporter, opset 17.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lprnet_edge.paths import cache_dir
+from lprnet_edge.runtime.artifact import Artifact, sha256_file
+from lprnet_edge.runtime.baselines import (
+    ONNXRUNTIME,
+    TORCH,
+    Baseline,
+    Comparison,
+    compare_artifact,
+    onnxruntime_missing,
+)
+from lprnet_edge.runtime.errors import LprnetEdgeError
+
+OPSET = 17
+INPUT_NAME = "x"
+INPUT_SHAPE = (1, 3, 24, 94)
+_FORMAT = 1  # bump when the export changes, so cached files are not reused
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """An exported model: the ``.onnx`` path, the weights it came from and their sha256."""
+
+    path: Path
+    weights: Path
+    weights_sha256: str
+    cached: bool
+
+
+def export_onnx(weights: str | Path | None = None, num_classes: int = 68,
+                cache: str | Path | None = None) -> OnnxExport:
+    """The ONNX file of ``weights`` (resolved like every command), exported on first use and
+    then reused from the cache (keyed by the weights' sha256)."""
+    from lprnet_edge.model.weights import resolve_weights
+
+    src = resolve_weights(weights)
+    sha = sha256_file(src)
+    out_dir = Path(cache) if cache else cache_dir() / "onnx"
+    out = out_dir / f"lprnet-{sha[:16]}-c{num_classes}-opset{OPSET}-v{_FORMAT}.onnx"
+    if out.is_file():
+        return OnnxExport(out, src, sha, cached=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        _export(src, num_classes, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return OnnxExport(out, src, sha, cached=False)
+
+
+def _export(weights: Path, num_classes: int, dest: Path) -> None:
+    import torch
+
+    from lprnet_edge.model.checkpoint import load_model
+
+    model = load_model(weights, num_classes)
+    x = torch.zeros(INPUT_SHAPE, dtype=torch.float32)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (x,), str(dest), input_names=[INPUT_NAME],
+                              output_names=["logits"], opset_version=OPSET, dynamo=False,
+                              do_constant_folding=True)
+        except Exception as e:  # the exporter raises many types
+            raise LprnetEdgeError(f"{weights}: cannot export the model to ONNX "
+                                  f"({type(e).__name__}: {e})") from e
+
+
+def source_note(source: Any, exported: OnnxExport) -> tuple[bool | None, str]:
+    """Whether the baselines' weights are an artifact's source (``source``: the manifest's
+    ``source`` record, with ``weights_sha256``; None when it does not say), and a line saying
+    so."""
+    src = source if isinstance(source, dict) else {}
+    want = src.get("weights_sha256")
+    got = f"{exported.weights} (sha256 {exported.weights_sha256[:12]}...)"
+    if not want:
+        return None, f"baselines from {got}; the artifact does not record its source weights"
+    if want == exported.weights_sha256:
+        return True, f"baselines from {got}, the artifact's source weights (fp32 original)"
+    return False, (f"baselines from {got}, NOT the artifact's source weights "
+                   f"({src.get('weights', '?')}, sha256 {want[:12]}...): pass --weights with "
+                   "that file to compare like with like")
+
+
+def torch_baseline(weights: str | Path, num_classes: int, threads: int) -> Baseline:
+    """PyTorch eager on ``threads`` threads, denormals flushed: set again right before every
+    timed block, since loading ONNX Runtime or TVM can reset the FPU mode."""
+    import torch
+
+    from lprnet_edge.model.checkpoint import load_model
+    from lprnet_edge.model.reference import TorchBackend, flush_denormals_mode
+
+    backend = TorchBackend(load_model(weights, num_classes))
+
+    def before() -> None:
+        torch.set_num_threads(threads)
+        flush_denormals_mode()
+
+    return Baseline(TORCH, f"PyTorch eager {torch.__version__.split('+')[0]} "
+                           "(denormals flushed)", backend, before)
+
+
+def torch_missing() -> str | None:
+    """None when PyTorch imports here, else why the PyTorch row is absent."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "not installed: pip install 'lprnet-edge[host]' (PyTorch)"
+    return None
+
+
+def compare_on_host(artifact: str | Path | Artifact, threads: int | None = None,
+                    rounds: int = 5, runs: int = 20, warmup: int = 5,
+                    weights: str | Path | None = None, with_ort: bool = True,
+                    with_torch: bool = True) -> dict[str, Any]:
+    """The artifact beside ONNX Runtime fp32 and PyTorch eager (the fp32 original), here, at
+    one thread count (default: the artifact's), interleaved in rounds; ``--json``-ready.
+
+    Rows that cannot run (package missing) are listed in ``missing`` with the fix."""
+    from lprnet_edge.runtime.profile import apply_threads, configured_threads
+
+    art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
+    apply_threads(threads, art)
+    n = configured_threads(threads)
+    num_classes = len(art.manifest.charset)
+    missing: dict[str, str] = {}
+    no_torch = torch_missing()
+    exported = None
+    if no_torch is None:
+        exported = export_onnx(weights, num_classes)
+    else:
+        missing[TORCH] = no_torch
+        if with_ort:
+            missing[ONNXRUNTIME] = ("not run: exporting the model to ONNX needs PyTorch "
+                                    "(pip install 'lprnet-edge[host]')")
+    if not with_ort:
+        missing[ONNXRUNTIME] = "not requested"
+    if not with_torch and no_torch is None:
+        missing[TORCH] = "not requested"
+    baselines = []
+    if exported is not None and with_torch:
+        baselines.append(torch_baseline(exported.weights, num_classes, n))
+    onnx = exported.path if exported is not None and with_ort else None
+    if onnx is not None and (why := onnxruntime_missing()):
+        missing[ONNXRUNTIME] = why
+        onnx = None
+    old = _torch_threads() if baselines else None
+    try:
+        comp: Comparison = compare_artifact(art, onnx=onnx, threads=n, rounds=rounds, runs=runs,
+                                            warmup=warmup, baselines=baselines, missing=missing)
+    finally:
+        if old is not None:
+            import torch
+
+            torch.set_num_threads(old)
+    res = comp.to_dict()
+    if exported is not None:
+        same, note = source_note(art.manifest.records.get("source"), exported)
+        comp.notes.append(note)
+        res.update(notes=comp.notes, onnx=str(exported.path), weights=str(exported.weights),
+                   weights_sha256=exported.weights_sha256, same_weights=same)
+    return res
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
