@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -17,6 +18,7 @@ from lprnet_edge.cli.common import (
     table,
     weights_option,
 )
+from lprnet_edge.runtime.errors import DataError
 
 # ---------------------------------------------------------------- weights
 
@@ -106,31 +108,50 @@ def eval_cmd(data: str, artifact: str | None, weights: str | None, skip_bad: boo
     click.echo(f"mean edit dist    {res.mean_edit_distance:.3f}")
     rows = [[r, v["count"], f"{v['accuracy']:.3f}"] for r, v in res.per_region.items()]
     click.echo("\n" + table(rows, ["province", "plates", "accuracy"]))
+    if res.skipped:
+        click.echo("\n" + table([[path, reason] for path, reason in res.skipped],
+                                ["skipped file", "reason"]))
 
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @artifact_option
 @weights_option
+@click.option("--skip-bad", is_flag=True,
+              help="Report an unreadable image on its row and go on (exit 0) instead of "
+                   "stopping there (the reads before it are printed either way).")
 @json_option
 def recognize(images: tuple[str, ...], artifact: str | None, weights: str | None,
-              as_json: bool) -> None:
+              skip_bad: bool, as_json: bool) -> None:
     """Read the plate in each image and print it with its confidence.
 
     \b
     Examples:
       lprnet-edge recognize plate.jpg --artifact build/lprnet-host
-      lprnet-edge recognize *.jpg --json
+      lprnet-edge recognize *.jpg --json --skip-bad
     """
     rec = open_recognizer(artifact, weights)
-    results = rec.recognize(list(images))
+    rows: list[dict[str, Any]] = []
+    try:
+        for path in images:
+            try:
+                rows.append(rec.recognize(path).to_dict())
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                rows.append({"source": path, "error": str(e)})
+    finally:  # a bad image stops the run (without --skip-bad) but never hides earlier reads
+        _print_reads(rows, as_json)
+
+
+def _print_reads(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        echo_json([r.to_dict() for r in results])
-        return
-    click.echo(table([[r.source, r.text, f"{r.confidence:.3f}"] for r in results],
-                     ["image", "plate", "confidence"]))
-
-
+        echo_json(rows)
+    elif rows:
+        click.echo(table([[r["source"], r.get("text", "-"),
+                           f"{r['confidence']:.3f}" if "confidence" in r else "-",
+                           r.get("error", "")] for r in rows],
+                         ["image", "plate", "confidence", "error"]))
 
 
 COMMANDS = (weights, eval_cmd, recognize)

@@ -33,6 +33,8 @@ TEST_MARKERS = (".lprnet-test-split", "TEST_SPLIT")
 class TestSplitError(DataError):
     """Raised when calibration / training data would come from the evaluation split."""
 
+    __test__ = False  # a "Test*" name, not a test class (pytest would try to collect it)
+
 
 def default_calib_dir() -> Path:
     root = data_root()

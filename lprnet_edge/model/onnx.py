@@ -9,6 +9,7 @@ reject), exported like ``compiler.frontend``'s ONNX import: TorchScript exporter
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from lprnet_edge.runtime.baselines import (
     Baseline,
     Comparison,
     compare_artifact,
-    onnxruntime_missing,
 )
 from lprnet_edge.runtime.errors import LprnetEdgeError
 
@@ -131,9 +131,10 @@ def compare_on_host(artifact: str | Path | Artifact, threads: int | None = None,
                     weights: str | Path | None = None, with_ort: bool = True,
                     with_torch: bool = True) -> dict[str, Any]:
     """The artifact beside ONNX Runtime fp32 and PyTorch eager (the fp32 original), here, at
-    one thread count (default: the artifact's), interleaved in rounds; ``--json``-ready.
+    one thread count (default: the artifact's), ``rounds`` interleaved rounds of ``runs``
+    calls each; ``--json``-ready (:meth:`Comparison.to_dict` plus the weights used).
 
-    Rows that cannot run (package missing) are listed in ``missing`` with the fix."""
+    Rows that cannot run (a package missing) are listed in ``missing`` with the fix."""
     from lprnet_edge.runtime.profile import apply_threads, configured_threads
 
     art = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
@@ -141,45 +142,28 @@ def compare_on_host(artifact: str | Path | Artifact, threads: int | None = None,
     n = configured_threads(threads)
     num_classes = len(art.manifest.charset)
     missing: dict[str, str] = {}
-    no_torch = torch_missing()
     exported = None
-    if no_torch is None:
-        exported = export_onnx(weights, num_classes)
+    if (why := torch_missing()) is not None:
+        missing.update({TORCH: why, ONNXRUNTIME: "not run: exporting the model to ONNX needs "
+                                                 "PyTorch (pip install 'lprnet-edge[host]')"})
     else:
-        missing[TORCH] = no_torch
-        if with_ort:
-            missing[ONNXRUNTIME] = ("not run: exporting the model to ONNX needs PyTorch "
-                                    "(pip install 'lprnet-edge[host]')")
-    if not with_ort:
-        missing[ONNXRUNTIME] = "not requested"
-    if not with_torch and no_torch is None:
-        missing[TORCH] = "not requested"
-    baselines = []
-    if exported is not None and with_torch:
-        baselines.append(torch_baseline(exported.weights, num_classes, n))
+        exported = export_onnx(weights, num_classes)
+    baselines = ([torch_baseline(exported.weights, num_classes, n)]
+                 if exported is not None and with_torch else [])
     onnx = exported.path if exported is not None and with_ort else None
-    if onnx is not None and (why := onnxruntime_missing()):
-        missing[ONNXRUNTIME] = why
-        onnx = None
-    old = _torch_threads() if baselines else None
-    try:
+    with _torch_threads(n) if baselines else contextlib.nullcontext():
         comp: Comparison = compare_artifact(art, onnx=onnx, threads=n, rounds=rounds, runs=runs,
                                             warmup=warmup, baselines=baselines, missing=missing)
-    finally:
-        if old is not None:
-            import torch
-
-            torch.set_num_threads(old)
     res = comp.to_dict()
     if exported is not None:
         same, note = source_note(art.manifest.records.get("source"), exported)
-        comp.notes.append(note)
-        res.update(notes=comp.notes, onnx=str(exported.path), weights=str(exported.weights),
-                   weights_sha256=exported.weights_sha256, same_weights=same)
+        res.update(notes=[*comp.notes, note], onnx=str(exported.path),
+                   weights=str(exported.weights), weights_sha256=exported.weights_sha256,
+                   same_weights=same)
     return res
 
 
-def _torch_threads() -> int:
-    import torch
+def _torch_threads(n: int) -> Any:
+    from lprnet_edge.model.reference import torch_threads
 
-    return torch.get_num_threads()
+    return torch_threads(n)

@@ -165,6 +165,30 @@ def test_skip_bad_counts_skipped(cli_runner, tiny_checkpoint, tmp_path, test_ima
     r = cli_runner("eval", "--data", root, "--weights", tiny_checkpoint, "--skip-bad")
     assert r.exit_code == 0, r.output
     assert "plates            3 (3 skipped)" in r.stdout
+    # Each skipped file is named with its reason, in text and JSON.
+    names = sorted(Path(p).name for p, _ in res["skipped"])
+    assert names == sorted(["README.txt", "京A12345.jpg", "京AB#123.jpg"])
+    assert all(reason for _, reason in res["skipped"])
+    for name in names:
+        assert name in r.stdout
+    assert "skipped file" in r.stdout
+
+
+def test_recognize_keeps_the_good_reads(cli_runner, tiny_checkpoint, tmp_path, test_images):
+    """One bad image must not lose the reads of the good ones (issue 12 defect 5)."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    good = test_images[0]
+    r = cli_runner("recognize", good, bad, "--weights", tiny_checkpoint, "--json")
+    assert r.exit_code != 0 and "Error:" in r.stderr and "bad.jpg" in r.stderr
+    assert [row["source"] for row in json.loads(r.stdout)] == [str(good)]
+    r = cli_runner("recognize", good, bad, good, "--weights", tiny_checkpoint, "--json",
+                   "--skip-bad")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["source"] for row in rows] == [str(good), str(bad), str(good)]
+    assert "error" in rows[1] and "not a readable image" in rows[1]["error"]
+    assert rows[0]["text"] == rows[2]["text"] and "error" not in rows[0]
 
 
 def test_recognize_outputs(cli_runner, tiny_checkpoint, test_images):
