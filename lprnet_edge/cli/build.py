@@ -44,7 +44,7 @@ def _size(n: int) -> str:
 @dataclass(frozen=True)
 class CompressionArgs:
     """``--prune --sparsity --prune-ratio --quantize --calibrator --max-accuracy-drop
-    --search-channels`` as given."""
+    --search-channels --optimize`` as given."""
 
     prune_kind: str | None
     sparsity: float | None
@@ -53,6 +53,16 @@ class CompressionArgs:
     calibrator: str | None
     max_accuracy_drop: float | None
     search_channels: tuple[float, ...]
+    optimize: str | None
+
+    @property
+    def searching(self) -> bool:
+        """--max-accuracy-drop alone: the search chooses the compression."""
+        return self.max_accuracy_drop is not None and not (self.prune_kind or self.quantize_mode)
+
+    @property
+    def latency_search(self) -> bool:
+        return self.searching and self.optimize == "latency"
 
     def check(self) -> None:
         if self.sparsity is not None and self.prune_kind != "unstructured":
@@ -65,6 +75,9 @@ class CompressionArgs:
                                      or self.quantize_mode):
             raise click.UsageError("--search-channels goes with --max-accuracy-drop alone "
                                    "(the search), not with --prune/--quantize")
+        if self.optimize and not self.searching:
+            raise click.UsageError("--optimize goes with --max-accuracy-drop alone (the "
+                                   "search), not with --prune/--quantize")
 
     def prune_config(self) -> Any:
         from lprnet_edge.compress.configs import PruneConfig
@@ -98,9 +111,13 @@ class TuningArgs:
     rpc_key: str | None
     tuning_db: str | None
 
-    def check(self) -> None:
+    def check(self, latency_search: bool = False) -> None:
+        """``latency_search``: ``--optimize latency`` times the candidates on ``--rpc``, so
+        the address is used without ``--tune`` too."""
         only = {"--trials": self.trials, "--rpc": self.rpc, "--rpc-tracker": self.rpc_tracker,
                 "--rpc-key": self.rpc_key, "--tuning-db": self.tuning_db}
+        if latency_search:
+            del only["--rpc"]
         if not self.tune and (given := [k for k, v in only.items() if v is not None]):
             raise click.UsageError(f"{', '.join(given)} "
                                    f"{'needs' if len(given) == 1 else 'need'} --tune")
@@ -160,6 +177,11 @@ compression_options = grouped(
                  type=click.FloatRange(0, 1, max_open=True), metavar="RATIO",
                  help="Also try channel pruning at RATIO (repeatable) in the search; each "
                       "distills on calib/ (minutes)."),
+    click.option("--optimize", type=click.Choice(["size", "latency"]),
+                 help="What the search minimises within --max-accuracy-drop: stored size, or "
+                      "latency measured on the target (each candidate built untuned, or "
+                      "with --tune's budget, and timed here for --target host, on the board "
+                      "with --rpc HOST:PORT or --host).  [default: size]"),
 )
 tuning_options = grouped(
     "tuning", TuningArgs,
@@ -239,11 +261,16 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
     if target_file and ctx.get_parameter_source("target_name") != ParameterSource.DEFAULT:
         raise click.UsageError("give either --target or --target-file, not both")
     compression.check()
-    tuning.check()
+    tuning.check(compression.latency_search)
     spec = _target(target_name, target_file)
     if ssh.get("host") and spec.is_native:
         raise click.UsageError(f"--host deploys to a device; --target {spec.name} builds for "
                                "this machine (use a device target, e.g. --target rpi4)")
+    if (compression.latency_search and not spec.is_native and not tuning.rpc
+            and not ssh.get("host")):
+        raise click.UsageError(f"--optimize latency for {spec.name} times the candidates on "
+                               "the board: give --rpc HOST:PORT (a TVM RPC server on it) or "
+                               "--host USER@HOST")
     tune_cfg = tuning.config()
     ckw: dict[str, Any] = {"frontend": frontend, "opt_level": opt_level, "num_threads": threads}
     if checks.tolerance is not None:
@@ -259,6 +286,8 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
         test_dir=Path(checks.test_dir) if checks.test_dir else None,
         max_accuracy_drop=compression.max_accuracy_drop,
         search_channels=tuple(compression.search_channels),
+        optimize=compression.optimize or "size",
+        latency_rpc=tuning.rpc if compression.latency_search else None,
     )
     with contextlib.ExitStack() as device_ctx:
         dev = device_ctx.enter_context(device_from(ssh)) if ssh.get("host") else None
@@ -268,6 +297,14 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
             click.echo(f"starting a TVM RPC server on {dev.conn.spec} (SSH tunnel)", err=True)
             lport = device_ctx.enter_context(device_rpc(dev))
             opts.tune = replace(tune_cfg, rpc=f"127.0.0.1:{lport}")
+            if compression.latency_search:
+                opts.latency_rpc = opts.tune.rpc
+        elif dev is not None and compression.latency_search and not tuning.rpc:
+            from lprnet_edge.device.deploy import device_rpc
+
+            click.echo(f"starting a TVM RPC server on {dev.conn.spec} (SSH tunnel) to time "
+                       "the candidates", err=True)
+            opts.latency_rpc = f"127.0.0.1:{device_ctx.enter_context(device_rpc(dev))}"
         res = build_artifact(opts, log=lambda msg: click.echo(msg, err=True))
         if dev is not None:
             deployed = deploy_with_progress(dev, res.path)
@@ -284,9 +321,9 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
     click.echo(f"verification  {verification_summary(m['verification'])}")
     if (sel := m["reports"].get("selection")):
         click.echo("\n" + selection_table(sel) + "\n")
-        click.echo(f"selected      {sel['selected']} (smallest stored size within "
-                   f"{sel['budget_points']:g} pt on {sel['val_split']['images']} calib/ "
-                   "validation plates)")
+        click.echo(f"selected      {sel['selected']} ({sel.get('why') or 'smallest'}; "
+                   f"within {sel['budget_points']:g} pt on {sel['val_split']['images']} "
+                   "calib/ validation plates)")
         t = sel.get("test") or {}
         if "selected" in t:
             click.echo(f"test accuracy {t['selected']:.3f} vs original {t['original']:.3f} "
@@ -310,11 +347,15 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
 
 def selection_table(sel: dict[str, Any]) -> str:
     """The search's candidates, as the manifest records them."""
+    timed = sel.get("optimize") == "latency"
     rows = [[("* " if r["name"] == sel["selected"] else "  ") + r["name"],
              f"{r['val_accuracy']:.3f}", f"{100 * r['val_lost']:.1f}",
              _size(r["stored_bytes"]), f"{r['flops'] / 1e6:.0f}",
+             *([f"{r['latency_ms']:.2f}" if r.get("latency_ms") is not None else "-"]
+               if timed else []),
              "yes" if r["within_budget"] else "no"] for r in sel["candidates"]]
-    return table(rows, ["candidate", "val acc", "lost pt", "stored", "MFLOPs", "within"])
+    return table(rows, ["candidate", "val acc", "lost pt", "stored", "MFLOPs",
+                        *(["latency ms"] if timed else []), "within"])
 
 
 # ---------------------------------------------------------------- targets

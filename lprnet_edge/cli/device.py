@@ -122,7 +122,7 @@ def compare_on_device(dev: Any, artifact: str | None = None, runs: int = 100, wa
     weights are checked against the deployed artifact's source."""
     from lprnet_edge.device.deploy import remote_compare
     from lprnet_edge.model.onnx import source_note, torch_missing
-    from lprnet_edge.runtime.errors import LprnetEdgeError
+    from lprnet_edge.runtime.errors import DeviceError, LprnetEdgeError
 
     if (why := torch_missing()) is not None:
         raise LprnetEdgeError(f"--compare exports the model to ONNX here, which needs PyTorch "
@@ -135,8 +135,14 @@ def compare_on_device(dev: Any, artifact: str | None = None, runs: int = 100, wa
 
         classes = len(load_manifest(artifact).charset)
     exported = export_onnx(weights, classes)
-    comp = remote_compare(dev, exported.path, runs=runs, warmup=warmup, rounds=rounds,
-                          threads=threads)
+    try:
+        comp = remote_compare(dev, exported.path, runs=runs, warmup=warmup, rounds=rounds,
+                              threads=threads)
+    except DeviceError as e:  # e.g. a baseline crashing the agent: keep the other figures
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        err = lines[0][:300] + (f" ... {lines[-1][:200]}" if len(lines) > 1 else "")
+        return {"rows": [], "missing": {}, "speedup": {}, "error": err,
+                "host": str(dev.conn.spec)}
     same, note = source_note(comp.get("source"), exported)
     comp.update(notes=[*(comp.get("notes") or []), note], same_weights=same,
                 onnx=str(exported.path), weights=str(exported.weights),
@@ -190,7 +196,8 @@ def print_comparison(comp: dict[str, Any] | None) -> None:
     from lprnet_edge.runtime.baselines import comparison_title, format_comparison
 
     where = f" on {comp['host']}" if comp.get("host") else ""
-    click.echo(f"\n{comparison_title(comp).rstrip(':')}{where}:\n{format_comparison(comp)}")
+    title = comparison_title(comp).rstrip(":") if comp.get("rows") else "Side by side"
+    click.echo(f"\n{title}{where}:\n{format_comparison(comp)}")
 
 
 def print_profile(profile: dict[str, Any] | None, top: int = 15) -> None:

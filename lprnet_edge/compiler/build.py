@@ -74,6 +74,8 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     # measuring, and failed candidates are recorded too.
     best = [schedules.best_records(db) for db in layers]
     known = [r for b in best for r in b.values()]
+    # Apply the best plausible record per workload, not the raw database's top record.
+    layers = [schedules.memory_database(b.values()) for b in best]
     own = best[0] if database is not None else {}
     packaged = best[-1] if len(layers) > (database is not None) else {}
     cover: dict[str, list[str]] = {"tuned": [], "default": [], "transferred": [], "naive": []}

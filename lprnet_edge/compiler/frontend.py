@@ -113,11 +113,15 @@ def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export"
     """Import the fake-quant ``qmodel.module`` and make its ``int8_convs`` real int8
     convolutions; refuses an import where the rewrite did not find every one of them."""
     mod, params = to_relax(qmodel.module, frontend)
+    from lprnet_edge.compiler.int8 import exact_rescale
+
     mod, n = relax_int8_rewrite(mod)
     expected = len(qmodel.int8_convs)
     if n != expected:
         raise LprnetEdgeError(f"int8 rewrite matched {n} of {expected} quantized convolutions "
                               f"(frontend {frontend!r}); use the torch.export frontend")
+    # Tuned schedules must not let LLVM fuse the rescale into an FMA (issue 11): see int8.py.
+    mod, _ = exact_rescale(mod)
     return normalize(mod), params
 
 

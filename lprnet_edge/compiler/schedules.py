@@ -50,14 +50,29 @@ def _json_db(path: Path) -> Any:
                                     allow_missing=True)
 
 
+def plausible(rec: Any, secs: float) -> bool:
+    """False for a record slower than any sane schedule of its kernel: at least 1 ms and
+    below 0.1 GFLOP/s. A cheap reduction (the global-context means) measured 4 times can
+    keep a best of 57-243 ms (naive loops: ~1 ms), which a build must not apply."""
+    if secs <= 1e-3:
+        return True
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        flops = float(estimate_tir_flops(rec.workload.mod))
+    except Exception:  # noqa: BLE001
+        return True
+    return secs <= flops / 1e8
+
+
 def best_records(db: Any) -> dict[int, Any]:
-    """structural hash of the workload -> its fastest valid record."""
+    """structural hash of the workload -> its fastest valid, plausible record."""
     import tvm_ffi
 
     best: dict[int, tuple[float, Any]] = {}
     for rec in db.get_all_tuning_records():
         secs = _mean(rec.run_secs)
-        if secs is None:
+        if secs is None or not plausible(rec, secs):
             continue
         h = int(tvm_ffi.structural_hash(rec.workload.mod))
         if h not in best or secs < best[h][0]:
@@ -103,10 +118,15 @@ def default_database() -> Any:
     """The packaged defaults as an in-memory database (None if not packaged)."""
     if not has_defaults():
         return None
+    return memory_database(best_records(_json_db(DEFAULTS_DIR)).values())
+
+
+def memory_database(records: Iterable[Any]) -> Any:
+    """An in-memory database holding only ``records`` (one per workload)."""
     from tvm.s_tir import meta_schedule as ms
 
     mem = ms.database.MemoryDatabase()
-    for rec in best_records(_json_db(DEFAULTS_DIR)).values():
+    for rec in records:
         wl = mem.commit_workload(rec.workload.mod)
         mem.commit_tuning_record(ms.database.TuningRecord(
             trace=rec.trace, workload=wl, run_secs=rec.run_secs, target=rec.target,

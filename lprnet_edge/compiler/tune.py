@@ -51,6 +51,9 @@ SCHEDULERS = ("balanced", "gradient", "round-robin")
 # CHEAP_TRIALS measured candidates; every task gets its first round before any gets a second.
 CHEAP_SHARE = 0.01
 CHEAP_TRIALS = 4
+# A tuning run with TuneConfig's default trial budget also stops starting new rounds after
+# this long, so a plain `build --tune` ends within 30 min even on a slow or busy machine.
+DEFAULT_TIME_BUDGET_S = 25 * 60
 
 # ---------------------------------------------------------------- worker environment
 
@@ -237,7 +240,8 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
     tasks (gradient keeps nothing of an interrupted first pass, and a small budget runs out
     before the last tasks get any trial).
     ``time_budget_s``: start no new task round after that many seconds (the worker then
-    finishes cleanly with what it measured; unlike ``timeout_s``, not an error).
+    finishes cleanly with what it measured; unlike ``timeout_s``, not an error). Default:
+    ``DEFAULT_TIME_BUDGET_S`` when ``config.trials`` is TuneConfig's default, else none.
     ``search``: options of MetaSchedule's ``EvolutionarySearch`` (e.g. a smaller
     ``population_size`` for quick tests); default: MetaSchedule's defaults.
     ``cc``: the :class:`lprnet_edge.compiler.toolchain.Compiler` that links candidates measured on a
@@ -247,6 +251,8 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
     (default: stderr).
     """
     log = log or _eprint
+    if time_budget_s is None and config.trials == TuneConfig().trials:
+        time_budget_s = DEFAULT_TIME_BUDGET_S
     if scheduler not in SCHEDULERS:
         raise LprnetEdgeError(f"scheduler {scheduler!r}: use one of {list(SCHEDULERS)}")
     check_environment()
@@ -289,7 +295,7 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
     summary["db_dir"] = str(db_dir)
     summary["budget"] = {"trials": config.trials, "trials_per_task": config.trials_per_task,
                          "num_trials_per_iter": config.num_trials_per_iter,
-                         "scheduler": scheduler,
+                         "scheduler": scheduler, "time_budget_s": time_budget_s,
                 "search": dict(search or {}), "tasks": list(tasks) if tasks else "all"}
     summary["runner"] = ("rpc " + config.rpc if config.rpc else
                          f"rpc-tracker {config.rpc_tracker} key {config.rpc_key}"

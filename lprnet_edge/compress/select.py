@@ -4,9 +4,13 @@ Each candidate is (prune config or none) x (quantize config or none) [x fallback
 each one, :func:`select` builds the variant, measures its exact-plate accuracy at batch-1
 semantics on a fixed-seed validation split of ``calib/`` (never ``test/``), the agreement with
 the original's readings there, the stored size of its params file with the encodings it would
-ship with, and its FLOPs. The winner is the smallest stored size, then the fewest FLOPs, among
-candidates whose accuracy drop versus the original on that split is within ``budget``.
-Every candidate's figures are returned (for the manifest).
+ship with, and its FLOPs. Among candidates whose accuracy drop versus the original on that
+split is within ``budget``, the winner is (``optimize="size"``, the default) the smallest stored
+size, then the fewest FLOPs; or (``optimize="latency"``) the lowest latency measured on the
+target, then the smallest size. Latency is measured by the caller's ``latency`` function (the
+build pipeline builds and times each candidate on the host or on a board over RPC: this layer
+compiles nothing), never assumed from FLOPs or encodings. Every candidate's figures, latency
+included, and why the winner won are returned (for the manifest).
 """
 
 from __future__ import annotations
@@ -31,6 +35,28 @@ from lprnet_edge.compress.prune import params_encodings, prune, stored_size
 from lprnet_edge.compress.quantize import quantize
 from lprnet_edge.model.calib import CalibrationSet, decode_batch, predict_logits
 from lprnet_edge.model.flops import summary as flops_summary
+
+OPTIMIZE = ("size", "latency")
+
+
+@dataclass(frozen=True)
+class LatencyFigure:
+    """A candidate's measured latency: ``measured_as`` names the candidate whose build was
+    timed (candidates that compile to the same graph share one build), ``where`` the
+    session (``local`` or the RPC address)."""
+
+    latency_ms: float
+    measured_as: str
+    where: str
+    timing: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"latency_ms": self.latency_ms, "latency_measured_as": self.measured_as,
+                "latency_where": self.where, "latency_timing": self.timing}
+
+
+# ``latency(candidates) -> {name: LatencyFigure}`` for the candidates within budget.
+LatencyFn = Callable[[list["Candidate"]], dict[str, LatencyFigure]]
 
 
 @dataclass
@@ -107,9 +133,11 @@ def evaluate_candidate(original: nn.Module, cand: Candidate, calib: CalibrationS
 def select(original: nn.Module, candidates: list[Candidate], calib: CalibrationSet,
            budget: float = 0.005, val_fraction: float = 0.3, seed: int = 0,
            progress: Callable[[dict[str, Any]], None] | None = None,
-           guard: str = "drop") -> dict[str, Any]:
-    """Evaluate ``candidates`` on the validation split of ``calib``; pick the smallest stored
-    size (then fewest FLOPs) whose accuracy drop is ``<= budget``.
+           guard: str = "drop", optimize: str = "size", latency: LatencyFn | None = None
+           ) -> dict[str, Any]:
+    """Evaluate ``candidates`` on the validation split of ``calib``; among those whose accuracy
+    drop is ``<= budget`` pick the smallest stored size (then fewest FLOPs), or with
+    ``optimize="latency"`` the fastest by ``latency`` (then the smallest).
 
     ``guard="drop"``: accuracy(original) - accuracy(candidate) on the split; ``"lost"``: the
     fraction of plates the original reads right that the candidate gets wrong (ignores gains:
@@ -131,11 +159,52 @@ def select(original: nn.Module, candidates: list[Candidate], calib: CalibrationS
         if progress:
             progress(row)
     ok = [r for r in rows if r["within_budget"]]
-    best = min(ok, key=lambda r: (r["stored_bytes"], r["flops"])) if ok else None
+    best = _choose(candidates, rows, ok, optimize, latency)
     return {"budget": budget, "guard": guard, "val_split": {"fraction": val_fraction, "seed": seed,
                                             "images": len(val)},
             "original_val_accuracy": base_acc, "selected": best["name"] if best else None,
-            "candidates": rows}
+            "optimize": optimize, "why": _why(best, ok, optimize), "candidates": rows}
+
+
+def _choose(candidates: list[Candidate], rows: list[dict[str, Any]],
+            ok: list[dict[str, Any]], optimize: str, latency: LatencyFn | None
+            ) -> dict[str, Any] | None:
+    """The winner among the rows ``ok`` (within budget); for latency, measures them first
+    and writes each one's figure into its row."""
+    from lprnet_edge.runtime.errors import LprnetEdgeError
+
+    if optimize not in OPTIMIZE:
+        raise LprnetEdgeError(f"--optimize {optimize!r}: use one of {list(OPTIMIZE)}")
+    if not ok:
+        return None
+    if optimize == "size":
+        return min(ok, key=lambda r: (r["stored_bytes"], r["flops"]))
+    if latency is None:
+        raise LprnetEdgeError("--optimize latency needs a way to measure latency on the target")
+    names = {r["name"] for r in ok}
+    figures = latency([c for c in candidates if c.name in names])
+    for r in rows:
+        fig = figures.get(r["name"])
+        r.update(fig.to_dict() if fig else {"latency_ms": None})
+    timed = [r for r in ok if r.get("latency_ms") is not None]
+    if not timed:
+        raise LprnetEdgeError("no candidate within the budget could be timed on the target")
+    return min(timed, key=lambda r: (r["latency_ms"], r["stored_bytes"], r["flops"]))
+
+
+def _why(best: dict[str, Any] | None, ok: list[dict[str, Any]], optimize: str) -> str | None:
+    """One sentence for the manifest: what the winner beat, by the figure it was chosen on."""
+    if best is None:
+        return None
+    if optimize == "size":
+        return (f"smallest stored size ({best['stored_bytes']} bytes) of the {len(ok)} "
+                "candidates within the accuracy budget")
+    others = sorted((r for r in ok if r.get("latency_ms") is not None),
+                    key=lambda r: r["latency_ms"])
+    listing = ", ".join(f"{r['name']} {r['latency_ms']:.2f} ms" for r in others)
+    return (f"lowest latency on {best.get('latency_where')} ({best['latency_ms']:.2f} ms; "
+            f"ties broken by stored size) of the {len(ok)} candidates within the accuracy "
+            f"budget: {listing}")
 
 
 def default_candidates(sparsities: tuple[float, ...] = (0.8, 0.9),
@@ -203,15 +272,18 @@ def test_comparison(original: nn.Module, built: nn.Module, test_dir: Any = None
 
 
 def search(original: nn.Module, calib: CalibrationSet, budget_points: float,
-           channels: tuple[float, ...] = (), log: Callable[[str], None] | None = None
+           channels: tuple[float, ...] = (), log: Callable[[str], None] | None = None,
+           optimize: str = "size", latency: LatencyFn | None = None,
+           candidates: list[Candidate] | None = None
            ) -> tuple[Candidate, nn.Module | None, dict[str, Any]]:
-    """``build --max-accuracy-drop``: the winner of :func:`select` over the default grid (+
-    channel pruning ``channels`` ratios), its model when it must be reused as measured
-    (channel-pruned: distilled on the split), and the report for the manifest."""
+    """``build --max-accuracy-drop [--optimize size|latency]``: the winner of :func:`select`
+    over ``candidates`` (default: the default grid + channel pruning at the ``channels``
+    ratios), its model when it must be reused as measured (channel-pruned: distilled on the
+    split), and the report for the manifest."""
     from lprnet_edge.runtime.errors import LprnetEdgeError
 
     train, _ = calib.split(0.3, 0)
-    cands = default_candidates()
+    cands = list(candidates) if candidates is not None else default_candidates()
     if channels:
         cands += channel_candidates(original, train, channels, log)
 
@@ -224,7 +296,7 @@ def search(original: nn.Module, calib: CalibrationSet, budget_points: float,
 
     # "lost" ignores plates a candidate gains on calib/ (distillation adapts to it).
     rep = select(original, cands, calib, budget=budget_points / 100, progress=progress,
-                 guard="lost")
+                 guard="lost", optimize=optimize, latency=latency)
     rep["budget_points"] = budget_points
     if rep["selected"] is None:
         raise LprnetEdgeError(f"no candidate stays within --max-accuracy-drop {budget_points} "

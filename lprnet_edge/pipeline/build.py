@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,12 @@ class CompiledModule:
     param_order: list[str]
     encodings: dict[str, str]
     info: dict[str, Any]
+    extra_files: list[str] = field(default_factory=list)  # e.g. verify.npz for the device
+
+    @property
+    def files(self) -> list[str]:
+        """Every file of the artifact but the manifest, as listed (and checksummed) in it."""
+        return [MODEL_FILE, PARAMS_FILE, *self.extra_files]
 
     @property
     def lib_path(self) -> Path:
@@ -142,7 +148,7 @@ class CompiledModule:
             input=InputSpec(name="x", shape=(1, 3, 24, 94), layout="NCHW", dtype="float32",
                             color="BGR"),
             preprocess=Preprocess(), charset=charset,
-            files={n: FileEntry.of(self.root / n) for n in (MODEL_FILE, PARAMS_FILE)},
+            files={n: FileEntry.of(self.root / n) for n in self.files},
             runtime=self.runtime_entry(num_threads), records=records or {})
         return Artifact(self.root, manifest).verify(check_arch=False)
 
@@ -166,6 +172,8 @@ class BuildOptions:
     test_dir: Path | None = None  # default: $LPRNET_EDGE_DATA/test
     max_accuracy_drop: float | None = None  # points of calib/ plate accuracy
     search_channels: tuple[float, ...] = ()  # channel-pruning ratios the search also tries
+    optimize: str = "size"  # the search's winner: "size" (smallest) or "latency" (fastest)
+    latency_rpc: str | None = None  # "HOST:PORT": time the search's candidates there
     name: str | None = None  # artifact name (default: the output directory's name)
 
 
@@ -199,8 +207,8 @@ class Stages:
         n = len(self.names)
         head = f"[{i}/{n}] {name:<8}"
         self.guard.check()
-        pause_for_tests(name)
         self.log(f"{head} {detail}".rstrip() + " ...")
+        pause_for_tests(name)
         note: dict[str, str] = {}
         t0 = time.perf_counter()
         yield note
@@ -349,10 +357,12 @@ def tune_stage(relax_model: RelaxModel, target: TargetSpec, cfg: TuneConfig,
                log: Log = _stderr, compiler: Compiler | None = None
                ) -> tuple[Any, dict[str, Any]]:
     """``compiler.tune.tune(mod, target, cfg, log) -> (database, summary)``; ``compiler``
-    links the candidates measured on a device (the one that links the artifact)."""
+    links the candidates measured on a device (the one that links the artifact);
+    ``cfg.tasks`` restricts tuning to those tasks (the others keep default schedules)."""
     from lprnet_edge.compiler import tune as mod
 
-    database, summary = mod.tune(relax_model.mod, target, cfg, log=log, cc=compiler)
+    database, summary = mod.tune(relax_model.mod, target, cfg, log=log, cc=compiler,
+                                 tasks=list(cfg.tasks) or None)
     return database, summary
 
 
@@ -648,13 +658,39 @@ def _jsonable(obj: Any) -> Any:
                                  else str(o)))
 
 
+DEVICE_CHECK_IMAGES = 8
+
+
+def device_check_stage(art: ModelArtifact, compiled: CompiledModule, config: CompileConfig,
+                       calib_dir: Path | None = None, n: int = DEVICE_CHECK_IMAGES
+                       ) -> dict[str, Any]:
+    """Store ``n`` calib/ inputs with the host PyTorch logits in the artifact (``verify.npz``):
+    ``deploy`` runs them on the board and refuses to switch past the tolerance, so a cross
+    build is compared with PyTorch too, where it runs."""
+    from lprnet_edge.runtime.selfcheck import write_verify_set
+
+    reference = art.reference
+    if reference is None:
+        return {"status": "absent", "reason": "no PyTorch reference for this model"}
+    if any(e not in LOSSLESS for e in compiled.encodings.values()):
+        reference = _decoded_reference(reference, compiled)
+    tol = art.verify_tolerance if art.verify_tolerance is not None else config.verify_tolerance
+    images = verification_images(calib_dir, art.charset, n)
+    with torch_one_thread():
+        logits = [_torch_logits(reference, x) for x in images.xs]
+    name = write_verify_set(compiled.root, images.xs, logits, tol)
+    compiled.extra_files.append(name)
+    return {"status": "stored", "file": name, "inputs": len(images.xs), "tolerance": tol,
+            "data": images.source}
+
+
 def make_manifest(name: str, art: ModelArtifact, compiled: CompiledModule,
                   config: CompileConfig, verification: dict[str, Any],
                   accuracy: dict[str, Any] | None = None,
                   tune_summary: dict[str, Any] | None = None) -> Manifest:
     """The typed manifest of the staged artifact (files checksummed as they are now)."""
     root = compiled.root
-    sizes = {n: (root / n).stat().st_size for n in (MODEL_FILE, PARAMS_FILE)}
+    sizes = {n: (root / n).stat().st_size for n in compiled.files}
     stages = {"prune": art.stages.get("prune"), "quantize": art.stages.get("quantize"),
               "tune": art.stages.get("tune"), "compile": config.to_dict()}
     reports = dict(art.reports)
@@ -809,6 +845,8 @@ def _build_artifact(opts: BuildOptions, log: Log, guard: InterruptGuard) -> Buil
                 verification = verify_stage(art, compiled, opts.compile, opts.calib_dir,
                                             opts.verify_images, _fraction(opts.max_accuracy_drop),
                                             log)
+            verification["device_check"] = device_check_stage(art, compiled, opts.compile,
+                                                              opts.calib_dir)
             note["result"] = verification_summary(verification)
         accuracy = None
         if opts.eval_test:
@@ -842,8 +880,13 @@ def select_stage(art: ModelArtifact, opts: BuildOptions, log: Log
     from lprnet_edge.compress.prune import folded_encodings
 
     calib = _calibration_set(opts.calib_dir, art.charset)
+    latency = None
+    if opts.optimize == "latency":
+        def latency(cands: list[Any]) -> dict[str, Any]:
+            return candidate_latencies(cands, opts, log)
     best, model, report = mod.search(art.original, calib, opts.max_accuracy_drop,
-                                     channels=opts.search_channels, log=log)
+                                     channels=opts.search_channels, log=log,
+                                     optimize=opts.optimize, latency=latency)
     art.reports["selection"] = report
     pruned = None
     if model is not None and best.prune is not None:
@@ -852,16 +895,99 @@ def select_stage(art: ModelArtifact, opts: BuildOptions, log: Log
     return best.prune, best.quant, pruned
 
 
+# Timing of the search's candidates: enough runs for a stable median, few enough for a board.
+CANDIDATE_RUNS = 30
+
+
+def graph_key(cand: Any) -> tuple[Any, ...]:
+    """Candidates with equal keys compile to the same graph: unstructured sparsity, fp16 and
+    int8 weights are storage encodings decoded to dense float32 at load; only the
+    architecture (a channel-pruned model) and int8 activations change what runs."""
+    arch = id(cand.pruned_model) if cand.pruned_model is not None else None
+    q = cand.quant
+    return (arch, q.to_dict() if q is not None and q.mode == "int8" else None)
+
+
+def candidate_latencies(cands: list[Any], opts: BuildOptions, log: Log = _stderr
+                        ) -> dict[str, Any]:
+    """Latency of each candidate on the build's target: one artifact per distinct graph
+    (:func:`graph_key`) built by this module's stages (untuned, or with ``opts.tune``'s
+    budget into a database of its own, the same for every candidate), timed by
+    :func:`lprnet_edge.compiler.session.time_artifact`, here or on ``opts.latency_rpc``."""
+    import tempfile
+
+    from lprnet_edge.compiler.session import open_session, time_artifact
+    from lprnet_edge.compress.select import LatencyFigure
+
+    if not opts.target.is_native and not opts.latency_rpc:
+        raise LprnetEdgeError(f"--optimize latency for {opts.target.name} measures on the "
+                              "board: give --rpc HOST:PORT (a TVM RPC server on it) or "
+                              "--host USER@HOST")
+    session = open_session(rpc=opts.latency_rpc)
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for c in cands:
+        groups.setdefault(graph_key(c), []).append(c)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="lprnet-candidates-") as tmp:
+        tune = (replace(opts.tune, db_dir=str(Path(tmp) / "tuning"))
+                if opts.tune is not None else None)
+        for members in groups.values():
+            rep = members[0]
+            log(f"  latency of {rep.name} on {session.where}"
+                + (f" (+ {len(members) - 1} same-graph)" if len(members) > 1 else ""))
+            path = candidate_artifact(rep, opts, Path(tmp) / rep.name, tune, log)
+            timed = time_artifact(path, session, repeat=CANDIDATE_RUNS, warmup=5)
+            fig = LatencyFigure(timed.timing.median_ms, rep.name, session.where,
+                                timed.timing.to_dict())
+            log(f"  {rep.name}: {fig.latency_ms:.2f} ms")
+            out.update({c.name: fig for c in members})
+    return out
+
+
+def candidate_artifact(cand: Any, opts: BuildOptions, out_dir: Path,
+                       tune: TuneConfig | None, log: Log) -> Path:
+    """``cand`` built for ``opts.target`` into ``out_dir`` by the stages (no verification:
+    only timed)."""
+    from lprnet_edge.compress.api import PrunedModel
+    from lprnet_edge.compress.prune import folded_encodings
+
+    quiet: Log = lambda _m: None  # noqa: E731
+    art = load_stage(opts.weights, opts.charset)
+    if cand.pruned_model is not None:
+        art = adopt_pruned(art, PrunedModel(cand.pruned_model, cand.prune, {},
+                                            folded_encodings(cand.pruned_model)))
+    elif cand.prune is not None:
+        art = prune_stage(art, cand.prune, opts.calib_dir)
+    if cand.quant is not None:
+        art = quantize_stage(art, cand.quant, opts.calib_dir)
+    relax_model = import_stage(art, opts.compile.frontend)
+    compiler = find_compiler(opts.target, opts.cc)
+    database, summary = None, None
+    if tune is not None:
+        database, summary = tune_stage(relax_model, opts.target, tune, quiet, compiler)
+    out_dir.mkdir(parents=True)
+    compiled = compile_stage(relax_model, opts.target, out_dir, compiler, opts.compile, art,
+                             database=database, log=quiet)
+    manifest = make_manifest(cand.name, art, compiled, opts.compile,
+                             {"status": "skipped", "reason": "timed only"}, None, summary)
+    package_stage(out_dir, manifest)
+    return out_dir
+
+
 def verification_summary(v: dict[str, Any]) -> str:
+    check = v.get("device_check") or {}
+    on_device = (f"; {check['inputs']} inputs ({check['data']}) with PyTorch logits stored "
+                 "for the check on the device at deploy" if check.get("status") == "stored"
+                 else "")
     if v.get("status") == "skipped":
-        return f"skipped ({v.get('reason')})"
+        return f"skipped here ({v.get('reason')}){on_device}"
     parts = [f"{v['status']} on {v['images']} images"]
     if v.get("max_abs_logit_diff") is not None:
         parts.append(f"max |logit diff| {v['max_abs_logit_diff']:.2e} (tol {v['tolerance']:g})")
         parts.append(f"plate agreement {v['plate_agreement']:.4f}")
     if v.get("calib_accuracy") is not None:
         parts.append(f"calib accuracy {v['calib_accuracy']:.3f}")
-    return ", ".join(parts)
+    return ", ".join(parts) + on_device
 
 
 def _mb(n: int) -> str:

@@ -52,8 +52,8 @@ class InterruptGuard:
 
 def pause_for_tests(stage: str) -> None:
     """Fault injection for the interruption tests: ``LPRNET_EDGE_PAUSE_BEFORE_STAGE=name:secs``
-    sleeps before stage ``name`` starts, so a signal can be sent at a known point (even before a
-    stage that lasts milliseconds, like ``package``)."""
+    sleeps once stage ``name`` is announced and before its work, so a signal can be sent at a
+    known point (even for a stage that lasts milliseconds, like ``package``)."""
     value = os.environ.get(PAUSE_ENV, "")
     name, _, secs = value.partition(":")
     if name == stage:

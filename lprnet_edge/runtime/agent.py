@@ -158,7 +158,7 @@ def _bench_compare(args: argparse.Namespace) -> dict[str, Any]:
                             runs=max(1, args.runs // rounds), warmup=min(args.warmup, 10),
                             missing={TORCH: "not run on the device (its runtime has no "
                                             "PyTorch)"},
-                            where=" on the device")
+                            where=" on the device", probe_ort=True)
     return {**comp.to_dict(), "source": art.manifest.records.get("source"),
             "machine": platform.machine()}
 

@@ -40,8 +40,29 @@ def ort_install_hint(where: str = "") -> str:
     return f"not installed{where}: pip install onnxruntime"
 
 
-def onnxruntime_missing(where: str = "") -> str | None:
-    """None when onnxruntime imports here, else the reason and the fix (one line)."""
+def onnxruntime_missing(where: str = "", probe: bool = False) -> str | None:
+    """None when onnxruntime imports here, else the reason and the fix (one line).
+
+    ``probe`` imports it in a child process first: a wheel that does not suit the CPU can
+    kill the process on import (seen: SIGSEGV under qemu-user), which must not take the
+    artifact's own figures down with it."""
+    if probe:
+        import subprocess
+
+        try:
+            r = subprocess.run([sys.executable, "-c", "import onnxruntime"], capture_output=True,
+                               text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            return f"onnxruntime{where} did not finish importing in 600 s"
+        if r.returncode < 0:
+            return (f"onnxruntime{where} crashes on import (signal {-r.returncode}): its wheel "
+                    f"does not run on this CPU; reinstall it (pip install --force-reinstall "
+                    f"onnxruntime in {sys.prefix})")
+        if r.returncode != 0:
+            if "No module named 'onnxruntime'" in r.stderr:
+                return ort_install_hint(where)
+            tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+            return f"onnxruntime{where} fails to import: {tail}"
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -179,12 +200,15 @@ class Comparison:
 def compare_artifact(artifact: Any, onnx: str | Path | None = None, threads: int | None = None,
                      rounds: int = 5, runs: int = 20, warmup: int = 5,
                      baselines: Sequence[Baseline] = (), missing: Mapping[str, str] | None = None,
-                     where: str = "") -> Comparison:
+                     where: str = "", probe_ort: bool = False) -> Comparison:
     """Time an artifact's module (model only, numpy in and out) interleaved with ONNX Runtime
     on ``onnx`` (when given and importable) and ``baselines``, all on one input (the synthetic
-    plate every timing path uses) and ``threads`` threads (default: the artifact's).
+    plate every timing path uses) and ``threads`` threads (default: the artifact's);
+    ``rounds`` rounds of ``runs`` calls per candidate, after ``warmup`` calls each.
 
-    ``missing``: baselines the caller could not set up, with the reason (shown as rows).
+    ``missing``: baselines the caller could not set up, with the reason (shown as rows);
+    ``probe_ort``: import onnxruntime in a child process first (the device agent does: see
+    :func:`onnxruntime_missing`).
     Each baseline's largest |logit difference| to the artifact is reported too: ~1e-5 for an
     fp32 build of the same weights; larger for a pruned or quantized artifact."""
     from lprnet_edge.runtime.profile import (
@@ -203,7 +227,7 @@ def compare_artifact(artifact: Any, onnx: str | Path | None = None, threads: int
         ARTIFACT, f"TVM artifact ({inp.artifact.manifest.target.name})", tvm_mod)}
     gone = dict(missing or {})
     if onnx is not None:
-        reason = onnxruntime_missing(where)
+        reason = onnxruntime_missing(where, probe=probe_ort)
         if reason is None:
             ort = OnnxRuntimeModel(onnx, n)
             cands[ONNXRUNTIME] = Baseline(ONNXRUNTIME, f"ONNX Runtime {ort.version} fp32", ort)
@@ -212,7 +236,11 @@ def compare_artifact(artifact: Any, onnx: str | Path | None = None, threads: int
     for b in baselines:
         cands[b.name] = b
     ref = tvm_mod(x)
-    rows_out: dict[str, np.ndarray] = {name: b.fn(x) for name, b in cands.items()}
+    rows_out: dict[str, np.ndarray] = {}
+    for name, b in cands.items():
+        if b.before:
+            b.before()
+        rows_out[name] = b.fn(x)
     per_round = max(1, runs)
     timings = interleaved({name: (lambda f=b.fn: f(x)) for name, b in cands.items()},
                           rounds=rounds, runs=per_round, warmup=warmup, threads=n,
@@ -230,7 +258,6 @@ def compare_artifact(artifact: Any, onnx: str | Path | None = None, threads: int
         rows.append(row)
     return Comparison(threads=n, rounds=rounds, runs_per_round=per_round, rows=rows,
                       missing=gone, speedup=ratios)
-
 
 
 LABELS = {ARTIFACT: "TVM artifact", ONNXRUNTIME: "ONNX Runtime fp32", TORCH: "PyTorch eager"}
@@ -253,8 +280,13 @@ def format_comparison(d: Mapping[str, Any]) -> str:
                        for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
              for row in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    for name, why in (d.get("missing") or {}).items():
-        lines.append(f"{LABELS.get(name, name)}: {why}")
+    if not body:
+        lines = []
+    missing = dict(d.get("missing") or {})
+    for name in sorted(missing, key=lambda k: list(LABELS).index(k) if k in LABELS else 99):
+        lines.append(f"{LABELS.get(name, name)}: {missing[name]}")
+    if d.get("error"):
+        lines.append(f"comparison failed: {d['error']}")
     lines += [f"note: {n}" for n in d.get("notes") or []]
     return "\n".join(lines)
 

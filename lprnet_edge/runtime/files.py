@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -64,6 +66,21 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 @contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM held back for the block (main thread; elsewhere they are not delivered
+    to this thread anyway) and delivered right after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
 def staging_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
     """A temporary directory beside ``final`` that becomes ``final`` only if the block succeeds.
 
@@ -77,11 +94,12 @@ def staging_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         publish_mode(tmp)
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
+        with _signals_deferred():  # never stop between moving the old one away and the new in
+            old = None
+            if final.exists():
+                old = final.parent / f".{final.name}.old-{os.getpid()}"
+                os.replace(final, old)
+            os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

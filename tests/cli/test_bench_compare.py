@@ -141,9 +141,11 @@ BLOCK_ORT = textwrap.dedent("""
     import importlib.abc, sys
 
     class _Block(importlib.abc.MetaPathFinder):
+        \"\"\"onnxruntime not installed: the error Python gives for a missing package.\"\"\"
+
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] == "onnxruntime":
-                raise ImportError(f"blocked for this test: {name}")
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
             return None
 
     sys.meta_path.insert(0, _Block())

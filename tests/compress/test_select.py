@@ -54,3 +54,67 @@ def test_budget_is_in_points(cli_runner):
     assert_user_error(r, "--max-accuracy-drop")
     r = cli_runner("build", "--target", "rpi4", "--search-channels", "0.5")
     assert_user_error(r, "--search-channels goes with --max-accuracy-drop")
+
+
+def test_search_optimize_latency_on_the_host(cli_runner, weights_path, small_data, tmp_path):
+    """``--optimize latency``: every candidate within budget is built for the target and
+    timed (same-graph candidates share one build), the fastest wins (ties: the smallest),
+    and the manifest records every figure and why."""
+    calib, test = small_data
+    out = tmp_path / "fast"
+    r = cli_runner("build", "--target", "host", "--weights", str(weights_path),
+                   "--max-accuracy-drop", "1", "--optimize", "latency", "--calib", str(calib),
+                   "--test-dir", str(test), "--verify-images", "4", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    sel = json.loads((out / "manifest.json").read_text())["reports"]["selection"]
+    assert sel["optimize"] == "latency"
+    rows = {c["name"]: c for c in sel["candidates"]}
+    ok = [c for c in rows.values() if c["within_budget"]]
+    assert ok and all(c["latency_ms"] > 0 and c["latency_where"] == "local" for c in ok)
+    assert all(c["latency_ms"] is None for c in rows.values() if not c["within_budget"])
+    # Weight encodings decode to the same dense graph: one build timed for all of them.
+    dense = [c for c in ok if c["quantize"] is None or c["quantize"]["mode"] != "int8"]
+    assert len({c["latency_measured_as"] for c in dense}) == 1
+    assert len({c["latency_ms"] for c in dense}) == 1
+    won = rows[sel["selected"]]
+    best = min((c["latency_ms"], c["stored_bytes"]) for c in ok)
+    assert (won["latency_ms"], won["stored_bytes"]) == best
+    assert "lowest latency on local" in sel["why"] and sel["selected"] in sel["why"]
+    assert "latency ms" in r.output
+
+
+def test_candidate_latencies_over_rpc(weights_path, small_data, tmp_path):
+    """The search's timing over a real RPC server (127.0.0.1): two candidates with the same
+    graph, one build, timed on the server's session."""
+    from lprnet_edge.compiler.rpc import start_server
+    from lprnet_edge.compiler.target import load_target
+    from lprnet_edge.compress.configs import Fp16WeightsConfig, UnstructuredPruneConfig
+    from lprnet_edge.compress.select import Candidate
+    from lprnet_edge.pipeline.build import BuildOptions, candidate_latencies
+
+    calib, _test = small_data
+    cands = [Candidate("original"),
+             Candidate("sparse80+fp16", UnstructuredPruneConfig(sparsity=0.8),
+                       Fp16WeightsConfig())]
+    logs: list[str] = []
+    with start_server("127.0.0.1", log_path=str(tmp_path / "server.log"), wait=90) as srv:
+        opts = BuildOptions(target=load_target("host"), out=tmp_path / "unused",
+                            weights=weights_path, calib_dir=calib, optimize="latency",
+                            latency_rpc=srv.address)
+        figs = candidate_latencies(cands, opts, logs.append)
+    assert set(figs) == {"original", "sparse80+fp16"}
+    o, s = figs["original"], figs["sparse80+fp16"]
+    assert o is s and o.measured_as == "original" and o.where == srv.address
+    assert o.latency_ms > 0 and o.timing["repeat"] > 0 and o.timing["threads"] is None
+    assert any(srv.address in m for m in logs)
+
+
+def test_optimize_needs_the_search(cli_runner):
+    r = cli_runner("build", "--target", "host", "--optimize", "latency")
+    assert_user_error(r, "--optimize goes with --max-accuracy-drop")
+    r = cli_runner("build", "--target", "host", "--quantize", "int8", "--max-accuracy-drop", "1",
+                   "--optimize", "latency")
+    assert_user_error(r, "--optimize goes with --max-accuracy-drop")
+    r = cli_runner("build", "--target", "rpi4", "--max-accuracy-drop", "1", "--optimize",
+                   "latency")
+    assert_user_error(r, "times the candidates on the board", "--rpc HOST:PORT")

@@ -179,10 +179,25 @@ def test_cli_cross_build_rpi4(cli_runner, tiny_ckpt: Path, tmp_path: Path):
     assert m["target"]["toolchain"]["cross"] is (machine_arch() != "aarch64")
     assert m["runtime"]["num_threads"] == 4
     if machine_arch() != "aarch64":
-        assert m["verification"] == {
-            "status": "skipped",
-            "reason": "cross-compiled for aarch64; verify on the device with "
-                      "`lprnet-edge deploy`"}
+        v = m["verification"]
+        assert v["status"] == "skipped"
+        assert v["reason"] == ("cross-compiled for aarch64; verify on the device with "
+                               "`lprnet-edge deploy`")
+        # The on-device check: calib/ inputs and PyTorch logits, checksummed like the model.
+        assert v["device_check"]["status"] == "stored" and "verify.npz" in m["files"]
+        import numpy as np
+
+        from lprnet_edge.model.checkpoint import load_model
+
+        with np.load(out / "verify.npz") as z:
+            x, y = z["inputs"], z["logits"]
+        assert len(x) == v["device_check"]["inputs"] > 0
+        ref = load_model(tiny_ckpt)
+        import torch
+
+        with torch.inference_mode():
+            np.testing.assert_allclose(ref(torch.from_numpy(x[:1])).numpy()[0], y[0],
+                                       rtol=1e-5, atol=1e-5)
         head = (out / "model.so").read_bytes()[:20]
         assert head[:4] == b"\x7fELF" and head[4] == 2
         assert int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64

@@ -113,14 +113,25 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
         assert t["manifest_stages_tune"]["trials"] == 2
         assert r["artifact_params_bytes"] > 0
     o, w = rows["original"]["latency_tvm"], rows["int8w"]["latency_tvm"]
-    # int8 weights are decoded at load: same graph, same database, tuned once.
-    assert o["workload"] == w["workload"]
+    # The build's own tune stage tuned the convolutions only (TuneConfig.tasks), into the
+    # report's database for this budget; int8 weights are decoded at load: same graph, its
+    # records are already there, nothing new is tuned.
+    assert o["manifest_stages_tune"]["tasks"] == ["conv2d"]
+    assert o["tuning"]["db_dir"] == w["tuning"]["db_dir"]
+    assert Path(o["tuning"]["db_dir"]).parent == tmp_path / "work" / "tuning"
     assert o["tuning"]["trials_new"] == 2 and not o["tuning"]["skipped"]
     assert w["tuning"]["skipped"] and w["tuning"]["trials_new"] == 0
-    assert count_records(fresh_cache / "tuning" / o["workload"]) >= 2
-    # 2 trials reach one convolution task; the report says how many of them have records.
-    assert o["tuning"]["tasks_with_records"] == 1 == w["tuning"]["tasks_with_records"]
+    assert count_records(o["tuning"]["db_dir"]) >= 2
+    assert 1 <= o["tuning"]["tasks_tuned"] == w["tuning"]["tasks_tuned"] < o["tuning"]["tasks"]
     assert o["tuning"]["tasks"] >= 10  # LPRNet's convolution tasks
+    # Equal budgets: the same records in both workloads, so the ratio is printed.
+    assert data["latency"]["budget"]["comparable"] is True
+    assert o["records_applied"] == w["records_applied"]
+    assert rows["original"]["latency_comparable"] is True
+    # The per-kernel profile of each variant (the profiler of `bench --profile`).
+    prof = rows["original"]["latency_profile"]
+    assert prof["rows"] and prof["kernels_ms"] > 0 and prof["wall"]["median_ms"] > 0
+    assert any("conv2d" in k["name"] for k in prof["rows"])
     assert rows["int8w"]["latency_ratio"] == pytest.approx(
         rows["original"]["latency_ms"] / rows["int8w"]["latency_ms"])
     # Variants not asked for keep their (PyTorch) latency and say so.
@@ -130,11 +141,16 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
     assert rep["refreshed"] == data["refreshed"]
     md = (out / "compression-report.md").read_text(encoding="utf-8")
     assert "**2 MetaSchedule trials per workload**" in md and "(tvm-tuned)" in md
-    assert f"| original | {o['workload']} | 2 | 2 | 2 | 1/{o['tuning']['tasks']} |" in md
+    tt = o["tuning"]
+    assert (f"| original | 2 | 2 | {o['records_applied']} | {tt['tasks_tuned']}/{tt['tasks']} |"
+            in md)
+    assert "Not compared" not in md
 
 
 def test_tvm_latency_reports_a_failed_build(tiny_report, tmp_path):
     """A variant that cannot be built gets an explained n/a, and the report is still written."""
+    import lprnet_edge.report.latency as lat
+    import lprnet_edge.report.render as render
     import lprnet_edge.report.variants as report
 
     out, rep, _cal, _test = tiny_report
@@ -143,17 +159,17 @@ def test_tvm_latency_reports_a_failed_build(tiny_report, tmp_path):
     v = report.Variant("broken", "unreadable checkpoint", torch.nn.Identity(),
                        torch.nn.Identity(), {}, "fp32", weights_path=bad)
     row = dict(rep["variants"][-1], name="broken", latency_ms=1.0, latency_rounds_ms=[1.0])
-    report.tvm_latencies([v], [row], tmp_path / "work", None, trials=None, rounds=1, runs=1,
-                         log=lambda m: None)
+    lat.tvm_latencies([v], [row], tmp_path / "work", None, trials=None, rounds=1, runs=1,
+                      log=lambda m: None)
     assert row["latency_ms"] is None and row["latency_backend"] == "tvm"
     assert row["latency_error"].startswith("build failed: ") and "latency_rounds_ms" not in row
     rep["variants"].append(row)
-    report._latency_ratios(rep["variants"])
+    lat.latency_ratios(rep["variants"])
     assert row["latency_ratio"] is None
     report._save(out, rep)
     md = (out / "compression-report.md").read_text(encoding="utf-8")
     assert "| broken |" in md and "n/a (build failed: " in md
-    info = report.plot(tmp_path / "p.png", rep["variants"], rep["latency"])
+    info = render.plot(tmp_path / "p.png", rep["variants"], rep["latency"])
     assert info["missing"] == ["broken"] and "broken" not in info["labels"]
 
 
@@ -167,7 +183,7 @@ def _brute_front(rows: list[dict]) -> set[str]:
 
 
 def test_pareto_front_matches_brute_force():
-    import lprnet_edge.report.variants as report
+    import lprnet_edge.report.render as report
 
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -179,7 +195,7 @@ def test_pareto_front_matches_brute_force():
 def test_plot_labels_do_not_overlap_in_a_cluster(tmp_path):
     """Seven variants on (almost) the same point, as same-graph variants are: every label
     is drawn, inside the axes, and no two labels overlap."""
-    import lprnet_edge.report.variants as report
+    import lprnet_edge.report.render as report
 
     rows = []
     for i in range(7):  # the cluster
@@ -245,3 +261,29 @@ def test_report_command_rejects_inconsistent_options(cli_runner, tmp_path):
                       "no compression-report.json")
     assert_user_error(cli_runner("report", "--variant", "original", "--out", tmp_path),
                       "--variant applies to --refresh-latency")
+
+
+def test_unequal_tuning_budgets_are_not_compared(tiny_report):
+    """Rows whose workloads got different numbers of tuning records: no latency ratio, and
+    the table says why instead of printing one."""
+    import lprnet_edge.report.latency as lat
+    import lprnet_edge.report.variants as report
+
+    out, rep, _cal, _test = tiny_report
+    rows = rep["variants"][:2]
+    for r, records in zip(rows, (40, 8), strict=True):
+        r.update(latency_backend="tvm-tuned", artifact_params_bytes=1000,
+                 latency_tvm={"trials_budget": 40, "records_applied": records, "build_s": 1.0,
+                              "tuning": {"tasks": 12, "tasks_tuned": 12}})
+    check = lat.budget_check(rows)
+    assert check["comparable"] is False and "records applied differ" in check["reason"]
+    for r in rows:
+        r["latency_comparable"] = check["comparable"]
+    lat.latency_ratios(rows)
+    assert all(r["latency_ratio"] is None for r in rows)
+    rep["variants"] = rows
+    rep["latency"] = dict(rep["latency"], budget=check)
+    report._save(out, rep)
+    md = (out / "compression-report.md").read_text(encoding="utf-8")
+    assert "**Not compared: unequal tuning budgets**" in md
+    assert "not compared (unequal tuning)" in md

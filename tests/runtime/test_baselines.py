@@ -90,10 +90,11 @@ def test_onnxruntime_model_matches_torch_and_uses_the_threads(tiny_onnx):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def _agent(args: list[str], block_ort: bool = False) -> dict:
+def _agent(args: list[str], block_ort: bool = False, path: Path | None = None) -> dict:
     """``python -m lprnet_edge.runtime.agent ARGS`` as on a board (torch blocked by the agent;
-    with ``block_ort`` an import hook makes onnxruntime uninstalled)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with ``block_ort`` an import hook makes onnxruntime uninstalled; ``path`` goes first on
+    PYTHONPATH)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (path, REPO) if p)}
     env.pop("LPRNET_EDGE_AGENT_ALLOW_TORCH", None)
     code = textwrap.dedent("""
         import importlib.abc, sys
@@ -158,3 +159,25 @@ def test_agent_bench_onnx_without_onnxruntime_says_how_to_install(tiny_tvm_artif
     assert [r["name"] for r in comp["rows"]] == ["tvm"] and comp["speedup"] == {}
     assert comp["missing"]["onnxruntime"].startswith("not installed on the device: "
                                                      "pip install onnxruntime")
+
+
+@pytest.mark.slow
+def test_agent_bench_onnx_survives_an_onnxruntime_that_crashes(tiny_tvm_artifact: Path,
+                                                               tmp_path: Path):
+    """An onnxruntime wheel that kills the process on import (the aarch64 wheel does so
+    under qemu-user: SIGSEGV) costs its row only: the agent probes it in a child process."""
+    pytest.importorskip("torch")
+    from lprnet_edge.model.onnx import export_onnx
+
+    onnx = export_onnx(tiny_tvm_artifact.parent / "tiny.pth",
+                       cache=tiny_tvm_artifact.parent / "onnx-cache").path
+    crashing = tmp_path / "site" / "onnxruntime"
+    crashing.mkdir(parents=True)
+    (crashing / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), "
+                                          "signal.SIGSEGV)\n")
+    res = _agent(["bench", "--artifact", str(tiny_tvm_artifact), "--onnx", str(onnx),
+                  "--compare-only", "--runs", "2", "--warmup", "0", "--rounds", "2",
+                  "--threads", "1"], path=tmp_path / "site")
+    comp = res["compare"]
+    assert [r["name"] for r in comp["rows"]] == ["tvm"]
+    assert "crashes on import (signal 11)" in comp["missing"]["onnxruntime"]
