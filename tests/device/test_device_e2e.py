@@ -126,16 +126,21 @@ def test_remote_recognize_and_info(pi_device, deployed, test_images):
     assert st["info"]["torch_imported"] is False
 
 
+DEFAULT_EVAL_LIMIT = 250
+
+
 def eval_limit() -> int | None:
-    """All 1000 plates (the issue's proof; ~25 min on 2 cores under emulation, sharded over
-    the cores), or the first LPRNET_EDGE_DEVICE_EVAL_LIMIT plates for a quick local run."""
-    limit = os.environ.get("LPRNET_EDGE_DEVICE_EVAL_LIMIT")
-    return int(limit) if limit else None
+    """The first 250 plates by default (compared with PyTorch on the same plates: ~3 min under
+    emulation, sharded over the cores), or LPRNET_EDGE_DEVICE_EVAL_LIMIT plates;
+    ``LPRNET_EDGE_DEVICE_EVAL_LIMIT=all`` evaluates all 1000 and checks the reference 0.894
+    (~10 min on 2 free cores: kept out of CI's 50-minute budget)."""
+    limit = os.environ.get("LPRNET_EDGE_DEVICE_EVAL_LIMIT", str(DEFAULT_EVAL_LIMIT))
+    return None if limit == "all" else int(limit)
 
 
 def test_remote_eval_on_the_device(pi_device, deployed, test_dir, weights_path):
-    """Exact-match accuracy of the cross-built module on the device: the reference 0.894 on
-    all 1000 plates, or the PyTorch model's own result on the same subset."""
+    """Exact-match accuracy of the cross-built module on the device: the PyTorch model's own
+    result on the same plates, or the reference 0.894 on all 1000 (``=all``)."""
     from lprnet_edge.device.deploy import remote_eval
 
     limit = eval_limit()
@@ -155,7 +160,7 @@ def test_remote_eval_on_the_device(pi_device, deployed, test_dir, weights_path):
           f"{res['accuracy']:.3f} ({res['correct']}/{res['count']}), char acc "
           f"{res['char_accuracy']:.3f}, {res['seconds']:.0f} s on the device with "
           f"{workers} workers, {wall:.0f} s wall, upload {res['upload_seconds']:.1f} s")
-    assert res["skipped"] == 0 and res["machine"] == "aarch64"
+    assert res["skipped"] == [] and res["machine"] == "aarch64"
     if limit is None:
         assert res["count"] == 1000
         assert res["accuracy"] == pytest.approx(0.894, abs=0.0015)
