@@ -187,7 +187,8 @@ tuning_options = grouped(
     "tuning", TuningArgs,
     click.option("--tune", is_flag=True, help="Tune with MetaSchedule before compiling."),
     click.option("--trials", type=click.IntRange(min=1),
-                 help="Tuning trials in total.  [default: 200]"),
+                 help="Tuning trials in total.  [default: 600: a first round for every "
+                      "task, then the convolutions by cost; at most 25 min of tuning]"),
     rpc_options,
     click.option("--tuning-db", type=click.Path(file_okay=False),
                  help="Tuning records directory (reused across builds; default: the cache)."),

@@ -47,7 +47,8 @@ def _command(ctx: click.Context) -> str:
                    "--trials).")
 @click.option("--trials", type=click.IntRange(min=0), default=200, show_default=True,
               help="With --latency tvm: MetaSchedule trials per workload, spent on the "
-                   "convolutions (databases cached by target + workload; 0: untuned).")
+                   "convolutions by the build's tune stage, the same for every variant (a "
+                   "tuning database of the report's own per budget; 0: untuned).")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
               help="Interleaved latency rounds (the median of the per-round medians).")
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
@@ -77,7 +78,6 @@ def report_cmd(ctx: click.Context, out: str, quick: bool, weights: str | None,
     from click.core import ParameterSource
 
     from lprnet_edge.report import variants as variants_report
-
 
     if (latency != "tvm"
             and ctx.get_parameter_source("trials") == ParameterSource.COMMANDLINE):
@@ -111,11 +111,14 @@ def report_cmd(ctx: click.Context, out: str, quick: bool, weights: str | None,
             lat = (f"{r['latency_ms']:6.2f} ms ({r['latency_backend']})"
                    if r.get("latency_ms") is not None
                    else f"n/a: {r.get('latency_error', 'not measured')}")
+            if r.get("latency_comparable") is False:
+                lat += " [unequal tuning: not compared]"
             click.echo(f"{r['name']:<38} acc {r['test_accuracy']:.3f} "
                        f"({r['accuracy_change_points']:+.1f} pt)  "
                        f"{r['stored_bytes'] / 1e3:7.1f} kB  {r['flops'] / 1e6:6.0f} MFLOPs"
                        f"  {lat}")
     click.echo(f"wrote {Path(out) / 'compression-report.md'} (.json, .png)")
+
 
 @click.command("compress")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),

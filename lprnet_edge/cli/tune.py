@@ -20,11 +20,11 @@ from lprnet_edge.runtime.errors import LprnetEdgeError
 # ---------------------------------------------------------------- library side
 
 
-def tune_model(target: str = "host", trials: int = 200, weights: str | None = None,
+def tune_model(target: str = "host", trials: int = 600, weights: str | None = None,
                trials_per_task: int | None = None, rpc: str | None = None,
                rpc_tracker: str | None = None, rpc_key: str | None = None,
                tuning_db: str | None = None, tasks: tuple[str, ...] = (),
-               timeout: float = 60.0, log: Any = None, scheduler: str = "gradient",
+               timeout: float = 60.0, log: Any = None, scheduler: str = "balanced",
                trials_per_iter: int = 16, population_size: int | None = None
                ) -> dict[str, Any]:
     """Import the model as ``lprnet-edge build`` does and tune it into the database."""
@@ -124,7 +124,7 @@ def bench_rpc(artifact: str | Path, rpc: str | None = None, rpc_tracker: str | N
 @click.command("tune")
 @click.option("--target", default="host", show_default=True,
               help="Target name (lprnet-edge targets) or a .toml path.")
-@click.option("--trials", type=click.IntRange(min=1), default=200, show_default=True,
+@click.option("--trials", type=click.IntRange(min=1), default=600, show_default=True,
               help="Total measured candidates wanted (records already in the database count).")
 @click.option("--trials-per-task", type=click.IntRange(min=1),
               help="Cap per task (tasks that have this many records are skipped).")
@@ -137,9 +137,10 @@ def bench_rpc(artifact: str | Path, rpc: str | None = None, rpc_tracker: str | N
               help="Only tune tasks whose name contains SUBSTRING (repeatable), e.g. conv2d.")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds allowed to build or run one candidate (and to reach the device).")
-@click.option("--scheduler", type=click.Choice(["gradient", "round-robin"]),
-              default="gradient", show_default=True,
-              help="Task scheduler (round-robin saves every batch as soon as it is measured).")
+@click.option("--scheduler", type=click.Choice(["balanced", "gradient", "round-robin"]),
+              default="balanced", show_default=True,
+              help="balanced: a first round for every task (heaviest first), then the rest of "
+                   "the budget by FLOPs x calls; gradient / round-robin: MetaSchedule's own.")
 @click.option("--trials-per-iter", type=click.IntRange(min=1), default=16, show_default=True,
               help="Candidates measured per batch.")
 @click.option("--population-size", type=click.IntRange(min=8),

@@ -237,7 +237,7 @@ class Int8Config(QuantizeConfig):
 class TuneConfig(_Config):
     """MetaSchedule budget and where to measure (local, direct RPC or an RPC tracker)."""
 
-    trials: int = 200
+    trials: int = 600  # a first round for every task, then the convs (25 min cap)
     trials_per_task: int | None = None
     num_trials_per_iter: int = 16
     rpc: str | None = None  # "HOST:PORT" of a TVM RPC server

@@ -908,22 +908,22 @@ def graph_key(cand: Any) -> tuple[Any, ...]:
     return (arch, q.to_dict() if q is not None and q.mode == "int8" else None)
 
 
-def candidate_latencies(cands: list[Any], opts: BuildOptions, log: Log = _stderr
-                        ) -> dict[str, Any]:
+def candidate_latencies(cands: list[Any], opts: BuildOptions, log: Log = _stderr,
+                        runs: int = CANDIDATE_RUNS) -> dict[str, Any]:
     """Latency of each candidate on the build's target: one artifact per distinct graph
     (:func:`graph_key`) built by this module's stages (untuned, or with ``opts.tune``'s
     budget into a database of its own, the same for every candidate), timed by
-    :func:`lprnet_edge.compiler.session.time_artifact`, here or on ``opts.latency_rpc``."""
+    :func:`lprnet_edge.compiler.session.time_artifact` (median of ``runs``), here or on
+    ``opts.latency_rpc``."""
     import tempfile
 
-    from lprnet_edge.compiler.session import open_session, time_artifact
     from lprnet_edge.compress.select import LatencyFigure
 
     if not opts.target.is_native and not opts.latency_rpc:
         raise LprnetEdgeError(f"--optimize latency for {opts.target.name} measures on the "
                               "board: give --rpc HOST:PORT (a TVM RPC server on it) or "
                               "--host USER@HOST")
-    session = open_session(rpc=opts.latency_rpc)
+    where = opts.latency_rpc or "local"
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for c in cands:
         groups.setdefault(graph_key(c), []).append(c)
@@ -933,15 +933,44 @@ def candidate_latencies(cands: list[Any], opts: BuildOptions, log: Log = _stderr
                 if opts.tune is not None else None)
         for members in groups.values():
             rep = members[0]
-            log(f"  latency of {rep.name} on {session.where}"
+            log(f"  latency of {rep.name} on {where}"
                 + (f" (+ {len(members) - 1} same-graph)" if len(members) > 1 else ""))
             path = candidate_artifact(rep, opts, Path(tmp) / rep.name, tune, log)
-            timed = time_artifact(path, session, repeat=CANDIDATE_RUNS, warmup=5)
-            fig = LatencyFigure(timed.timing.median_ms, rep.name, session.where,
-                                timed.timing.to_dict())
+            timing = (_time_candidate(str(path), None, runs) if opts.latency_rpc is None
+                      else _in_child(_time_candidate, str(path), opts.latency_rpc, runs))
+            fig = LatencyFigure(timing["median_ms"], rep.name, where, timing)
             log(f"  {rep.name}: {fig.latency_ms:.2f} ms")
             out.update({c.name: fig for c in members})
     return out
+
+
+def _time_candidate(path: str, rpc: str | None, runs: int) -> dict[str, Any]:
+    """``time_artifact`` on a session of its own (a session uploads every library as
+    ``model.so`` into one folder: overwriting a loaded library crashes its process)."""
+    from lprnet_edge.compiler.session import open_session, time_artifact
+
+    res = time_artifact(path, open_session(rpc=rpc), repeat=runs, warmup=min(5, runs))
+    return res.timing.to_dict()
+
+
+CANDIDATE_TIMEOUT_S = 1800.0
+
+
+def _in_child(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a spawned process: the TVM RPC client blocks in C++ holding the GIL,
+    which would starve an SSH tunnel pumped by this process (``--host``)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        fut = ex.submit(fn, *args)
+        try:
+            return fut.result(timeout=CANDIDATE_TIMEOUT_S)
+        except cf.TimeoutError:
+            for p in list(getattr(ex, "_processes", {}).values()):
+                p.kill()
+            raise LprnetEdgeError(f"timing a candidate on the device took over "
+                                  f"{CANDIDATE_TIMEOUT_S:g}s") from None
 
 
 def candidate_artifact(cand: Any, opts: BuildOptions, out_dir: Path,

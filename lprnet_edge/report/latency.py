@@ -268,16 +268,17 @@ def tvm_latencies(variants: Sequence[Variant], rows: list[dict[str, Any]], work:
 
 
 def _time_interleaved(results: dict[str, LatencyResult], rounds: int, runs: int) -> None:
-    """``rounds`` rounds of :func:`time_artifact` over every built variant."""
-    from lprnet_edge.compiler.session import local_session, time_artifact
+    """``rounds`` rounds of :func:`time_artifact` over every built variant (each call on a
+    session of its own: a session uploads every library as ``model.so`` into one folder, and
+    overwriting a loaded library crashes the process)."""
+    from lprnet_edge.compiler.session import time_artifact
 
-    session = local_session()
     live = [n for n, r in results.items() if r.error is None and r.tvm is not None]
     for _ in range(rounds):
         for name in list(live):
             res = results[name]
             try:
-                timed = time_artifact(res.tvm.artifact, session, repeat=runs, warmup=3,
+                timed = time_artifact(res.tvm.artifact, None, repeat=runs, warmup=3,
                                       threads=LATENCY_THREADS)
             except Exception as e:  # noqa: BLE001 - this row says why, the others go on
                 res.error = "run failed: " + _short_error(e)
@@ -292,10 +293,10 @@ def _time_interleaved(results: dict[str, LatencyResult], rounds: int, runs: int)
 def _profile(res: LatencyResult) -> dict[str, Any] | None:
     """The per-kernel profile of the variant's artifact (local, like ``bench --profile``);
     None with the reason in the row's error if profiling fails (the timing stands)."""
-    from lprnet_edge.compiler.session import local_session, time_artifact
+    from lprnet_edge.compiler.session import time_artifact
 
     try:
-        b = time_artifact(res.tvm.artifact, local_session(), repeat=3, warmup=1,
+        b = time_artifact(res.tvm.artifact, None, repeat=3, warmup=1,
                           threads=LATENCY_THREADS, profile=True, profile_runs=PROFILE_RUNS)
     except Exception as e:  # noqa: BLE001
         return {"error": _short_error(e)}

@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_user_error, copy_images
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ["emulated_device"]  # tests/emulated_device.py: the emulated Pi fixture
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +119,34 @@ def test_optimize_needs_the_search(cli_runner):
     r = cli_runner("build", "--target", "rpi4", "--max-accuracy-drop", "1", "--optimize",
                    "latency")
     assert_user_error(r, "times the candidates on the board", "--rpc HOST:PORT")
+
+
+@pytest.mark.device
+def test_candidate_latencies_on_the_emulated_pi(emulated_pi, weights_path, small_data, tmp_path):
+    """``--optimize latency --host``'s timing path against the emulated Pi (qemu: the
+    figure is not a board's, only the path is checked): a cross build for rpi4, timed on
+    the device through a TVM RPC server started there over SSH and an SSH tunnel (the RPC
+    client in a child process), with a tiny budget of 2 runs."""
+    from lprnet_edge.compiler.target import load_target
+    from lprnet_edge.compress.configs import Int8WeightsConfig
+    from lprnet_edge.compress.select import Candidate
+    from lprnet_edge.device.deploy import Device, device_rpc
+    from lprnet_edge.device.ssh import SshConnection
+    from lprnet_edge.pipeline.build import BuildOptions, candidate_latencies
+
+    calib, _test = small_data
+    cands = [Candidate("original"), Candidate("int8w", None, Int8WeightsConfig())]
+    conn = SshConnection(f"{emulated_pi.user}@{emulated_pi.host}:{emulated_pi.port}",
+                         key=emulated_pi.key_path, known_hosts=emulated_pi.known_hosts_path,
+                         timeout=60).connect()
+    try:
+        with device_rpc(Device(conn), server_timeout=300) as lport:
+            opts = BuildOptions(target=load_target("rpi4"), out=tmp_path / "unused",
+                                weights=weights_path, calib_dir=calib, optimize="latency",
+                                latency_rpc=f"127.0.0.1:{lport}")
+            figs = candidate_latencies(cands, opts, lambda m: None, runs=2)
+    finally:
+        conn.close()
+    o = figs["original"]
+    assert figs["int8w"] is o and o.measured_as == "original"
+    assert o.where == f"127.0.0.1:{lport}" and o.latency_ms > 0 and o.timing["repeat"] == 2
