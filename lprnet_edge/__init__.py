@@ -6,7 +6,8 @@ ships to a board beside that folder and ``from lprnet_edge import Recognizer`` w
 """
 
 from lprnet_edge.runtime import __version__
+from lprnet_edge.runtime.artifact import Artifact
 from lprnet_edge.runtime.errors import LprnetEdgeError
 from lprnet_edge.runtime.recognizer import PlateResult, Recognizer
 
-__all__ = ["LprnetEdgeError", "PlateResult", "Recognizer", "__version__"]
+__all__ = ["Artifact", "LprnetEdgeError", "PlateResult", "Recognizer", "__version__"]

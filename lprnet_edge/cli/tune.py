@@ -90,16 +90,27 @@ def bench_local(artifact: str | Path, runs: int = 200, warmup: int = 20,
     return res
 
 
-def default_compare() -> bool:
+def default_compare(weights: str | None = None) -> bool:
     """``bench`` compares with the baselines by default when PyTorch is installed here (it
-    exports the ONNX file and runs the eager row); a missing ONNX Runtime becomes a row that
-    says how to install it."""
+    exports the ONNX file and runs the eager row) and the weights can be found; a missing ONNX
+    Runtime becomes a row that says how to install it. ``--compare`` insists (and errors)."""
     import importlib.util
 
     try:
-        return importlib.util.find_spec("torch") is not None
+        if importlib.util.find_spec("torch") is None:
+            return False
     except (ImportError, ValueError):
         return False
+    from lprnet_edge.model.weights import resolve_weights
+    from lprnet_edge.runtime.errors import WeightsError
+
+    try:
+        resolve_weights(weights)
+    except WeightsError:
+        click.echo("note: no LPRNet weights found, so no ONNX Runtime / PyTorch comparison "
+                   "(pass --weights or set LPRNET_EDGE_DATA; --compare to insist)", err=True)
+        return False
+    return True
 
 
 def bench_rpc(artifact: str | Path, rpc: str | None = None, rpc_tracker: str | None = None,
@@ -261,11 +272,11 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
         if tunnel and compare:
             raise click.UsageError("--compare runs on the board through its agent, not over "
                                    "RPC: drop --tunnel")
+        if compare is None:
+            compare = not tunnel and default_compare(weights)
         print_bench(bench_over_ssh(ssh, rpc=tunnel, artifact=artifact, runs=runs,
                                    warmup=warmup, threads=threads, profile=profile,
-                                   compare=not tunnel and (default_compare() if compare is None
-                                                           else compare),
-                                   rounds=rounds, weights=weights), as_json)
+                                   compare=compare, rounds=rounds, weights=weights), as_json)
         return
     if tunnel:
         raise click.UsageError("--tunnel goes with --host (the device to start the server on)")
@@ -282,7 +293,7 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
     else:
         res = bench_local(artifact, runs, warmup, threads, profile=profile,
                           profile_runs=max(1, min(runs, 20)),
-                          compare=default_compare() if compare is None else compare,
+                          compare=default_compare(weights) if compare is None else compare,
                           rounds=rounds, weights=weights)
     if as_json:
         echo_json(res)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,6 +34,23 @@ def import_tvm_runtime() -> Any:
             "installed, set TVM_USE_RUNTIME_LIB=1"
         ) from e
     return tvm
+
+
+def load_library(lib_path: str | Path, session: Any = None) -> tuple[Any, Any]:
+    """``(module, device)``: ``lib_path`` loaded here (``session=None``), or uploaded to and
+    loaded on an RPC session (local or remote). The one loader of compiled modules: the
+    Recognizer's backend, the profiler and every timing path go through it."""
+    tvm = import_tvm_runtime()
+    lib_path = Path(lib_path)
+    try:
+        if session is None:
+            return tvm.runtime.load_module(str(lib_path)), tvm.cpu(0)
+        session.upload(str(lib_path))
+        return session.load_module(lib_path.name), session.cpu(0)
+    except Exception as e:  # TVM raises its own error types (TVMError, RuntimeError...)
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise ArtifactError(f"{lib_path}: cannot load the compiled module "
+                            f"({lines[-1] if lines else type(e).__name__})") from e
 
 
 class TvmBackend:
@@ -67,12 +85,7 @@ class TvmBackend:
             num_threads = artifact.num_threads
         if num_threads:
             os.environ["TVM_NUM_THREADS"] = str(int(num_threads))
-        lib_path = artifact.lib_path
-        try:
-            self.lib = tvm.runtime.load_module(str(lib_path))
-        except Exception as e:  # TVM raises its own error types
-            raise ArtifactError(f"{lib_path}: cannot load compiled module ({e})") from e
-        self.device = tvm.cpu(0)
+        self.lib, self.device = load_library(artifact.lib_path)
         self.entry = artifact.entry
         self.params = [tvm.runtime.tensor(np.ascontiguousarray(a), self.device)
                        for a in artifact.params()]

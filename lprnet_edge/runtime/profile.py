@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from lprnet_edge.runtime.artifact import Artifact
+from lprnet_edge.runtime.backends import import_tvm_runtime, load_library
 from lprnet_edge.runtime.errors import ArtifactError, LprnetEdgeError
 from lprnet_edge.runtime.timing import summarize
 
@@ -148,18 +149,6 @@ class Profile:
 # ---------------------------------------------------------------- the one loader
 
 
-def _tvm() -> Any:
-    try:
-        import tvm
-        import tvm.runtime  # noqa: F401
-    except ImportError as e:
-        from lprnet_edge.runtime.errors import ToolchainError
-
-        raise ToolchainError("the TVM runtime is not installed: pip install "
-                             "'lprnet-edge[device]' (apache-tvm==0.27.*)") from e
-    return tvm
-
-
 def configured_threads(threads: int | None = None) -> int:
     """The thread count TVM's pool uses in this process: ``threads``, else
     ``$TVM_NUM_THREADS``, else the CPU count."""
@@ -186,7 +175,7 @@ class LoadedModule:
 
     def __init__(self, lib_path: str | Path, params: Sequence[np.ndarray], entry: str = "main",
                  session: Any = None) -> None:
-        tvm = _tvm()
+        tvm = import_tvm_runtime()
         from tvm.runtime.vm import VirtualMachine
 
         self._tvm = tvm
@@ -194,18 +183,7 @@ class LoadedModule:
         self.session = session
         self.lib_path = Path(lib_path)
         t0 = time.perf_counter()
-        if session is not None:
-            session.upload(str(self.lib_path))
-        try:
-            if session is None:
-                lib = tvm.runtime.load_module(str(self.lib_path))
-                self.device = tvm.cpu(0)
-            else:
-                lib = session.load_module(self.lib_path.name)
-                self.device = session.cpu(0)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise ArtifactError(f"{self.lib_path}: cannot load the compiled module "
-                                f"({_last_line(e)})") from e
+        lib, self.device = load_library(self.lib_path, session)
         self.load_s = time.perf_counter() - t0
         self.vm = VirtualMachine(lib, self.device)
         try:
@@ -272,11 +250,6 @@ def _no_instrument(*_args: Any) -> int:
 
 def _first(out: Any) -> Any:
     return out if hasattr(out, "numpy") else out[0]
-
-
-def _last_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
 
 
 # ---------------------------------------------------------------- the instrument
