@@ -166,3 +166,26 @@ def copy_images(paths: list[Path], dest: Path) -> Path:
     for p in paths:
         shutil.copy(p, dest / p.name)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_tvm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny host TVM artifact per test session (``tiny.pth`` beside it), built untuned by
+    the real pipeline from a randomly initialised LPRNet: a real ``model.so`` + ``params.npz``
+    + manifest, shared by every module that only reads it (a build takes ~30 s)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("tvm")
+    from lprnet_edge.compiler.target import load_target
+    from lprnet_edge.model.checkpoint import save_checkpoint
+    from lprnet_edge.model.lprnet import LPRNet
+    from lprnet_edge.pipeline.build import BuildOptions, build_artifact
+
+    root = tmp_path_factory.mktemp("tiny-tvm")
+    torch.manual_seed(0)
+    model = LPRNet(class_num=68)
+    randomize_batchnorm(model)
+    save_checkpoint(model.eval(), root / "tiny.pth")
+    res = build_artifact(BuildOptions(target=load_target("host"), out=root / "lprnet-tiny",
+                                      weights=root / "tiny.pth", verify_images=0),
+                         log=lambda _m: None)
+    return Path(res.path)

@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import REPO, randomize_batchnorm
+from conftest import REPO
 
 pytest_plugins = ["sshd_fixture"]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_cache")]
@@ -22,26 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_cache")]
 SMALL = ["--runs", "4", "--warmup", "1", "--rounds", "2", "--threads", "1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_tvm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A host TVM artifact of a random LPRNet (``tiny.pth`` beside it), built by the real
-    pipeline without verification images."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("tvm")
-    from lprnet_edge.compiler.target import load_target
-    from lprnet_edge.model.checkpoint import save_checkpoint
-    from lprnet_edge.model.lprnet import LPRNet
-    from lprnet_edge.pipeline.build import BuildOptions, build_artifact
-
-    d = tmp_path_factory.mktemp("bench-compare")
-    torch.manual_seed(0)
-    model = LPRNet(class_num=68)
-    randomize_batchnorm(model)
-    save_checkpoint(model.eval(), d / "tiny.pth")
-    res = build_artifact(BuildOptions(target=load_target("host"), out=d / "art",
-                                      weights=d / "tiny.pth", verify_images=0),
-                         log=lambda _m: None)
-    return Path(res.path)
 
 
 def _bench_json(artifact: Path, *extra: str, block_ort: bool = False) -> dict:

@@ -47,22 +47,8 @@ def test_unreachable_server_and_tracker_fail_fast():
 
 
 @pytest.fixture(scope="module")
-def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A host TVM artifact of a random LPRNet, built by the real build command."""
-    import torch
-
-    from lprnet_edge.compiler.target import load_target
-    from lprnet_edge.model.checkpoint import save_checkpoint
-    from lprnet_edge.model.lprnet import LPRNet
-    from lprnet_edge.pipeline.build import BuildOptions, build_artifact
-
-    d = tmp_path_factory.mktemp("rpc-artifact")
-    torch.manual_seed(0)
-    save_checkpoint(LPRNet(class_num=68).eval(), d / "tiny.pth")
-    res = build_artifact(BuildOptions(target=load_target("host"), out=d / "art",
-                                      weights=d / "tiny.pth", verify_images=0),
-                         log=lambda _m: None)
-    return Path(res.path)
+def tiny_artifact(tiny_tvm_artifact: Path) -> Path:
+    return tiny_tvm_artifact
 
 
 @pytest.fixture(scope="module")

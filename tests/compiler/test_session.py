@@ -23,23 +23,8 @@ TIMING_KEYS = {"mean_ms", "median_ms", "p90_ms", "min_ms", "runs", "number", "re
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A host TVM artifact of a random LPRNet, built by the real pipeline (no verification
-    images: the profile is what these tests look at)."""
-    import torch
-
-    from lprnet_edge.compiler.target import load_target
-    from lprnet_edge.model.checkpoint import save_checkpoint
-    from lprnet_edge.model.lprnet import LPRNet
-    from lprnet_edge.pipeline.build import BuildOptions, build_artifact
-
-    d = tmp_path_factory.mktemp("session-artifact")
-    torch.manual_seed(0)
-    save_checkpoint(LPRNet(class_num=68).eval(), d / "tiny.pth")
-    res = build_artifact(BuildOptions(target=load_target("host"), out=d / "art",
-                                      weights=d / "tiny.pth", verify_images=0),
-                         log=lambda _m: None)
-    return Path(res.path)
+def artifact(tiny_tvm_artifact: Path) -> Path:
+    return tiny_tvm_artifact
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import randomize_batchnorm
 
 pytest.importorskip("torch")
 pytest.importorskip("tvm")
@@ -24,18 +23,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    import torch
-
-    from lprnet_edge.model.checkpoint import save_checkpoint
-    from lprnet_edge.model.lprnet import LPRNet
-
-    torch.manual_seed(0)
-    m = LPRNet(class_num=68)
-    randomize_batchnorm(m)
-    p = tmp_path_factory.mktemp("interrupt") / "tiny.pth"
-    save_checkpoint(m.eval(), p)
-    return p
+def tiny_weights(tiny_tvm_artifact: Path) -> Path:
+    return tiny_tvm_artifact.parent / "tiny.pth"
 
 
 def _build_cmd(weights: Path, out: Path) -> list[str]:
@@ -44,8 +33,8 @@ def _build_cmd(weights: Path, out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def existing(tiny_weights: Path) -> Path:
-    out = tiny_weights.parent / "art"
+def existing(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("interrupt") / "art"
     r = subprocess.run(_build_cmd(tiny_weights, out), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr

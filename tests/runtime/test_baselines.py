@@ -14,13 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tvm_artifact
 from conftest import REPO
 
 from lprnet_edge.runtime.baselines import RoundsTiming, interleaved, speedups
 from lprnet_edge.runtime.errors import LprnetEdgeError
-
-tiny_tvm_artifact = tvm_artifact.tiny_tvm_artifact  # the session fixture
 
 
 def test_interleaved_runs_rounds_in_turn_and_takes_median_of_round_medians():

@@ -17,10 +17,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import tvm_artifact
 from conftest import REPO, copy_images
 
-tiny_tvm_artifact = tvm_artifact.tiny_tvm_artifact  # the session fixture
 RUNTIME = REPO / "lprnet_edge" / "runtime"
 # What the board has: the standard library, numpy, OpenCV and the TVM runtime.
 ALLOWED_THIRD_PARTY = {"numpy", "cv2", "tvm", "tvm.runtime", "tvm.runtime.vm", "tvm_ffi"}

@@ -13,7 +13,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import tvm_artifact  # noqa: E402
 from conftest import REPO  # noqa: E402
 
 from lprnet_edge import LprnetEdgeError, PlateResult, Recognizer  # noqa: E402
@@ -23,7 +22,6 @@ from lprnet_edge.runtime.artifact import Artifact, machine_arch  # noqa: E402
 from lprnet_edge.runtime.charset import load_charset  # noqa: E402
 from lprnet_edge.runtime.errors import ArtifactError, DataError, WeightsError  # noqa: E402
 
-tiny_tvm_artifact = tvm_artifact.tiny_tvm_artifact  # the session fixture
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_cache")
 
 
