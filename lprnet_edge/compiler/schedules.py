@@ -32,7 +32,8 @@ def has_defaults(path: Path | None = None) -> bool:
     return all((path / f).is_file() and (path / f).stat().st_size > 0 for f in DB_FILES)
 
 
-def _mean(run_secs: Any) -> float | None:
+def mean_run_secs(run_secs: Any) -> float | None:
+    """A record's mean run time in seconds, None for a failed candidate (1e10 s)."""
     if run_secs is None:
         return None
     vals = [float(getattr(v, "value", v)) for v in run_secs]
@@ -71,7 +72,7 @@ def best_records(db: Any) -> dict[int, Any]:
 
     best: dict[int, tuple[float, Any]] = {}
     for rec in db.get_all_tuning_records():
-        secs = _mean(rec.run_secs)
+        secs = mean_run_secs(rec.run_secs)
         if secs is None or not plausible(rec, secs):
             continue
         h = int(tvm_ffi.structural_hash(rec.workload.mod))
@@ -95,7 +96,7 @@ def export_defaults(src_dirs: Iterable[str | Path], out_dir: str | Path | None =
     for d in sources:
         for h, rec in best_records(_json_db(d)).items():
             old = merged.get(h)
-            if old is None or _mean(rec.run_secs) < _mean(old.run_secs):  # type: ignore[operator]
+            if old is None or mean_run_secs(rec.run_secs) < mean_run_secs(old.run_secs):  # type: ignore[operator]
                 merged[h] = rec
     tmp = Path(tempfile.mkdtemp(prefix=".defaults-", dir=out_dir.parent
                                 if out_dir.parent.is_dir() else None))

@@ -37,11 +37,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lprnet_edge.compiler.schedules import mean_run_secs
 from lprnet_edge.compress.configs import TuneConfig
 from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
-FAILED_SECS = 1e9  # MetaSchedule records failed candidates with run_secs = 1e10
 PROGRESS = "@@lprnet-tune "  # prefix of the worker's progress lines (JSON follows)
 # Tests only: the worker kills itself with SIGSEGV after this many measured batches.
 CRASH_TEST_ENV = "LPRNET_EDGE_TUNE_CRASH_AFTER"
@@ -572,7 +572,7 @@ def _worker_main(spec_path: str) -> int:
             if i is None:
                 continue
             counts[i] += 1
-            secs = _mean_secs(rec.run_secs)
+            secs = mean_run_secs(rec.run_secs)
             if secs is not None and (best[i] is None or secs < best[i]):
                 best[i] = secs
         return counts, best
@@ -709,7 +709,7 @@ def _progress_callback(ms: Any, state: dict[str, Any], names: list[str], counts:
             state["trials"][i] += len(runner_results)
             for br, rr in zip(builder_results, runner_results, strict=False):
                 if br.error_msg is None and rr.error_msg is None:
-                    secs = _mean_secs(rr.run_secs)
+                    secs = mean_run_secs(rr.run_secs)
                     if secs is not None and (state["best"][i] is None or secs < state["best"][i]):
                         state["best"][i] = secs
             b = state["best"][i]
@@ -831,16 +831,6 @@ def _measure_tools(ms: Any, cfg: TuneConfig, spec: dict[str, Any],
 
     return {"builder": ShowBuilds(), "runner": ShowRuns(),
             "cost_model": ms.cost_model.XGBModel(num_tuning_cores=nthreads, tree_method="auto")}
-
-
-def _mean_secs(run_secs: Any) -> float | None:
-    if run_secs is None:
-        return None
-    vals = [float(getattr(v, "value", v)) for v in run_secs]
-    if not vals:
-        return None
-    m = sum(vals) / len(vals)
-    return None if m >= FAILED_SECS else m
 
 
 def _task_table(names: list[str], weights: list[float], costs: list[float], counts: list[int],
