@@ -945,8 +945,8 @@ def candidate_latencies(cands: list[Any], opts: BuildOptions, log: Log = _stderr
 
 
 def _time_candidate(path: str, rpc: str | None, runs: int) -> dict[str, Any]:
-    """``time_artifact`` on a session of its own (a session uploads every library as
-    ``model.so`` into one folder: overwriting a loaded library crashes its process)."""
+    """``time_artifact`` on a session of its own (one candidate's crash on the device cannot
+    take the next candidates' session down)."""
     from lprnet_edge.compiler.session import open_session, time_artifact
 
     res = time_artifact(path, open_session(rpc=rpc), repeat=runs, warmup=min(5, runs))

@@ -269,8 +269,7 @@ def tvm_latencies(variants: Sequence[Variant], rows: list[dict[str, Any]], work:
 
 def _time_interleaved(results: dict[str, LatencyResult], rounds: int, runs: int) -> None:
     """``rounds`` rounds of :func:`time_artifact` over every built variant (each call on a
-    session of its own: a session uploads every library as ``model.so`` into one folder, and
-    overwriting a loaded library crashes the process)."""
+    session of its own, so one variant's failure cannot take the others' session down)."""
     from lprnet_edge.compiler.session import time_artifact
 
     live = [n for n, r in results.items() if r.error is None and r.tvm is not None]

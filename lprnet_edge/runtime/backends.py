@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,8 +46,11 @@ def load_library(lib_path: str | Path, session: Any = None) -> tuple[Any, Any]:
     try:
         if session is None:
             return tvm.runtime.load_module(str(lib_path)), tvm.cpu(0)
-        session.upload(str(lib_path))
-        return session.load_module(lib_path.name), session.cpu(0)
+        # A unique name: a session keeps one folder, and overwriting a library it has
+        # loaded already (a second artifact's model.so) crashes the server process.
+        name = f"{lib_path.stem}-{uuid.uuid4().hex[:12]}{lib_path.suffix}"
+        session.upload(str(lib_path), target=name)
+        return session.load_module(name), session.cpu(0)
     except Exception as e:  # TVM raises its own error types (TVMError, RuntimeError...)
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         raise ArtifactError(f"{lib_path}: cannot load the compiled module "
