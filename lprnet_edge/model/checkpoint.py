@@ -71,6 +71,10 @@ def load_model(path: str | Path, num_classes: int = 68, check_sha: bool = True) 
     model = LPRNet(class_num=num_classes, widths=meta.get("widths"))
     _check_keys(p, model.state_dict(), sd)
     model.load_state_dict(flush_denormals(sd))
+    # FTZ/DAZ for this thread's torch kernels too (calibration, distillation, pruning run on
+    # the loaded model): activations can go subnormal as well. TorchBackend sets it again
+    # before each call, since loading ONNX Runtime or TVM can reset the FPU mode.
+    torch.set_flush_denormal(True)
     return model.eval()
 
 

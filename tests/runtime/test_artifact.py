@@ -79,7 +79,8 @@ def test_manifest_contents(host_artifact: Path, weights_path: Path):
     for k in ("lprnet_edge", "tvm", "torch", "python"):
         assert m["versions"][k]
     assert dt.datetime.fromisoformat(m["created"]).tzinfo is not None
-    assert set(m["files"]) == {"model.so", "params.npz"}
+    # verify.npz: calib/ inputs + PyTorch logits for the check on the device at deploy.
+    assert set(m["files"]) == {"model.so", "params.npz", "verify.npz"}
     rt = m["runtime"]
     assert rt["entry"] == "main" and rt["params"] == "params.npz"
     assert len(rt["param_order"]) == 32
