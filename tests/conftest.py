@@ -189,3 +189,20 @@ def tiny_tvm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                       weights=root / "tiny.pth", verify_images=0),
                          log=lambda _m: None)
     return Path(res.path)
+
+
+# Source to put first in a ``python -c`` program: with argv[1] == "block", importing
+# onnxruntime fails there as if it were not installed (a test that needs it absent cannot undo
+# an import in its own process). The program's own arguments start at argv[2].
+BLOCK_ONNXRUNTIME = """
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "onnxruntime":
+            raise ImportError(f"blocked for this test: {name}")
+        return None
+
+if sys.argv[1] == "block":
+    sys.meta_path.insert(0, Block())
+"""

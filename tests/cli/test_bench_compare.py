@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import BLOCK_ONNXRUNTIME, REPO
 
 pytest_plugins = ["sshd_fixture"]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_cache")]
@@ -27,17 +27,8 @@ SMALL = ["--runs", "4", "--warmup", "1", "--rounds", "2", "--threads", "1"]
 def _bench_json(artifact: Path, *extra: str, block_ort: bool = False) -> dict:
     """``lprnet-edge bench --json`` in a subprocess (an import hook can make onnxruntime
     uninstalled there, which an in-process run cannot undo)."""
-    code = textwrap.dedent("""
-        import importlib.abc, sys
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "onnxruntime":
-                    raise ImportError(f"blocked for this test: {name}")
-                return None
-
+    code = BLOCK_ONNXRUNTIME + textwrap.dedent("""
         if sys.argv[1] == "block":
-            sys.meta_path.insert(0, Block())
             try:
                 import onnxruntime  # noqa: F401
             except ImportError:

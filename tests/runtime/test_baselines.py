@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import BLOCK_ONNXRUNTIME, REPO
 
 from lprnet_edge.runtime.baselines import RoundsTiming, interleaved, speedups
 from lprnet_edge.runtime.errors import LprnetEdgeError
@@ -93,17 +93,7 @@ def _agent(args: list[str], block_ort: bool = False, path: Path | None = None) -
     PYTHONPATH)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (path, REPO) if p)}
     env.pop("LPRNET_EDGE_AGENT_ALLOW_TORCH", None)
-    code = textwrap.dedent("""
-        import importlib.abc, sys
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "onnxruntime":
-                    raise ImportError(f"blocked for this test: {name}")
-                return None
-
-        if sys.argv[1] == "block":
-            sys.meta_path.insert(0, Block())
+    code = BLOCK_ONNXRUNTIME + textwrap.dedent("""
         from lprnet_edge.runtime.agent import main
         sys.exit(main(sys.argv[2:]))
     """)
