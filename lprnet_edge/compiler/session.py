@@ -12,6 +12,7 @@ TVM 0.27, see :data:`RPC_PROFILE_ERROR`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,3 +171,20 @@ def run_host(lib_path: str | Path, x: np.ndarray,
     """Run a host-built module once on ``x`` (1x3x24x94 float32): the logits."""
     return load_host(lib_path, params)(x)
 
+
+def in_child_process(fn: Callable[..., Any], *args: Any, timeout: float,
+                     on_timeout: Callable[[], Exception]) -> Any:
+    """``fn(*args)`` in a fresh (spawned) process, killed after ``timeout`` seconds (then
+    ``on_timeout()`` is raised). The TVM RPC client blocks in C++ holding the GIL, which would
+    starve Python threads of this process, such as those pumping an SSH tunnel."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        fut = ex.submit(fn, *args)
+        try:
+            return fut.result(timeout=timeout)
+        except cf.TimeoutError:
+            for p in list(getattr(ex, "_processes", {}).values()):
+                p.kill()
+            raise on_timeout() from None

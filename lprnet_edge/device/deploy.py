@@ -722,8 +722,9 @@ def device_rpc(dev: Device, port: int | None = None, server_timeout: float = 180
     """A TVM RPC server on the device's localhost, reached here through an SSH tunnel:
     yields the tunnel's local port on 127.0.0.1; the server is stopped on exit.
 
-    The RPC client must not run in this process (see :func:`_in_child_process`): the tuner's
-    worker process or a spawned child talks to the tunnel, this process pumps it."""
+    The RPC client must not run in this process (see
+    :func:`lprnet_edge.compiler.session.in_child_process`): the tuner's worker process or a
+    spawned child talks to the tunnel, this process pumps it."""
     server = start_rpc_server(dev, port, timeout=server_timeout)
     try:
         with dev.conn.forward(server.port) as lport:
@@ -737,6 +738,8 @@ def rpc_bench(dev: Device, artifact: str | Path, number: int = 10, repeat: int =
               session_timeout: float = 1800) -> dict[str, Any]:
     """Time the model of a local ``artifact`` on the device with ``time_evaluator``, through
     a TVM RPC server bound to the device's localhost and an SSH tunnel to it."""
+    from lprnet_edge.compiler.session import in_child_process
+
     root = Path(artifact)
     m = verify(root, read_manifest(root), check_arch=False)
     want, have = m["target"].get("arch"), arch_of(dev.machine())
@@ -744,31 +747,16 @@ def rpc_bench(dev: Device, artifact: str | Path, number: int = 10, repeat: int =
         raise ArtifactError(f"{root} is built for {want} but {dev.conn.spec} is {have}")
     with device_rpc(dev, port, server_timeout) as lport:
         t0 = time.perf_counter()
-        timed = _in_child_process(_rpc_time_child, lport, str(root), number, repeat,
-                                  session_timeout, timeout=session_timeout + 120)
+        limit = session_timeout + 120
+        timed = in_child_process(
+            _rpc_time_child, lport, str(root), number, repeat, session_timeout, timeout=limit,
+            on_timeout=lambda: DeviceError(f"the RPC benchmark did not finish in {limit:g}s"))
         session_s = time.perf_counter() - t0
     out = dict(timed["stats"])
     out.update(mode="rpc", host=str(dev.conn.spec), include_preprocess=False, backend="tvm",
                repeat=repeat, target=m["target"], session_seconds=session_s,
                output_shape=timed["output_shape"], machine=have, port=lport)
     return out
-
-
-def _in_child_process(fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
-    """Run ``fn(*args)`` in a fresh (spawned) process. The TVM RPC client blocks in C++
-    holding the GIL, which would starve the Python threads that pump the SSH tunnel if both
-    lived in one process."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-        fut = ex.submit(fn, *args)
-        try:
-            return fut.result(timeout=timeout)
-        except cf.TimeoutError:
-            for p in list(getattr(ex, "_processes", {}).values()):
-                p.kill()
-            raise DeviceError(f"the RPC benchmark did not finish in {timeout:g}s") from None
 
 
 def _rpc_time_child(local_port: int, artifact: str, number: int, repeat: int,

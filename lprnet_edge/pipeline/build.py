@@ -917,6 +917,7 @@ def candidate_latencies(cands: list[Any], opts: BuildOptions, log: Log = _stderr
     ``opts.latency_rpc``."""
     import tempfile
 
+    from lprnet_edge.compiler.session import in_child_process
     from lprnet_edge.compress.select import LatencyFigure
 
     if not opts.target.is_native and not opts.latency_rpc:
@@ -937,7 +938,9 @@ def candidate_latencies(cands: list[Any], opts: BuildOptions, log: Log = _stderr
                 + (f" (+ {len(members) - 1} same-graph)" if len(members) > 1 else ""))
             path = candidate_artifact(rep, opts, Path(tmp) / rep.name, tune, log)
             timing = (_time_candidate(str(path), None, runs) if opts.latency_rpc is None
-                      else _in_child(_time_candidate, str(path), opts.latency_rpc, runs))
+                      else in_child_process(
+                          _time_candidate, str(path), opts.latency_rpc, runs,
+                          timeout=CANDIDATE_TIMEOUT_S, on_timeout=_candidate_timeout))
             fig = LatencyFigure(timing["median_ms"], rep.name, where, timing)
             log(f"  {rep.name}: {fig.latency_ms:.2f} ms")
             out.update({c.name: fig for c in members})
@@ -956,21 +959,9 @@ def _time_candidate(path: str, rpc: str | None, runs: int) -> dict[str, Any]:
 CANDIDATE_TIMEOUT_S = 1800.0
 
 
-def _in_child(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in a spawned process: the TVM RPC client blocks in C++ holding the GIL,
-    which would starve an SSH tunnel pumped by this process (``--host``)."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-        fut = ex.submit(fn, *args)
-        try:
-            return fut.result(timeout=CANDIDATE_TIMEOUT_S)
-        except cf.TimeoutError:
-            for p in list(getattr(ex, "_processes", {}).values()):
-                p.kill()
-            raise LprnetEdgeError(f"timing a candidate on the device took over "
-                                  f"{CANDIDATE_TIMEOUT_S:g}s") from None
+def _candidate_timeout() -> LprnetEdgeError:
+    return LprnetEdgeError(f"timing a candidate on the device took over "
+                           f"{CANDIDATE_TIMEOUT_S:g}s")
 
 
 def candidate_artifact(cand: Any, opts: BuildOptions, out_dir: Path,
