@@ -36,13 +36,11 @@ from typing import Any
 
 from lprnet_edge.device.ssh import SshConnection
 from lprnet_edge.runtime.artifact import (
-    _ARCH_ALIASES,
     MANIFEST,
     Artifact,
     load_manifest,
-    read_manifest,
+    machine_arch,
     sha256_file,
-    verify,
 )
 from lprnet_edge.runtime.errors import ArtifactError, DataError, DeviceError, LprnetEdgeError
 
@@ -53,14 +51,6 @@ SPACE_MARGIN = 1 << 20  # bytes kept free beyond what a deployment needs
 _TS_RE = re.compile(r"-(\d{8}T\d{6}\.\d{6}Z)$")
 
 Progress = Callable[[int, int], None]
-
-
-def arch_of(machine: str) -> str:
-    m = machine.strip().lower()
-    for arch, names in _ARCH_ALIASES.items():
-        if m in names:
-            return arch
-    return m
 
 
 def _q(s: str) -> str:
@@ -281,7 +271,7 @@ def _check_arch(dev: Device, root: Path, manifest: dict[str, Any]) -> str:
     """The device's ``uname -m``; refuses an artifact built for another architecture."""
     want = manifest["target"].get("arch")
     machine = dev.machine()
-    if want and want != arch_of(machine):
+    if want and want != machine_arch(machine):
         raise ArtifactError(
             f"{root} is built for {manifest['target'].get('name', '?')} ({want}) but "
             f"{dev.conn.spec} is {machine}; build it with the device's target "
@@ -597,7 +587,7 @@ def remote_bench(dev: Device, runs: int = 100, warmup: int = 10, threads: int | 
     cur = dev.require_current()
     runtime, art = dev.runtime_of(cur)
     if expect_artifact is not None:
-        local = {n: e["sha256"] for n, e in read_manifest(expect_artifact)["files"].items()}
+        local = {n: e.sha256 for n, e in load_manifest(expect_artifact).files.items()}
         rec = dev.sh(f"cat {_q(cur)}/deployment.json", check=False)
         try:
             deployed = json.loads(rec.stdout).get("files") if rec.ok else None
@@ -741,8 +731,8 @@ def rpc_bench(dev: Device, artifact: str | Path, number: int = 10, repeat: int =
     from lprnet_edge.compiler.session import in_child_process
 
     root = Path(artifact)
-    m = verify(root, read_manifest(root), check_arch=False)
-    want, have = m["target"].get("arch"), arch_of(dev.machine())
+    target = Artifact.open(root, check_arch=False).manifest.target
+    want, have = target.arch, machine_arch(dev.machine())
     if want and want != have:
         raise ArtifactError(f"{root} is built for {want} but {dev.conn.spec} is {have}")
     with device_rpc(dev, port, server_timeout) as lport:
@@ -754,7 +744,7 @@ def rpc_bench(dev: Device, artifact: str | Path, number: int = 10, repeat: int =
         session_s = time.perf_counter() - t0
     out = dict(timed["stats"])
     out.update(mode="rpc", host=str(dev.conn.spec), include_preprocess=False, backend="tvm",
-               repeat=repeat, target=m["target"], session_seconds=session_s,
+               repeat=repeat, target=target.to_dict(), session_seconds=session_s,
                output_shape=timed["output_shape"], machine=have, port=lport)
     return out
 

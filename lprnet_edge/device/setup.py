@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lprnet_edge.device.deploy import Device, Progress, _q, arch_of, runtime_zip
-from lprnet_edge.runtime.artifact import sha256_file
+from lprnet_edge.device.deploy import Device, Progress, _q, runtime_zip
+from lprnet_edge.runtime.artifact import machine_arch, sha256_file
 from lprnet_edge.runtime.errors import DeviceError, LprnetEdgeError, ToolchainError
 
 RUNTIME_REQUIREMENTS = ("numpy", "opencv-python-headless", "apache-tvm==0.27.*",
@@ -83,7 +83,7 @@ class SetupResult:
 
 def wheel_platform(machine: str) -> str:
     """The ``pip download --platform`` tag for a device's ``uname -m``."""
-    arch = arch_of(machine)
+    arch = machine_arch(machine)
     if arch not in WHEEL_PLATFORMS:
         raise DeviceError(
             f"no apache-tvm wheel exists for {machine}: a 32-bit OS (armv7) needs the TVM "

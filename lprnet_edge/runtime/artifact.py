@@ -46,14 +46,14 @@ ARCH_ALIASES = {
     "aarch64": {"aarch64", "arm64"},
     "armv7": {"armv7l", "armv7", "armv8l"},
 }
-_ARCH_ALIASES = ARCH_ALIASES  # old name, still imported by device/deploy.py
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_SIDE = 4096  # preprocess width/height: LPRNet takes 94x24; anything huge is a typo
 
 
-def machine_arch() -> str:
-    """This machine's architecture in target terms (``x86_64``, ``aarch64``, ``armv7``)."""
-    m = platform.machine().lower()
+def machine_arch(machine: str | None = None) -> str:
+    """An architecture in target terms (``x86_64``, ``aarch64``, ``armv7``): of ``machine``
+    (what ``uname -m`` printed, e.g. on a device), or of this machine."""
+    m = (platform.machine() if machine is None else machine).strip().lower()
     for arch, names in ARCH_ALIASES.items():
         if m in names:
             return arch
