@@ -64,10 +64,8 @@ class TvmBackend:
     gets its own ``VirtualMachine`` (``threading.local``, created on the thread's first call).
     A Relax VM keeps per-call state (registers, the current frame), so two threads in one VM
     corrupt each other (a segfault in ``StorageObj::AllocTensor``); separate VMs over the same
-    module do not, and unlike a lock they let threads run at once. Measured on a tiny untuned
-    host artifact, 4 threads x 20 calls, TVM_NUM_THREADS=1, on a busy 2-core machine: identical
-    results both ways, 3.7-4.7 plates/s with a VM per thread against 3.0 with a lock. Each
-    calling thread also gets its own TVM worker pool of ``num_threads``: with several caller
+    module do not, and unlike a lock they let threads run at once (both give results identical
+    to sequential calls: ``test_one_recognizer_shared_by_threads``). Each calling thread also gets its own TVM worker pool of ``num_threads``: with several caller
     threads, give the Recognizer ``num_threads=1`` (or cores / threads) to avoid
     oversubscription.
 
