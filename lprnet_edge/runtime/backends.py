@@ -65,8 +65,9 @@ class TvmBackend:
     A Relax VM keeps per-call state (registers, the current frame), so two threads in one VM
     corrupt each other (a segfault in ``StorageObj::AllocTensor``); separate VMs over the same
     module do not, and unlike a lock they let threads run at once (both give results identical
-    to sequential calls: ``test_one_recognizer_shared_by_threads``). Each calling thread also gets its own TVM worker pool of ``num_threads``: with several caller
-    threads, give the Recognizer ``num_threads=1`` (or cores / threads) to avoid
+    to sequential calls: ``test_one_recognizer_shared_by_threads``). Each calling thread also
+    gets its own TVM worker pool of ``num_threads``: with several caller threads, give the
+    Recognizer ``num_threads=1`` (or cores / threads) to avoid
     oversubscription.
 
     The artifact must have been verified (:meth:`Artifact.open` does it, or
