@@ -8,8 +8,12 @@ target (aarch64 included); see lprnet_edge/compiler/schedules.py.
 
     python benchmarks/make_default_schedules.py                    # tune (--trials) + export
     python benchmarks/make_default_schedules.py --from DB [--from DB2]   # export only
+    python benchmarks/make_default_schedules.py --unfolded         # full-width LPRNet workloads
 
 Existing defaults are merged in (a faster record wins), so repeated runs only improve them.
+The checkpoint's own workloads are those of its constant-channel-folded form
+(lprnet_edge/model/channel_fold.py); ``--unfolded`` tunes the full-width LPRNet instead, what
+a checkpoint without dead filters (a retrained or random model) compiles to.
 Run it on an x86 host with AVX2 or better; it takes as long as the tuning budget says.
 """
 
@@ -33,6 +37,8 @@ def main() -> None:
     ap.add_argument("--tune-minutes", type=float, default=None,
                     help="Start no new tuning round after this many minutes.")
     ap.add_argument("--weights", default=None)
+    ap.add_argument("--unfolded", action="store_true",
+                    help="Tune the full-width model (no constant-channel folding).")
     ap.add_argument("--out", default=None, help="Output directory (default: the package's).")
     args = ap.parse_args()
 
@@ -47,7 +53,8 @@ def main() -> None:
         from lprnet_edge.model.checkpoint import load_model
         from lprnet_edge.model.weights import resolve_weights
 
-        mod, _params = to_relax(load_model(resolve_weights(args.weights)))
+        mod, _params = to_relax(load_model(resolve_weights(args.weights)),
+                                fold_channels=not args.unfolded)
         _db, summary = tune(mod, load_target("host"), TuneConfig(trials=args.trials),
                             time_budget_s=args.tune_minutes * 60 if args.tune_minutes else None)
         src = [Path(summary["db_dir"])]

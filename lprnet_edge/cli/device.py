@@ -206,8 +206,9 @@ def print_profile(profile: dict[str, Any] | None, top: int = 15) -> None:
         return
     from lprnet_edge.runtime.profile import Profile
 
-    table = Profile.from_dict(profile).format(top)
-    click.echo(f"\nPer kernel (VM instrument, slowest first):\n{table}")
+    prof = Profile.from_dict(profile)
+    how = "VM instrument" if prof.method == "instrument" else "each kernel called over RPC"
+    click.echo(f"\nPer kernel ({how}, slowest first):\n{prof.format(top)}")
 
 
 # ---------------------------------------------------------------- deploy / rollback

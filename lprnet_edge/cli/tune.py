@@ -115,17 +115,23 @@ def default_compare(weights: str | None = None) -> bool:
 
 def bench_rpc(artifact: str | Path, rpc: str | None = None, rpc_tracker: str | None = None,
               rpc_key: str | None = None, runs: int = 200, warmup: int = 20,
-              timeout: float = 30.0) -> dict[str, Any]:
+              timeout: float = 30.0, profile: bool = False) -> dict[str, Any]:
     """Upload the artifact's ``model.so`` to an RPC device, send its params, time the entry
-    (the same code as locally, on a remote session).
+    (the same code as locally, on a remote session); ``profile``: each kernel timed there
+    too (``LoadedModule.profile_calls``).
 
     The device side needs only the TVM runtime (``tvm.runtime.vm.VirtualMachine``). Threads
     on the device: start its server with ``TVM_NUM_THREADS=N``.
     """
     from lprnet_edge.compiler.session import open_session, time_artifact
 
+    if profile:  # refused before connecting when the build recorded no kernel signatures
+        from lprnet_edge.runtime.profile import module_inputs
+
+        _ = module_inputs(artifact).kernels
     session = open_session(rpc, rpc_tracker, rpc_key, timeout=timeout)
-    return time_artifact(artifact, session, repeat=runs, warmup=warmup).to_dict()
+    return time_artifact(artifact, session, repeat=runs, warmup=warmup, profile=profile,
+                         profile_runs=max(3, min(runs, 20))).to_dict()
 
 
 # ---------------------------------------------------------------- commands
@@ -216,9 +222,9 @@ def tune_cmd(target: str, trials: int, trials_per_task: int | None, rpc: str | N
               help="With --host: time the model with time_evaluator through a TVM RPC server "
                    "started on the device and reached through an SSH tunnel (model only).")
 @click.option("--profile", is_flag=True,
-              help="Also time every kernel (VM instrument): ms, share, calls, GFLOP/s of the "
-                   "convolutions, tuned or default schedule. Here, or on a board with --host "
-                   "(not over --rpc: TVM cannot run the instrument remotely).")
+              help="Also time every kernel: ms, share, calls, GFLOP/s of the convolutions, "
+                   "tuned or default schedule. Here and on a board with --host (VM "
+                   "instrument), or over --rpc (each kernel called on the device).")
 @click.option("--compare/--no-compare", default=None,
               help="Also time ONNX Runtime fp32 and PyTorch eager (denormals flushed) on the "
                    "fp32 original, interleaved with the artifact at the same thread count, "
@@ -257,7 +263,6 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
       lprnet-edge bench --artifact build/lprnet-host --threads 1 --no-compare
     """
     from lprnet_edge.cli.common import echo_json, format_latency
-    from lprnet_edge.compiler.session import RPC_PROFILE_ERROR
 
     if ssh.get("host"):  # on a device over SSH (lprnet_edge.cli.device)
         from lprnet_edge.cli.device import bench_over_ssh, print_bench
@@ -283,13 +288,12 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
     if not artifact:
         raise click.UsageError("give --artifact (or --host to time the model deployed there)")
     check_rpc(rpc, rpc_tracker, rpc_key)
-    if (rpc or rpc_tracker) and profile:
-        raise LprnetEdgeError(RPC_PROFILE_ERROR)
     if (rpc or rpc_tracker) and compare:
         raise click.UsageError("--compare runs here or on a board over SSH (--host USER@HOST), "
                                "not over --rpc")
     if rpc or rpc_tracker:
-        res = bench_rpc(artifact, rpc, rpc_tracker, rpc_key, runs, warmup, timeout)
+        res = bench_rpc(artifact, rpc, rpc_tracker, rpc_key, runs, warmup, timeout,
+                        profile=profile)
     else:
         res = bench_local(artifact, runs, warmup, threads, profile=profile,
                           profile_runs=max(1, min(runs, 20)),

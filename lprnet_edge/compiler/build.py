@@ -152,10 +152,37 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
         "untuned_kernels": cover.get("naive", []),
         # kernel -> "tuned" | "default" | "transferred" | "naive": the profiler's column
         "kernel_schedules": {n: k for k, names in cover.items() for n in names},
+        "kernels": kernel_signatures(prepare_for_tuning(mod, target), executable.as_text()),
         "opt_level": opt_level,
         "compiler": path,
         "tvm_target": str(target),
     }
+
+
+def kernel_signatures(prepared: Any, vm_text: str) -> dict[str, dict[str, Any]]:
+    """Each kernel the compiled VM calls (``vm_text``: the executable's ``as_text()``): its
+    arguments' shapes and dtypes (from the prepared module) and its calls per inference.
+    The manifest keeps them so that a profile over RPC can call every kernel on the device
+    (``runtime.profile.LoadedModule.profile_calls``)."""
+    import re
+
+    from tvm import tirx
+
+    out: dict[str, dict[str, Any]] = {}
+    for gv, func in prepared.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        args = []
+        for p in func.params:  # TVM 0.27: tensor parameters carry their shape and dtype
+            shape = getattr(p, "shape", None)
+            if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape):
+                break
+            args.append({"shape": [int(d) for d in shape], "dtype": str(p.dtype)})
+        else:
+            calls = len(re.findall(rf"\bcall\s+{re.escape(gv.name_hint)}\s+in:", vm_text))
+            if calls:
+                out[gv.name_hint] = {"args": args, "calls": calls}
+    return out
 
 
 def export_library(module: Any, out_path: str | Path, cc_path: str | None,

@@ -8,6 +8,10 @@ A compressed model (:class:`lprnet_edge.compress.api.CompressedModel`) is import
 ``module``; a :class:`~lprnet_edge.compress.api.QuantizedModel` with ``int8_convs`` then gets
 its quantized convolutions rewritten into real int8 ones (:func:`relax_int8_rewrite`: TVM 0.27
 has no quantization pass of its own).
+
+Two graph-level changes make the compiled model fast: constant channels are folded away
+(:mod:`lprnet_edge.model.channel_fold`, half of the checkpoint's FLOPs), and convolutions run
+in NHWC with HWIO weights (:func:`convert_layout`), transposed once here, not per call.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from lprnet_edge.compiler.errors import first_line, import_tvm_compiler
 from lprnet_edge.compress.api import CompressedModel, QuantizedModel
+from lprnet_edge.model.channel_fold import FoldReport, fold_constant_channels, foldable
 from lprnet_edge.model.fold import fold_batchnorm
 from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
 
@@ -28,20 +34,28 @@ FRONTENDS = ("torch.export", "onnx")
 INPUT_NAME = "x"
 INPUT_SHAPE = (1, 3, 24, 94)  # batch 1 is LPRNet's semantics (batch-wide normalisation)
 ENTRY = "main"
+LAYOUTS = ("NHWC", "NCHW")
+DEFAULT_LAYOUT = "NHWC"
 
 
-def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True
-             ) -> tuple[Any, dict[str, np.ndarray]]:
+def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True,
+             fold_channels: bool = True, on_fold: Callable[[FoldReport], None] | None = None,
+             layout: str = DEFAULT_LAYOUT) -> tuple[Any, dict[str, np.ndarray]]:
     """Import ``model`` at batch 1: ``(IRModule, {param name: float32 array})``.
 
     ``main(x, *params)`` takes the parameters in the dict's order. ``model`` is a torch
     module or a :class:`CompressedModel` (a quantized one with ``int8_convs`` compiles them
-    as int8 x int8 -> int32 convolutions).
+    as int8 x int8 -> int32 convolutions). ``fold_channels``: drop the filters whose output
+    is constant (:mod:`lprnet_edge.model.channel_fold`; exact, about half of the
+    checkpoint's FLOPs) when the model is a float LPRNet; ``on_fold`` receives what was
+    folded. ``layout``: the convolutions' data layout (:func:`convert_layout`).
     """
     if frontend not in FRONTENDS:
         raise LprnetEdgeError(f"frontend {frontend!r}: use one of {list(FRONTENDS)}")
+    if layout not in LAYOUTS:
+        raise LprnetEdgeError(f"layout {layout!r}: use one of {list(LAYOUTS)}")
     if isinstance(model, QuantizedModel) and model.int8_convs:
-        return int8_to_relax(model, frontend)
+        return int8_to_relax(model, frontend, layout)
     if isinstance(model, CompressedModel):
         model = model.module
     import_tvm_compiler()
@@ -49,6 +63,10 @@ def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True
     from tvm import relax
 
     model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
+    if fold_bn and fold_channels and foldable(model):
+        model, report = fold_constant_channels(model)
+        if on_fold is not None:
+            on_fold(report)
     x = torch.zeros(INPUT_SHAPE, dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -73,7 +91,7 @@ def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True
         raise LprnetEdgeError(f"import produced {len(names)} inputs for {len(values)} weights")
     params = {n: v.numpy().astype(np.float32, copy=False)
               for n, v in zip(names[1:], values, strict=True)}
-    return normalize(mod), params
+    return convert_layout(normalize(mod), params, layout)
 
 
 def _onnx_import(model: Any, x: Any) -> Any:
@@ -93,6 +111,86 @@ def _onnx_import(model: Any, x: Any) -> Any:
                      keep_params_in_input=True)
 
 
+# Convolution layouts: NHWC activations with HWIO weights put the output channels innermost,
+# where they vectorize (the widths of the folded model are multiples of 8); NCHW vectorizes
+# along the image width (90, 44, 18...: not multiples of a vector).
+KERNEL_LAYOUT = {"NHWC": "HWIO", "NCHW": "OIHW"}
+
+
+def convert_layout(mod: Any, params: dict[str, np.ndarray], layout: str
+                   ) -> tuple[Any, dict[str, np.ndarray]]:
+    """Convolutions in ``layout`` (``ConvertLayout``); the weight transposes this adds are
+    applied to ``params`` once here instead of on every call."""
+    if layout not in LAYOUTS:
+        raise LprnetEdgeError(f"layout {layout!r}: use one of {list(LAYOUTS)}")
+    if layout == "NCHW":
+        return mod, params
+    import_tvm_compiler()
+    from tvm import relax
+
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, KERNEL_LAYOUT[layout]]})(
+        mod)
+    mod = relax.transform.CanonicalizeBindings()(mod)
+    mod = relax.transform.DeadCodeElimination([ENTRY])(mod)
+    return fold_param_transposes(mod, params)
+
+
+def fold_param_transposes(mod: Any, params: dict[str, np.ndarray]
+                          ) -> tuple[Any, dict[str, np.ndarray]]:
+    """Turn ``permute_dims(weight)`` bindings of ``main`` into transposed weight inputs."""
+    tvm = import_tvm_compiler()
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    func = mod[ENTRY]
+    found = _param_permutes(func, params)
+    if not found:
+        return mod, params
+    new_params = dict(params)
+    new_vars = {}
+    for n, (_, axes) in found.items():
+        new_params[n] = np.ascontiguousarray(params[n].transpose(axes))
+        new_vars[n] = relax.Var(n, relax.TensorType(list(new_params[n].shape), "float32"))
+    drop = [(found[n][0], new_vars[n]) for n in found]  # binding names may repeat
+
+    @mutator
+    class _Fold(PyExprMutator):
+        def visit_var_binding_(self, binding: Any) -> None:
+            new = next((v for old, v in drop if old.same_as(binding.var)), None)
+            if new is not None:
+                self.set_var_remap(binding.var, new)
+                return
+            super().visit_var_binding_(binding)
+
+    body = _Fold().visit_expr(func.body)
+    args = [new_vars.get(v.name, v) for v in func.params]
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    out[ENTRY] = relax.Function(args, body, func.ret_ty, func.is_pure, func.attrs)
+    return out, new_params
+
+
+def _param_permutes(func: Any, params: dict[str, np.ndarray]
+                    ) -> dict[str, tuple[Any, list[int]]]:
+    """``{param: (binding var, axes)}`` for each weight whose only use is a
+    ``permute_dims``."""
+    tvm = import_tvm_compiler()
+    from tvm import relax
+
+    permute = tvm.ir.Op.get("relax.permute_dims")
+    uses: dict[str, int] = {}
+    found: dict[str, tuple[Any, list[int]]] = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            args = b.value.args if isinstance(b.value, relax.Call) else []
+            for a in args:
+                if isinstance(a, relax.Var) and a.name in params:
+                    uses[a.name] = uses.get(a.name, 0) + 1
+            if (args and b.value.op.same_as(permute) and isinstance(args[0], relax.Var)
+                    and args[0].name in params and b.value.attrs.axes is not None):
+                found[args[0].name] = (b.var, [int(a) for a in b.value.attrs.axes])
+    return {n: f for n, f in found.items() if uses.get(n) == 1}
+
+
 def normalize(mod: Any) -> Any:
     """Target-independent clean-up of an imported module (inference-only op forms)."""
     tvm = import_tvm_compiler()
@@ -108,11 +206,12 @@ def normalize(mod: Any) -> Any:
 # ---------------------------------------------------------------- real int8 convolutions
 
 
-def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export"
-                  ) -> tuple[Any, dict[str, np.ndarray]]:
+def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export",
+                  layout: str = DEFAULT_LAYOUT) -> tuple[Any, dict[str, np.ndarray]]:
     """Import the fake-quant ``qmodel.module`` and make its ``int8_convs`` real int8
-    convolutions; refuses an import where the rewrite did not find every one of them."""
-    mod, params = to_relax(qmodel.module, frontend)
+    convolutions; refuses an import where the rewrite did not find every one of them.
+    The rewrite matches NCHW convolutions: ``layout`` is applied after it."""
+    mod, params = to_relax(qmodel.module, frontend, layout="NCHW")
     from lprnet_edge.compiler.int8 import exact_rescale
 
     mod, n = relax_int8_rewrite(mod)
@@ -122,7 +221,7 @@ def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export"
                               f"(frontend {frontend!r}); use the torch.export frontend")
     # Tuned schedules must not let LLVM fuse the rescale into an FMA (issue 11): see int8.py.
     mod, _ = exact_rescale(mod)
-    return normalize(mod), params
+    return convert_layout(normalize(mod), params, layout)
 
 
 def relax_int8_rewrite(mod: Any) -> tuple[Any, int]:

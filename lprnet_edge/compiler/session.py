@@ -5,9 +5,11 @@ tracker, :func:`lprnet_edge.compiler.rpc.connect`). Then the same code runs for 
 (:class:`lprnet_edge.runtime.profile.LoadedModule`): upload the library, load it, build the VM
 on ``session.cpu()``, send the weights, ``vm.time_evaluator`` -> a typed :class:`Timing`.
 
-Per-kernel profiles (``profile=True``) need the module in this process: they run locally, and on
-a board through its agent over SSH (``bench --host --profile``). Over RPC they cannot work in
-TVM 0.27, see :data:`RPC_PROFILE_ERROR`.
+Per-kernel profiles (``profile=True``): locally and on a board through its agent over SSH
+(``bench --host --profile``) with ``VirtualMachine.set_instrument``; over RPC, where a Python
+instrument cannot run on the device (TVM 0.27 cannot send a callback, and ``time_evaluator``
+does not search the executable's imported kernel library), by calling each kernel from here
+(:meth:`LoadedModule.profile_calls`) with the argument shapes the build recorded.
 """
 
 from __future__ import annotations
@@ -21,26 +23,15 @@ import numpy as np
 
 from lprnet_edge.compiler.rpc import DEFAULT_TIMEOUT_S, connect, with_timeout
 from lprnet_edge.runtime.artifact import Artifact
-from lprnet_edge.runtime.errors import LprnetEdgeError
 from lprnet_edge.runtime.profile import (
     LoadedModule,
+    ModuleInputs,
     Profile,
     Timing,
     apply_threads,
     configured_threads,
     module_inputs,
 )
-
-# Why `--rpc --profile` is refused (checked on TVM 0.27): the profiler is a Python callback
-# given to VirtualMachine.set_instrument, and RPC refuses to send a function to the remote
-# ("Cannot pass type ffi.Function as an argument to the remote"); timing each kernel remotely
-# with time_evaluator fails too: the kernels live in the executable's imported library module,
-# which RPCTimeEvaluator does not search and which is not reachable from an RPC module handle,
-# and the VM's own time_evaluator / save_function accept Relax functions only.
-RPC_PROFILE_ERROR = ("--profile cannot run over RPC: TVM 0.27 profiles kernels with a Python "
-                     "callback in the VM, which RPC cannot send to the device. Profile on the "
-                     "board over SSH instead: lprnet-edge bench --host USER@HOST --profile "
-                     "(the deployed artifact, profiled by the device agent)")
 
 
 @dataclass
@@ -135,11 +126,11 @@ def time_artifact(artifact: str | Path | Artifact, session: Session | None = Non
                   threads: int | None = None, profile: bool = False,
                   profile_runs: int = 20) -> BenchResult:
     """Time an artifact's module on ``session`` (None: locally); ``profile`` adds the
-    per-kernel breakdown (local only: :data:`RPC_PROFILE_ERROR`)."""
+    per-kernel breakdown (over RPC: :func:`_profile_remote`)."""
     session = session or local_session()
-    if profile and not session.is_local:
-        raise LprnetEdgeError(RPC_PROFILE_ERROR)
     inp = module_inputs(artifact, check_arch=session.is_local)
+    if profile and not session.is_local:
+        return _profile_remote(inp, session, repeat, warmup, profile_runs)
     n_threads = None
     if session.is_local:
         apply_threads(threads, inp.artifact)
@@ -154,6 +145,24 @@ def time_artifact(artifact: str | Path | Artifact, session: Session | None = Non
     return BenchResult(artifact=str(inp.artifact.root), where=session.where,
                        target=inp.artifact.manifest.target.name, timing=run.timing,
                        output_shape=list(run.output.shape), load_s=run.load_s, profile=prof)
+
+
+def _profile_remote(inp: ModuleInputs, session: Session, repeat: int, warmup: int,
+                    profile_runs: int) -> BenchResult:
+    """Over RPC: the whole call timed on the device, then each kernel called from here
+    (:meth:`LoadedModule.profile_calls`; an instrument cannot cross RPC)."""
+    kernels = inp.kernels  # refused before anything is uploaded if the build recorded none
+
+    def run() -> BenchResult:
+        mod = LoadedModule(inp.lib_path, inp.params, inp.entry, session.tvm_session)
+        timing = mod.time(inp.x, number=1, repeat=repeat, warmup=warmup)
+        prof = mod.profile_calls(inp.x, kernels, runs=profile_runs, schedules=inp.schedules)
+        return BenchResult(artifact=str(inp.artifact.root), where=session.where,
+                           target=inp.artifact.manifest.target.name, timing=timing,
+                           output_shape=list(mod.output().shape), load_s=mod.load_s,
+                           profile=prof)
+
+    return with_timeout(run, session.timeout, f"profile on {session.where}")
 
 
 # ---------------------------------------------------------------- host conveniences

@@ -4,7 +4,7 @@
 
     load_stage(weights)                      -> ModelArtifact   (PyTorch model + provenance)
     prune_stage / quantize_stage (optional)  -> ModelArtifact   (compress.prune / .quantize)
-    import_stage(art, frontend)              -> RelaxModel      (Relax IRModule + named weights)
+    import_stage(art, frontend, layout)      -> RelaxModel      (Relax IRModule + named weights)
     tune_stage (optional)                    -> MetaSchedule database (lprnet_edge.compiler.tune)
     compile_stage(relax, target, ...)        -> CompiledModule  (model.so + params.npz in a dir)
     verify_stage(art, compiled, ...)         -> verification dict (host: run and compare)
@@ -99,6 +99,7 @@ class RelaxModel:
     params: dict[str, np.ndarray]  # in main's order
     frontend: str
     import_s: float = 0.0
+    folded: str | None = None  # what channel folding removed (compiler.frontend.to_relax)
 
 
 @dataclass
@@ -344,13 +345,18 @@ def _is_torch_module(obj: Any) -> bool:
     return isinstance(obj, nn.Module)
 
 
-def import_stage(art: ModelArtifact, frontend: str = "torch.export") -> RelaxModel:
+def import_stage(art: ModelArtifact, frontend: str = "torch.export", layout: str = "NHWC"
+                 ) -> RelaxModel:
     """``to_relax(art.model)``: a torch module, or a compression result (typed dispatch)."""
     from lprnet_edge.compiler.frontend import to_relax
 
     t0 = time.perf_counter()
-    mod, params = to_relax(art.model, frontend)
-    return RelaxModel(mod, params, frontend, time.perf_counter() - t0)
+    folds = []
+    mod, params = to_relax(art.model, frontend, on_fold=folds.append, layout=layout)
+    if folds:
+        art.reports["channel_fold"] = {"summary": folds[0].summary(), "kept": folds[0].kept}
+    return RelaxModel(mod, params, frontend, time.perf_counter() - t0,
+                      folds[0].summary() if folds else None)
 
 
 def tune_stage(relax_model: RelaxModel, target: TargetSpec, cfg: TuneConfig,
@@ -376,7 +382,7 @@ def compile_stage(relax_model: RelaxModel, target: TargetSpec, out_dir: Path,
     out_dir = Path(out_dir)
     info = build(relax_model.mod, target, out_dir / MODEL_FILE, compiler, database=database,
                  opt_level=config.opt_level, log=log)
-    encodings = choose_encodings(art, list(relax_model.params)) if art else {}
+    encodings = choose_encodings(art, relax_model.params, config.layout) if art else {}
     save_params(out_dir / PARAMS_FILE, relax_model.params, encodings or "dense")
     info["import_s"] = round(relax_model.import_s, 3)
     info["frontend"] = relax_model.frontend
@@ -384,13 +390,19 @@ def compile_stage(relax_model: RelaxModel, target: TargetSpec, out_dir: Path,
                           {n: encodings.get(n, "dense") for n in relax_model.params}, info)
 
 
-def choose_encodings(art: ModelArtifact, param_names: list[str]) -> dict[str, str]:
+def choose_encodings(art: ModelArtifact, params: dict[str, np.ndarray],
+                     layout: str = "NCHW") -> dict[str, str]:
     """Storage encoding of each compiled parameter: the compression result's own choice
     (``param_encodings``: sparse for pruned convs, fp16/int8 per quantization technique, on
-    the BatchNorm-folded model that is compiled), else dense."""
-    if art.param_encodings:
-        return _map_names(art.param_encodings, param_names)
-    return dict.fromkeys(param_names, "dense")
+    the BatchNorm-folded model that is compiled), else dense. In NHWC the convolution
+    weights are HWIO: their per-output-channel int8 scales run along the last axis."""
+    if not art.param_encodings:
+        return dict.fromkeys(params, "dense")
+    enc = _map_names(art.param_encodings, list(params))
+    if layout == "NHWC":
+        enc = {n: "int8-last" if e == "int8" and params[n].ndim == 4 else e
+               for n, e in enc.items()}
+    return enc
 
 
 def _norm_name(name: str) -> str:
@@ -821,9 +833,11 @@ def _build_artifact(opts: BuildOptions, log: Log, guard: InterruptGuard) -> Buil
             art.reports["selection"]["test"] = t
             note["result"] = (f"{t['selected']:.3f} vs original {t['original']:.3f}"
                               if "selected" in t else f"skipped: {t['skipped']}")
-    with stages.stage("import", f"frontend {opts.compile.frontend}") as note:
-        relax_model = import_stage(art, opts.compile.frontend)
-        note["result"] = f"{len(relax_model.params)} weight tensors"
+    with stages.stage("import", f"frontend {opts.compile.frontend}, "
+                      f"{opts.compile.layout}") as note:
+        relax_model = import_stage(art, opts.compile.frontend, opts.compile.layout)
+        note["result"] = f"{len(relax_model.params)} weight tensors" + (
+            f"; {relax_model.folded}" if relax_model.folded else "")
     database, tune_summary = None, None
     if opts.tune:
         with stages.stage("tune", f"{opts.tune.trials} trials") as note:
@@ -980,7 +994,7 @@ def candidate_artifact(cand: Any, opts: BuildOptions, out_dir: Path,
         art = prune_stage(art, cand.prune, opts.calib_dir)
     if cand.quant is not None:
         art = quantize_stage(art, cand.quant, opts.calib_dir)
-    relax_model = import_stage(art, opts.compile.frontend)
+    relax_model = import_stage(art, opts.compile.frontend, opts.compile.layout)
     compiler = find_compiler(opts.target, opts.cc)
     database, summary = None, None
     if tune is not None:

@@ -2,7 +2,8 @@
 
 Runtime side (numpy only). One ``.npz`` file; each tensor is stored as one of:
 ``dense`` (float32), ``fp16`` (half precision), ``sparse`` (bitmask of non-zeros + their
-values, in float32 or fp16) or ``int8`` (per-channel symmetric int8 + float32 scales).
+values, in float32 or fp16) or ``int8`` (per-channel symmetric int8 + float32 scales; the
+channel is the first axis, or the last one for ``int8-last``: HWIO convolution weights).
 Sparse storage is what makes an unstructured-pruned artifact smaller on disk.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from lprnet_edge.runtime.errors import ArtifactError
 
-ENCODINGS = ("dense", "fp16", "sparse", "sparse-fp16", "int8")
+ENCODINGS = ("dense", "fp16", "sparse", "sparse-fp16", "int8", "int8-last")
 
 
 def encode(name: str, a: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
@@ -30,8 +31,10 @@ def encode(name: str, a: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
         vals = flat[mask].astype(np.float16 if encoding == "sparse-fp16" else np.float32)
         return {f"{name}::mask": np.packbits(mask), f"{name}::values": vals,
                 f"{name}::shape": np.asarray(a.shape, dtype=np.int64)}
-    if encoding == "int8":
+    if encoding in ("int8", "int8-last"):
         axes = tuple(range(1, a.ndim)) if a.ndim > 1 else ()
+        if encoding == "int8-last":
+            axes = tuple(range(a.ndim - 1))
         amax = np.abs(a).max(axis=axes, keepdims=True) if axes else np.abs(a)
         scale = (amax / 127.0).astype(np.float32)
         scale = np.where(scale > 0, scale, np.float32(1.0))  # all-zero (or denormal) channels
@@ -52,7 +55,7 @@ def decode(files: dict[str, np.ndarray], name: str, encoding: str) -> np.ndarray
         out = np.zeros(n, dtype=np.float32)
         out[mask] = files[f"{name}::values"].astype(np.float32)
         return out.reshape(shape)
-    if encoding == "int8":
+    if encoding in ("int8", "int8-last"):
         return files[f"{name}::q"].astype(np.float32) * files[f"{name}::scale"]
     raise ArtifactError(f"unknown params encoding {encoding!r}")
 

@@ -106,6 +106,7 @@ class Profile:
     kernels_ms: float
     wall: Timing
     runs: int
+    method: str = "instrument"  # "instrument" (in process) | "rpc-calls" (see profile_calls)
 
     @property
     def overhead_ratio(self) -> float:
@@ -114,12 +115,13 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernels_ms": self.kernels_ms, "wall": self.wall.to_dict(), "runs": self.runs,
-                "rows": [asdict(r) for r in self.rows]}
+                "method": self.method, "rows": [asdict(r) for r in self.rows]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Profile:
         return cls(rows=[KernelRow(**r) for r in d["rows"]], kernels_ms=d["kernels_ms"],
-                   wall=Timing.from_dict(d["wall"]), runs=d["runs"])
+                   wall=Timing.from_dict(d["wall"]), runs=d["runs"],
+                   method=d.get("method", "instrument"))
 
     def format(self, top: int = 15) -> str:
         """A text table, slowest first: the ``top`` rows, one "other" row for the rest, and
@@ -139,10 +141,13 @@ class Profile:
                            for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
                  for row in [head, *body]]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"\nsum of kernels {self.kernels_ms:.2f} ms per inference (instrumented, "
-                     f"mean of {self.runs} runs); whole call uninstrumented "
-                     f"{self.wall.median_ms:.2f} ms (median of {self.wall.repeat}); "
-                     f"ratio {self.overhead_ratio:.2f}")
+        how = (f"instrumented, mean of {self.runs} runs" if self.method == "instrument" else
+               f"each kernel called over RPC on arguments of its shapes: median of {self.runs} "
+               "round trips minus an empty call's, times its calls per inference; VM builtins "
+               "not included")
+        lines.append(f"\nsum of kernels {self.kernels_ms:.2f} ms per inference ({how}); "
+                     f"whole call uninstrumented {self.wall.median_ms:.2f} ms (median of "
+                     f"{self.wall.repeat}); ratio {self.overhead_ratio:.2f}")
         return "\n".join(lines)
 
 
@@ -184,6 +189,7 @@ class LoadedModule:
         self.lib_path = Path(lib_path)
         t0 = time.perf_counter()
         lib, self.device = load_library(self.lib_path, session)
+        self.lib = lib
         self.load_s = time.perf_counter() - t0
         self.vm = VirtualMachine(lib, self.device)
         try:
@@ -243,6 +249,87 @@ class LoadedModule:
             self.vm.set_instrument(_no_instrument)
         return rec.profile(runs, wall, schedules)
 
+    def profile_calls(self, x: np.ndarray, kernels: KernelTable, runs: int = 20,
+                      warmup: int = 3, schedules: KernelSchedules | None = None) -> Profile:
+        """Per-kernel times where no instrument can run (a module on an RPC session): each
+        kernel the build recorded (:func:`kernel_table`) is called from here on arguments of
+        its shapes, and its time is the median round trip minus that of an empty remote
+        call. Less exact than :meth:`profile` (a few microseconds of argument passing stay
+        in), but it needs nothing on the device beyond the TVM runtime."""
+        wall = self.time(x, number=1, repeat=max(runs, 5), warmup=warmup)
+        empty = self.session.get_function("runtime.RuntimeEnabled")
+        base = _median_call(lambda: empty("cpu"), runs)
+        rng = np.random.default_rng(0)
+        timed: list[tuple[str, float, float, list[list[int]]]] = []
+        for name, (args, calls) in kernels.items():
+            try:
+                fn = self.lib.get_function(name, query_imports=True)
+            except (AttributeError, RuntimeError, ValueError) as e:
+                raise ArtifactError(f"kernel {name!r} of the manifest is not in "
+                                    f"{self.lib_path.name}: rebuild the artifact") from e
+            tensors = [self._tvm.runtime.tensor(_random(shape, dtype, rng), self.device)
+                       for shape, dtype in args]
+            fn(*tensors)
+            ms = max(_median_call(lambda f=fn, t=tensors: f(*t), runs) - base, 0.0) * 1e3
+            timed.append((name, ms * calls, calls, [list(sh) for sh, _ in args]))
+        total = sum(t[1] for t in timed)
+        rows = [KernelRow(name=n, ms=ms, share=ms / total if total > 0 else 0.0, calls=c,
+                          gflops=_gflops(n, shapes, c, ms), shapes=shapes,
+                          schedule=schedules.of(n) if schedules else None)
+                for n, ms, c, shapes in sorted(timed, key=lambda t: -t[1])]
+        return Profile(rows=rows, kernels_ms=total, wall=wall, runs=runs, method="rpc-calls")
+
+
+# kernel -> ([(shape, dtype) per argument], calls per inference), from the build's record.
+KernelTable = dict[str, tuple[list[tuple[tuple[int, ...], str]], float]]
+_KERNEL_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+
+
+def kernel_table(records: dict[str, Any]) -> KernelTable:
+    """The build's ``reports.compile.kernels``, checked (it sizes remote allocations)."""
+    raw = ((records.get("reports") or {}).get("compile") or {}).get("kernels")
+    if not isinstance(raw, dict) or not raw:
+        raise ArtifactError("the manifest records no kernel signatures (reports.compile."
+                            "kernels): rebuild the artifact with this version to profile it "
+                            "over RPC, or profile on the board: bench --host USER@HOST")
+    out: KernelTable = {}
+    for name, k in raw.items():
+        try:
+            args = [(tuple(int(d) for d in a["shape"]), str(a["dtype"])) for a in k["args"]]
+            calls = float(k["calls"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"manifest: reports.compile.kernels[{name!r}] is malformed: "
+                                "rebuild the artifact") from e
+        if (not isinstance(name, str) or any(dt not in _KERNEL_DTYPES for _, dt in args)
+                or any(d < 0 or d > 1 << 24 for sh, _ in args for d in sh)
+                or not 0 < calls <= 1000):
+            raise ArtifactError(f"manifest: reports.compile.kernels[{name!r}] is out of range: "
+                                "rebuild the artifact")
+        out[name] = (args, calls)
+    return out
+
+
+def _random(shape: tuple[int, ...], dtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Values in a kernel's safe range (positive: divisors; small: int8), rank kept
+    (0-d scalars too, which ``np.ascontiguousarray`` would make 1-d)."""
+    a = (rng.integers(1, 8, size=shape) if dtype.startswith(("int", "uint"))
+         else rng.uniform(0.5, 1.0, size=shape))
+    return np.asarray(a, dtype=dtype).reshape(shape)
+
+
+def _median_call(fn: Any, runs: int) -> float:
+    samples = []
+    for _ in range(max(runs, 3)):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples))
+
+
+def _gflops(name: str, shapes: list[list[int]], calls: float, ms: float) -> float | None:
+    flops = conv_flops(name, shapes)
+    return flops * calls / (ms * 1e-3) / 1e9 if flops and ms > 0 else None
+
 
 def _no_instrument(*_args: Any) -> int:
     return 0
@@ -298,9 +385,12 @@ def conv_flops(name: str, shapes: list[list[int]]) -> float | None:
     """FLOPs of one call of a convolution kernel from its argument shapes (data, weight, ...,
     output last): output elements x 2 x Cin/groups x kh x kw. Weights in OIHW (NCHW), HWIO
     (NHWC) or OIHW{i}i{o}o (NCHWc) layouts; None when the shapes say otherwise."""
-    if "conv" not in name or len(shapes) < 3:
+    # Fused prologues can put scalars first (the global-context mean): data and weight are
+    # the first two tensors of rank 4 or more.
+    tensors = [sh for sh in shapes[:-1] if len(sh) >= 4]
+    if "conv" not in name or len(tensors) < 2:
         return None
-    w, out = shapes[1], shapes[-1]
+    w, out = tensors[1], shapes[-1]
     n_out = math.prod(out)
     if len(w) == 6:  # OIHWio: (O/oc, I/ic, kh, kw, ic, oc)
         per_out = w[1] * w[2] * w[3] * w[4]
@@ -364,6 +454,10 @@ class ModuleInputs:
     @property
     def schedules(self) -> KernelSchedules:
         return KernelSchedules.from_records(self.artifact.manifest.records)
+
+    @property
+    def kernels(self) -> KernelTable:
+        return kernel_table(self.artifact.manifest.records)
 
 
 def module_inputs(artifact: str | Path | Artifact, check_arch: bool = False) -> ModuleInputs:

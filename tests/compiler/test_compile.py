@@ -79,12 +79,47 @@ def test_to_relax_lifts_every_weight(relax_tiny):
     names = [v.name for v in mod["main"].params]
     assert names[0] == "x"
     assert names[1:] == list(params)
-    # 16 convolutions (BatchNorm folded into them), weight + bias each.
-    assert len(params) == 32
+    # 15 backbone convolutions (BatchNorm folded into them) and the head split in 4 parts by
+    # channel folding (model.channel_fold), weight + bias each, plus the head's bias.
+    assert len(params) == 2 * 15 + 2 * 4 + 1
     assert all(a.dtype == np.float32 for a in params.values())
     x_ty = mod["main"].params[0].ty
     assert [int(s) for s in x_ty.shape] == [1, 3, 24, 94] and x_ty.dtype == "float32"
     assert "batch_norm" not in mod.script()
+
+
+@pytest.mark.slow
+def test_nhwc_weights_are_transposed_at_import(relax_tiny, tiny):
+    """NHWC convolutions take HWIO weights: the transposes ConvertLayout adds are applied to
+    the stored weights once, not run on every call."""
+    from lprnet_edge.compiler.frontend import to_relax
+
+    mod, params = relax_tiny  # the default layout
+    nchw_mod, nchw = to_relax(tiny, layout="NCHW")
+    assert list(params) == list(nchw)
+    w = "p_backbone_4_block_2_weight"
+    assert nchw[w].shape == (32, 32, 3, 1) and params[w].shape == (3, 1, 32, 32)
+    np.testing.assert_array_equal(params[w], nchw[w].transpose(2, 3, 1, 0))
+    script = mod["main"].script()
+    assert 'data_layout="NHWC", kernel_layout="HWIO"' in script
+    assert not any(f"permute_dims({p}," in script for p in params)
+    assert 'data_layout="NHWC"' not in nchw_mod["main"].script()
+
+
+@pytest.mark.slow
+def test_layouts_compute_the_same_logits(relax_tiny, tiny, x, tmp_path):
+    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.frontend import to_relax
+    from lprnet_edge.compiler.session import run_host
+
+    host = load_target("host")
+    outs = []
+    for layout in ("NHWC", "NCHW"):
+        mod, params = relax_tiny if layout == "NHWC" else to_relax(tiny, layout=layout)
+        build(mod, host, tmp_path / f"{layout}.so", None, defaults=False)
+        outs.append(run_host(tmp_path / f"{layout}.so", x, params))
+    np.testing.assert_allclose(outs[0], _ref(tiny, x), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
@@ -162,7 +197,8 @@ def test_onnx_frontend_matches_pytorch(tiny, x, tmp_path):
     from lprnet_edge.compiler.toolchain import find_compiler
 
     mod, params = to_relax(tiny, "onnx")
-    assert len(params) == 32
+    # ONNX's exporter folds some head constants itself: fewer inputs than torch.export's.
+    assert params and all(a.dtype == np.float32 for a in params.values())
     host = load_target("host")
     build(mod, host, tmp_path / "m.so", find_compiler(host))
     np.testing.assert_allclose(run_host(tmp_path / "m.so", x, params), _ref(tiny, x),
@@ -175,6 +211,8 @@ def test_unknown_frontend():
 
     with pytest.raises(LprnetEdgeError, match="frontend 'tflite'"):
         to_relax(object(), "tflite")
+    with pytest.raises(LprnetEdgeError, match=r"layout 'NCWH': use one of \['NHWC', 'NCHW'\]"):
+        to_relax(object(), layout="NCWH")
 
 
 # ---------------------------------------------------------------- default schedules

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,14 +112,20 @@ def test_cli_bench_profile_json_and_table(cli_runner, artifact: Path):
 def test_rpc_session_gives_the_same_result_shape(artifact: Path, profile, tmp_path: Path):
     from lprnet_edge.compiler.rpc import start_server
     from lprnet_edge.compiler.session import BenchResult, open_session, time_artifact
-    from lprnet_edge.runtime.errors import LprnetEdgeError
 
     with start_server("127.0.0.1", log_path=str(tmp_path / "server.log"), wait=90) as srv:
         sess = open_session(rpc=srv.address, timeout=120)
-        with pytest.raises(LprnetEdgeError, match="--host USER@HOST --profile"):
-            time_artifact(artifact, sess, profile=True)
         res = time_artifact(artifact, sess, repeat=4, warmup=1)
+        remote = time_artifact(artifact, sess, repeat=4, warmup=1, profile=True,
+                               profile_runs=5).profile
         del sess
+    # Over RPC every kernel of the build is called from here (no instrument on the device).
+    assert remote is not None and remote.method == "rpc-calls"
+    local_kernels = {r.name for r in profile.profile.rows if not r.is_builtin}
+    assert {r.name for r in remote.rows} == local_kernels
+    assert remote.kernels_ms > 0 and all(r.ms >= 0 for r in remote.rows)
+    assert any(r.gflops for r in remote.rows if "conv2d" in r.name)
+    assert "round trips" in remote.format()
     assert isinstance(res, BenchResult) and type(res.timing) is type(profile.timing)
     assert res.where == srv.address and res.output_shape == profile.output_shape
     assert res.timing.runs == res.timing.repeat == 4 and res.timing.median_ms > 0
@@ -126,13 +133,24 @@ def test_rpc_session_gives_the_same_result_shape(artifact: Path, profile, tmp_pa
     assert set(res.to_dict()["time_evaluator"]) == set(profile.to_dict()["time_evaluator"])
 
 
-def test_cli_rpc_profile_is_a_clear_error(cli_runner, artifact: Path):
-    from lprnet_edge.compiler.rpc import free_port
+def test_cli_rpc_profile(cli_runner, artifact: Path, tmp_path: Path):
+    from lprnet_edge.compiler.rpc import free_port, start_server
 
-    # Refused before any connection is tried (nothing listens on that port).
-    r = cli_runner("bench", "--artifact", artifact, "--rpc", f"127.0.0.1:{free_port()}",
+    with start_server("127.0.0.1", log_path=str(tmp_path / "server.log"), wait=90) as srv:
+        r = cli_runner("bench", "--artifact", artifact, "--rpc", srv.address, "--runs", "3",
+                       "--warmup", "1", "--profile")
+    assert r.exit_code == 0, r.output
+    assert "Per kernel" in r.stdout and "round trips" in r.stdout and "conv2d" in r.stdout
+
+    # An artifact whose build recorded no kernel signatures is refused before connecting.
+    old = tmp_path / "old"
+    shutil.copytree(artifact, old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["reports"]["compile"]["kernels"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    r = cli_runner("bench", "--artifact", old, "--rpc", f"127.0.0.1:{free_port()}",
                    "--profile")
-    assert_user_error(r, "cannot run over RPC", "--host USER@HOST --profile")
+    assert_user_error(r, "no kernel signatures", "rebuild the artifact", "--host USER@HOST")
 
 
 def test_cli_host_rpc_profile_is_a_clear_error(cli_runner):

@@ -17,7 +17,7 @@ from conftest import assert_user_error
 from lprnet_edge.compress.configs import TuneConfig
 from lprnet_edge.runtime.errors import DeviceError, LprnetEdgeError
 
-TASK = "fused_conv2d12_add6"  # the smallest convolution (the 1x1 context head)
+TASK = "fused_add7_divide_conv2d12_add6_divide1"  # the smallest conv: a 1x1 head part
 # A small evolutionary search: these tests check the machinery, not schedule quality.
 SEARCH = {"population_size": 64, "init_min_unmeasured": 16, "genetic_num_iters": 1}
 

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import assert_user_error, copy_images, randomize_batchnorm
 
@@ -61,7 +62,32 @@ def test_dense_encodings_without_compression(tmp_path: Path):
 
     art = ModelArtifact(model=None, reference=None, original=None, weights=tmp_path,
                         weights_sha256="0" * 64, charset=load_charset())
-    assert choose_encodings(art, ["a", "b"]) == {"a": "dense", "b": "dense"}
+    params = {"a": np.zeros((3, 3, 4, 8), np.float32), "b": np.zeros(8, np.float32)}
+    assert choose_encodings(art, params) == {"a": "dense", "b": "dense"}
+
+
+def test_int8_weights_are_scaled_per_output_channel_in_hwio(tmp_path: Path):
+    """NHWC builds store HWIO weights: int8 scales go along the last axis (the output
+    channels), so the per-output-channel int8 values of the compressed model stay exact."""
+    from lprnet_edge.pipeline.build import choose_encodings
+    from lprnet_edge.runtime.charset import load_charset
+    from lprnet_edge.runtime.params_codec import decode, encode
+
+    art = ModelArtifact(model=None, reference=None, original=None, weights=tmp_path,
+                        weights_sha256="0" * 64, charset=load_charset(),
+                        param_encodings={"backbone.0.weight": "int8",
+                                         "backbone.0.bias": "dense"})
+    params = {"p_backbone_0_weight": np.zeros((3, 3, 3, 8), np.float32),
+              "p_backbone_0_bias": np.zeros(8, np.float32)}
+    assert choose_encodings(art, params, "NHWC") == {"p_backbone_0_weight": "int8-last",
+                                                     "p_backbone_0_bias": "dense"}
+    assert choose_encodings(art, params, "NCHW")["p_backbone_0_weight"] == "int8"
+    rng = np.random.default_rng(0)
+    oihw = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+    exact = decode(encode("w", oihw, "int8"), "w", "int8")  # what the model computes with
+    hwio = exact.transpose(2, 3, 1, 0)
+    back = decode(encode("w", hwio, "int8-last"), "w", "int8-last")
+    np.testing.assert_allclose(back, hwio, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -290,6 +316,8 @@ def test_int8_build_compiles_the_typed_result(cli_runner, tiny_ckpt: Path, small
     assert isinstance(QuantizeConfig.from_dict(q), Int8Config)  # the manifest reads back
     assert m["reports"]["accuracy_guard"]["ok"] and "[3/7] guard" in r.stderr
     enc = m["param_encodings"]
-    assert enc["p_backbone_0_conv_weight"] == "int8" and enc["p_container_0_weight"] == "dense"
+    # NHWC (the default layout) stores HWIO weights: int8 scales along the last axis.
+    assert enc["p_backbone_0_conv_weight"] == "int8-last"
+    assert enc["p_container_0_weight"] == "dense"
     v = m["verification"]
     assert v["status"] == "passed" and v["tolerance"] == pytest.approx(1e-2)

@@ -83,7 +83,11 @@ def test_manifest_contents(host_artifact: Path, weights_path: Path):
     assert set(m["files"]) == {"model.so", "params.npz", "verify.npz"}
     rt = m["runtime"]
     assert rt["entry"] == "main" and rt["params"] == "params.npz"
-    assert len(rt["param_order"]) == 32
+    # Constant channels folded (model.channel_fold): 15 backbone convolutions and the head
+    # split in 4 parts, weight and bias each, plus the head's bias.
+    assert len(rt["param_order"]) == 2 * 15 + 2 * 4 + 1
+    assert "constant filters folded" in m["reports"]["channel_fold"]["summary"]
+    assert m["stages"]["compile"]["layout"] == "NHWC"
     assert m["sizes"]["model.so"] == (host_artifact / "model.so").stat().st_size
     assert m["sizes"]["params.npz"] == (host_artifact / "params.npz").stat().st_size
     v = m["verification"]
