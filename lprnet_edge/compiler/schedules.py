@@ -140,13 +140,18 @@ def memory_database(records: Iterable[Any]) -> Any:
 
 def _fit_tiles(extent: int, old: list[int]) -> list[int]:
     """Tile factors for ``extent`` shaped like ``old`` (same length, product = extent):
-    keep the innermost factors while they divide what is left (the vector width), put the
-    rest in the outermost tile."""
+    keep the innermost factors while they divide what is left, else the largest divisor
+    below them (a power of two for the innermost one: it is the vector width, and 14 lanes
+    vectorize worse than 8), and put the rest in the outermost tile."""
     n = len(old)
     out = [1] * n
     left = extent
     for k in range(n - 1, 0, -1):
         f = int(old[k])
+        if k == n - 1 and left % f:
+            f = 1 << (f.bit_length() - 1) if f > 0 else 1
+            while f > 1 and left % f:
+                f //= 2
         while f > 1 and left % f:
             f -= 1
         out[k] = max(f, 1)
@@ -155,7 +160,10 @@ def _fit_tiles(extent: int, old: list[int]) -> list[int]:
     return out
 
 
-def _decision_provider(sch: Any) -> Callable[..., Any]:
+def _decision_provider(sch: Any, changed: list[int] | None = None) -> Callable[..., Any]:
+    """Replays a trace's decisions on ``sch``, re-fitting tile sizes to its loop extents;
+    ``changed`` counts the tile decisions that had to change (how far the trace is from
+    this kernel)."""
     def provide(inst: Any, inputs: list[Any], attrs: list[Any], decision: Any) -> Any:
         name = inst.kind.name
         if name == "SamplePerfectTile" and decision is not None:
@@ -164,7 +172,11 @@ def _decision_provider(sch: Any) -> Callable[..., Any]:
                 extent = int(extent)
             except TypeError:
                 return decision
-            return _fit_tiles(extent, [int(d) for d in decision])
+            old = [int(d) for d in decision]
+            fitted = _fit_tiles(extent, old)
+            if changed is not None and fitted != old:
+                changed[0] += 1
+            return fitted
         if name == "SampleComputeLocation":
             return -1 if decision is not None else decision  # inline-safe: compute at root
         return decision
@@ -199,11 +211,13 @@ def transfer(func: Any, target: Any, known: list[Any]) -> Any:
     if not sig:
         return None
     candidates = [r for r in known if _signature(r.workload.mod) == sig]
-    for rec in candidates:
+    best: tuple[int, Any] | None = None
+    for rec in candidates:  # the trace that needs the fewest re-fitted tiles wins
+        changed = [0]
         sch = s_tir.Schedule(func, debug_mask="all")
         try:
             rec.trace.apply_to_schedule(sch, remove_postproc=True,
-                                        decision_provider=_decision_provider(sch))
+                                        decision_provider=_decision_provider(sch, changed))
             # MetaSchedule's LLVM post-processors (parallel/vectorize/unroll annotations
             # become loops; reduction blocks are split), without a TuneContext: creating
             # one imports tvm.s_tir.tensor_intrin, minutes of TVMScript when torch is loaded.
@@ -212,5 +226,8 @@ def transfer(func: Any, target: Any, known: list[Any]) -> Any:
                     raise ValueError(f"postproc {type(post).__name__} rejects the trace")
         except Exception:  # noqa: BLE001 - try the next candidate
             continue
-        return sch
-    return None
+        if best is None or changed[0] < best[0]:
+            best = (changed[0], sch)
+        if changed[0] == 0:
+            break
+    return best[1] if best else None
