@@ -201,7 +201,7 @@ check_options = grouped(
     click.option("--verify-images", type=click.IntRange(min=0),
                  help="Verify on the first N calib images (0: skip).  [default: all]"),
     click.option("--tolerance", type=click.FloatRange(min=0),
-                 help="Max |logit diff| vs PyTorch allowed by verification.  [default: 2e-3]"),
+                 help="Max |logit diff| vs PyTorch allowed by verification.  [default: 1e-3]"),
     click.option("--eval-test", is_flag=True,
                  help="Measure test/ accuracy (host builds) and record it in the manifest."),
     click.option("--test-dir", type=click.Path(exists=True, file_okay=False),

@@ -327,6 +327,30 @@ def fold_bn(model: nn.Module) -> nn.Module:
     return fold_batchnorm(model)
 
 
+def fold_for_storage(model: nn.Module) -> nn.Module:
+    """BatchNorm and constant channels folded (what the compiler folds) *before* weights are
+    rounded to their storage precision: folding after rounding would slice consumer weights
+    (changing their per-channel int8 scale) and move biases off the fp16 grid, so the
+    artifact would no longer store exactly the weights its reference computes with."""
+    from lprnet_edge.model.channel_fold import fold_constant_channels, foldable
+
+    folded = fold_bn(model)
+    return fold_constant_channels(folded)[0] if foldable(folded) else folded
+
+
+def _fallbacks_for(model: nn.Module, cfg: QuantizeConfig) -> QuantizeConfig:
+    """``fallback_layers`` named for ``model``: a folded model splits the head's container
+    (``container.0``) into ``heads.0``..``heads.3``, which inherit its fallback."""
+    from dataclasses import replace
+
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    if "container.0" not in cfg.fallback_layers or "container.0" in names:
+        return cfg
+    heads = tuple(n for n in sorted(names) if n.startswith("heads."))
+    kept = tuple(n for n in cfg.fallback_layers if n != "container.0")
+    return replace(cfg, fallback_layers=kept + heads)
+
+
 HEAD_LAYERS = ("container.0",)
 INT8_VERIFY_TOLERANCE = 1e-2  # float32 summation order differs from int32 accumulation
 
@@ -371,7 +395,9 @@ def _finish(res: QuantizedModel, stored: nn.Module, original: nn.Module, val: An
 @register_handler(Int8WeightsConfig)
 def _weight_only(model: nn.Module, cfg: Fp16WeightsConfig | Int8WeightsConfig,
                  calib: Any = None, val: Any = None, **_options: Any) -> QuantizedModel:
-    qm = weight_only_model(fold_bn(model), cfg)
+    folded = fold_for_storage(model)
+    cfg = _fallbacks_for(folded, cfg)
+    qm = weight_only_model(folded, cfg)
     return _finish(QuantizedModel(qm, cfg), qm, model, val)
 
 

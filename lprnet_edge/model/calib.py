@@ -183,6 +183,8 @@ def forward_per_sample(model, x):  # noqa: ANN001, ANN201
     """
     import torch
 
+    if hasattr(model, "forward_per_sample"):  # a folded model (model.channel_fold)
+        return model.forward_per_sample(x)
     f0, f1, f2, f3 = model.features(x)
     ctx = []
     for f in (model.pool0(f0), model.pool1(f1), model.pool2(f2), f3):

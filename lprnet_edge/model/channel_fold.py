@@ -105,17 +105,28 @@ class FoldedLPRNet(nn.Module):
         self.ctx_channels = ctx_channels
         self.ctx_sq = ctx_sq
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         keep = []
         for i, layer in enumerate(self.backbone):
             x = layer(x)
             if i in KEEP:
                 keep.append(x)
+        return keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._head(self.features(x), per_sample=False)
+
+    def forward_per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch-1 semantics for every row (``model.calib.forward_per_sample``)."""
+        return self._head(self.features(x), per_sample=True)
+
+    def _head(self, keep: list[torch.Tensor], per_sample: bool) -> torch.Tensor:
         f0, f1, f2, f3 = keep
         out = self.head_bias
         for k, f in enumerate((self.pool0(f0), self.pool1(f1), self.pool2(f2), f3)):
             pixels = f.shape[2] * f.shape[3]
-            mean = (torch.sum(f * f) + self.ctx_sq[k] * pixels) / (self.ctx_channels[k] * pixels)
+            sq = torch.sum(f * f, dim=(1, 2, 3), keepdim=True) if per_sample else torch.sum(f * f)
+            mean = (sq + self.ctx_sq[k] * pixels) / (self.ctx_channels[k] * pixels)
             out = out + self.heads[k](f) / mean
         return torch.mean(out, dim=2)
 

@@ -142,9 +142,12 @@ def test_quantize_weight_only_modes(tiny_model):
     qm = quantize(tiny_model, Int8WeightsConfig()).module
     w = qm.backbone[0].weight.detach()
     assert torch.equal(int8_weight_roundtrip(w), w)
-    # fp16 with a float32 fallback layer: that conv weight is stored (and kept) float32
+    # fp16 with a float32 fallback layer: that conv weight is stored (and kept) float32. The
+    # model is folded first (compress.quantize.fold_for_storage): its container is split in
+    # four head parts, which inherit the fallback.
     res = quantize(tiny_model, Fp16WeightsConfig(fallback_layers=("container.0",)))
-    assert res.param_encodings["container.0.weight"] == "dense"
+    assert res.config.fallback_layers == tuple(f"heads.{k}" for k in range(4))
+    assert all(res.param_encodings[f"heads.{k}.weight"] == "dense" for k in range(4))
     assert res.param_encodings["backbone.0.weight"] == "fp16"
 
 
@@ -196,3 +199,20 @@ def test_relax_int8_rewrite_builds_and_matches():
 
     with pytest.raises(LprnetEdgeError, match="matched 2 of 3"):
         to_relax(QuantizedModel(model, Int8Config(), int8_convs=("0", "2", "4")))
+
+
+@pytest.mark.parametrize("cfg", [Int8WeightsConfig(), Fp16WeightsConfig()])
+def test_weight_only_stores_exactly_what_the_folded_model_computes(weights_path, cfg):
+    """Constant channels are folded *before* the weights are rounded: folding after would
+    slice consumer weights (their int8 scale changes) and move biases off the fp16 grid, and
+    the artifact would store other weights than its reference computes with."""
+    from lprnet_edge.compress.api import compress
+    from lprnet_edge.model.channel_fold import FoldedLPRNet
+    from lprnet_edge.model.checkpoint import load_model
+
+    res = compress(load_model(weights_path), cfg, None)
+    assert isinstance(res.module, FoldedLPRNet)  # the checkpoint has dead filters
+    stored = roundtrip(res.module, res.param_encodings)
+    for (name, a), b in zip(res.module.state_dict().items(), stored.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=name)
