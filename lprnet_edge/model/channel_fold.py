@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lprnet_edge.model.lprnet import KEEP, LPRNet
+from lprnet_edge.model.lprnet import LPRNet
 
 # (producer conv, consumer conv or None, channel stride between them, global-context index).
 # The channel stride is LPRNet's channel-strided max pool (see ChannelStridedMaxPool).
@@ -105,13 +105,7 @@ class FoldedLPRNet(nn.Module):
         self.ctx_channels = ctx_channels
         self.ctx_sq = ctx_sq
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        keep = []
-        for i, layer in enumerate(self.backbone):
-            x = layer(x)
-            if i in KEEP:
-                keep.append(x)
-        return keep
+    features = LPRNet.features  # the same backbone taps (KEEP)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._head(self.features(x), per_sample=False)
