@@ -45,10 +45,9 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from lprnet_edge.compiler.target import load_target
     from lprnet_edge.compiler.tune import count_records, resolve_db_dir, tune
     from lprnet_edge.compress.configs import TuneConfig
-    from lprnet_edge.model.channel_fold import fold_constant_channels
+    from lprnet_edge.model.channel_fold import fold_all
     from lprnet_edge.model.checkpoint import load_model
     from lprnet_edge.model.flops import summary as flops_summary
-    from lprnet_edge.model.fold import fold_batchnorm
     from lprnet_edge.model.weights import resolve_weights
 
     work.mkdir(parents=True, exist_ok=True)
@@ -60,9 +59,9 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     # ONNX Runtime: the exported graph of the same model (ORT fuses BN itself), and of the
     # model with its constant channels folded, so that the table separates what the folding
     # gains (any runtime could run the folded graph) from what TVM's kernels gain.
-    folded, fold_report = fold_constant_channels(fold_batchnorm(model))
+    folded, fold_report = fold_all(model)
     info["flops_folded"] = flops_summary(folded)
-    info["fold"] = fold_report.summary()
+    info["fold"] = fold_report.summary() if fold_report else "none"
     onnx_path, onnx_folded = work / "lprnet.onnx", work / "lprnet-folded.onnx"
     t0 = time.perf_counter()
     for m, path in ((model, onnx_path), (folded, onnx_folded)):

@@ -124,13 +124,14 @@ def bench_rpc(artifact: str | Path, rpc: str | None = None, rpc_tracker: str | N
     on the device: start its server with ``TVM_NUM_THREADS=N``.
     """
     from lprnet_edge.compiler.session import open_session, time_artifact
+    from lprnet_edge.runtime.artifact import Artifact
+    from lprnet_edge.runtime.profile import kernel_table
 
+    art = Artifact.open(artifact, check_arch=False)  # the device's, not this machine's
     if profile:  # refused before connecting when the build recorded no kernel signatures
-        from lprnet_edge.runtime.profile import module_inputs
-
-        _ = module_inputs(artifact).kernels
+        kernel_table(art.manifest.records)
     session = open_session(rpc, rpc_tracker, rpc_key, timeout=timeout)
-    return time_artifact(artifact, session, repeat=runs, warmup=warmup, profile=profile,
+    return time_artifact(art, session, repeat=runs, warmup=warmup, profile=profile,
                          profile_runs=max(3, min(runs, 20))).to_dict()
 
 

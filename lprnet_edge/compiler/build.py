@@ -53,11 +53,13 @@ def prepare_for_tuning(mod: Any, target: TargetSpec | Any, opt_level: int = 3) -
 
 
 def schedule_database(mod: Any, target: Any, database: Any = None, defaults: bool = True,
-                      log: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any]]:
+                      log: Callable[[str], None] | None = None, prepared: Any = None
+                      ) -> tuple[Any, dict[str, Any]]:
     """The database a build applies: its own ``database`` first, then the packaged default
     schedules, then traces transferred to kernels neither knows (see
     :mod:`lprnet_edge.compiler.schedules`). Returns ``(database or None, coverage)`` where
-    coverage names the kernels of each kind (``naive``: TVM's default loops)."""
+    coverage names the kernels of each kind (``naive``: TVM's default loops). ``prepared``:
+    ``prepare_for_tuning(mod, target)`` when the caller already has it."""
     from lprnet_edge.compiler import schedules
 
     layers = [db for db in (database, schedules.default_database() if defaults else None)
@@ -66,7 +68,8 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
         return None, {}
     from tvm.s_tir import meta_schedule as ms
 
-    prepared = prepare_for_tuning(mod, target)
+    if prepared is None:
+        prepared = prepare_for_tuning(mod, target)
     tasks = ms.relax_integration.extract_tasks(prepared, target)
     import tvm_ffi
 
@@ -121,15 +124,16 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
     cover: dict[str, Any] = {}
     try:
         tuned = database is not None
-        database, cover = schedule_database(mod, target, database, defaults, log)
+        prepared = prepare_for_tuning(mod, target)  # tasks, kernel signatures, and the build
+        database, cover = schedule_database(mod, target, database, defaults, log, prepared)
         if database is not None:
             from tvm.s_tir.meta_schedule.relax_integration import compile_relax
 
             executable = compile_relax(database, mod, target, params=None)
         else:
-            prepared = prepare_for_tuning(mod, target, opt_level)
+            at_level = prepared if opt_level == 3 else prepare_for_tuning(mod, target, opt_level)
             with tvm.transform.PassContext(opt_level=opt_level):
-                executable = tvm.compile(prepared, target)
+                executable = tvm.compile(at_level, target)
     except Exception as e:  # TVM errors are TVMError / InternalError / ValueError...
         raise LprnetEdgeError(f"TVM failed to compile for {target_spec.name}: "
                               f"{type(e).__name__}: {last_line(e)}") from e
@@ -152,7 +156,7 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
         "untuned_kernels": cover.get("naive", []),
         # kernel -> "tuned" | "default" | "transferred" | "naive": the profiler's column
         "kernel_schedules": {n: k for k, names in cover.items() for n in names},
-        "kernels": kernel_signatures(prepare_for_tuning(mod, target), executable.as_text()),
+        "kernels": kernel_signatures(prepared, executable.as_text()),
         "opt_level": opt_level,
         "compiler": path,
         "tvm_target": str(target),

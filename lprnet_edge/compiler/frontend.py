@@ -26,7 +26,7 @@ import numpy as np
 
 from lprnet_edge.compiler.errors import first_line, import_tvm_compiler
 from lprnet_edge.compress.api import CompressedModel, QuantizedModel
-from lprnet_edge.model.channel_fold import FoldReport, fold_constant_channels, foldable
+from lprnet_edge.model.channel_fold import FoldReport, fold_all
 from lprnet_edge.model.fold import fold_batchnorm
 from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
 
@@ -34,7 +34,12 @@ FRONTENDS = ("torch.export", "onnx")
 INPUT_NAME = "x"
 INPUT_SHAPE = (1, 3, 24, 94)  # batch 1 is LPRNet's semantics (batch-wide normalisation)
 ENTRY = "main"
-LAYOUTS = ("NHWC", "NCHW")
+# Convolution layouts and their weight layouts: NHWC activations with HWIO weights put the
+# output channels innermost, where they vectorize (the widths of the folded model are
+# multiples of 8); NCHW vectorizes along the image width (90, 44, 18...: not multiples of a
+# vector).
+KERNEL_LAYOUT = {"NHWC": "HWIO", "NCHW": "OIHW"}
+LAYOUTS = tuple(KERNEL_LAYOUT)
 DEFAULT_LAYOUT = "NHWC"
 
 
@@ -52,8 +57,7 @@ def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True,
     """
     if frontend not in FRONTENDS:
         raise LprnetEdgeError(f"frontend {frontend!r}: use one of {list(FRONTENDS)}")
-    if layout not in LAYOUTS:
-        raise LprnetEdgeError(f"layout {layout!r}: use one of {list(LAYOUTS)}")
+    _check_layout(layout)
     if isinstance(model, QuantizedModel) and model.int8_convs:
         return int8_to_relax(model, frontend, layout)
     if isinstance(model, CompressedModel):
@@ -62,10 +66,13 @@ def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True,
     import torch
     from tvm import relax
 
-    model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
-    if fold_bn and fold_channels and foldable(model):
-        model, report = fold_constant_channels(model)
-        if on_fold is not None:
+    if not fold_bn:
+        model = copy.deepcopy(model).eval()
+    elif not fold_channels:
+        model = fold_batchnorm(model)
+    else:
+        model, report = fold_all(model)
+        if report is not None and on_fold is not None:
             on_fold(report)
     x = torch.zeros(INPUT_SHAPE, dtype=torch.float32)
     with warnings.catch_warnings():
@@ -111,18 +118,16 @@ def _onnx_import(model: Any, x: Any) -> Any:
                      keep_params_in_input=True)
 
 
-# Convolution layouts: NHWC activations with HWIO weights put the output channels innermost,
-# where they vectorize (the widths of the folded model are multiples of 8); NCHW vectorizes
-# along the image width (90, 44, 18...: not multiples of a vector).
-KERNEL_LAYOUT = {"NHWC": "HWIO", "NCHW": "OIHW"}
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise LprnetEdgeError(f"layout {layout!r}: use one of {list(LAYOUTS)}")
 
 
 def convert_layout(mod: Any, params: dict[str, np.ndarray], layout: str
                    ) -> tuple[Any, dict[str, np.ndarray]]:
     """Convolutions in ``layout`` (``ConvertLayout``); the weight transposes this adds are
     applied to ``params`` once here instead of on every call."""
-    if layout not in LAYOUTS:
-        raise LprnetEdgeError(f"layout {layout!r}: use one of {list(LAYOUTS)}")
+    _check_layout(layout)
     if layout == "NCHW":
         return mod, params
     import_tvm_compiler()

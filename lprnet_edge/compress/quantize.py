@@ -332,10 +332,9 @@ def fold_for_storage(model: nn.Module) -> nn.Module:
     rounded to their storage precision: folding after rounding would slice consumer weights
     (changing their per-channel int8 scale) and move biases off the fp16 grid, so the
     artifact would no longer store exactly the weights its reference computes with."""
-    from lprnet_edge.model.channel_fold import fold_constant_channels, foldable
+    from lprnet_edge.model.channel_fold import fold_all
 
-    folded = fold_bn(model)
-    return fold_constant_channels(folded)[0] if foldable(folded) else folded
+    return fold_all(model)[0]
 
 
 def _fallbacks_for(model: nn.Module, cfg: QuantizeConfig) -> QuantizeConfig:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lprnet_edge.model.fold import fold_batchnorm
 from lprnet_edge.model.lprnet import LPRNet
 
 # (producer conv, consumer conv or None, channel stride between them, global-context index).
@@ -133,6 +134,14 @@ def foldable(model: nn.Module) -> bool:
     convs = dict(model.named_modules())
     return all(type(convs.get(p)) is nn.Conv2d and convs[p].bias is not None
                for p in (*CONVS, "container.0"))
+
+
+def fold_all(model: nn.Module) -> tuple[nn.Module, FoldReport | None]:
+    """BatchNorm folded, then constant channels where the model allows it (report None when
+    not): what every build compiles, and what weight-only quantization rounds, so both see
+    the same tensors."""
+    folded = fold_batchnorm(model)
+    return fold_constant_channels(folded) if foldable(folded) else (folded, None)
 
 
 def fold_constant_channels(model: LPRNet, multiple: int = 8) -> tuple[nn.Module, FoldReport]:

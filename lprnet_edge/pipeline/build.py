@@ -99,7 +99,6 @@ class RelaxModel:
     params: dict[str, np.ndarray]  # in main's order
     frontend: str
     import_s: float = 0.0
-    folded: str | None = None  # what channel folding removed (compiler.frontend.to_relax)
 
 
 @dataclass
@@ -351,12 +350,11 @@ def import_stage(art: ModelArtifact, frontend: str = "torch.export", layout: str
     from lprnet_edge.compiler.frontend import to_relax
 
     t0 = time.perf_counter()
-    folds = []
-    mod, params = to_relax(art.model, frontend, on_fold=folds.append, layout=layout)
-    if folds:
-        art.reports["channel_fold"] = {"summary": folds[0].summary(), "kept": folds[0].kept}
-    return RelaxModel(mod, params, frontend, time.perf_counter() - t0,
-                      folds[0].summary() if folds else None)
+    def record(fold: Any) -> None:  # what channel folding removed, for the manifest
+        art.reports["channel_fold"] = {"summary": fold.summary(), "kept": fold.kept}
+
+    mod, params = to_relax(art.model, frontend, on_fold=record, layout=layout)
+    return RelaxModel(mod, params, frontend, time.perf_counter() - t0)
 
 
 def tune_stage(relax_model: RelaxModel, target: TargetSpec, cfg: TuneConfig,
@@ -836,8 +834,9 @@ def _build_artifact(opts: BuildOptions, log: Log, guard: InterruptGuard) -> Buil
     with stages.stage("import", f"frontend {opts.compile.frontend}, "
                       f"{opts.compile.layout}") as note:
         relax_model = import_stage(art, opts.compile.frontend, opts.compile.layout)
+        folded = art.reports.get("channel_fold")
         note["result"] = f"{len(relax_model.params)} weight tensors" + (
-            f"; {relax_model.folded}" if relax_model.folded else "")
+            f"; {folded['summary']}" if folded else "")
     database, tune_summary = None, None
     if opts.tune:
         with stages.stage("tune", f"{opts.tune.trials} trials") as note:
