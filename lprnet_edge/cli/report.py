@@ -31,6 +31,10 @@ def _command(ctx: click.Context) -> str:
     return " ".join(parts)
 
 
+def _mflops(flops: float | None) -> str:
+    return "-" if flops is None else f"{flops / 1e6:.0f}"
+
+
 @click.command("report")
 @out_option("Folder for compression-report.md/.json/.png.", default="docs", show_default=True)
 @click.option("--quick", is_flag=True,
@@ -48,7 +52,9 @@ def _command(ctx: click.Context) -> str:
 @click.option("--trials", type=click.IntRange(min=0), default=200, show_default=True,
               help="With --latency tvm: MetaSchedule trials per workload, spent on the "
                    "convolutions by the build's tune stage, the same for every variant (a "
-                   "tuning database of the report's own per budget; 0: untuned).")
+                   "tuning database of the report's own per budget; 0: no variant is tuned, "
+                   "every kernel gets the packaged default schedules, transferred to new "
+                   "shapes).")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
               help="Interleaved latency rounds (the median of the per-round medians).")
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
@@ -72,7 +78,8 @@ def report_cmd(ctx: click.Context, out: str, quick: bool, weights: str | None,
     Examples:
       lprnet-edge report --quick
       lprnet-edge report --out docs/ --latency tvm --trials 200
-      lprnet-edge report --refresh-latency --latency tvm --trials 200 --out docs
+      lprnet-edge report --out docs/ --latency tvm --trials 0
+      lprnet-edge report --refresh-latency --latency tvm --trials 0 --variant int8-sim
       lprnet-edge report --calibrators --out docs
     """
     from click.core import ParameterSource
@@ -116,7 +123,12 @@ def report_cmd(ctx: click.Context, out: str, quick: bool, weights: str | None,
             click.echo(f"{r['name']:<38} acc {r['test_accuracy']:.3f} "
                        f"({r['accuracy_change_points']:+.1f} pt)  "
                        f"{r['stored_bytes'] / 1e3:7.1f} kB  {r['flops'] / 1e6:6.0f} MFLOPs"
+                       f" ({_mflops(r.get('flops_executed'))} executed)"
                        f"  {lat}")
+    if refresh_latency or not calibrators:
+        for g in rep["goals"].values():
+            if isinstance(g, dict) and "status" in g:
+                click.echo(f"goal {g['goal']}: {g['status']}: {g['detail']}")
     click.echo(f"wrote {Path(out) / 'compression-report.md'} (.json, .png)")
 
 

@@ -55,17 +55,17 @@ def prepare_for_tuning(mod: Any, target: TargetSpec | Any, opt_level: int = 3) -
 def schedule_database(mod: Any, target: Any, database: Any = None, defaults: bool = True,
                       log: Callable[[str], None] | None = None, prepared: Any = None
                       ) -> tuple[Any, dict[str, Any]]:
-    """The database a build applies: its own ``database`` first, then the packaged default
-    schedules, then traces transferred to kernels neither knows (see
+    """The database a build applies: the hand-written tensorized schedule of every VNNI
+    convolution (:func:`lprnet_edge.compiler.int8.schedule_vnni`), then the build's own
+    ``database``, then the packaged default schedules, then traces transferred to kernels
+    none of them knows (see
     :mod:`lprnet_edge.compiler.schedules`). Returns ``(database or None, coverage)`` where
     coverage names the kernels of each kind (``naive``: TVM's default loops). ``prepared``:
     ``prepare_for_tuning(mod, target)`` when the caller already has it."""
-    from lprnet_edge.compiler import schedules
+    from lprnet_edge.compiler import int8, schedules
 
     layers = [db for db in (database, schedules.default_database() if defaults else None)
               if db is not None]
-    if not layers:
-        return None, {}
     from tvm.s_tir import meta_schedule as ms
 
     if prepared is None:
@@ -81,29 +81,41 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     layers = [schedules.memory_database(b.values()) for b in best]
     own = best[0] if database is not None else {}
     packaged = best[-1] if len(layers) > (database is not None) else {}
-    cover: dict[str, list[str]] = {"tuned": [], "default": [], "transferred": [], "naive": []}
+    cover: dict[str, list[str]] = {"tensorized": [], "tuned": [], "default": [],
+                                   "transferred": [], "naive": []}
     fallback = ms.database.MemoryDatabase()
     for t in tasks:
         func = t.dispatched[0]
         h = int(tvm_ffi.structural_hash(func))
-        if h in own:
+        if (sch := int8.tensorized_schedule(func)) is not None:
+            _commit(fallback, func, sch, target)
+            cover["tensorized"].append(t.task_name)
+        elif h in own:
             cover["tuned"].append(t.task_name)
         elif h in packaged:
             cover["default"].append(t.task_name)
         elif (sch := schedules.transfer(func, target, known)) is not None:
-            wl = fallback.commit_workload(func)
-            fallback.commit_tuning_record(ms.database.TuningRecord(
-                trace=sch.trace, workload=wl, run_secs=[1.0], target=target,
-                args_info=ms.arg_info.ArgInfo.from_prim_func(
-                    next(iter(func.functions.values())))))
+            _commit(fallback, func, sch, target)
             cover["transferred"].append(t.task_name)
         else:
             cover["naive"].append(t.task_name)
+    if not layers and not (cover["tensorized"] or cover["transferred"]):
+        return None, {}  # nothing to apply: TVM's own loops throughout
     layers.append(fallback)
     db = layers[0] if len(layers) == 1 else ms.database.OrderedUnionDatabase(*layers)
     if log:
         log("schedules: " + ", ".join(f"{len(v)} {k}" for k, v in cover.items() if v))
     return db, cover
+
+
+def _commit(database: Any, func: Any, sch: Any, target: Any) -> None:
+    """Record ``sch`` (a schedule of the task module ``func``) in ``database``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    wl = database.commit_workload(func)
+    database.commit_tuning_record(ms.database.TuningRecord(
+        trace=sch.trace, workload=wl, run_secs=[1.0], target=target,
+        args_info=ms.arg_info.ArgInfo.from_prim_func(next(iter(func.functions.values())))))
 
 
 def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler | str | None,

@@ -45,7 +45,8 @@ DEFAULT_LAYOUT = "NHWC"
 
 def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True,
              fold_channels: bool = True, on_fold: Callable[[FoldReport], None] | None = None,
-             layout: str = DEFAULT_LAYOUT) -> tuple[Any, dict[str, np.ndarray]]:
+             layout: str = DEFAULT_LAYOUT, int8_dot: str | None = None
+             ) -> tuple[Any, dict[str, np.ndarray]]:
     """Import ``model`` at batch 1: ``(IRModule, {param name: float32 array})``.
 
     ``main(x, *params)`` takes the parameters in the dict's order. ``model`` is a torch
@@ -54,12 +55,14 @@ def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True,
     is constant (:mod:`lprnet_edge.model.channel_fold`; exact, about half of the
     checkpoint's FLOPs) when the model is a float LPRNet; ``on_fold`` receives what was
     folded. ``layout``: the convolutions' data layout (:func:`convert_layout`).
+    ``int8_dot``: the target's integer dot-product instructions
+    (:func:`lprnet_edge.compiler.int8.int8_dot`), used by the int8 convolutions.
     """
     if frontend not in FRONTENDS:
         raise LprnetEdgeError(f"frontend {frontend!r}: use one of {list(FRONTENDS)}")
     _check_layout(layout)
     if isinstance(model, QuantizedModel) and model.int8_convs:
-        return int8_to_relax(model, frontend, layout)
+        return int8_to_relax(model, frontend, layout, int8_dot)
     if isinstance(model, CompressedModel):
         model = model.module
     import_tvm_compiler()
@@ -212,12 +215,21 @@ def normalize(mod: Any) -> Any:
 
 
 def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export",
-                  layout: str = DEFAULT_LAYOUT) -> tuple[Any, dict[str, np.ndarray]]:
+                  layout: str = DEFAULT_LAYOUT, int8_dot: str | None = None
+                  ) -> tuple[Any, dict[str, np.ndarray]]:
     """Import the fake-quant ``qmodel.module`` and make its ``int8_convs`` real int8
     convolutions; refuses an import where the rewrite did not find every one of them.
-    The rewrite matches NCHW convolutions: ``layout`` is applied after it."""
+    The rewrite matches NCHW convolutions: ``layout`` is applied after it. With
+    ``int8_dot="vnni"`` (NHWC only) the convolutions take their VNNI form. What depends on
+    the weights only (their quantization, layout, packing) is computed here, once: the
+    returned parameters are int8 / int32 / float arrays, not the float weights."""
     mod, params = to_relax(qmodel.module, frontend, layout="NCHW")
-    from lprnet_edge.compiler.int8 import exact_rescale
+    from lprnet_edge.compiler.int8 import (
+        cancel_transposes,
+        exact_rescale,
+        precompute_params,
+        use_vnni,
+    )
 
     mod, n = relax_int8_rewrite(mod)
     expected = len(qmodel.int8_convs)
@@ -226,7 +238,11 @@ def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export",
                               f"(frontend {frontend!r}); use the torch.export frontend")
     # Tuned schedules must not let LLVM fuse the rescale into an FMA (issue 11): see int8.py.
     mod, _ = exact_rescale(mod)
-    return convert_layout(normalize(mod), params, layout)
+    mod, params = convert_layout(normalize(mod), params, layout)
+    mod, _ = cancel_transposes(mod)
+    if int8_dot == "vnni" and layout == "NHWC":
+        mod, _ = use_vnni(mod)
+    return precompute_params(mod, params)
 
 
 def relax_int8_rewrite(mod: Any) -> tuple[Any, int]:

@@ -172,7 +172,14 @@ def load_host(lib_path: str | Path, params: list[np.ndarray] | dict[str, np.ndar
               entry: str = "main") -> LoadedModule:
     """A host-built library loaded in this process, weights bound; call it with ``x``."""
     values = list(params.values()) if isinstance(params, dict) else list(params)
-    return LoadedModule(lib_path, [np.asarray(p, np.float32) for p in values], entry)
+    return LoadedModule(lib_path, [_weight(p) for p in values], entry)
+
+
+def _weight(p: np.ndarray) -> np.ndarray:
+    """A weight as the module takes it: float32, unless it has an integer (or float64) type
+    of its own (the int8 graph's precomputed weights)."""
+    a = np.asarray(p)
+    return a if a.dtype.kind in "iu" or a.dtype == np.float64 else a.astype(np.float32)
 
 
 def run_host(lib_path: str | Path, x: np.ndarray,

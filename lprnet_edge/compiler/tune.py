@@ -328,6 +328,15 @@ def export_shared(cc_path: str, options: Sequence[str], mod: Any) -> str:
     return path
 
 
+def untuned_tasks(tasks: list[Any]) -> list[Any]:
+    """The tasks worth tuning: not the VNNI convolutions, whose hand-written tensorized
+    schedule (``compiler.int8.schedule_vnni``) the build always applies."""
+    from lprnet_edge.compiler.int8 import is_vnni_kernel
+
+    return [t for t in tasks
+            if not is_vnni_kernel(next(iter(t.dispatched[0].functions.values())))]
+
+
 def list_tasks(mod: Any, target: Any, prepared: bool = False) -> list[dict[str, Any]]:
     """The tuning tasks of ``mod`` (name, weight), in the current process."""
     from tvm.s_tir import meta_schedule as ms
@@ -551,7 +560,7 @@ def _worker_main(spec_path: str) -> int:
     mod = tvm.ir.load_json(Path(spec["module"]).read_text())
     target = tvm.target.Target(spec["target"])
     emit(event="stage", what="extracting tuning tasks")
-    extracted = ms.relax_integration.extract_tasks(mod, target)
+    extracted = untuned_tasks(ms.relax_integration.extract_tasks(mod, target))
     wanted = spec.get("tasks")
     if wanted:
         extracted = [t for t in extracted if any(w in t.task_name for w in wanted)]

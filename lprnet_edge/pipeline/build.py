@@ -4,7 +4,7 @@
 
     load_stage(weights)                      -> ModelArtifact   (PyTorch model + provenance)
     prune_stage / quantize_stage (optional)  -> ModelArtifact   (compress.prune / .quantize)
-    import_stage(art, frontend, layout)      -> RelaxModel      (Relax IRModule + named weights)
+    import_stage(art, frontend, layout, target) -> RelaxModel      (Relax IRModule + named weights)
     tune_stage (optional)                    -> MetaSchedule database (lprnet_edge.compiler.tune)
     compile_stage(relax, target, ...)        -> CompiledModule  (model.so + params.npz in a dir)
     verify_stage(art, compiled, ...)         -> verification dict (host: run and compare)
@@ -344,16 +344,22 @@ def _is_torch_module(obj: Any) -> bool:
     return isinstance(obj, nn.Module)
 
 
-def import_stage(art: ModelArtifact, frontend: str = "torch.export", layout: str = "NHWC"
-                 ) -> RelaxModel:
-    """``to_relax(art.model)``: a torch module, or a compression result (typed dispatch)."""
+def import_stage(art: ModelArtifact, frontend: str = "torch.export", layout: str = "NHWC",
+                 target: TargetSpec | None = None) -> RelaxModel:
+    """``to_relax(art.model)``: a torch module, or a compression result (typed dispatch);
+    int8 convolutions use ``target``'s integer dot-product instructions when it has them."""
     from lprnet_edge.compiler.frontend import to_relax
 
     t0 = time.perf_counter()
     def record(fold: Any) -> None:  # what channel folding removed, for the manifest
         art.reports["channel_fold"] = {"summary": fold.summary(), "kept": fold.kept}
 
-    mod, params = to_relax(art.model, frontend, on_fold=record, layout=layout)
+    dot = None
+    if target is not None:
+        from lprnet_edge.compiler.int8 import int8_dot
+
+        dot = int8_dot(target.tvm_target())
+    mod, params = to_relax(art.model, frontend, on_fold=record, layout=layout, int8_dot=dot)
     return RelaxModel(mod, params, frontend, time.perf_counter() - t0)
 
 
@@ -393,10 +399,10 @@ def choose_encodings(art: ModelArtifact, params: dict[str, np.ndarray],
     """Storage encoding of each compiled parameter: the compression result's own choice
     (``param_encodings``: sparse for pruned convs, fp16/int8 per quantization technique, on
     the BatchNorm-folded model that is compiled), else dense. In NHWC the convolution
-    weights are HWIO: their per-output-channel int8 scales run along the last axis."""
-    if not art.param_encodings:
-        return dict.fromkeys(params, "dense")
-    enc = _map_names(art.param_encodings, list(params))
+    weights are HWIO: their per-output-channel int8 scales run along the last axis.
+    Weights that are not float32 (the int8 graph's, quantized at build time) are ``raw``."""
+    enc = _map_names(art.param_encodings or {}, list(params))
+    enc = {n: "raw" if params[n].dtype != np.float32 else e for n, e in enc.items()}
     if layout == "NHWC":
         enc = {n: "int8-last" if e == "int8" and params[n].ndim == 4 else e
                for n, e in enc.items()}
@@ -833,7 +839,8 @@ def _build_artifact(opts: BuildOptions, log: Log, guard: InterruptGuard) -> Buil
                               if "selected" in t else f"skipped: {t['skipped']}")
     with stages.stage("import", f"frontend {opts.compile.frontend}, "
                       f"{opts.compile.layout}") as note:
-        relax_model = import_stage(art, opts.compile.frontend, opts.compile.layout)
+        relax_model = import_stage(art, opts.compile.frontend, opts.compile.layout,
+                                   opts.target)
         folded = art.reports.get("channel_fold")
         note["result"] = f"{len(relax_model.params)} weight tensors" + (
             f"; {folded['summary']}" if folded else "")
@@ -993,7 +1000,7 @@ def candidate_artifact(cand: Any, opts: BuildOptions, out_dir: Path,
         art = prune_stage(art, cand.prune, opts.calib_dir)
     if cand.quant is not None:
         art = quantize_stage(art, cand.quant, opts.calib_dir)
-    relax_model = import_stage(art, opts.compile.frontend, opts.compile.layout)
+    relax_model = import_stage(art, opts.compile.frontend, opts.compile.layout, opts.target)
     compiler = find_compiler(opts.target, opts.cc)
     database, summary = None, None
     if tune is not None:

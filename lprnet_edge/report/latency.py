@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from lprnet_edge.report.variants import Variant
+    from lprnet_edge.runtime.profile import Profile
 
 Log = Callable[[str], None]
 
@@ -50,6 +51,11 @@ Log = Callable[[str], None]
 TUNE_TASKS = ("conv2d",)
 LATENCY_THREADS = 1
 PROFILE_RUNS = 10
+
+# The build's accuracy guard (a changed model may lose at most 1 pt on calib/ by default)
+# is accepted explicitly: the report builds for latency only and measures every variant's
+# accuracy on test/ itself, a variant past any budget included (the table shows its loss).
+REPORT_ACCURACY_BUDGET = 100.0
 
 # Row keys this module writes (cleared before a new measurement).
 LATENCY_KEYS = ("latency_ms", "latency_backend", "latency_rounds_ms", "latency_error",
@@ -78,6 +84,9 @@ class TvmBuild:
     tuning: dict[str, Any] | None = None
     manifest_stages_tune: dict[str, Any] | None = None
     compile: dict[str, Any] = field(default_factory=dict)
+    # What the compiler's constant-channel fold removed (``manifest.reports["channel_fold"]``
+    # summary; None when the build recorded none, e.g. the int8 path).
+    channel_fold: str | None = None
 
     @property
     def records_applied(self) -> int:
@@ -172,8 +181,8 @@ def tvm_build_options(v: Variant, work: Path, base_weights: str | Path | None,
                       trials: int | None) -> Any:
     """The ``BuildOptions`` of ``v``'s host artifact: its checkpoint (``weights_path``, else
     the original's), its compression configs (channel pruning is in the checkpoint: the
-    distilled model), and the report's tuning (None: untuned). Verification is skipped:
-    latency only."""
+    distilled model), and the report's tuning (None: untuned). Verification is skipped and
+    the accuracy guard accepted (:data:`REPORT_ACCURACY_BUDGET`): latency only."""
     from lprnet_edge.compiler.target import load_target
     from lprnet_edge.pipeline.build import BuildOptions
 
@@ -182,7 +191,8 @@ def tvm_build_options(v: Variant, work: Path, base_weights: str | Path | None,
                         weights=v.weights_path or base_weights, force=True, prune=prune,
                         quantize=v.quant,
                         tune=report_tune_config(trials, work) if trials else None,
-                        verify_images=0)
+                        verify_images=0,
+                        max_accuracy_drop=REPORT_ACCURACY_BUDGET if prune or v.quant else None)
 
 
 def build_tvm(v: Variant, work: Path, base_weights: str | Path | None, trials: int | None,
@@ -209,7 +219,8 @@ def build_tvm(v: Variant, work: Path, base_weights: str | Path | None, trials: i
                     tuned_tasks=list(TUNE_TASKS) if trials else [], tuning=tuning,
                     manifest_stages_tune=m.stages.get("tune"),
                     compile={k: m.reports.get("compile", {}).get(k)
-                             for k in ("tuned", "compile_s", "tvm_target")})
+                             for k in ("tuned", "compile_s", "tvm_target")},
+                    channel_fold=(m.reports.get("channel_fold") or {}).get("summary"))
 
 
 def _short_error(e: BaseException, limit: int = 300) -> str:
@@ -299,7 +310,29 @@ def _profile(res: LatencyResult) -> dict[str, Any] | None:
                           threads=LATENCY_THREADS, profile=True, profile_runs=PROFILE_RUNS)
     except Exception as e:  # noqa: BLE001
         return {"error": _short_error(e)}
-    return b.profile.to_dict() if b.profile is not None else None
+    return compact_profile(b.profile) if b.profile is not None else None
+
+
+def compact_profile(prof: Profile) -> dict[str, Any]:
+    """``prof`` (:class:`lprnet_edge.runtime.profile.Profile`, the profiler of ``bench
+    --profile``) without the argument shapes, slowest kernel first, plus the time per
+    schedule kind (``tuned`` / ``default`` / ``transferred`` / ``naive`` / ``builtin``):
+    what explains a variant that is slower than its FLOPs say."""
+    d = prof.to_dict()
+    rows = []
+    for r in sorted(prof.rows, key=lambda r: -r.ms):
+        kind = "builtin" if r.is_builtin else (r.schedule or "unknown")
+        rows.append({"name": r.name, "ms": r.ms, "share": r.share, "calls": r.calls,
+                     "gflops": r.gflops, "schedule": kind})
+    by_kind: dict[str, dict[str, float]] = {}
+    for r in rows:
+        k = by_kind.setdefault(r["schedule"], {"kernels": 0, "ms": 0.0, "share": 0.0})
+        k["kernels"] += 1
+        k["ms"] += r["ms"]
+        k["share"] += r["share"]
+    d["rows"] = rows
+    d["by_schedule"] = by_kind
+    return d
 
 
 def budget_check(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -9,7 +9,9 @@
   selection step reads ``calib/`` through :class:`CalibrationSet`.
 - Stored size: bytes of the ``params.npz`` the artifact would ship (BatchNorm folded, as the
   build pipeline does), with the variant's encodings (:func:`prune.params_encodings`).
-- FLOPs: :mod:`lprnet_edge.model.flops` (dense; ``sparse_macs`` counts non-zero weights only).
+- FLOPs: :mod:`lprnet_edge.model.flops` of the variant's architecture (dense; ``sparse_macs``
+  counts non-zero weights only), and ``flops_executed``: what the compiled artifact computes
+  after the compiler's exact constant-channel fold (:func:`executed_flops`).
 - Latency (:mod:`lprnet_edge.report.latency`): host, batch 1, one thread, model only, median
   of per-round medians over interleaved rounds. Backends: PyTorch eager (``torch``), or TVM
   host artifacts built by :func:`lprnet_edge.pipeline.build.build_artifact` from the
@@ -17,8 +19,12 @@
   the same MetaSchedule budget per workload (``--trials N``, ``tvm-tuned``) and timed with
   :func:`lprnet_edge.compiler.session.time_artifact` (the code of ``bench``), with a
   per-kernel profile of each variant in the JSON.
-- ``--refresh-latency`` re-measures only the latency column of an existing report (the
-  accuracy columns take ~40 min); ``--calibrators`` adds the int8 calibrator comparison.
+  ``--trials 0``: no tuning for any variant (packaged default schedules, transferred to new
+  shapes): the same budget for all.
+- Goals (:func:`goals`): size and FLOPs targets, and the issue-11 latency goals
+  (:mod:`lprnet_edge.report.goals`), each met / missed by how much, from the rows.
+- ``--refresh-latency`` re-measures only the latency column (and the profiles, and the
+  goals) of an existing report; ``--calibrators`` adds the int8 calibrator comparison.
 """
 
 from __future__ import annotations
@@ -37,9 +43,10 @@ import torch
 from torch import nn
 
 from lprnet_edge.compress.api import compress
-from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig
+from lprnet_edge.compress.configs import ChannelPruneConfig, PruneConfig, QuantizeConfig
 from lprnet_edge.model.calib import CalibrationSet, EvalSet, accuracy, load_eval_set
 from lprnet_edge.model.flops import summary as flops_summary
+from lprnet_edge.report.goals import latency_goals
 from lprnet_edge.report.latency import (
     _log,
     interleaved_latency,
@@ -67,6 +74,9 @@ class Variant:
     quant: QuantizeConfig | None = None
     weights_path: Path | None = None  # checkpoint for a TVM build (pruned architectures)
     info: dict[str, Any] = field(default_factory=dict)
+    # The BN-folded float LPRNet whose architecture the variant runs (weight-quantized
+    # models are stored channel-folded, so their own FLOPs would already be the executed ones).
+    arch: nn.Module | None = None
 
 
 def _cache_dir() -> Path:
@@ -80,16 +90,17 @@ def _cache_dir() -> Path:
 def channel_pruned_distilled(original: nn.Module, calib: CalibrationSet, ratios: dict[str, float],
                              epochs: int, budget_s: float, seed: int = 0,
                              cache: bool = True, log: Callable[[str], None] = _log,
-                             require_cached: bool = False
+                             require_cached: bool = False, round_to: int = 1
                              ) -> tuple[nn.Module, dict[str, Any], Path]:
-    """Channel-prune ``original`` with per-group ``ratios`` (+ dead channels) and distill on the
-    training split of ``calib``; cached by configuration (and weights) in the cache dir."""
+    """Channel-prune ``original`` with per-group ``ratios`` (+ dead channels, widths rounded
+    up to ``round_to`` like :class:`ChannelPruneConfig`) and distill on the training split of
+    ``calib``; cached by configuration (and weights) in the cache dir."""
     from lprnet_edge.compress.distill import DistillConfig, distill
     from lprnet_edge.compress.prune import channel_widths, prune_channels
     from lprnet_edge.model.checkpoint import load_model, save_checkpoint
 
     train, val = calib.split(0.3, seed)
-    widths = channel_widths(original, ratios)
+    widths = channel_widths(original, ratios, round_to=round_to)
     wsum = float(sum(float(p.detach().abs().sum()) for p in original.parameters()))
     key_src = json.dumps({"w": widths, "e": epochs, "b": budget_s, "s": seed, "sd": wsum,
                           "n": len(calib)}, sort_keys=True)
@@ -122,6 +133,21 @@ def channel_pruned_distilled(original: nn.Module, calib: CalibrationSet, ratios:
     return model, info, path
 
 
+# The aggressive channel variant (full report only): >= 4x fewer executed FLOPs.
+AGGRESSIVE_NAME = "channels-b1x0.5-b23x0.25+kd"
+AGGRESSIVE_RATIOS = {"b1_mid": 0.5, "b2_mid": 0.75, "b3_mid": 0.75}
+
+
+def channel_default(quick: bool = False
+                    ) -> tuple[ChannelPruneConfig, int, float, dict[str, float]]:
+    """The build's ``--prune channels`` defaults (:class:`ChannelPruneConfig`), which the
+    report's ``channels-b23x0.5+kd`` reproduces: the config, distillation epochs and time cap
+    (shortened for ``quick``), and the per-group ratios."""
+    ccfg = ChannelPruneConfig()
+    epochs, budget = (2, 60.0) if quick else (ccfg.distill_epochs, ccfg.distill_time_s)
+    return ccfg, epochs, budget, dict.fromkeys(ccfg.groups, ccfg.ratio)
+
+
 def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = False,
                    log: Callable[[str], None] = _log, require_cached: bool = False
                    ) -> list[Variant]:
@@ -136,11 +162,12 @@ def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = Fal
 
     def add(name: str, desc: str, model: nn.Module, executes: str, pcfg: PruneConfig | None = None,
             qcfg: QuantizeConfig | None = None, stored: nn.Module | None = None,
-            weights_path: Path | None = None, info: dict | None = None) -> None:
+            weights_path: Path | None = None, info: dict | None = None,
+            arch: nn.Module | None = None) -> None:
         st = fold_batchnorm(stored if stored is not None else model)
         enc = params_encodings(st, pcfg, quant=qcfg)
         out.append(Variant(name, desc, model, st, enc, executes, pcfg, qcfg, weights_path,
-                           info or {}))
+                           info or {}, fold_batchnorm(arch) if arch is not None else st))
 
     log("variant: original")
     add("original", "pretrained LPRNet, fp32", original, "fp32")
@@ -158,17 +185,17 @@ def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = Fal
         qf = QuantizeConfig(mode="fp16")
         qm = compress(pm, qf).module
         add(f"{tag}+fp16", f"{s:.0%} sparse, fp16 values (sparse-fp16)", qm,
-            "fp32 (weights decoded from fp16)", pcfg, qf)
+            "fp32 (weights decoded from fp16)", pcfg, qf, arch=pm)
         qw = QuantizeConfig(mode="int8-weights")
         qm = compress(pm, qw).module
         add(f"{tag}+int8w", f"{s:.0%} sparse, weight-only int8 (zeros compress)", qm,
-            "fp32 (weights decoded from int8)", pcfg, qw)
+            "fp32 (weights decoded from int8)", pcfg, qw, arch=pm)
 
     log("variant: dense int8 weight-only / fp16")
     qw = QuantizeConfig(mode="int8-weights")
     qm = compress(original, qw).module
     add("int8w", "weight-only int8 per-channel, dense", qm, "fp32 (weights decoded from int8)",
-        None, qw)
+        None, qw, arch=original)
 
     log("variant: simulated int8 (weights + activations)")
     qi = QuantizeConfig(mode="int8", calibrator="percentile", fallback_layers=("container.0",))
@@ -185,25 +212,35 @@ def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = Fal
     add("channels-dead", f"remove dead channels {widths}", cm, "fp32", weights_path=p,
         info={"widths": widths, "head_factor": cinfo["head_factor"]})
 
-    ratios = {"b2_mid": 0.5, "b3_mid": 0.5}
-    epochs, budget = (2, 60.0) if quick else (8, 420.0)
-    log(f"variant: channel pruning {ratios} + distillation")
+    ccfg, epochs, budget, ratios = channel_default(quick)
+    log(f"variant: channel pruning {ratios} + distillation (the build's --prune channels)")
     dm, dinfo, dpath = channel_pruned_distilled(original, calib, ratios, epochs, budget, log=log,
-                                                require_cached=require_cached)
-    add("channels-b23x0.5+kd", f"dead channels + b2/b3 mid widths halved {dinfo['widths']}, "
-        "distilled on calib/", dm, "fp32", weights_path=dpath, info=dinfo)
+                                                require_cached=require_cached,
+                                                round_to=ccfg.round_to, seed=ccfg.seed)
+    add("channels-b23x0.5+kd", "what `lprnet-edge build --prune channels` builds with its "
+        f"defaults (ChannelPruneConfig: dead channels + b2/b3 mid widths halved, widths rounded "
+        f"up to multiples of {ccfg.round_to}: {dinfo['widths']}), distilled on calib/ "
+        f"({epochs} epochs / {budget:.0f} s cap)", dm, "fp32", weights_path=dpath, info=dinfo)
     qw = QuantizeConfig(mode="int8-weights")
     qm = compress(dm, qw).module
     add("channels-b23x0.5+kd+int8w", "channel-pruned + distilled, weight-only int8", qm,
-        "fp32 (weights decoded from int8)", None, qw, weights_path=dpath, info=dinfo)
+        "fp32 (weights decoded from int8)", None, qw, weights_path=dpath, info=dinfo, arch=dm)
     if not quick:
+        log(f"variant: channel pruning {AGGRESSIVE_RATIOS} + distillation")
+        am, ainfo, apath = channel_pruned_distilled(
+            original, calib, AGGRESSIVE_RATIOS, epochs, budget, log=log,
+            require_cached=require_cached, round_to=ccfg.round_to, seed=ccfg.seed)
+        add(AGGRESSIVE_NAME, "dead channels + b1 mid width halved, b2/b3 mid widths "
+            f"quartered, rounded up to multiples of {ccfg.round_to} ({ainfo['widths']}), "
+            f"distilled on calib/ like the build default ({epochs} epochs / {budget:.0f} s cap); "
+            "aimed at >= 4x fewer executed FLOPs", am, "fp32", weights_path=apath, info=ainfo)
         pcfg = PruneConfig(kind="unstructured", sparsity=0.7)
         sm = compress(dm, pcfg).module
         qm = compress(sm, qw).module
         add("channels-b23x0.5+kd+sparse70+int8w",
             "channel-pruned + distilled, then 70% unstructured, weight-only int8", qm,
             "fp32 (weights decoded from int8)", pcfg, qw, stored=sm, weights_path=dpath,
-            info=dinfo)
+            info=dinfo, arch=sm)
     return out
 
 
@@ -223,7 +260,8 @@ def measure(variants: list[Variant], test: EvalSet, latency: str = "torch",
     for v in variants:
         t0 = time.time()
         acc = accuracy(v.model, test)
-        fl = flops_summary(v.stored)
+        fl = flops_summary(v.arch if v.arch is not None else v.stored)
+        ex = executed_flops(v.stored)
         size = stored_size(v.stored, v.encodings)
         row: dict[str, Any] = {
             "name": v.name, "description": v.description, "executes": v.executes,
@@ -231,6 +269,7 @@ def measure(variants: list[Variant], test: EvalSet, latency: str = "torch",
             "stored_bytes": size, "fp32_reference_bytes": fp32_ref,
             "compression_vs_fp32": fp32_ref / size,
             "flops": fl["flops"], "macs": fl["macs"], "sparse_macs": fl["sparse_macs"],
+            "flops_executed": ex["flops"], "channel_fold": ex["fold"],
             "params": fl["params"], "nonzero_params": fl["nonzero_params"],
             "encodings": dict(sorted({e: sum(1 for x in v.encodings.values() if x == e)
                                       for e in set(v.encodings.values())}.items())),
@@ -243,11 +282,12 @@ def measure(variants: list[Variant], test: EvalSet, latency: str = "torch",
         row["accuracy_change_points"] = 100 * (acc - base["test_accuracy"])
         row["size_ratio"] = base["stored_bytes"] / size
         row["flops_ratio"] = base["flops"] / fl["flops"]
+        row["flops_executed_ratio"] = base["flops_executed"] / ex["flops"]
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         log(f"  {v.name}: acc {acc:.3f} ({row['accuracy_change_points']:+.1f} pt), "
             f"{size / 1e3:.1f} kB ({row['compression_vs_fp32']:.1f}x vs fp32), "
-            f"{fl['flops'] / 1e6:.0f} MFLOPs")
+            f"{fl['flops'] / 1e6:.0f} MFLOPs ({ex['flops'] / 1e6:.0f} executed)")
     if latency == "tvm":
         res = tvm_latencies(variants, rows, work or _cache_dir() / "artifacts", base_weights,
                             trials, rounds=rounds, runs=runs, log=log)
@@ -257,6 +297,18 @@ def measure(variants: list[Variant], test: EvalSet, latency: str = "torch",
         interleaved_latency(variants, rows, rounds=rounds, runs=runs, log=log)
     latency_ratios(rows)
     return rows
+
+
+def executed_flops(stored: nn.Module) -> dict[str, Any]:
+    """FLOPs of what the compiled artifact executes: the BatchNorm-folded model after the
+    compiler's exact constant-channel fold (:func:`channel_fold.fold_all`, what
+    ``compiler.frontend.to_relax`` and the int8 path compile; the build's manifest records
+    the same fold in ``reports.channel_fold``). ``fold``: what was folded (None: nothing)."""
+    from lprnet_edge.model.channel_fold import fold_all
+
+    folded, rep = fold_all(stored)
+    return {"flops": flops_summary(folded)["flops"],
+            "fold": rep.summary() if rep is not None else None}
 
 
 def _load_inputs(weights: str | Path | None, model: nn.Module | None,
@@ -341,6 +393,7 @@ def refresh_latency(out: str | Path = "docs", quick: bool | None = None,
     rep["variants"] = [by_name[v.name] for v in keep]
     latency_ratios(rep["variants"])
     rep["latency"] = setup
+    rep["goals"] = goals(rep["variants"])
     if selection:
         from lprnet_edge.compress.select import Candidate, select
 
@@ -424,7 +477,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The two targets of the compression work, and the best variant for each."""
+    """The size and FLOPs targets of the compression work (best variant for each), then the
+    issue-11 latency goals (:func:`lprnet_edge.report.goals.latency_goals`)."""
     small = [r for r in rows if r["compression_vs_fp32"] >= 8.0]
     g1 = [r for r in small if r["accuracy_change_points"] >= -0.5]
     fast = [r for r in rows if r["flops_ratio"] >= 1.5 and "sim" not in r["name"]]
@@ -440,6 +494,7 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "variants": [r["name"] for r in g2],
             "best_fast": max(fast, key=lambda r: r["test_accuracy"])["name"] if fast else None,
         },
+        **latency_goals(rows),
     }
 
 

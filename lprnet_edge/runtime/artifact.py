@@ -434,7 +434,8 @@ class Artifact:
         return self._manifest.runtime.num_threads
 
     def params(self) -> list[np.ndarray]:
-        """The weights decoded to float32, in the order the entry function takes them."""
+        """The weights decoded (float32, or the type of a ``raw`` one), in the order the entry
+        function takes them."""
         if self.params_path is None:
             return []
         from lprnet_edge.runtime.params_codec import load_params

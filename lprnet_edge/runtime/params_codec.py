@@ -2,8 +2,10 @@
 
 Runtime side (numpy only). One ``.npz`` file; each tensor is stored as one of:
 ``dense`` (float32), ``fp16`` (half precision), ``sparse`` (bitmask of non-zeros + their
-values, in float32 or fp16) or ``int8`` (per-channel symmetric int8 + float32 scales; the
-channel is the first axis, or the last one for ``int8-last``: HWIO convolution weights).
+values, in float32 or fp16), ``int8`` (per-channel symmetric int8 + float32 scales; the
+channel is the first axis, or the last one for ``int8-last``: HWIO convolution weights) or
+``raw`` (stored and loaded with its own integer or float type: the int8 graph's weights,
+already quantized and packed by the compiler, see ``compiler.int8.precompute_params``).
 Sparse storage is what makes an unstructured-pruned artifact smaller on disk.
 """
 
@@ -16,10 +18,13 @@ import numpy as np
 
 from lprnet_edge.runtime.errors import ArtifactError
 
-ENCODINGS = ("dense", "fp16", "sparse", "sparse-fp16", "int8", "int8-last")
+ENCODINGS = ("dense", "fp16", "sparse", "sparse-fp16", "int8", "int8-last", "raw")
+RAW_DTYPES = ("int8", "uint8", "int32", "float32", "float64")
 
 
 def encode(name: str, a: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
+    if encoding == "raw":
+        return {name: _raw(name, np.asarray(a))}
     a = np.asarray(a, dtype=np.float32)
     if encoding == "dense":
         return {name: a}
@@ -43,7 +48,17 @@ def encode(name: str, a: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
     raise ArtifactError(f"unknown params encoding {encoding!r}: use one of {list(ENCODINGS)}")
 
 
+def _raw(name: str, a: np.ndarray) -> np.ndarray:
+    """A ``raw`` tensor, refused unless it has one of the types a compiled module takes."""
+    if a.dtype.name not in RAW_DTYPES:
+        raise ArtifactError(f"params: {name} has type {a.dtype.name}; raw weights must be one "
+                            f"of {list(RAW_DTYPES)} (rebuild the artifact)")
+    return a
+
+
 def decode(files: dict[str, np.ndarray], name: str, encoding: str) -> np.ndarray:
+    if encoding == "raw":
+        return _raw(name, files[name])
     if encoding == "dense":
         return files[name].astype(np.float32, copy=False)
     if encoding == "fp16":
@@ -74,7 +89,8 @@ def save_params(path: str | Path, arrays: dict[str, np.ndarray],
 
 
 def load_params(path: str | Path) -> dict[str, np.ndarray]:
-    """Decode a params file into float32 arrays, in the saved order."""
+    """Decode a params file, in the saved order: float32 arrays, and ``raw`` ones in their
+    own type."""
     try:
         with np.load(path, allow_pickle=False) as z:
             files = {k: z[k] for k in z.files}

@@ -282,7 +282,7 @@ class LoadedModule:
 
 # kernel -> ([(shape, dtype) per argument], calls per inference), from the build's record.
 KernelTable = dict[str, tuple[list[tuple[tuple[int, ...], str]], float]]
-_KERNEL_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+_KERNEL_DTYPES = ("float32", "float64", "float16", "int8", "uint8", "int32", "int64")
 
 
 def kernel_table(records: dict[str, Any]) -> KernelTable:
@@ -384,7 +384,8 @@ class _Recorder:
 def conv_flops(name: str, shapes: list[list[int]]) -> float | None:
     """FLOPs of one call of a convolution kernel from its argument shapes (data, weight, ...,
     output last): output elements x 2 x Cin/groups x kh x kw. Weights in OIHW (NCHW), HWIO
-    (NHWC) or OIHW{i}i{o}o (NCHWc) layouts; None when the shapes say otherwise."""
+    (NHWC), OIHW{i}i{o}o (NCHWc) or the VNNI packing ``(O/16, kh, kw, I/4, 16, 4)`` of
+    ``compiler.int8`` (kernels named ``vnni_conv2d``); None when the shapes say otherwise."""
     # Fused prologues can put scalars first (the global-context mean): data and weight are
     # the first two tensors of rank 4 or more.
     tensors = [sh for sh in shapes[:-1] if len(sh) >= 4]
@@ -392,7 +393,9 @@ def conv_flops(name: str, shapes: list[list[int]]) -> float | None:
         return None
     w, out = tensors[1], shapes[-1]
     n_out = math.prod(out)
-    if len(w) == 6:  # OIHWio: (O/oc, I/ic, kh, kw, ic, oc)
+    if len(w) == 6 and "vnni_conv2d" in name:  # (O/16, kh, kw, I/4, 16, 4)
+        per_out = w[1] * w[2] * w[3] * w[5]
+    elif len(w) == 6:  # OIHWio: (O/oc, I/ic, kh, kw, ic, oc)
         per_out = w[1] * w[2] * w[3] * w[4]
     elif len(w) == 4 and len(out) == 4 and w[0] == out[1]:  # OIHW, out NCHW
         per_out = w[1] * w[2] * w[3]

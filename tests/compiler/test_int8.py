@@ -9,6 +9,7 @@ in a large share of the outputs (not only the rare ones that flip an int8 code d
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,102 @@ def test_tuned_int8_conv_matches_untuned_and_pytorch(qconv, x, host, tmp_path: P
     assert outs["untuned"].shape == ref.shape
     np.testing.assert_array_equal(outs["untuned"], ref)
     np.testing.assert_array_equal(outs["tuned"], ref)
+
+
+# ---------------------------------------------------------------- VNNI
+
+
+def _has_vnni(host) -> bool:
+    from lprnet_edge.compiler.int8 import int8_dot
+
+    return int8_dot(host.tvm_target()) == "vnni"
+
+
+@pytest.fixture(scope="module")
+def qnet():
+    """Two int8 convs with shapes the VNNI packing must pad: 3 input channels (not a
+    multiple of 4), 20 and 8 outputs (not multiples of 16), asymmetric 1x3 / 3x1 padding."""
+    from torch import nn
+
+    from lprnet_edge.compress.api import QuantizedModel
+    from lprnet_edge.compress.configs import Int8Config
+    from lprnet_edge.compress.quantize import QuantConv2d
+
+    torch.manual_seed(1)
+    a, b = nn.Conv2d(3, 20, (1, 3), padding=(0, 1)), nn.Conv2d(20, 8, (3, 1), padding=(1, 0))
+    for conv in (a, b):
+        nn.init.uniform_(conv.bias, -0.5, 0.5)
+    module = nn.Sequential(QuantConv2d(a, act_scale=1.0 / 127), nn.ReLU(),
+                           QuantConv2d(b, act_scale=4.0 / 127)).eval()
+    return QuantizedModel(module, Int8Config(), {}, int8_convs=("0", "2"))
+
+
+def test_int8_dot_is_read_from_the_target():
+    import tvm
+
+    from lprnet_edge.compiler.int8 import int8_dot
+
+    def llvm(*mattr: str) -> object:
+        return tvm.target.Target({"kind": "llvm", "mattr": list(mattr)})
+
+    assert int8_dot(llvm("+avx2", "+avx512bw", "+avx512vnni")) == "vnni"
+    assert int8_dot(llvm("+avx2", "+fma")) is None  # an AVX2-only host
+    assert int8_dot(llvm("+avx512bw", "-avx512vnni")) is None
+    assert int8_dot(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                       "mattr": ["+neon"]})) is None
+
+
+def test_int8_graph_takes_precomputed_weights_without_layout_round_trips(qnet):
+    """The weights' quantization is done at build time (int8 parameters), and no
+    NHWC -> NCHW -> NHWC transpose pair is left around the activations' quantization."""
+    from lprnet_edge.compiler.frontend import to_relax
+
+    mod, params = to_relax(qnet, layout="NHWC")
+    assert sum(p.dtype == np.int8 for p in params.values()) == 2
+    text = mod["main"].script()
+    assert text.count("R.round(") == 2  # the two activations only: weights come quantized
+    # the NCHW input's and output's permutes; the others are of (1, 1, 1, C) scales
+    shapes = re.findall(r"R\.Tensor\(\(1, (\d+), (\d+), \d+\), dtype=\"\w+\"\) = "
+                        r"R\.permute_dims", text)
+    assert len([s for s in shapes if s != ("1", "1")]) == 2, shapes
+
+
+@pytest.mark.slow
+def test_vnni_convs_are_bit_exact_and_tensorized(qnet, x, host, tmp_path: Path):
+    """The VNNI form (u8 activations + 128, packed weights, offset subtracted) gives the
+    int8 outputs of ``R.nn.conv2d`` bit for bit, and every such kernel is built with the
+    tensorized schedule (no tuning)."""
+    if not _has_vnni(host):
+        pytest.skip("this host has no AVX512-VNNI (see /proc/cpuinfo): the plain int8 path "
+                    "is what it builds")
+    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.frontend import to_relax
+    from lprnet_edge.compiler.session import run_host
+
+    outs, infos = {}, {}
+    for dot in (None, "vnni"):
+        mod, params = to_relax(qnet, int8_dot=dot)
+        lib = tmp_path / f"{dot}.so"
+        infos[dot] = build(mod, host, lib, None, defaults=False)
+        outs[dot] = np.asarray(run_host(lib, x, list(params.values())))
+    assert infos["vnni"]["schedules"]["tensorized"] == 2, infos["vnni"]["schedules"]
+    assert not any("vnni" in k for k in infos[None]["kernel_schedules"])
+    np.testing.assert_array_equal(outs["vnni"], outs[None])
+    with torch.inference_mode():
+        ref = qnet.module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(outs["vnni"], ref, atol=1e-4)
+
+
+def test_vnni_kernels_are_left_out_of_tuning(qnet, host):
+    from tvm.s_tir import meta_schedule as ms
+
+    from lprnet_edge.compiler.build import prepare_for_tuning
+    from lprnet_edge.compiler.frontend import to_relax
+    from lprnet_edge.compiler.tune import untuned_tasks
+
+    mod, _ = to_relax(qnet, int8_dot="vnni")
+    tasks = ms.relax_integration.extract_tasks(prepare_for_tuning(mod, host),
+                                               host.tvm_target())
+    vnni = [t.task_name for t in tasks if "vnni_conv2d" in t.task_name]
+    assert len(vnni) == 2
+    assert {t.task_name for t in untuned_tasks(tasks)} == {t.task_name for t in tasks} - set(vnni)

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 from conftest import assert_user_error  # noqa: E402
 
 from lprnet_edge.model.calib import CalibrationSet, EvalSet  # noqa: E402
+from lprnet_edge.report.render import LATENCY_GOALS  # noqa: E402
 
 PLATES = ["京A12345", "沪B6789C", "粤C1D234", "川A0K123"]
 # Columns a latency refresh must leave alone (they took ~40 min to measure on test/).
@@ -69,10 +70,25 @@ def test_report_tiny_run(tiny_model, tmp_path, fresh_cache, one_torch_thread):
     assert sp["stored_bytes"] < orig["stored_bytes"] / 4
     ch = next(r for r in data["variants"] if r["name"] == "channels-b23x0.5+kd")
     assert ch["flops_ratio"] > 1.3
-    assert set(data["goals"]) == {"size_8x_within_0.5pt", "flops_1.5x_within_1pt"}
+    assert set(data["goals"]) == {"size_8x_within_0.5pt", "flops_1.5x_within_1pt",
+                                  *LATENCY_GOALS}
+    # PyTorch latency: the latency goals are not evaluated, and say why.
+    for key in LATENCY_GOALS:
+        g = data["goals"][key]
+        if key == "flops_executed_4x_within_1pt":  # needs no latency
+            assert g["status"] in ("met", "missed", "not evaluated")
+        else:
+            assert g["status"] == "not evaluated" and g["detail"] == "needs --latency tvm"
+    # Executed FLOPs: the model after the compiler's constant-channel fold, never more.
+    for r in data["variants"]:
+        assert 0 < r["flops_executed"] <= r["flops"], r["name"]
+    assert orig["flops_executed_ratio"] == 1
+    assert ch["flops_executed_ratio"] == pytest.approx(
+        orig["flops_executed"] / ch["flops_executed"])
     assert data["selection"]["candidates"] and len(data["selection"]["candidates"]) == len(names)
     md = (tmp_path / "compression-report.md").read_text(encoding="utf-8")
     assert "| original |" in md and "Goals" in md
+    assert "not evaluated (needs --latency tvm)" in md and "MFLOPs model / executed" in md
     # Latency: measured (PyTorch, interleaved rounds), and described.
     for r in rep["variants"]:
         assert r["latency_backend"] == "torch" and len(r["latency_rounds_ms"]) == 2
@@ -132,6 +148,14 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
     prof = rows["original"]["latency_profile"]
     assert prof["rows"] and prof["kernels_ms"] > 0 and prof["wall"]["median_ms"] > 0
     assert any("conv2d" in k["name"] for k in prof["rows"])
+    assert [k["ms"] for k in prof["rows"]] == sorted((k["ms"] for k in prof["rows"]),
+                                                     reverse=True)
+    assert all("shapes" not in k and k["schedule"] for k in prof["rows"])
+    kinds = prof["by_schedule"]
+    assert sum(k["kernels"] for k in kinds.values()) == len(prof["rows"])
+    assert sum(k["ms"] for k in kinds.values()) == pytest.approx(
+        sum(k["ms"] for k in prof["rows"]))
+    assert kinds.get("tuned", {}).get("kernels", 0) >= 1  # 2 trials: some conv got a record
     assert rows["int8w"]["latency_ratio"] == pytest.approx(
         rows["original"]["latency_ms"] / rows["int8w"]["latency_ms"])
     # Variants not asked for keep their (PyTorch) latency and say so.
@@ -145,6 +169,13 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
     assert (f"| original | 2 | 2 | {o['records_applied']} | {tt['tasks_tuned']}/{tt['tasks']} |"
             in md)
     assert "Not compared" not in md
+    # The profile section shows the refreshed variants' slowest kernels; the goals were
+    # re-evaluated on the refreshed rows (int8-sim kept its PyTorch latency: not evaluated).
+    top = prof["rows"][0]
+    assert "## Per-kernel profiles" in md and f"`{top['name']}` | {top['ms']:.3f} |" in md
+    g = data["goals"]["int8_1.5x_faster_within_0.5pt"]
+    assert g["status"] == "not evaluated" and "int8-sim has no comparable TVM latency" in g[
+        "detail"]
 
 
 def test_tvm_latency_reports_a_failed_build(tiny_report, tmp_path):
@@ -287,3 +318,24 @@ def test_unequal_tuning_budgets_are_not_compared(tiny_report):
     md = (out / "compression-report.md").read_text(encoding="utf-8")
     assert "**Not compared: unequal tuning budgets**" in md
     assert "not compared (unequal tuning)" in md
+
+
+def test_report_builds_accept_the_accuracy_guard(tmp_path):
+    """The report builds for latency and measures accuracy on test/ itself: a variant that
+    changes the model accepts the build's calib/ guard explicitly (else a lossy variant has
+    no latency), and one that does not never turns the build into a search."""
+    import lprnet_edge.report.latency as lat
+    import lprnet_edge.report.variants as report
+    from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig
+    from lprnet_edge.pipeline.build import guarded, searching
+
+    ident = torch.nn.Identity()
+    lossy = report.Variant("sparse70+int8w", "", ident, ident, {}, "fp32",
+                           PruneConfig(kind="unstructured", sparsity=0.7),
+                           QuantizeConfig(mode="int8-weights"))
+    opts = lat.tvm_build_options(lossy, tmp_path, tmp_path / "w.pth", None)
+    assert guarded(opts) and not searching(opts)
+    assert opts.max_accuracy_drop == lat.REPORT_ACCURACY_BUDGET >= 100
+    plain = report.Variant("original", "", ident, ident, {}, "fp32")
+    opts = lat.tvm_build_options(plain, tmp_path, tmp_path / "w.pth", None)
+    assert opts.max_accuracy_drop is None and not guarded(opts) and not searching(opts)

@@ -1,0 +1,144 @@
+"""The issue-11 goals of the compression report: pure logic over report rows.
+
+The rows are built here with the keys the report writes (:func:`report.variants.measure`,
+:mod:`report.latency`); every expected figure is computed from those rows, none is copied
+from a measurement."""
+
+from __future__ import annotations
+
+import pytest
+
+from lprnet_edge.report.goals import (
+    channel_speed_goal,
+    flops_goal,
+    int8_goal,
+    latency_goals,
+    smallest_fastest_goal,
+)
+from lprnet_edge.report.render import goal_lines
+
+BASE_MS = 20.0
+BASE_FLOPS = 300e6
+BASE_EXEC = 150e6
+
+
+def _row(name: str, change_pt: float, ms: float | None, stored: int, flops: float = BASE_FLOPS,
+         executed: float = BASE_EXEC, backend: str = "tvm", profile: dict | None = None
+         ) -> dict:
+    r = {"name": name, "accuracy_change_points": change_pt, "test_accuracy": 0.9 + change_pt / 100,
+         "stored_bytes": stored, "flops": flops, "flops_ratio": BASE_FLOPS / flops,
+         "flops_executed": executed, "flops_executed_ratio": BASE_EXEC / executed,
+         "latency_ms": ms, "latency_backend": backend, "latency_comparable": True}
+    if profile is not None:
+        r["latency_profile"] = profile
+    return r
+
+
+def _profile(kind: str) -> dict:
+    rows = [{"name": "fused_conv2d_add_relu", "ms": 3.0, "share": 0.6, "calls": 1,
+             "gflops": 2.5, "schedule": kind},
+            {"name": "fused_max_pool", "ms": 2.0, "share": 0.4, "calls": 1, "gflops": None,
+             "schedule": "default"}]
+    return {"rows": rows, "kernels_ms": 5.0, "wall": {"median_ms": 5.1}, "runs": 10,
+            "by_schedule": {kind: {"kernels": 1, "ms": 3.0, "share": 0.6},
+                            "default": {"kernels": 1, "ms": 2.0, "share": 0.4}}}
+
+
+def _rows(int8_speed: float, int8_pt: float, ch_speed: float, ch_pt: float) -> list[dict]:
+    return [_row("original", 0.0, BASE_MS, 600_000),
+            _row("int8w", 0.1, BASE_MS * 1.01, 160_000, executed=BASE_EXEC),
+            _row("int8-sim", int8_pt, BASE_MS / int8_speed, 600_000, profile=_profile("naive")),
+            _row("channels-b23x0.5+kd", ch_pt, BASE_MS / ch_speed, 300_000, flops=BASE_FLOPS / 3,
+                 executed=BASE_EXEC / 2, profile=_profile("transferred")),
+            _row("channels-tiny+kd", -3.0, BASE_MS / 5, 50_000, flops=BASE_FLOPS / 8,
+                 executed=BASE_EXEC / 6)]
+
+
+def test_int8_goal_met_and_missed_by_how_much():
+    rows = _rows(1.6, -0.5, 2.0, -1.0)
+    g = int8_goal(rows, rows[0])
+    assert g["status"] == "met" and g["speedup"] == pytest.approx(1.6)
+    assert g["points_margin"] == pytest.approx(0.0) and g["why"] is None  # 0.5 pt is within
+    slow = BASE_MS / 1.2
+    rows = _rows(1.2, -0.2, 2.0, -1.0)
+    g = int8_goal(rows, rows[0])
+    assert g["status"] == "missed" and g["speedup_margin"] == pytest.approx(1.2 - 1.5)
+    need = BASE_MS / 1.5
+    assert f"missed by {1.5 - 1.2:.2f}x" in g["detail"]
+    assert f"needs <= {need:.2f} ms, {slow - need:.2f} ms slower" in g["detail"]
+    assert "naive 60%" in g["why"] and "fused_conv2d_add_relu" in g["why"]  # from its profile
+    rows = _rows(2.0, -0.6, 2.0, -1.0)  # fast enough, but past the accuracy budget
+    g = int8_goal(rows, rows[0])
+    assert g["status"] == "missed" and "0.1 pt past the 0.5 pt budget" in g["detail"]
+
+
+def test_channel_goal_takes_the_fastest_within_budget():
+    rows = _rows(1.6, 0.0, 2.4, -0.9)
+    g = channel_speed_goal(rows, rows[0])
+    # channels-tiny+kd is faster but 3 pt down: the goal is carried by the 2.4x variant.
+    assert g["status"] == "met" and g["variant"] == "channels-b23x0.5+kd"
+    assert g["speedup"] == pytest.approx(2.4) and "+0.40x over 2x" in g["detail"]
+    rows = _rows(1.6, 0.0, 1.5, -0.9)
+    g = channel_speed_goal(rows, rows[0])
+    assert g["status"] == "missed" and f"missed by {2 - 1.5:.2f}x" in g["detail"]
+    assert g["why"].startswith("channels-b23x0.5+kd kernel time by schedule: transferred 60%")
+    rows = _rows(1.6, 0.0, 2.4, -1.5)
+    g = channel_speed_goal(rows, rows[0])
+    assert g["status"] == "missed" and "no channel-pruned variant within 1 pt" in g["detail"]
+
+
+def test_flops_goal_uses_executed_flops():
+    rows = _rows(1.6, 0.0, 2.0, -1.0)
+    g = flops_goal(rows)
+    # channels-tiny+kd has 6x fewer executed FLOPs but lost 3 pt; the 2x one is the best.
+    assert g["status"] == "missed" and g["variant"] == "channels-b23x0.5+kd"
+    assert g["flops_executed_ratio"] == pytest.approx(2.0) and "missed by 2.00x" in g["detail"]
+    assert "3.00x fewer model FLOPs" in g["detail"]
+    rows[4]["accuracy_change_points"] = -1.0
+    g = flops_goal(rows)
+    assert g["status"] == "met" and g["variant"] == "channels-tiny+kd"
+
+
+def test_smallest_within_budget_vs_fastest():
+    rows = _rows(1.6, -0.4, 2.0, -0.3)  # within 0.5 pt: original, int8w, int8-sim, channels
+    g = smallest_fastest_goal(rows)
+    # Smallest within 0.5 pt: int8w (160 kB) at 1.01x the original's time; fastest:
+    # channels-b23x0.5+kd at half of it.
+    over = (BASE_MS * 1.01) / (BASE_MS / 2.0) - 1
+    assert g["variant"] == "int8w" and g["fastest"] == "channels-b23x0.5+kd"
+    assert g["status"] == "missed" and g["slower_than_fastest"] == pytest.approx(over)
+    assert f"smallest is {over:.1%} slower" in g["detail"]
+    rows[1]["latency_ms"] = BASE_MS / 2.0 * 1.10  # exactly 10% slower: within the slack
+    g = smallest_fastest_goal(rows)
+    assert g["status"] == "met"
+    rows[1]["latency_ms"] = BASE_MS / 2.5  # the smallest is also the fastest
+    g = smallest_fastest_goal(rows)
+    assert g["status"] == "met" and "is also the fastest" in g["detail"]
+
+
+def test_latency_goals_need_tvm_latency():
+    rows = _rows(1.6, 0.0, 2.4, -0.5)
+    for r in rows:
+        r["latency_backend"] = "torch"
+    g = latency_goals(rows)
+    for key in ("int8_1.5x_faster_within_0.5pt", "channels_2x_faster_within_1pt",
+                "smallest_within_0.5pt_fastest_or_10pct"):
+        assert g[key]["status"] == "not evaluated" and g[key]["detail"] == "needs --latency tvm"
+    assert g["flops_executed_4x_within_1pt"]["status"] == "missed"  # FLOPs need no latency
+    lines = goal_lines(g)
+    assert len(lines) == 4 and sum("not evaluated (needs --latency tvm)" in x
+                                   for x in lines) == 3
+
+
+def test_unequal_or_failed_rows_are_not_compared():
+    rows = _rows(1.6, 0.0, 2.4, -0.5)
+    rows[2]["latency_comparable"] = False
+    rows[3]["latency_ms"] = None
+    g = latency_goals(rows)
+    assert g["int8_1.5x_faster_within_0.5pt"]["status"] == "not evaluated"
+    # The only timed channel-pruned variant is 3 pt down.
+    assert g["channels_2x_faster_within_1pt"]["status"] == "missed"
+    lines = goal_lines(g)
+    assert lines[0].startswith("- host int8 artifact >= 1.5x faster than fp32, <= 0.5 pt lost: "
+                               "not evaluated (int8-sim has no comparable TVM latency")
+    assert "**missed**: no channel-pruned variant within 1 pt" in lines[1]
