@@ -479,7 +479,24 @@ def ratio_lines(results: list[dict[str, Any]]) -> list[str]:
                        f"{'yes' if pt / untuned >= 1.0 else 'no'} |")
         if ort and untuned:
             out.append(f"| {n} | (untuned vs ONNX Runtime) | {ort / untuned:.2f}x | - |")
+        out += _int8_lines(n, lat, untuned, tuned)
     return [*out, ""]
+
+
+def _int8_lines(n: int, lat: dict[str, float], untuned: float | None, tuned: float | None
+                ) -> list[str]:
+    """The compression issue's int8 goal for each ``--artifact`` named ``int8...``: >= 1.5x
+    the fp32 module at the same (zero) tuning budget; the tuned fp32 module for reference."""
+    out = []
+    for name, ms in lat.items():
+        if not name.startswith("int8"):
+            continue
+        if untuned:
+            out.append(f"| {n} | {name} >= 1.5x TVM fp32, both untuned | {untuned / ms:.2f}x | "
+                       f"{'yes' if untuned / ms >= 1.5 else 'no'} |")
+        if tuned:
+            out.append(f"| {n} | ({name} vs TVM fp32 tuned) | {tuned / ms:.2f}x | - |")
+    return out
 
 
 def _md_table(rows: list[list[str]], headers: list[str]) -> str:

@@ -55,14 +55,14 @@ def prepare_for_tuning(mod: Any, target: TargetSpec | Any, opt_level: int = 3) -
 def schedule_database(mod: Any, target: Any, database: Any = None, defaults: bool = True,
                       log: Callable[[str], None] | None = None, prepared: Any = None
                       ) -> tuple[Any, dict[str, Any]]:
-    """The database a build applies: the hand-written tensorized schedule of every VNNI
-    convolution (:func:`lprnet_edge.compiler.int8.schedule_vnni`), then the build's own
+    """The database a build applies: the hand-written tensorized schedule of every
+    dot-product convolution (:func:`lprnet_edge.compiler.dot.schedule`), then the build's own
     ``database``, then the packaged default schedules, then traces transferred to kernels
     none of them knows (see
     :mod:`lprnet_edge.compiler.schedules`). Returns ``(database or None, coverage)`` where
     coverage names the kernels of each kind (``naive``: TVM's default loops). ``prepared``:
     ``prepare_for_tuning(mod, target)`` when the caller already has it."""
-    from lprnet_edge.compiler import int8, schedules
+    from lprnet_edge.compiler import dot, schedules
 
     layers = [db for db in (database, schedules.default_database() if defaults else None)
               if db is not None]
@@ -87,7 +87,7 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     for t in tasks:
         func = t.dispatched[0]
         h = int(tvm_ffi.structural_hash(func))
-        if (sch := int8.tensorized_schedule(func)) is not None:
+        if (sch := dot.tensorized_schedule(func)) is not None:
             _commit(fallback, func, sch, target)
             cover["tensorized"].append(t.task_name)
         elif h in own:

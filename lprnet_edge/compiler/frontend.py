@@ -56,7 +56,7 @@ def to_relax(model: Any, frontend: str = "torch.export", fold_bn: bool = True,
     checkpoint's FLOPs) when the model is a float LPRNet; ``on_fold`` receives what was
     folded. ``layout``: the convolutions' data layout (:func:`convert_layout`).
     ``int8_dot``: the target's integer dot-product instructions
-    (:func:`lprnet_edge.compiler.int8.int8_dot`), used by the int8 convolutions.
+    (:func:`lprnet_edge.compiler.dot.int8_dot`), used by the int8 convolutions.
     """
     if frontend not in FRONTENDS:
         raise LprnetEdgeError(f"frontend {frontend!r}: use one of {list(FRONTENDS)}")
@@ -220,7 +220,8 @@ def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export",
     """Import the fake-quant ``qmodel.module`` and make its ``int8_convs`` real int8
     convolutions; refuses an import where the rewrite did not find every one of them.
     The rewrite matches NCHW convolutions: ``layout`` is applied after it. With
-    ``int8_dot="vnni"`` (NHWC only) the convolutions take their VNNI form. What depends on
+    ``int8_dot`` (NHWC only) the convolutions take that dot-product form
+    (:mod:`lprnet_edge.compiler.dot`). What depends on
     the weights only (their quantization, layout, packing) is computed here, once: the
     returned parameters are int8 / int32 / float arrays, not the float weights."""
     mod, params = to_relax(qmodel.module, frontend, layout="NCHW")
@@ -228,7 +229,6 @@ def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export",
         cancel_transposes,
         exact_rescale,
         precompute_params,
-        use_vnni,
     )
 
     mod, n = relax_int8_rewrite(mod)
@@ -240,8 +240,10 @@ def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export",
     mod, _ = exact_rescale(mod)
     mod, params = convert_layout(normalize(mod), params, layout)
     mod, _ = cancel_transposes(mod)
-    if int8_dot == "vnni" and layout == "NHWC":
-        mod, _ = use_vnni(mod)
+    if int8_dot is not None and layout == "NHWC":
+        from lprnet_edge.compiler.dot import use_int8_dot
+
+        mod, _ = use_int8_dot(mod, int8_dot)
     return precompute_params(mod, params)
 
 

@@ -329,12 +329,12 @@ def export_shared(cc_path: str, options: Sequence[str], mod: Any) -> str:
 
 
 def untuned_tasks(tasks: list[Any]) -> list[Any]:
-    """The tasks worth tuning: not the VNNI convolutions, whose hand-written tensorized
-    schedule (``compiler.int8.schedule_vnni``) the build always applies."""
-    from lprnet_edge.compiler.int8 import is_vnni_kernel
+    """The tasks worth tuning: not the dot-product convolutions, whose hand-written
+    tensorized schedule (``compiler.dot.schedule``) the build always applies."""
+    from lprnet_edge.compiler.dot import kernel_kind
 
     return [t for t in tasks
-            if not is_vnni_kernel(next(iter(t.dispatched[0].functions.values())))]
+            if kernel_kind(next(iter(t.dispatched[0].functions.values()))) is None]
 
 
 def list_tasks(mod: Any, target: Any, prepared: bool = False) -> list[dict[str, Any]]:

@@ -319,14 +319,6 @@ def choose_fallback(scan: list[dict[str, Any]], max_layers: int = 2,
 # ---------------------------------------------------------------- entry point
 
 
-def fold_bn(model: nn.Module) -> nn.Module:
-    """BatchNorm folded into the convs (the compile pipeline's own folding), so the weights
-    that are quantized are the ones the artifact stores."""
-    from lprnet_edge.model.fold import fold_batchnorm
-
-    return fold_batchnorm(model)
-
-
 def fold_for_storage(model: nn.Module) -> nn.Module:
     """BatchNorm and constant channels folded (what the compiler folds) *before* weights are
     rounded to their storage precision: folding after rounding would slice consumer weights
@@ -372,15 +364,18 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, calib: Any = None, val: Any 
     return res
 
 
-def _finish(res: QuantizedModel, stored: nn.Module, original: nn.Module, val: Any
-            ) -> QuantizedModel:
-    """Stored size, encodings and (with ``val``) accuracy in the report."""
+def _finish(res: QuantizedModel, stored: nn.Module, original: nn.Module, val: Any,
+            applied: QuantizeConfig) -> QuantizedModel:
+    """Stored size, encodings and (with ``val``) accuracy in the report. ``res.config`` is
+    the config as given (what the manifest records and a search compares); ``applied`` names
+    the folded model's layers (``_fallbacks_for``)."""
     from lprnet_edge.compress.prune import params_encodings, stored_size
 
-    res.param_encodings = params_encodings(res.module, res.config)
+    res.param_encodings = params_encodings(res.module, applied)
     res.report["config"] = res.config.to_dict()
+    res.report["applied_fallback_layers"] = list(applied.fallback_layers)
     res.report["bn_folded"] = True
-    res.report["encodings"] = params_encodings(stored, res.config)
+    res.report["encodings"] = params_encodings(stored, applied)
     res.report["stored_bytes"] = stored_size(stored, res.report["encodings"])
     if val is not None:
         from lprnet_edge.model.calib import accuracy, agreement
@@ -395,9 +390,8 @@ def _finish(res: QuantizedModel, stored: nn.Module, original: nn.Module, val: An
 def _weight_only(model: nn.Module, cfg: Fp16WeightsConfig | Int8WeightsConfig,
                  calib: Any = None, val: Any = None, **_options: Any) -> QuantizedModel:
     folded = fold_for_storage(model)
-    cfg = _fallbacks_for(folded, cfg)
-    qm = weight_only_model(folded, cfg)
-    return _finish(QuantizedModel(qm, cfg), qm, model, val)
+    qm = weight_only_model(folded, _fallbacks_for(folded, cfg))
+    return _finish(QuantizedModel(qm, cfg), qm, model, val, _fallbacks_for(folded, cfg))
 
 
 @register_handler(Int8Config)
@@ -413,16 +407,16 @@ def _int8(model: nn.Module, cfg: Int8Config, calib: Any = None, val: Any = None,
     # Constant channels folded first, as the float builds do: about half the convolution
     # work, and nothing of it is quantized (the constants go into float biases).
     folded = fold_for_storage(model)
-    cfg = _fallbacks_for(folded, cfg)
-    th = calibrate(folded, calib, cfg)
-    qm = fake_quant_model(folded, th, cfg)
+    applied = _fallbacks_for(folded, cfg)
+    th = calibrate(folded, calib, applied)
+    qm = fake_quant_model(folded, th, applied)
     scales = {n: v["threshold"] / QMAX for n, v in th.items()
-              if n not in set(cfg.fallback_layers)}
+              if n not in set(applied.fallback_layers)}
     convs = tuple(n for n, m in qm.named_modules() if isinstance(m, QuantConv2d))
     res = QuantizedModel(qm, cfg, {"thresholds": th, "act_scales": scales},
                          int8_convs=convs if real_int8 else (), act_scales=scales,
                          verify_tolerance=INT8_VERIFY_TOLERANCE if real_int8 else None)
-    return _finish(res, folded, model, val)
+    return _finish(res, folded, model, val, applied)
 
 
 def strip_fake_quant(model: nn.Module) -> nn.Module:

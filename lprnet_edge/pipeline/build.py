@@ -354,13 +354,31 @@ def import_stage(art: ModelArtifact, frontend: str = "torch.export", layout: str
     def record(fold: Any) -> None:  # what channel folding removed, for the manifest
         art.reports["channel_fold"] = {"summary": fold.summary(), "kept": fold.kept}
 
-    dot = None
-    if target is not None:
-        from lprnet_edge.compiler.int8 import int8_dot
-
-        dot = int8_dot(target.tvm_target())
-    mod, params = to_relax(art.model, frontend, on_fold=record, layout=layout, int8_dot=dot)
+    dot = _int8_dot(art, target)
+    mod, params = to_relax(art.model, frontend, on_fold=record, layout=layout,
+                           int8_dot=dot.get("dot"))
     return RelaxModel(mod, params, frontend, time.perf_counter() - t0)
+
+
+def _int8_dot(art: ModelArtifact, target: TargetSpec | None) -> dict[str, Any]:
+    """For a model with int8 convolutions: the integer dot-product instructions ``target``
+    gives them, recorded in ``art.reports["int8"]`` with what it means for speed."""
+    from lprnet_edge.compress.api import QuantizedModel
+
+    if target is None or not (isinstance(art.model, QuantizedModel) and art.model.int8_convs):
+        return {}
+    from lprnet_edge.compiler.dot import KINDS, int8_dot
+
+    dot = int8_dot(target.tvm_target())
+    if dot is not None:
+        note = f"int8 convolutions tensorized with {KINDS[dot].description}"
+    else:
+        note = (f"no integer dot-product instructions on {target.name} (x86 needs "
+                "AVX512-VNNI): the int8 convolutions multiply widened int32 lanes and may be "
+                "slower than float32. Compare on the device with `--max-accuracy-drop P "
+                "--optimize latency`, or build without --quantize int8")
+    art.reports["int8"] = {"dot": dot, "note": note}
+    return art.reports["int8"]
 
 
 def tune_stage(relax_model: RelaxModel, target: TargetSpec, cfg: TuneConfig,
@@ -844,6 +862,8 @@ def _build_artifact(opts: BuildOptions, log: Log, guard: InterruptGuard) -> Buil
         folded = art.reports.get("channel_fold")
         note["result"] = f"{len(relax_model.params)} weight tensors" + (
             f"; {folded['summary']}" if folded else "")
+        if "int8" in art.reports:
+            note["result"] += "; " + art.reports["int8"]["note"]
     database, tune_summary = None, None
     if opts.tune:
         with stages.stage("tune", f"{opts.tune.trials} trials") as note:
@@ -925,7 +945,8 @@ def graph_key(cand: Any) -> tuple[Any, ...]:
     architecture (a channel-pruned model) and int8 activations change what runs."""
     arch = id(cand.pruned_model) if cand.pruned_model is not None else None
     q = cand.quant
-    return (arch, q.to_dict() if q is not None and q.mode == "int8" else None)
+    int8 = json.dumps(q.to_dict(), sort_keys=True) if q is not None and q.mode == "int8" else None
+    return (arch, int8)
 
 
 def candidate_latencies(cands: list[Any], opts: BuildOptions, log: Log = _stderr,

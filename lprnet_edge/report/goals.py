@@ -40,6 +40,15 @@ def _speedup(base: Row, r: Row) -> float:
     return float(base["latency_ms"]) / float(r["latency_ms"])
 
 
+def _runs_note(*rows: Row) -> str:
+    """A warning when the rows were timed in different runs (a ``--refresh-latency
+    --variant``): their ratio then also compares the host's load at two times."""
+    runs = {r.get("latency_run") for r in rows}
+    return "" if len(runs) <= 1 else (" [timed in different runs: "
+                                      + ", ".join(f"{r['name']} {r.get('latency_run') or '?'}"
+                                                  for r in rows) + "]")
+
+
 def _result(goal: str, status: str, detail: str, **extra: Any) -> dict[str, Any]:
     return {"goal": goal, "status": status, "met": status == "met", "detail": detail, **extra}
 
@@ -88,7 +97,8 @@ def int8_goal(rows: list[Row], base: Row, speed: float = 1.5, pts: float = 0.5
                 f", missed by {speed - s:.2f}x (needs <= {need_ms:.2f} ms, "
                 f"{float(r['latency_ms']) - need_ms:.2f} ms slower)"),
              f"accuracy {_acc(r)}" + (f" (within {pts:g} pt by {pts - lost:.1f} pt)" if acc
-                                      else f" ({lost - pts:.1f} pt past the {pts:g} pt budget)")]
+                                      else f" ({lost - pts:.1f} pt past the {pts:g} pt budget)")
+             + _runs_note(base, r)]
     note = profile_note(r) if not fast else None
     return _result(goal, "met" if fast and acc else "missed", "; ".join(parts), variant=r["name"],
                    speedup=s, lost_points=lost, speedup_margin=s - speed,
@@ -117,7 +127,7 @@ def channel_speed_goal(rows: list[Row], base: Row, speed: float = 2.0, pts: floa
               f"{r.get('flops_executed_ratio', float('nan')):.2f}x fewer executed FLOPs)"
               + (f", {s - speed:+.2f}x over {speed:g}x" if met else
                  f", missed by {speed - s:.2f}x (needs <= "
-                 f"{float(base['latency_ms']) / speed:.2f} ms)"))
+                 f"{float(base['latency_ms']) / speed:.2f} ms)") + _runs_note(base, r))
     return _result(goal, "met" if met else "missed", detail, variant=r["name"], speedup=s,
                    lost_points=_lost(r), speedup_margin=s - speed,
                    why=None if met else profile_note(r))
@@ -167,6 +177,7 @@ def smallest_fastest_goal(rows: list[Row], pts: float = 0.5, slack: float = 0.10
                   f"smallest is {over:.1%} slower"
                   + (f" (within {slack:.0%})" if met else
                      f", missed by {over - slack:.1%} points of the {slack:.0%} slack"))
+    detail += _runs_note(small, fast)
     return _result(goal, "met" if met else "missed", detail, variant=small["name"],
                    fastest=fast["name"], slower_than_fastest=over,
                    why=None if met else profile_note(small))

@@ -60,7 +60,7 @@ REPORT_ACCURACY_BUDGET = 100.0
 # Row keys this module writes (cleared before a new measurement).
 LATENCY_KEYS = ("latency_ms", "latency_backend", "latency_rounds_ms", "latency_error",
                 "latency_tvm", "latency_profile", "latency_comparable",
-                "artifact_params_bytes")
+                "artifact_params_bytes", "latency_run")
 
 
 def _log(msg: str) -> None:

@@ -91,7 +91,6 @@ def write_markdown(path: Path, rep: dict[str, Any]) -> None:
         "convolutions; its TVM artifact runs those convolutions in int8 "
         "(`quantize.relax_int8_rewrite`), calibrated by the build pipeline on `calib/`.",
         "",
-        "",
         "| variant | test acc | change (pt) | stored | x vs fp32 | MFLOPs model / executed | "
         "x fewer FLOPs model / executed | latency ms | x faster | executes |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -211,7 +210,8 @@ def profile_lines(rows: list[dict[str, Any]], top: int = 3) -> list[str]:
            f"mean of {p0.get('runs', '?')} runs per variant, 1 thread; *share* is of the sum of "
            "kernels; *schedule*: `tuned` (a record of the build's tuning), `default` (the "
            "packaged schedule of that workload), `transferred` (a similar workload's schedule "
-           "re-fitted), `naive` (TVM's unscheduled loops), `builtin` (VM).", "",
+           "re-fitted), `tensorized` (int8 dot-product intrinsics), `naive` (TVM's unscheduled "
+           "loops), `builtin` (VM).", "",
            "| variant | kernels ms (wall) | time by schedule | # | kernel | ms | share | "
            "GFLOP/s | schedule |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -347,6 +347,9 @@ def place_labels(ax: Any, points: list[tuple[float, float]], texts: list[str],
     return boxes
 
 
+OFF_SCALE_POINTS = 10.0  # variants that lost more are listed under the plot, not drawn
+
+
 def plot(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any] | None = None
          ) -> dict[str, Any]:
     """Accuracy vs latency (marker area ~ stored size), the Pareto front, and labels placed
@@ -356,7 +359,10 @@ def plot(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any] | None = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if r.get("latency_ms") is not None]
+    timed = [r for r in rows if r.get("latency_ms") is not None]
+    # A variant that lost far more than any budget would squeeze the others into one line.
+    far = [r for r in timed if r.get("accuracy_change_points", 0.0) < -OFF_SCALE_POINTS]
+    pts = [r for r in timed if r not in far]
     missing = [r["name"] for r in rows if r.get("latency_ms") is None]
     fig, ax = plt.subplots(figsize=(10, 6.5))
     smax = max(r["stored_bytes"] for r in rows)
@@ -401,9 +407,15 @@ def plot(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any] | None = 
     ax.set_ylabel("test accuracy (exact plate, batch 1)")
     ax.set_title("LPRNet compression variants (marker area ~ stored size)")
     ax.grid(alpha=0.3)
+    notes = []
     if missing:
-        fig.text(0.01, 0.01, "not plotted (no latency): " + ", ".join(missing), fontsize=7)
-    fig.tight_layout(rect=(0, 0.03 if missing else 0, 1, 1))
+        notes.append("not plotted (no latency): " + ", ".join(missing))
+    if far:
+        notes.append(f"off scale (> {OFF_SCALE_POINTS:g} pt lost): " + ", ".join(
+            f"{r['name']} ({r['test_accuracy']:.3f}, {r['latency_ms']:.2f} ms)" for r in far))
+    if notes:
+        fig.text(0.01, 0.01, "; ".join(notes), fontsize=7)
+    fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
     if pts:
         fig.canvas.draw()
         obstacles = [leg.get_window_extent(fig.canvas.get_renderer())]
@@ -413,6 +425,7 @@ def plot(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any] | None = 
                              obstacles)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return {"front": front, "missing": missing, "texts": len(ax.texts),
+    return {"front": front, "missing": missing, "off_scale": [r["name"] for r in far],
+            "texts": len(ax.texts),
             "labels": {r["name"]: tuple(float(e) for e in b.extents)
                        for r, b in zip(pts, boxes, strict=True)}}

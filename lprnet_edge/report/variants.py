@@ -390,6 +390,8 @@ def refresh_latency(out: str | Path = "docs", quick: bool | None = None,
     setup["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     setup["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     setup["variants"] = [v.name for v in todo]
+    for row in rows:  # which run timed the row: goals say when a ratio spans two runs
+        row["latency_run"] = setup["started"]
     rep["variants"] = [by_name[v.name] for v in keep]
     latency_ratios(rep["variants"])
     rep["latency"] = setup
@@ -521,6 +523,8 @@ def run_report(out: str | Path = "docs", quick: bool = False, weights: str | Non
                    else None, trials=trials, rounds=rounds, runs=runs, setup=setup)
     setup["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     setup["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for row in rows:
+        row["latency_run"] = setup["started"]
     rep: dict[str, Any] = {
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": quick, "variants": rows, "goals": goals(rows), "latency": setup,

@@ -384,8 +384,9 @@ class _Recorder:
 def conv_flops(name: str, shapes: list[list[int]]) -> float | None:
     """FLOPs of one call of a convolution kernel from its argument shapes (data, weight, ...,
     output last): output elements x 2 x Cin/groups x kh x kw. Weights in OIHW (NCHW), HWIO
-    (NHWC), OIHW{i}i{o}o (NCHWc) or the VNNI packing ``(O/16, kh, kw, I/4, 16, 4)`` of
-    ``compiler.int8`` (kernels named ``vnni_conv2d``); None when the shapes say otherwise."""
+    (NHWC), OIHW{i}i{o}o (NCHWc) or the dot-product packing of
+    ``compiler.dot`` (kernels named ``vnni_conv2d``, ``sdot_conv2d``, ``neon_conv2d``):
+    ``(O/L, kh, kw, I/4, L, 4)``; None when the shapes say otherwise."""
     # Fused prologues can put scalars first (the global-context mean): data and weight are
     # the first two tensors of rank 4 or more.
     tensors = [sh for sh in shapes[:-1] if len(sh) >= 4]
@@ -393,7 +394,7 @@ def conv_flops(name: str, shapes: list[list[int]]) -> float | None:
         return None
     w, out = tensors[1], shapes[-1]
     n_out = math.prod(out)
-    if len(w) == 6 and "vnni_conv2d" in name:  # (O/16, kh, kw, I/4, 16, 4)
+    if len(w) == 6 and any(f"{k}_conv2d" in name for k in ("vnni", "sdot", "neon")):
         per_out = w[1] * w[2] * w[3] * w[5]
     elif len(w) == 6:  # OIHWio: (O/oc, I/ic, kh, kw, ic, oc)
         per_out = w[1] * w[2] * w[3] * w[4]

@@ -159,7 +159,7 @@ def test_tuned_int8_conv_matches_untuned_and_pytorch(qconv, x, host, tmp_path: P
 
 
 def _has_vnni(host) -> bool:
-    from lprnet_edge.compiler.int8 import int8_dot
+    from lprnet_edge.compiler.dot import int8_dot
 
     return int8_dot(host.tvm_target()) == "vnni"
 
@@ -186,7 +186,7 @@ def qnet():
 def test_int8_dot_is_read_from_the_target():
     import tvm
 
-    from lprnet_edge.compiler.int8 import int8_dot
+    from lprnet_edge.compiler.dot import int8_dot
 
     def llvm(*mattr: str) -> object:
         return tvm.target.Target({"kind": "llvm", "mattr": list(mattr)})
@@ -194,8 +194,13 @@ def test_int8_dot_is_read_from_the_target():
     assert int8_dot(llvm("+avx2", "+avx512bw", "+avx512vnni")) == "vnni"
     assert int8_dot(llvm("+avx2", "+fma")) is None  # an AVX2-only host
     assert int8_dot(llvm("+avx512bw", "-avx512vnni")) is None
-    assert int8_dot(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
-                                       "mattr": ["+neon"]})) is None
+
+    def arm(triple: str, *mattr: str) -> object:
+        return tvm.target.Target({"kind": "llvm", "mtriple": triple, "mattr": list(mattr)})
+
+    assert int8_dot(arm("aarch64-linux-gnu", "+neon", "+dotprod")) == "sdot"  # rpi5
+    assert int8_dot(arm("aarch64-linux-gnu", "+neon")) == "neon"  # rpi4: no sdot
+    assert int8_dot(arm("armv7l-linux-gnueabihf", "+neon")) is None
 
 
 def test_int8_graph_takes_precomputed_weights_without_layout_round_trips(qnet):
@@ -252,3 +257,26 @@ def test_vnni_kernels_are_left_out_of_tuning(qnet, host):
     vnni = [t.task_name for t in tasks if "vnni_conv2d" in t.task_name]
     assert len(vnni) == 2
     assert {t.task_name for t in untuned_tasks(tasks)} == {t.task_name for t in tasks} - set(vnni)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, kind", [("rpi5", "sdot"), ("rpi4", "neon")])
+def test_arm_dot_products_cross_compile(qnet, target, kind, tmp_path: Path):
+    """The AArch64 forms (TVM's sdot and NEON intrinsics) tensorize and link for the board;
+    running them is the emulated Pi's job (``bench --host``), timing them a board's."""
+    import shutil
+
+    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.dot import int8_dot
+    from lprnet_edge.compiler.frontend import to_relax
+    from lprnet_edge.compiler.target import load_target
+    from lprnet_edge.compiler.toolchain import find_compiler
+
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ not installed (cross_compile/install-debian.sh)")
+    spec = load_target(target)
+    assert int8_dot(spec.tvm_target()) == kind
+    mod, _ = to_relax(qnet, int8_dot=kind)
+    info = build(mod, spec, tmp_path / "m.so", find_compiler(spec), defaults=False)
+    assert info["schedules"]["tensorized"] == 2, info["schedules"]
+    assert (tmp_path / "m.so").stat().st_size > 0

@@ -22,6 +22,7 @@ from lprnet_edge.compress.quantize import (  # noqa: E402
     choose_fallback,
     conv_names,
     fake_quant,
+    fold_for_storage,
     int8_weight_roundtrip,
     quantize,
     sensitivity_scan,
@@ -105,8 +106,13 @@ def test_quantize_int8_simulated(tiny_model, calibrator):
                          fallback_layers=("container.0",))
     res = quantize(tiny_model, cfg, cal)
     qm, rep = res.module, res.report
+    # Constant channels are folded first, as in float builds: the head's container is split
+    # into heads.0..3, which inherit its fallback.
+    heads = tuple(f"heads.{k}" for k in range(4))
     assert isinstance(res, QuantizedModel) and res.config == cfg
-    assert set(rep["act_scales"]) == set(conv_names(tiny_model)) - {"container.0"}
+    assert res.report["applied_fallback_layers"] == list(heads)
+    folded = fold_for_storage(tiny_model)
+    assert set(rep["act_scales"]) == set(conv_names(folded)) - set(heads)
     # What the compiler needs for real int8 convolutions: which layers, and a tolerance.
     assert set(res.int8_convs) == set(rep["act_scales"]) and res.act_scales == rep["act_scales"]
     assert all(isinstance(qm.get_submodule(n), QuantConv2d) for n in res.int8_convs)
@@ -119,7 +125,7 @@ def test_quantize_int8_simulated(tiny_model, calibrator):
     rel = float((a - b).abs().max() / a.abs().max())
     assert rel < 0.3
     assert res.param_encodings["backbone.0.conv.weight"] == "int8"
-    assert res.param_encodings["container.0.weight"] == "dense"
+    assert all(res.param_encodings[f"{h}.weight"] == "dense" for h in heads)
     assert quantize(tiny_model, cfg, cal, real_int8=False).int8_convs == ()
 
 
@@ -146,7 +152,9 @@ def test_quantize_weight_only_modes(tiny_model):
     # model is folded first (compress.quantize.fold_for_storage): its container is split in
     # four head parts, which inherit the fallback.
     res = quantize(tiny_model, Fp16WeightsConfig(fallback_layers=("container.0",)))
-    assert res.config.fallback_layers == tuple(f"heads.{k}" for k in range(4))
+    assert res.config.fallback_layers == ("container.0",)  # the config as given ...
+    heads = [f"heads.{k}" for k in range(4)]
+    assert res.report["applied_fallback_layers"] == heads  # ... applied to the split head
     assert all(res.param_encodings[f"heads.{k}.weight"] == "dense" for k in range(4))
     assert res.param_encodings["backbone.0.weight"] == "fp16"
 

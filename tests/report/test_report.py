@@ -95,6 +95,7 @@ def test_report_tiny_run(tiny_model, tmp_path, fresh_cache, one_torch_thread):
         assert r["latency_ms"] == pytest.approx(float(np.median(r["latency_rounds_ms"])))
         assert r["latency_ms"] > 0 and r["latency_ratio"] > 0
     assert orig["latency_ratio"] == 1
+    assert {r["latency_run"] for r in data["variants"]} == {data["latency"]["started"]}
     assert data["latency"]["threads"] == 1 and data["latency"]["rounds"] == 2
     assert "1 thread, model only" in md
 
@@ -129,6 +130,8 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
         assert t["manifest_stages_tune"]["trials"] == 2
         assert r["artifact_params_bytes"] > 0
     o, w = rows["original"]["latency_tvm"], rows["int8w"]["latency_tvm"]
+    # The executed-FLOPs column folds exactly what the build's compiler folded.
+    assert o["channel_fold"] is not None and o["channel_fold"] == rows["original"]["channel_fold"]
     # The build's own tune stage tuned the convolutions only (TuneConfig.tasks), into the
     # report's database for this budget; int8 weights are decoded at load: same graph, its
     # records are already there, nothing new is tuned.
@@ -162,6 +165,8 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
     assert rows["sparse80"]["latency_backend"] == "torch"
     assert data["latency"]["backend"] == "tvm-tuned" and data["latency"]["trials"] == 2
     assert data["latency"]["variants"] == ["original", "int8w"]
+    assert rows["int8w"]["latency_run"] == data["latency"]["started"]
+    assert rows["sparse80"]["latency_run"] == before["latency"]["started"]
     assert rep["refreshed"] == data["refreshed"]
     md = (out / "compression-report.md").read_text(encoding="utf-8")
     assert "**2 MetaSchedule trials per workload**" in md and "(tvm-tuned)" in md
@@ -339,3 +344,20 @@ def test_report_builds_accept_the_accuracy_guard(tmp_path):
     plain = report.Variant("original", "", ident, ident, {}, "fp32")
     opts = lat.tvm_build_options(plain, tmp_path, tmp_path / "w.pth", None)
     assert opts.max_accuracy_drop is None and not guarded(opts) and not searching(opts)
+
+
+def test_plot_lists_far_off_variants_instead_of_drawing_them(tmp_path):
+    """A variant that lost far more than any budget is named under the plot, so the
+    variants that matter are not squeezed into one line."""
+    import lprnet_edge.report.render as report
+
+    rows = [{"name": f"v{i}", "latency_ms": 1.0 + 0.3 * i, "test_accuracy": 0.89 + 0.002 * i,
+             "accuracy_change_points": 0.2 * i, "stored_bytes": 100_000 * (i + 1)}
+            for i in range(4)]
+    lost = -(report.OFF_SCALE_POINTS + 1)
+    rows.append({"name": "collapsed", "latency_ms": 0.5, "test_accuracy": 0.89 + lost / 100,
+                 "accuracy_change_points": lost, "stored_bytes": 50_000})
+    info = report.plot(tmp_path / "p.png", rows, {"backend": "tvm"})
+    assert info["off_scale"] == ["collapsed"] and "collapsed" not in info["labels"]
+    assert set(info["labels"]) == {f"v{i}" for i in range(4)}
+    assert "collapsed" not in info["front"] and info["front"]

@@ -142,3 +142,16 @@ def test_unequal_or_failed_rows_are_not_compared():
     assert lines[0].startswith("- host int8 artifact >= 1.5x faster than fp32, <= 0.5 pt lost: "
                                "not evaluated (int8-sim has no comparable TVM latency")
     assert "**missed**: no channel-pruned variant within 1 pt" in lines[1]
+
+
+def test_ratio_across_two_runs_says_so():
+    """After ``--refresh-latency --variant int8-sim`` the int8 row and the original were
+    timed in different runs: the goal still compares them, and says so."""
+    rows = _rows(1.6, 0.0, 2.4, -0.5)
+    for r in rows:
+        r["latency_run"] = "2026-01-01 10:00 UTC"
+    assert "different runs" not in int8_goal(rows, rows[0])["detail"]
+    rows[2]["latency_run"] = "2026-01-01 12:00 UTC"
+    g = int8_goal(rows, rows[0])
+    assert g["status"] == "met" and ("[timed in different runs: original 2026-01-01 10:00 UTC, "
+                                     "int8-sim 2026-01-01 12:00 UTC]") in g["detail"]

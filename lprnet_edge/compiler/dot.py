@@ -1,0 +1,347 @@
+"""int8 convolutions on the CPU's integer dot-product instructions (issue 11).
+
+Why a rewrite and a hand-written schedule: an int8 convolution lowered by ``R.nn.conv2d``
+multiplies widened int32 lanes, as many per instruction as fp32 FMAs, so it is no faster than
+float32. Only the dot-product instructions make int8 cheaper: each sums 4 byte products into
+one int32 lane, for 16 lanes at once (x86 AVX512-VNNI ``vpdpbusd``) or 4 (AArch64 ``sdot``,
+Cortex-A76 / rpi5; the A72 of rpi4 has none, and TVM's NEON sequence ``smull + saddlp +
+addp`` stands in for it). Using them needs the weights packed as
+``[O/L, KH, KW, C/4, L, 4]`` (``L`` lanes), so :func:`use_int8_dot` replaces each int8
+convolution by a TE computation on packed operands, and :func:`schedule` tiles it and
+tensorizes the ``L x 4`` inner block. The packing depends on the weights only and is done at
+build time (``compiler.int8.precompute_params``).
+
+``vpdpbusd`` multiplies *unsigned* bytes by signed ones: the int8 activations ``a`` are fed as
+``a + 128`` (u8, padding too), and ``128 * sum(w)`` is subtracted per output channel. Both
+are exact in int32, so every form gives the int32 sums of ``R.nn.conv2d`` bit for bit.
+
+TVM 0.27's own ``VNNI_DOT_16x4_INTRIN`` passes ``<16 x i32>`` operands to
+``llvm.x86.avx512.vpdpbusd.512``, which the bundled LLVM declares with ``<64 x i8>`` ones
+("Call parameter type does not match function signature"): :data:`VNNI` registers the same
+description with the operands reinterpreted as bytes. The ARM ones are TVM's.
+
+Which kind a target gets is read from its ``mattr`` (:func:`int8_dot`), never assumed: build
+hosts differ from day to day (some x86 ones are AVX2-only and get none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from lprnet_edge.compiler.errors import import_tvm_compiler
+from lprnet_edge.compiler.int8 import _is_int8_conv, _is_op
+
+
+@dataclass(frozen=True)
+class DotKind:
+    """One integer dot-product instruction: ``lanes`` int32 outputs per instruction, each the
+    sum of 4 products; ``shift``: added to the int8 activations (128 when the instruction
+    wants them unsigned); ``accumulators``: vector registers the schedule may tile."""
+
+    name: str
+    lanes: int
+    shift: int
+    accumulators: int
+    description: str
+
+    @property
+    def conv_block(self) -> str:
+        return f"dot_conv_{self.name}"
+
+    @property
+    def pad_block(self) -> str:
+        return f"dot_pad_{self.name}"
+
+    @property
+    def act_dtype(self) -> str:
+        return "uint8" if self.shift else "int8"
+
+
+VNNI = DotKind("vnni", 16, 128, 24, "AVX512-VNNI vpdpbusd (64 u8 x s8 products per instruction)")
+SDOT = DotKind("sdot", 4, 0, 24, "AArch64 sdot (16 s8 x s8 products per instruction)")
+NEON = DotKind("neon", 4, 0, 16, "AArch64 NEON smull + saddlp + addp (no sdot on this core)")
+KINDS = {k.name: k for k in (VNNI, SDOT, NEON)}
+_INTRIN = {"vnni": "lprnet_edge_vnni_dot_16x4_u8i8i32"}
+
+
+def int8_dot(target: Any) -> str | None:
+    """The dot-product kind (a key of :data:`KINDS`) ``target`` (a ``tvm.target.Target``)
+    gives int8 convolutions, from its ``mattr``; None: plain int32 multiplies."""
+    attrs = target.attrs if hasattr(target, "attrs") else {}
+    mattr = {str(m) for m in attrs.get("mattr", [])} if "mattr" in attrs else set()
+    triple = str(attrs.get("mtriple", "")) if "mtriple" in attrs else ""
+    if str(target.kind.name) != "llvm":
+        return None
+    if triple.startswith("aarch64"):
+        return "sdot" if "+dotprod" in mattr else "neon" if "+neon" in mattr else None
+    if (not triple or triple.startswith("x86_64")) and {"+avx512vnni", "+avx512bw"} <= mattr:
+        return "vnni"
+    return None
+
+
+def intrin(kind: DotKind) -> str:
+    """The registered tensor intrinsic of ``kind`` (registering ours once per process)."""
+    import_tvm_compiler()
+    if kind.name == "sdot":
+        from tvm.s_tir.tensor_intrin.arm_cpu import ARM_DOT_4x4_i8_SDOT_INTRIN
+
+        return ARM_DOT_4x4_i8_SDOT_INTRIN
+    if kind.name == "neon":
+        from tvm.s_tir.tensor_intrin.arm_cpu import ARM_DOT_4x4_i8_NEON_INTRIN
+
+        return ARM_DOT_4x4_i8_NEON_INTRIN
+    name = _INTRIN["vnni"]
+    from tvm.s_tir import TensorIntrin
+
+    try:
+        TensorIntrin.get(name)
+    except (ValueError, RuntimeError):
+        _register_vnni(name)
+    return name
+
+
+def _register_vnni(name: str) -> None:
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_u8 = T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"), a_u8, B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16")
+
+    TensorIntrin.register(name, dot_product_16x4_u8i8i32_desc, vnni_impl, override=True)
+
+
+# ---------------------------------------------------------------- the computation
+
+
+def _ceil(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pack_te(w: Any, kind: DotKind) -> Any:
+    """HWIO int8 weights -> ``[O/L, KH, KW, C/4, L, 4]`` (zero-padded to whole blocks)."""
+    from tvm import te, tirx
+
+    kh_, kw_, c_, o_ = (int(d) for d in w.shape)
+    lanes = kind.lanes
+    return te.compute(
+        (_ceil(o_, lanes) // lanes, kh_, kw_, _ceil(c_, 4) // 4, lanes, 4),
+        lambda ob, r, s, cb, oi, ci: tirx.if_then_else(
+            tirx.all(ob * lanes + oi < o_, cb * 4 + ci < c_),
+            w[r, s, tirx.min(cb * 4 + ci, c_ - 1), tirx.min(ob * lanes + oi, o_ - 1)],
+            tirx.const(0, "int8")), name="dot_pack")
+
+
+def _offset_te(w: Any, kind: DotKind) -> Any:
+    """``shift * sum(w)`` per output channel: what the activations' shift adds."""
+    from tvm import te
+
+    kh_, kw_, c_, o_ = (int(d) for d in w.shape)
+    r = te.reduce_axis((0, kh_), "r")
+    s = te.reduce_axis((0, kw_), "s")
+    c = te.reduce_axis((0, c_), "c")
+    total = te.compute((o_,), lambda o: te.sum(w[r, s, c, o].astype("int32"), axis=[r, s, c]),
+                       name="dot_wsum")
+    return te.compute((o_,), lambda o: total[o] * kind.shift, name="dot_offset")
+
+
+def _conv_te(x: Any, packed: Any, offset: Any = None, *, pad: tuple[int, int, int, int],
+             n_out: int, kind: DotKind) -> Any:
+    """``conv2d(x, w)`` (int8 NHWC, stride 1, int32 out, ``n_out`` channels) from
+    :func:`_pack_te` (and :func:`_offset_te` when ``kind`` shifts) of ``w``."""
+    from tvm import te, tirx
+
+    n_, h_, w_, c_ = (int(d) for d in x.shape)
+    ob_, kh_, kw_, cb_ = (int(d) for d in packed.shape[:4])
+    top, left, bottom, right = pad
+    hp, wp = h_ + top + bottom, w_ + left + right
+    zero = tirx.const(kind.shift, kind.act_dtype)
+
+    def padded(n: Any, h: Any, ww: Any, c: Any) -> Any:
+        inside = tirx.all(h >= top, h < h_ + top, ww >= left, ww < w_ + left, c < c_)
+        val = x[n, tirx.max(tirx.min(h - top, h_ - 1), 0),
+                tirx.max(tirx.min(ww - left, w_ - 1), 0), tirx.min(c, c_ - 1)]
+        if kind.shift:
+            val = (val.astype("int32") + kind.shift).astype(kind.act_dtype)
+        return tirx.if_then_else(inside, val, zero)
+
+    xp = te.compute((n_, hp, wp, cb_ * 4), padded, name=kind.pad_block)
+    r = te.reduce_axis((0, kh_), "r")
+    s = te.reduce_axis((0, kw_), "s")
+    cb = te.reduce_axis((0, cb_), "cb")
+    ci = te.reduce_axis((0, 4), "ci")
+    conv = te.compute(
+        (n_, hp - kh_ + 1, wp - kw_ + 1, ob_, kind.lanes),
+        lambda n, h, ww, ob, oi: te.sum(
+            xp[n, h + r, ww + s, cb * 4 + ci].astype("int32")
+            * packed[ob, r, s, cb, oi, ci].astype("int32"), axis=[r, s, cb, ci]),
+        name=kind.conv_block)
+    lanes = kind.lanes
+
+    def out(n: Any, h: Any, ww: Any, o: Any) -> Any:
+        acc = conv[n, h, ww, o // lanes, o % lanes]
+        return acc - offset[o] if offset is not None else acc
+
+    return te.compute((n_, hp - kh_ + 1, wp - kw_ + 1, n_out), out, name="dot_out")
+
+
+def _plain_conv(call: Any) -> tuple[int, int, int, int] | None:
+    """The padding of an int8 NHWC/HWIO convolution the dot form covers (stride 1, no
+    dilation, one group), else None."""
+    a = call.attrs
+    if not _is_int8_conv(call) or str(a.data_layout) != "NHWC" or str(a.kernel_layout) != "HWIO":
+        return None
+    if any(int(v) != 1 for v in [*a.strides, *a.dilation]) or int(a.groups) != 1:
+        return None
+    top, left, bottom, right = (int(v) for v in a.padding)
+    return top, left, bottom, right
+
+
+def use_int8_dot(mod: Any, kind_name: str) -> tuple[Any, int]:
+    """Replace each int8 NHWC convolution of ``mod`` by its dot-product form for
+    ``KINDS[kind_name]``: ``call_te`` for the weight packing (and offset), which depend on the
+    weights only, and one for the convolution. Returns the module and the number replaced."""
+    import_tvm_compiler()
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    kind = KINDS[kind_name]
+    count = [0]
+
+    @mutator
+    class _Dot(PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            pad = _plain_conv(call) if _is_op(call, "relax.nn.conv2d") else None
+            if pad is None:
+                return call
+            count[0] += 1
+            x, w = call.args
+            bb = self.builder_
+            n_out = int(w.ty.shape[3])
+            packed = bb.emit(bb.call_te(partial(_pack_te, kind=kind), w,
+                                        primfunc_name_hint="dot_pack"))
+            offset = (bb.emit(bb.call_te(partial(_offset_te, kind=kind), w,
+                                         primfunc_name_hint="dot_offset"))
+                      if kind.shift else None)
+            conv = partial(_conv_te, pad=pad, n_out=n_out, kind=kind)
+            args = (x, packed) if offset is None else (x, packed, offset)
+            return bb.call_te(conv, *args, primfunc_name_hint=f"{kind.name}_conv2d")
+
+    mutator_ = _Dot(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(mutator_.builder_.get()), count[0]
+
+
+# ---------------------------------------------------------------- the schedule
+
+
+def kernel_kind(func: Any) -> DotKind | None:
+    """The dot-product kind of a (fused) PrimFunc holding a convolution of
+    :func:`use_int8_dot`, else None."""
+    tvm = import_tvm_compiler()
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    for kind in KINDS.values():
+        try:
+            sch.get_sblock(kind.conv_block)
+        except (s_tir.schedule.ScheduleError, ValueError, RuntimeError):
+            continue
+        return kind
+    return None
+
+
+def tensorized_schedule(task_mod: Any) -> Any:
+    """The schedule of a tuning task's module (one PrimFunc) if it is a dot-product
+    convolution: it needs no tuning and always wins over a tuned or default record."""
+    tvm = import_tvm_compiler()
+    from tvm import s_tir
+
+    func = next(iter(task_mod.functions.values()))
+    kind = kernel_kind(func)
+    if kind is None:
+        return None
+    return schedule(s_tir.Schedule(tvm.IRModule({"main": func})), kind)
+
+
+def _divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def schedule(sch: Any, kind: DotKind) -> Any:
+    """Schedule a fused PrimFunc holding a ``kind`` convolution, deterministically.
+
+    The convolution keeps a ``wi x obi`` tile of ``kind.lanes``-wide int32 accumulators (at
+    most ``kind.accumulators`` registers) over the whole reduction, with the dot-product
+    instruction innermost; output rows are split across threads. The padding block and the
+    element-wise epilogue (offset, rescale, bias, ReLU, the next layer's quantization) run as
+    parallel, vectorized loops of their own.
+    """
+    name = intrin(kind)
+    _schedule_elementwise(sch, kind)
+    conv = sch.get_sblock(kind.conv_block)
+    n, h, w, ob, oi, r, s, cb, ci = sch.get_loops(conv)
+    ow, nob = (int(sch.get(loop).extent) for loop in (w, ob))
+    wi_n = _divisor(ow, 6)
+    obi_n = _divisor(nob, max(1, kind.accumulators // wi_n))
+    wo, wi = sch.split(w, [None, wi_n])
+    obo, obi = sch.split(ob, [None, obi_n])
+    sch.reorder(n, h, wo, obo, r, s, cb, wi, obi, oi, ci)
+    sch.parallel(sch.fuse(n, h, wo))
+    acc = sch.cache_write(conv, 0, "global")
+    sch.reverse_compute_at(acc, obo)
+    init = sch.decompose_reduction(conv, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.unroll(wi)
+    sch.unroll(obi)
+    sch.tensorize(oi, name)
+    return sch
+
+
+def _schedule_elementwise(sch: Any, kind: DotKind) -> None:
+    """Inline the element-wise blocks around the convolution into the last one; run that
+    and the padding block as parallel, vectorized loops."""
+    from tvm.s_tir.schedule import ScheduleError
+
+    root = sch.get_sblock("root")
+    kept = []
+    for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root)]:
+        if name == kind.conv_block:
+            continue
+        if name == kind.pad_block:
+            kept.append(name)
+            continue
+        try:
+            sch.compute_inline(sch.get_sblock(name))
+        except ScheduleError:
+            kept.append(name)  # an output block
+    for name in kept:
+        _parallel_vectorized(sch, sch.get_sblock(name))
+
+
+def _parallel_vectorized(sch: Any, block: Any) -> None:
+    """An element-wise block as one parallel loop over all but its innermost axis, which is
+    vectorized."""
+    loops = sch.get_loops(block)
+    if len(loops) < 2:
+        return
+    sch.parallel(sch.fuse(*loops[:-1]))
+    sch.vectorize(loops[-1])
