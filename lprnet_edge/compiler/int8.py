@@ -50,7 +50,7 @@ def exact_rescale(mod: Any) -> tuple[Any, int]:
     ``astype(multiply(astype(int8_conv, float64), astype(scale, float64)), float32)``: the
     same float32 values as PyTorch, immune to FMA contraction (see the module docstring).
     Returns the new module and the number of multiplies rewritten."""
-    tvm = import_tvm_compiler()
+    import_tvm_compiler()
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -88,14 +88,8 @@ def exact_rescale(mod: Any) -> tuple[Any, int]:
                                      relax.op.astype(scale, "float64"))
             return relax.op.astype(prod, "float32")
 
-    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out[gv] = _ExactRescale().visit_expr(func)
-    # the old float32 astype is left unused: drop it, or it would stay a kernel of its own
-    seq = tvm.transform.Sequential([relax.transform.CanonicalizeBindings(),
-                                    relax.transform.DeadCodeElimination()])
-    return seq(out), count[0]
+    # the old float32 astype is left unused: dropped, or it would stay a kernel of its own
+    return rewrite_functions(mod, _ExactRescale), count[0]
 
 
 def precompute_params(mod: Any, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -158,7 +152,7 @@ def cancel_transposes(mod: Any) -> tuple[Any, int]:
     ``ConvertLayout`` does not know ``clip``, so each int8 convolution's input quantization
     is wrapped in an NHWC -> NCHW -> NHWC round trip: two transposes per layer, 40% of the
     int8 model's time before this pass. Returns the module and the number removed."""
-    tvm = import_tvm_compiler()
+    import_tvm_compiler()
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -193,10 +187,19 @@ def cancel_transposes(mod: Any) -> tuple[Any, int]:
                 out = relax.Call(op.op, [out, *op.args[1:]], op.attrs)
             return out
 
+    return rewrite_functions(mod, _Cancel), count[0]
+
+
+def rewrite_functions(mod: Any, mutator_cls: Any) -> Any:
+    """``mod`` with every Relax function rewritten by a fresh ``mutator_cls()``, then the
+    bindings it left unused removed."""
+    tvm = import_tvm_compiler()
+    from tvm import relax
+
     out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            out[gv] = _Cancel().visit_expr(func)
+            out[gv] = mutator_cls().visit_expr(func)
     seq = tvm.transform.Sequential([relax.transform.CanonicalizeBindings(),
                                     relax.transform.DeadCodeElimination()])
-    return seq(out), count[0]
+    return seq(out)

@@ -249,6 +249,32 @@ def test_deploy_compares_with_pytorch_on_the_device(pi_device, deployed, rpi4_ar
     pi_device.switch_to(deployed.name)
 
 
+@pytest.mark.parametrize("target, kind", [("rpi4", "neon"), ("rpi5", "sdot")])
+def test_int8_dot_products_run_right_on_the_device(pi_device, deployed, target, kind,
+                                                   tmp_path, weights_path):
+    """``--quantize int8`` cross-built for the board uses its dot-product instructions (NEON
+    sequence on rpi4's A72, sdot on rpi5's A76) and computes, on the (emulated) aarch64 CPU,
+    the host PyTorch simulation's logits within the int8 tolerance: the deploy's check on
+    the device passes. Only correctness: qemu gives no board timings."""
+    from lprnet_edge.device.deploy import deploy
+
+    out = tmp_path / f"int8-{target}"
+    env = {**os.environ, "LPRNET_EDGE_WEIGHTS": str(weights_path)}
+    r = subprocess.run([sys.executable, "-m", "lprnet_edge.cli.main", "build", "--target", target,
+                        "--quantize", "int8", "--out", str(out)], capture_output=True, text=True,
+                       env=env, timeout=1800)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["reports"]["int8"]["dot"] == kind
+    assert m["reports"]["compile"]["schedules"]["tensorized"] >= 10
+    try:
+        res = deploy(pi_device, out)
+        v = res.checks["verification"]
+        assert v["status"] == "passed" and v["machine"] == "aarch64", v
+    finally:
+        pi_device.switch_to(deployed.name)
+
+
 def _session_sshd_pids(emulated_pi) -> list[int]:
     """Host pids of the device's per-connection sshd processes: sshd processes whose parent is
     an sshd too (the listener's parent is the device's init). Under qemu-user the host sees
