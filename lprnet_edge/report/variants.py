@@ -154,6 +154,7 @@ def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = Fal
     """Every report variant; ``require_cached``: the distilled model should come from the
     cache (a refresh measures the model the accuracy column was measured on), else warn."""
     from lprnet_edge.compress.prune import channel_widths, params_encodings, prune_channels
+    from lprnet_edge.compress.quantize import fold_for_storage
     from lprnet_edge.model.checkpoint import save_checkpoint
     from lprnet_edge.model.fold import fold_batchnorm
 
@@ -202,7 +203,7 @@ def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = Fal
     qm = compress(original, qi, train).module
     add("int8-sim", "int8 weights + activations (percentile 99.99, per-channel), head fp32 "
         "(simulated)", qm, "int8 x int8 -> int32 convs (simulated in PyTorch; "
-        "see relax_int8_rewrite)", None, qi, stored=fold_batchnorm(original))
+        "see relax_int8_rewrite)", None, qi, stored=fold_for_storage(original), arch=original)
 
     log("variant: channel pruning (dead channels only, no training)")
     widths = channel_widths(original, 0.0)
@@ -225,6 +226,12 @@ def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = Fal
     qm = compress(dm, qw).module
     add("channels-b23x0.5+kd+int8w", "channel-pruned + distilled, weight-only int8", qm,
         "fp32 (weights decoded from int8)", None, qw, weights_path=dpath, info=dinfo, arch=dm)
+    log("variant: channel pruning + distillation, then int8 weights + activations")
+    qm = compress(dm, qi, train).module
+    add("channels-b23x0.5+kd+int8", "channel-pruned + distilled, then int8 weights + "
+        "activations like int8-sim (`build --prune channels --quantize int8`)", qm,
+        "int8 x int8 -> int32 convs (simulated in PyTorch; see relax_int8_rewrite)", None, qi,
+        stored=fold_for_storage(dm), weights_path=dpath, info=dinfo, arch=dm)
     if not quick:
         log(f"variant: channel pruning {AGGRESSIVE_RATIOS} + distillation")
         am, ainfo, apath = channel_pruned_distilled(

@@ -125,7 +125,11 @@ def test_quantize_int8_simulated(tiny_model, calibrator):
     rel = float((a - b).abs().max() / a.abs().max())
     assert rel < 0.3
     assert res.param_encodings["backbone.0.conv.weight"] == "int8"
-    assert all(res.param_encodings[f"{h}.weight"] == "dense" for h in heads)
+    # The float head is stored as int8 weights (it computes with exactly those).
+    assert all(res.param_encodings[f"{h}.weight"] == "int8" for h in heads)
+    for h in heads:
+        w = qm.get_submodule(h).weight.detach()
+        assert torch.equal(int8_weight_roundtrip(w), w)
     assert quantize(tiny_model, cfg, cal, real_int8=False).int8_convs == ()
 
 

@@ -321,11 +321,11 @@ def test_int8_build_compiles_the_typed_result(cli_runner, tiny_ckpt: Path, small
     assert m["reports"]["accuracy_guard"]["ok"] and "[3/7] guard" in r.stderr
     enc = m["param_encodings"]
     # The int8 weights are quantized (and laid out) at build time: stored raw, as int8. The
-    # head (folded first, so split in four) stays float32.
+    # head (folded first, so split in four) computes in float32 from int8-stored weights.
     raw = [n for n, e in enc.items() if e == "raw"]
-    assert raw and all(e in ("raw", "dense") for e in enc.values())
-    assert [n for n in enc if n.startswith("p_heads_")] and all(
-        enc[n] == "dense" for n in enc if n.startswith("p_heads_"))
+    assert raw and all(e in ("raw", "dense", "int8-last") for e in enc.values())
+    heads = [n for n in enc if n.startswith("p_heads_") and n.endswith("_weight")]
+    assert heads and all(enc[n] == "int8-last" for n in heads)
     from lprnet_edge.runtime.params_codec import load_params
 
     params = load_params(out / "params.npz")
