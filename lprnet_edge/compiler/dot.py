@@ -17,7 +17,7 @@ are exact in int32, so every form gives the int32 sums of ``R.nn.conv2d`` bit fo
 
 TVM 0.27's own ``VNNI_DOT_16x4_INTRIN`` passes ``<16 x i32>`` operands to
 ``llvm.x86.avx512.vpdpbusd.512``, which the bundled LLVM declares with ``<64 x i8>`` ones
-("Call parameter type does not match function signature"): :data:`VNNI` registers the same
+("Call parameter type does not match function signature"): :func:`intrin` registers the same
 description with the operands reinterpreted as bytes. The ARM ones are TVM's.
 
 Which kind a target gets is read from its ``mattr`` (:func:`int8_dot`), never assumed: build
@@ -63,7 +63,6 @@ VNNI = DotKind("vnni", 16, 128, 24, "AVX512-VNNI vpdpbusd (64 u8 x s8 products p
 SDOT = DotKind("sdot", 4, 0, 24, "AArch64 sdot (16 s8 x s8 products per instruction)")
 NEON = DotKind("neon", 4, 0, 16, "AArch64 NEON smull + saddlp + addp (no sdot on this core)")
 KINDS = {k.name: k for k in (VNNI, SDOT, NEON)}
-_INTRIN = {"vnni": "lprnet_edge_vnni_dot_16x4_u8i8i32"}
 
 
 def int8_dot(target: Any) -> str | None:
@@ -82,33 +81,49 @@ def int8_dot(target: Any) -> str | None:
 
 
 def intrin(kind: DotKind) -> str:
-    """The registered tensor intrinsic of ``kind`` (registering ours once per process)."""
+    """The tensor intrinsic of ``kind``, registered once per process.
+
+    Registered here rather than imported from ``tvm.s_tir.tensor_intrin``: that package
+    parses every intrinsic of every backend (CUDA included) at import, 30 s with torch
+    loaded. The descriptions and the ARM implementations are TVM's (arm_cpu.py)."""
     import_tvm_compiler()
-    if kind.name == "sdot":
-        from tvm.s_tir.tensor_intrin.arm_cpu import ARM_DOT_4x4_i8_SDOT_INTRIN
-
-        return ARM_DOT_4x4_i8_SDOT_INTRIN
-    if kind.name == "neon":
-        from tvm.s_tir.tensor_intrin.arm_cpu import ARM_DOT_4x4_i8_NEON_INTRIN
-
-        return ARM_DOT_4x4_i8_NEON_INTRIN
-    name = _INTRIN["vnni"]
     from tvm.s_tir import TensorIntrin
 
+    name = f"lprnet_edge_dot_{kind.name}"
     try:
         TensorIntrin.get(name)
     except (ValueError, RuntimeError):
-        _register_vnni(name)
+        desc, impl = _INTRIN_IMPLS[kind.name]()
+        TensorIntrin.register(name, desc, impl, override=True)
     return name
 
 
-def _register_vnni(name: str) -> None:
-    from tvm.s_tir import TensorIntrin
-    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
+def _desc(lanes: int, a_dtype: str) -> Any:
+    """``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` int32 outputs and 4 bytes each."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
-    def vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+def _vnni() -> tuple[Any, Any]:
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
         B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
         C = T.match_buffer(c, (16,), "int32", offset_factor=1)
@@ -122,7 +137,64 @@ def _register_vnni(name: str) -> None:
                 C.vload([0], dtype="int32x16"), a_u8, B.vload([0, 0], dtype="int8x64"),
                 dtype="int32x16")
 
-    TensorIntrin.register(name, dot_product_16x4_u8i8i32_desc, vnni_impl, override=True)
+    return _desc(16, "uint8"), impl
+
+
+def _sdot() -> tuple[Any, Any]:
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+            vec_a = T.reinterpret(T.broadcast(a_i32, 4), dtype="int8x16")
+            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                C.vload([0], dtype="int32x4"), vec_a, B.vload([0, 0], dtype="int8x16"),
+                dtype="int32x4")
+
+    return _desc(4, "int8"), impl
+
+
+def _neon() -> tuple[Any, Any]:
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+            vec_a = T.reinterpret(T.broadcast(a_i32, 2), dtype="int8x8")
+            vec_b = B.vload([0, 0], dtype="int8x16")
+            low = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                    vec_a, T.vectorlow(vec_b, dtype="int8x8"), dtype="int16x8"),
+                dtype="int32x4")
+            high = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                    vec_a, T.vectorhigh(vec_b, dtype="int8x8"), dtype="int16x8"),
+                dtype="int32x4")
+            C[T.ramp(T.int32(0), 1, 4)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"), low, high,
+                dtype="int32x4")
+
+    return _desc(4, "int8"), impl
+
+
+_INTRIN_IMPLS = {"vnni": _vnni, "sdot": _sdot, "neon": _neon}
 
 
 # ---------------------------------------------------------------- the computation
