@@ -119,46 +119,37 @@ def _desc(lanes: int, a_dtype: str) -> Any:
     return desc
 
 
-def _vnni() -> tuple[Any, Any]:
+def _broadcast_dot(lanes: int, a_dtype: str, llvm_intrin: str) -> tuple[Any, Any]:
+    """One instruction ``C[lanes] += A[4] . B[lanes, 4]``: the 4 bytes of ``A`` broadcast to
+    every lane (``vpdpbusd`` for VNNI, ``sdot`` for AArch64), operands as byte vectors."""
     from tvm.script import tirx as T
+
+    n = 4 * lanes
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (16,), "int32", offset_factor=1)
+        A = T.match_buffer(a, (4,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            a_u8 = T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), a_u8, B.vload([0, 0], dtype="int8x64"),
-                dtype="int32x16")
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a_i32 = T.reinterpret(A.vload([0], f"{a_dtype}x4"), dtype="int32")
+            vec_a = T.reinterpret(T.broadcast(a_i32, lanes), dtype=f"int8x{n}")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrin),
+                C.vload([0], dtype=f"int32x{lanes}"), vec_a,
+                B.vload([0, 0], dtype=f"int8x{n}"), dtype=f"int32x{lanes}")
 
-    return _desc(16, "uint8"), impl
+    return _desc(lanes, a_dtype), impl
+
+
+def _vnni() -> tuple[Any, Any]:
+    return _broadcast_dot(16, "uint8", "llvm.x86.avx512.vpdpbusd.512")
 
 
 def _sdot() -> tuple[Any, Any]:
-    from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-            T.writes(C[0:4])
-            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-            vec_a = T.reinterpret(T.broadcast(a_i32, 4), dtype="int8x16")
-            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-                C.vload([0], dtype="int32x4"), vec_a, B.vload([0, 0], dtype="int8x16"),
-                dtype="int32x4")
-
-    return _desc(4, "int8"), impl
+    return _broadcast_dot(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
 
 
 def _neon() -> tuple[Any, Any]:
