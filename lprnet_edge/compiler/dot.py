@@ -31,7 +31,7 @@ from functools import partial
 from typing import Any
 
 from lprnet_edge.compiler.errors import import_tvm_compiler
-from lprnet_edge.compiler.int8 import _is_int8_conv, _is_op
+from lprnet_edge.compiler.int8 import is_int8_conv, is_op
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ def _plain_conv(call: Any) -> tuple[int, int, int, int] | None:
     """The padding of an int8 NHWC/HWIO convolution the dot form covers (stride 1, no
     dilation, one group), else None."""
     a = call.attrs
-    if not _is_int8_conv(call) or str(a.data_layout) != "NHWC" or str(a.kernel_layout) != "HWIO":
+    if not is_int8_conv(call) or str(a.data_layout) != "NHWC" or str(a.kernel_layout) != "HWIO":
         return None
     if any(int(v) != 1 for v in [*a.strides, *a.dilation]) or int(a.groups) != 1:
         return None
@@ -289,7 +289,7 @@ def use_int8_dot(mod: Any, kind_name: str) -> tuple[Any, int]:
     class _Dot(PyExprMutator):
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            pad = _plain_conv(call) if _is_op(call, "relax.nn.conv2d") else None
+            pad = _plain_conv(call) if is_op(call, "relax.nn.conv2d") else None
             if pad is None:
                 return call
             count[0] += 1

@@ -25,7 +25,7 @@ from typing import Any
 from lprnet_edge.compiler.errors import import_tvm_compiler
 
 
-def _is_op(e: Any, name: str) -> bool:
+def is_op(e: Any, name: str) -> bool:
     import tvm
     from tvm import relax
 
@@ -38,9 +38,9 @@ def _dtype(e: Any) -> str | None:
     return None if dtype is None else str(dtype)
 
 
-def _is_int8_conv(e: Any) -> bool:
+def is_int8_conv(e: Any) -> bool:
     """``R.nn.conv2d(int8, int8, out_dtype="int32")``, the rewrite's integer convolution."""
-    if not _is_op(e, "relax.nn.conv2d") or str(e.attrs.out_dtype) != "int32":
+    if not is_op(e, "relax.nn.conv2d") or str(e.attrs.out_dtype) != "int32":
         return False
     return all(_dtype(a) == "int8" for a in e.args)
 
@@ -68,14 +68,14 @@ def exact_rescale(mod: Any) -> tuple[Any, int]:
         def _int8_acc(self, e: Any) -> Any:
             """The int32 conv behind ``astype(conv, float32)``, else None."""
             v = self._value(e)
-            if not (_is_op(v, "relax.astype") and str(v.attrs.dtype) == "float32"):
+            if not (is_op(v, "relax.astype") and str(v.attrs.dtype) == "float32"):
                 return None
             conv = v.args[0]
-            return conv if _is_int8_conv(self._value(conv)) else None
+            return conv if is_int8_conv(self._value(conv)) else None
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            if not _is_op(call, "relax.multiply"):
+            if not is_op(call, "relax.multiply"):
                 return call
             a, b = call.args
             acc, scale = self._int8_acc(a), b
@@ -170,13 +170,13 @@ def cancel_transposes(mod: Any) -> tuple[Any, int]:
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            if not _is_op(call, "relax.permute_dims") or axes(call) is None:
+            if not is_op(call, "relax.permute_dims") or axes(call) is None:
                 return call
             chain, e = [], self._value(call.args[0])
-            while any(_is_op(e, op) for op in _ELEMENTWISE):
+            while any(is_op(e, op) for op in _ELEMENTWISE):
                 chain.append(e)
                 e = self._value(e.args[0])
-            if not chain or not _is_op(e, "relax.permute_dims") or axes(e) is None:
+            if not chain or not is_op(e, "relax.permute_dims") or axes(e) is None:
                 return call
             outer, inner = axes(call), axes(e)
             if [inner[i] for i in outer] != list(range(len(outer))):
