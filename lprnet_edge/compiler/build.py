@@ -83,12 +83,12 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     packaged = best[-1] if len(layers) > (database is not None) else {}
     cover: dict[str, list[str]] = {"tensorized": [], "tuned": [], "default": [],
                                    "transferred": [], "naive": []}
-    fallback = ms.database.MemoryDatabase()
+    tensorized, fallback = ms.database.MemoryDatabase(), ms.database.MemoryDatabase()
     for t in tasks:
         func = t.dispatched[0]
         h = int(tvm_ffi.structural_hash(func))
         if (sch := dot.tensorized_schedule(func)) is not None:
-            _commit(fallback, func, sch, target)
+            _commit(tensorized, func, sch, target)
             cover["tensorized"].append(t.task_name)
         elif h in own:
             cover["tuned"].append(t.task_name)
@@ -99,10 +99,11 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
             cover["transferred"].append(t.task_name)
         else:
             cover["naive"].append(t.task_name)
-    if not layers and not (cover["tensorized"] or cover["transferred"]):
-        return None, {}  # nothing to apply: TVM's own loops throughout
-    layers.append(fallback)
-    db = layers[0] if len(layers) == 1 else ms.database.OrderedUnionDatabase(*layers)
+    if not layers and not cover["tensorized"]:
+        return None, {}  # nothing to apply (nothing known to transfer): TVM's own loops
+    # The tensorized schedules are queried first, so they win over any other record.
+    layers = [tensorized, *layers, fallback]
+    db = ms.database.OrderedUnionDatabase(*layers)
     if log:
         log("schedules: " + ", ".join(f"{len(v)} {k}" for k, v in cover.items() if v))
     return db, cover

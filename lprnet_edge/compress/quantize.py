@@ -365,17 +365,20 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, calib: Any = None, val: Any 
 
 
 def _finish(res: QuantizedModel, stored: nn.Module, original: nn.Module, val: Any,
-            applied: QuantizeConfig) -> QuantizedModel:
+            applied: QuantizeConfig, stored_as: QuantizeConfig | None = None
+            ) -> QuantizedModel:
     """Stored size, encodings and (with ``val``) accuracy in the report. ``res.config`` is
     the config as given (what the manifest records and a search compares); ``applied`` names
-    the folded model's layers (``_fallbacks_for``)."""
+    the folded model's layers (``_fallbacks_for``); ``stored_as`` (default ``applied``) is
+    the config whose storage rules give the encodings."""
     from lprnet_edge.compress.prune import params_encodings, stored_size
 
-    res.param_encodings = params_encodings(res.module, applied)
+    storage = stored_as if stored_as is not None else applied
+    res.param_encodings = params_encodings(res.module, storage)
     res.report["config"] = res.config.to_dict()
     res.report["applied_fallback_layers"] = list(applied.fallback_layers)
     res.report["bn_folded"] = True
-    res.report["encodings"] = params_encodings(stored, applied)
+    res.report["encodings"] = params_encodings(stored, storage)
     res.report["stored_bytes"] = stored_size(stored, res.report["encodings"])
     if val is not None:
         from lprnet_edge.model.calib import accuracy, agreement
@@ -390,8 +393,9 @@ def _finish(res: QuantizedModel, stored: nn.Module, original: nn.Module, val: An
 def _weight_only(model: nn.Module, cfg: Fp16WeightsConfig | Int8WeightsConfig,
                  calib: Any = None, val: Any = None, **_options: Any) -> QuantizedModel:
     folded = fold_for_storage(model)
-    qm = weight_only_model(folded, _fallbacks_for(folded, cfg))
-    return _finish(QuantizedModel(qm, cfg), qm, model, val, _fallbacks_for(folded, cfg))
+    applied = _fallbacks_for(folded, cfg)
+    qm = weight_only_model(folded, applied)
+    return _finish(QuantizedModel(qm, cfg), qm, model, val, applied)
 
 
 @register_handler(Int8Config)
@@ -417,10 +421,8 @@ def _int8(model: nn.Module, cfg: Int8Config, calib: Any = None, val: Any = None,
     res = QuantizedModel(qm, cfg, {"thresholds": th, "act_scales": scales},
                          int8_convs=convs if real_int8 else (), act_scales=scales,
                          verify_tolerance=INT8_VERIFY_TOLERANCE if real_int8 else None)
-    res = _finish(res, folded, model, val, applied)
-    for n in applied.fallback_layers:
-        res.param_encodings[f"{n}.weight"] = "int8"
-    return res
+    # The fallback layers compute in float but store int8 weights: no fallback for storage.
+    return _finish(res, folded, model, val, applied, replace(applied, fallback_layers=()))
 
 
 def _int8_stored_weights(model: nn.Module, layers: tuple[str, ...]) -> None:
