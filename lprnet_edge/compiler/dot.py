@@ -84,7 +84,7 @@ def intrin(kind: DotKind) -> str:
     """The tensor intrinsic of ``kind``, registered once per process.
 
     Registered here rather than imported from ``tvm.s_tir.tensor_intrin``: that package
-    parses every intrinsic of every backend (CUDA included) at import, 30 s with torch
+    parses every intrinsic of every backend (CUDA included) at import, tens of seconds with torch
     loaded. The descriptions and the ARM implementations are TVM's (arm_cpu.py)."""
     import_tvm_compiler()
     from tvm.s_tir import TensorIntrin
