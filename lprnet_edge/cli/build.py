@@ -389,7 +389,7 @@ def targets_list(as_json: bool) -> None:
     rows, data = [], []
     for name in target_names():
         try:
-            t = load_target(name)
+            t = load_target(name, detect_cpu=False)  # `targets show host` names the CPU
         except LprnetEdgeError as e:  # a broken user file: show it, keep listing the others
             rows.append([name, "?", "?", "?", f"INVALID: {e}"])
             data.append({"name": name, "error": str(e)})
