@@ -124,7 +124,7 @@ class TuningArgs:
         check_rpc(self.rpc, self.rpc_tracker, self.rpc_key)
 
     def config(self) -> Any:
-        from lprnet_edge.compress.configs import TuneConfig
+        from lprnet_edge.compiler.tuning import TuneConfig
 
         if not self.tune:
             return None
@@ -261,7 +261,7 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
     it over SSH and reached through a tunnel, unless --rpc/--rpc-tracker is given), and the
     finished artifact is deployed to it and run there (`lprnet-edge deploy`).
     """
-    from lprnet_edge.compress.configs import CompileConfig
+    from lprnet_edge.compiler.config import CompileConfig
     from lprnet_edge.pipeline.build import BuildOptions, build_artifact, verification_summary
 
     if target_file and ctx.get_parameter_source("target_name") != ParameterSource.DEFAULT:

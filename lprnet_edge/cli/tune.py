@@ -30,8 +30,7 @@ def tune_model(target: str = "host", trials: int = 600, weights: str | None = No
     """Import the model as ``lprnet-edge build`` does and tune it into the database."""
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.target import load_target
-    from lprnet_edge.compiler.tune import tune
-    from lprnet_edge.compress.configs import TuneConfig
+    from lprnet_edge.compiler.tuning import TuneConfig, TuneOptions, tune
     from lprnet_edge.model.checkpoint import load_model
     from lprnet_edge.model.weights import resolve_weights
 
@@ -50,10 +49,9 @@ def tune_model(target: str = "host", trials: int = 600, weights: str | None = No
     if population_size:
         search = {"population_size": population_size,
                   "init_min_unmeasured": min(50, max(8, population_size // 4))}
-    _db, summary = tune(mod, spec, cfg, log=log, tasks=list(tasks) or None,
-                        scheduler=scheduler, search=search)
-    summary["target"] = spec.name
-    return summary
+    _db, result = tune(mod, spec, cfg, log=log, options=TuneOptions(
+        tasks=list(tasks) or None, scheduler=scheduler, search=search or {}))
+    return {**result.to_dict(), "target": spec.name}
 
 
 def bench_local(artifact: str | Path, runs: int = 200, warmup: int = 20,

@@ -5,7 +5,7 @@
     load_stage(weights)                      -> ModelArtifact   (PyTorch model + provenance)
     prune_stage / quantize_stage (optional)  -> ModelArtifact   (compress.prune / .quantize)
     import_stage(art, frontend, layout, target) -> RelaxModel      (Relax IRModule + named weights)
-    tune_stage (optional)                    -> MetaSchedule database (lprnet_edge.compiler.tune)
+    tune_stage (optional)                    -> MetaSchedule database (lprnet_edge.compiler.tuning)
     compile_stage(relax, target, ...)        -> CompiledModule  (model.so + params.npz in a dir)
     verify_stage(art, compiled, ...)         -> verification dict (host: run and compare)
     package_stage(art, compiled, ...)        -> manifest.json, then the directory moves in place
@@ -32,9 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from lprnet_edge.compiler.config import CompileConfig
 from lprnet_edge.compiler.target import TargetSpec
 from lprnet_edge.compiler.toolchain import Compiler, find_compiler
-from lprnet_edge.compress.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
+from lprnet_edge.compiler.tuning import TuneConfig, TuneOptions, tune
+from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig
 from lprnet_edge.paths import data_subdir
 from lprnet_edge.pipeline.interrupt import InterruptGuard, pause_for_tests
 from lprnet_edge.runtime import __version__
@@ -384,21 +386,19 @@ def _int8_dot(art: ModelArtifact, target: TargetSpec | None) -> dict[str, Any]:
 def tune_stage(relax_model: RelaxModel, target: TargetSpec, cfg: TuneConfig,
                log: Log = _stderr, compiler: Compiler | None = None
                ) -> tuple[Any, dict[str, Any]]:
-    """``compiler.tune.tune(mod, target, cfg, log) -> (database, summary)``; ``compiler``
+    """``compiler.tuning.tune(mod, target, cfg, log) -> (database, summary)``; ``compiler``
     links the candidates measured on a device (the one that links the artifact);
     ``cfg.tasks`` restricts tuning to those tasks (the others keep default schedules)."""
-    from lprnet_edge.compiler import tune as mod
-
-    database, summary = mod.tune(relax_model.mod, target, cfg, log=log, cc=compiler,
-                                 tasks=list(cfg.tasks) or None)
-    return database, summary
+    database, summary = tune(relax_model.mod, target, cfg, log=log,
+                             options=TuneOptions(cc=compiler, tasks=list(cfg.tasks) or None))
+    return database, summary.to_dict()
 
 
 def compile_stage(relax_model: RelaxModel, target: TargetSpec, out_dir: Path,
                   compiler: Compiler, config: CompileConfig, art: ModelArtifact | None = None,
                   database: Any = None, log: Log | None = None) -> CompiledModule:
     """``model.so`` (compiled and linked for ``target``) and ``params.npz`` into ``out_dir``."""
-    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.compile import build
     from lprnet_edge.runtime.params_codec import save_params
 
     out_dir = Path(out_dir)
@@ -612,7 +612,7 @@ def _decoded_reference(reference: Any, compiled: CompiledModule) -> Any:
     decodes to, so a lossy storage encoding is not mistaken for a compiler error."""
     import torch
 
-    from lprnet_edge.model.fold import fold_batchnorm
+    from lprnet_edge.model.bn_fold import fold_batchnorm
     from lprnet_edge.runtime.params_codec import load_params
 
     if not _is_torch_module(reference):

@@ -155,8 +155,8 @@ def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = Fal
     cache (a refresh measures the model the accuracy column was measured on), else warn."""
     from lprnet_edge.compress.prune import channel_widths, params_encodings, prune_channels
     from lprnet_edge.compress.quantize import fold_for_storage
+    from lprnet_edge.model.bn_fold import fold_batchnorm
     from lprnet_edge.model.checkpoint import save_checkpoint
-    from lprnet_edge.model.fold import fold_batchnorm
 
     train, _val = calib.split(0.3, 0)
     out: list[Variant] = []

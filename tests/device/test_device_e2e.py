@@ -342,7 +342,7 @@ def test_build_tunes_on_the_device_and_deploys(emulated_pi, pi_device, tmp_path,
     (an RPC server started there over SSH, reached through a tunnel; candidates linked here,
     so the device needs no compiler), then the artifact is deployed and run there. Last in
     this file: it changes the current deployment."""
-    from lprnet_edge.compiler.tune import count_records
+    from lprnet_edge.compiler.tuning import count_records
 
     db, out = tmp_path / "db", tmp_path / "lprnet-rpi4-tuned"
     env = {**os.environ, "LPRNET_EDGE_WEIGHTS": str(weights_path)}

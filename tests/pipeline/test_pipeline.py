@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from conftest import assert_user_error, copy_images, randomize_batchnorm
 
+from lprnet_edge.compiler.config import CompileConfig
 from lprnet_edge.compiler.target import load_target
-from lprnet_edge.compress.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
+from lprnet_edge.compiler.tuning import TuneConfig
+from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig
 from lprnet_edge.pipeline.build import BuildOptions, ModelArtifact, _map_names, plan
 from lprnet_edge.runtime.artifact import machine_arch, read_manifest
 from lprnet_edge.runtime.errors import ArtifactError

@@ -104,7 +104,7 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
     """--refresh-latency --latency tvm --trials 2 on two variants that run the same graph:
     tuned artifacts, one shared database, the other columns untouched."""
     import lprnet_edge.report.variants as report
-    from lprnet_edge.compiler.tune import count_records
+    from lprnet_edge.compiler.tuning import count_records
 
     out, before, cal, _test = tiny_report
     logs: list[str] = []
