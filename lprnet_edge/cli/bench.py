@@ -139,7 +139,7 @@ def bench_options(fn: Callable) -> Callable:
                           "optional, checked against the deployed one)."),
         rpc_options,
         click.option("--runs", type=click.IntRange(min=1), default=200, show_default=True,
-                     help="Timed runs of each measurement (the median is reported)."),
+                     help="Timed runs of each measurement (percentiles are over them)."),
         click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True,
                      help="Untimed runs before each measurement (caches, thread pool)."),
         click.option("--threads", type=click.IntRange(min=1),
