@@ -13,8 +13,13 @@ from typing import Any
 
 import click
 
-from lprnet_edge.cli.common import check_rpc, rpc_options
-from lprnet_edge.cli.device import print_comparison, print_profile, ssh_options_optional
+from lprnet_edge.cli.common import (
+    check_rpc,
+    print_comparison,
+    print_profile,
+    rpc_options,
+    ssh_options_optional,
+)
 from lprnet_edge.runtime.errors import LprnetEdgeError
 
 # ---------------------------------------------------------------- library side
