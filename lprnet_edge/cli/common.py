@@ -15,6 +15,7 @@ from lprnet_edge.device.device import DEFAULT_REMOTE_DIR
 from lprnet_edge.device.ssh import CONNECT_TIMEOUT
 from lprnet_edge.runtime.baselines import comparison_title, format_comparison
 from lprnet_edge.runtime.errors import LprnetEdgeError
+from lprnet_edge.runtime.metrics import EvalResult
 from lprnet_edge.runtime.profile import Profile
 
 
@@ -89,6 +90,21 @@ def format_latency(stats: dict[str, Any]) -> str:
     return table([[f"{stats['p50_ms']:.2f}", f"{stats['p90_ms']:.2f}", f"{stats['p99_ms']:.2f}",
                    f"{stats['min_ms']:.2f}", f"{stats['throughput_fps']:.1f}", stats["runs"]]],
                  ["p50 ms", "p90 ms", "p99 ms", "min ms", "plates/s", "runs"])
+
+
+def print_metrics(m: EvalResult) -> None:
+    """The headline figures of an evaluation, as ``eval`` and ``remote eval`` print them."""
+    skipped = f" ({m.skipped_count} skipped)" if m.skipped else ""
+    click.echo(f"plates            {m.count}{skipped}")
+    click.echo(f"accuracy          {m.accuracy:.3f}  ({m.correct}/{m.count})")
+    click.echo(f"char accuracy     {m.char_accuracy:.3f}")
+    click.echo(f"mean edit dist    {m.mean_edit_distance:.3f}")
+
+
+def print_regions(m: EvalResult) -> None:
+    """An evaluation's accuracy per province."""
+    rows = [[r, v["count"], f"{v['accuracy']:.3f}"] for r, v in m.per_region.items()]
+    click.echo("\n" + table(rows, ["province", "plates", "accuracy"]))
 
 
 def print_comparison(comp: dict[str, Any] | None) -> None:

@@ -22,7 +22,9 @@ from lprnet_edge.cli.common import (
     format_latency,
     json_option,
     print_comparison,
+    print_metrics,
     print_profile,
+    print_regions,
     progress,
     runs_option,
     setup_ssh_options,
@@ -175,14 +177,9 @@ def print_eval(res: RemoteEval) -> None:
     click.echo(f"device            {res.host} ({res.machine})")
     click.echo(f"deployment        {res.deployment}")
     click.echo(f"backend           {res.backend}")
-    click.echo(f"plates            {m.count}"
-               + (f" ({m.skipped_count} skipped)" if m.skipped else ""))
-    click.echo(f"accuracy          {m.accuracy:.3f}  ({m.correct}/{m.count})")
-    click.echo(f"char accuracy     {m.char_accuracy:.3f}")
-    click.echo(f"mean edit dist    {m.mean_edit_distance:.3f}")
+    print_metrics(m)
     click.echo(f"time on device    {res.seconds:.1f} s ({res.workers} worker(s))")
-    rows = [[r, v["count"], f"{v['accuracy']:.3f}"] for r, v in m.per_region.items()]
-    click.echo("\n" + table(rows, ["province", "plates", "accuracy"]))
+    print_regions(m)
 
 
 def print_status(st: DeviceStatus) -> None:
