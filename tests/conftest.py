@@ -14,6 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A plugin that test modules also import their helpers from: rewrite its asserts on import.
+pytest.register_assert_rewrite("host_device")
+
 
 def _data_root() -> Path:
     return Path(os.environ.get("LPRNET_EDGE_DATA") or REPO.parent / "shared" / "lprnet").resolve()

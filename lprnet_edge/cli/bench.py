@@ -18,14 +18,17 @@ from typing import Any
 
 import click
 
-from lprnet_edge.cli.common import check_rpc, echo_json, format_latency, rpc_options
-from lprnet_edge.cli.device import (
-    bench_over_ssh,
-    print_bench,
+from lprnet_edge.cli.common import (
+    check_rpc,
+    echo_json,
+    format_latency,
     print_comparison,
     print_profile,
+    rpc_options,
     ssh_options_optional,
 )
+from lprnet_edge.cli.device import bench_over_ssh, print_bench
+from lprnet_edge.device.remote import DeviceBench
 from lprnet_edge.compiler.session import open_session, time_artifact
 from lprnet_edge.model.weights import resolve_weights
 from lprnet_edge.runtime.artifact import Artifact
@@ -200,7 +203,7 @@ def check_request(req: BenchRequest) -> None:
                                "not over --rpc")
 
 
-def run_bench(req: BenchRequest) -> dict[str, Any]:
+def run_bench(req: BenchRequest) -> dict[str, Any] | DeviceBench:
     """Time what ``req`` names: on a board over SSH, over RPC, or here."""
     if req.ssh.get("host"):
         compare = req.compare
@@ -263,7 +266,7 @@ def bench_cmd(as_json: bool, **options: Any) -> None:
                        ssh={k: v for k, v in options.items() if k not in fields_})
     check_request(req)
     res = run_bench(req)
-    if req.ssh.get("host"):
+    if isinstance(res, DeviceBench):
         print_bench(res, as_json)
     else:
         print_result(res, as_json)

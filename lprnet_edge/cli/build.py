@@ -20,10 +20,11 @@ from lprnet_edge.cli.common import (
     json_option,
     out_option,
     rpc_options,
+    ssh_options_optional,
     table,
     threads_option,
 )
-from lprnet_edge.cli.device import deploy_with_progress, device_from, ssh_options_optional
+from lprnet_edge.cli.device import deploy_with_progress, device_from
 
 DEFAULT_TARGET = "rpi4"
 
@@ -299,7 +300,7 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
     with contextlib.ExitStack() as device_ctx:
         dev = device_ctx.enter_context(device_from(ssh)) if ssh.get("host") else None
         if dev is not None and tuning.measures_on_device_via_ssh:
-            from lprnet_edge.device.deploy import device_rpc
+            from lprnet_edge.device.tunnel import device_rpc
 
             click.echo(f"starting a TVM RPC server on {dev.conn.spec} (SSH tunnel)", err=True)
             lport = device_ctx.enter_context(device_rpc(dev))
@@ -307,7 +308,7 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
             if compression.latency_search:
                 opts.latency_rpc = opts.tune.rpc
         elif dev is not None and compression.latency_search and not tuning.rpc:
-            from lprnet_edge.device.deploy import device_rpc
+            from lprnet_edge.device.tunnel import device_rpc
 
             click.echo(f"starting a TVM RPC server on {dev.conn.spec} (SSH tunnel) to time "
                        "the candidates", err=True)
@@ -346,7 +347,7 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
     if dev is not None:
         click.echo(f"\ndeployed      {deployed.name} on {deployed.host} ({deployed.device_arch}), "
                    f"model loaded and run there in "
-                   f"{deployed.checks.get('first_inference_s') or 0:.2f} s")
+                   f"{deployed.checks.first_inference_s or 0:.2f} s")
     elif not spec.is_native:
         user = spec.device.get("ssh_user", "user")
         click.echo(f"\nNext: lprnet-edge deploy {res.path} --host {user}@<{spec.name}-address>")

@@ -130,8 +130,9 @@ def test_candidate_latencies_on_the_emulated_pi(emulated_pi, weights_path, small
     from lprnet_edge.compiler.target import load_target
     from lprnet_edge.compress.configs import Int8WeightsConfig
     from lprnet_edge.compress.select import Candidate
-    from lprnet_edge.device.deploy import Device, device_rpc
+    from lprnet_edge.device.device import Device
     from lprnet_edge.device.ssh import SshConnection
+    from lprnet_edge.device.tunnel import device_rpc
     from lprnet_edge.pipeline.build import BuildOptions, candidate_latencies
 
     calib, _test = small_data
