@@ -28,8 +28,8 @@ from lprnet_edge.cli.common import (
     ssh_options_optional,
 )
 from lprnet_edge.cli.device import bench_over_ssh, print_bench
-from lprnet_edge.device.remote import DeviceBench
 from lprnet_edge.compiler.session import open_session, time_artifact
+from lprnet_edge.device.remote import DeviceBench
 from lprnet_edge.model.weights import resolve_weights
 from lprnet_edge.runtime.artifact import Artifact
 from lprnet_edge.runtime.errors import LprnetEdgeError, WeightsError
