@@ -91,7 +91,8 @@ def test_candidate_latencies_over_rpc(weights_path, small_data, tmp_path):
     from lprnet_edge.compiler.target import load_target
     from lprnet_edge.compress.configs import Fp16WeightsConfig, UnstructuredPruneConfig
     from lprnet_edge.compress.select import Candidate
-    from lprnet_edge.pipeline.build import BuildOptions, candidate_latencies
+    from lprnet_edge.pipeline.build import BuildOptions
+    from lprnet_edge.pipeline.candidates import candidate_latencies
 
     calib, _test = small_data
     cands = [Candidate("original"),
@@ -132,7 +133,8 @@ def test_candidate_latencies_on_the_emulated_pi(emulated_pi, weights_path, small
     from lprnet_edge.compress.select import Candidate
     from lprnet_edge.device.deploy import Device, device_rpc
     from lprnet_edge.device.ssh import SshConnection
-    from lprnet_edge.pipeline.build import BuildOptions, candidate_latencies
+    from lprnet_edge.pipeline.build import BuildOptions
+    from lprnet_edge.pipeline.candidates import candidate_latencies
 
     calib, _test = small_data
     cands = [Candidate("original"), Candidate("int8w", None, Int8WeightsConfig())]

@@ -12,7 +12,10 @@ from conftest import assert_user_error, copy_images, randomize_batchnorm
 
 from lprnet_edge.compiler.target import load_target
 from lprnet_edge.compress.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
-from lprnet_edge.pipeline.build import BuildOptions, ModelArtifact, _map_names, plan
+from lprnet_edge.pipeline.build import BuildOptions
+from lprnet_edge.pipeline.stages import plan
+from lprnet_edge.pipeline.steps import choose_encodings, map_names
+from lprnet_edge.pipeline.values import TorchModel
 from lprnet_edge.runtime.artifact import machine_arch, read_manifest
 from lprnet_edge.runtime.errors import ArtifactError
 
@@ -36,32 +39,35 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 def test_plan_lists_the_stages(tmp_path: Path):
     host = load_target("rpi4")
-    assert plan(BuildOptions(target=host, out=tmp_path)) == [
+    assert [s.name for s in plan(BuildOptions(target=host, out=tmp_path))] == [
         "load", "import", "compile", "verify", "package"]
     opts = BuildOptions(target=host, out=tmp_path, prune=PruneConfig(), quantize=QuantizeConfig(),
                         tune=TuneConfig(trials=8), eval_test=True)
-    # A build that changes the model is guarded on calib/ before anything compiles.
-    assert plan(opts) == ["load", "prune", "quantize", "guard", "import", "tune", "compile",
-                          "verify", "eval", "package"]
+    # A build that changes the model is checked on calib/ before anything compiles.
+    assert [s.name for s in plan(opts)] == ["load", "prune", "quantize", "accuracy", "import",
+                                            "tune", "compile", "verify", "eval", "package"]
+    # The search's choice is applied by the prune and quantize stages, planned up front.
+    opts = BuildOptions(target=host, out=tmp_path, max_accuracy_drop=1.0)
+    assert [s.name for s in plan(opts)] == ["load", "select", "prune", "quantize", "test",
+                                            "import", "compile", "verify", "package"]
 
 
 def test_encodings_map_state_dict_names_to_compiled_names():
     enc = {"backbone.0.weight": "sparse", "backbone.4.block.0.weight": "int8"}
     names = ["p_backbone_0_weight", "p_backbone_0_bias", "p_backbone_4_block_0_weight"]
-    assert _map_names(enc, names) == {"p_backbone_0_weight": "sparse",
+    assert map_names(enc, names) == {"p_backbone_0_weight": "sparse",
                                       "p_backbone_0_bias": "dense",
                                       "p_backbone_4_block_0_weight": "int8"}
     onnx_names = ["backbone.0.weight", "container.0.bias"]
-    assert _map_names(enc, onnx_names) == {"backbone.0.weight": "sparse",
+    assert map_names(enc, onnx_names) == {"backbone.0.weight": "sparse",
                                            "container.0.bias": "dense"}
 
 
 def test_dense_encodings_without_compression(tmp_path: Path):
-    from lprnet_edge.pipeline.build import choose_encodings
     from lprnet_edge.runtime.charset import load_charset
 
-    art = ModelArtifact(model=None, reference=None, original=None, weights=tmp_path,
-                        weights_sha256="0" * 64, charset=load_charset())
+    art = TorchModel(model=None, reference=None, original=None, weights=tmp_path,
+                      weights_sha256="0" * 64, charset=load_charset())
     params = {"a": np.zeros((3, 3, 4, 8), np.float32), "b": np.zeros(8, np.float32)}
     assert choose_encodings(art, params) == {"a": "dense", "b": "dense"}
 
@@ -69,12 +75,11 @@ def test_dense_encodings_without_compression(tmp_path: Path):
 def test_int8_weights_are_scaled_per_output_channel_in_hwio(tmp_path: Path):
     """NHWC builds store HWIO weights: int8 scales go along the last axis (the output
     channels), so the per-output-channel int8 values of the compressed model stay exact."""
-    from lprnet_edge.pipeline.build import choose_encodings
     from lprnet_edge.runtime.charset import load_charset
     from lprnet_edge.runtime.params_codec import decode, encode
 
-    art = ModelArtifact(model=None, reference=None, original=None, weights=tmp_path,
-                        weights_sha256="0" * 64, charset=load_charset(),
+    art = TorchModel(model=None, reference=None, original=None, weights=tmp_path,
+                      weights_sha256="0" * 64, charset=load_charset(),
                         param_encodings={"backbone.0.weight": "int8",
                                          "backbone.0.bias": "dense"})
     params = {"p_backbone_0_weight": np.zeros((3, 3, 3, 8), np.float32),
@@ -271,35 +276,39 @@ def test_guard_fails_a_build_that_loses_accuracy(cli_runner, weights_path: Path,
     assert_user_error(r, "on the calib/ validation split (36 plates", "default budget of 1 point",
                       "--max-accuracy-drop")
     assert r.exit_code == ArtifactError.exit_code
-    assert "guard" in r.stderr and "import" not in r.stderr  # nothing was compiled
+    assert "] accuracy" in r.stderr and "] import" not in r.stderr  # nothing was compiled
     assert not out.exists()
     r = cli_runner(*args, "--max-accuracy-drop", "0.5")
     assert_user_error(r, "exceeds --max-accuracy-drop 0.5")
     assert not out.exists()
 
 
-def test_guard_stage_measures_on_the_select_split(weights_path: Path, small_calib: Path):
+def test_accuracy_check_measures_on_the_validation_split(weights_path: Path,
+                                                        small_calib: Path):
+    from lprnet_edge.compress.accuracy import VALIDATION, Budget, check_model
     from lprnet_edge.compress.configs import Int8WeightsConfig
     from lprnet_edge.model.calib import CalibrationSet, accuracy
-    from lprnet_edge.pipeline.build import guard_stage, load_stage, quantize_stage
+    from lprnet_edge.pipeline.steps import load_torch, quantize_model
 
-    art = quantize_stage(load_stage(weights_path), Int8WeightsConfig(), small_calib)
+    tm = quantize_model(load_torch(weights_path), Int8WeightsConfig(), small_calib)
+    calib = CalibrationSet.load(small_calib)
     # 36 validation plates here: one plate is 2.8 points, so the budget is explicit (the
     # default 1-point budget: test_int8_build_compiles_the_typed_result).
-    g = guard_stage(art, small_calib, max_drop_points=5.0)
-    _, val = CalibrationSet.load(small_calib).split(0.3, 0)  # select.py's split
+    c = check_model(tm.original, tm.reference, calib, Budget.of(5.0))
+    _, val = calib.split(0.3, 0)  # the search's split
+    assert VALIDATION.of(calib)[1].names == val.names
+    g = c.to_dict()
     assert g["split"] == {"fraction": 0.3, "seed": 0, "images": len(val)}
-    assert g["original"] == pytest.approx(accuracy(art.original, val))
-    assert g["compressed"] == pytest.approx(accuracy(art.reference, val))
+    assert g["original"] == pytest.approx(accuracy(tm.original, val))
+    assert g["compressed"] == pytest.approx(accuracy(tm.reference, val))
     assert g["drop_points"] == pytest.approx(g["lost_points"] - g["gained_points"])
     assert g["drop_points"] == pytest.approx(100 * (g["original"] - g["compressed"]))
     assert g["budget_points"] == 5.0 and g["budget_source"] == "--max-accuracy-drop"
     assert g["ok"] == (g["drop_points"] <= 5.0)
-    assert art.reports["accuracy_guard"] == g
     # The typed result's fields, not attributes read back from a module.
-    assert art.param_encodings["backbone.0.weight"] == "int8"
-    assert art.param_encodings["heads.0.weight"] == "int8"  # folded first: the split head
-    assert art.model.module is art.reference and art.stages["quantize"]["mode"] == "int8-weights"
+    assert tm.param_encodings["backbone.0.weight"] == "int8"
+    assert tm.param_encodings["heads.0.weight"] == "int8"  # folded first: the split head
+    assert tm.model.module is tm.reference and tm.stages["quantize"]["mode"] == "int8-weights"
 
 
 @pytest.mark.slow
@@ -318,7 +327,7 @@ def test_int8_build_compiles_the_typed_result(cli_runner, tiny_ckpt: Path, small
     from lprnet_edge.compress.configs import Int8Config, QuantizeConfig
 
     assert isinstance(QuantizeConfig.from_dict(q), Int8Config)  # the manifest reads back
-    assert m["reports"]["accuracy_guard"]["ok"] and "[3/7] guard" in r.stderr
+    assert m["reports"]["accuracy_check"]["ok"] and "[3/7] accuracy" in r.stderr
     enc = m["param_encodings"]
     # The int8 weights are quantized (and laid out) at build time: stored raw, as int8. The
     # head (folded first, so split in four) computes in float32 from int8-stored weights.
