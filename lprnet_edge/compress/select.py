@@ -158,6 +158,7 @@ class Selection:
         return next((c for c in self.candidates if c.name == self.selected), None)
 
     def to_dict(self) -> dict[str, Any]:
+        # "budget" (a fraction) and "guard" (the measure) are the keys the report renders.
         d = {"budget": self.budget.points / 100, "guard": self.budget.measure,
              "val_split": VALIDATION.to_dict(self.val_images),
              "original_val_accuracy": self.original_val_accuracy, "selected": self.selected,

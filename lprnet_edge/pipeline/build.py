@@ -77,7 +77,7 @@ class BuildResult:
     timings: tuple[tuple[str, float], ...]
     verification: Verification
     selection: Selection | None = None
-    accuracy: AccuracyCheck | None = None
+    accuracy_check: AccuracyCheck | None = None
     test_accuracy: TestAccuracy | None = None
 
     @property
@@ -108,7 +108,7 @@ def build_artifact(opts: BuildOptions, log: Log = _stderr) -> BuildResult:
         out = Path(opts.out)
         return BuildResult(out, state.manifest, bundle(out) if opts.bundle else None,
                            tuple(timings), state.verification, state.selection,
-                           state.accuracy, state.test_accuracy)
+                           state.accuracy_check, state.test_accuracy)
 
 
 def _run(stage: Stage, state: BuildState, head: str, interrupt: InterruptGuard) -> float:

@@ -56,7 +56,7 @@ class BuildState:
     torch: TorchModel | None = None
     selected_model: PrunedModel | None = None
     selection: Selection | None = None
-    accuracy: AccuracyCheck | None = None
+    accuracy_check: AccuracyCheck | None = None
     relax: RelaxModel | None = None
     database: Any = None
     tune_summary: dict[str, Any] | None = None
@@ -146,7 +146,7 @@ class Accuracy(Stage):
         check = check_model(tm.original, tm.reference,
                             steps.calibration_set(state.opts.calib_dir, tm.charset),
                             Budget.of(state.opts.max_accuracy_drop))
-        state.accuracy = check
+        state.accuracy_check = check
         tm.reports["accuracy_check"] = check.to_dict()
         enforce(check)
         return check.summary()

@@ -90,7 +90,7 @@ class Verification:
     seconds: float = 0.0
     logits: LogitComparison | None = None
     calib_accuracy: float | None = None
-    accuracy: AccuracyCheck | None = None
+    accuracy_check: AccuracyCheck | None = None
     device_check: DeviceCheck | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,8 +105,8 @@ class Verification:
                 d["calib_accuracy"] = self.calib_accuracy
                 if self.logits is not None:
                     d["calib_accuracy_reference"] = self.logits.reference_accuracy
-            if self.accuracy is not None:
-                d["accuracy_check"] = self.accuracy.to_dict()
+            if self.accuracy_check is not None:
+                d["accuracy_check"] = self.accuracy_check.to_dict()
         if self.device_check is not None:
             d["device_check"] = self.device_check.to_dict()
         return d
@@ -124,8 +124,8 @@ class Verification:
             parts.append(f"plate agreement {self.logits.plate_agreement:.4f}")
         if self.calib_accuracy is not None:
             parts.append(f"calib accuracy {self.calib_accuracy:.3f}")
-        if self.accuracy is not None:
-            parts.append(f"compiled {self.accuracy.summary()}")
+        if self.accuracy_check is not None:
+            parts.append(f"compiled {self.accuracy_check.summary()}")
         return ", ".join(parts) + on_device
 
 
@@ -198,7 +198,7 @@ def verify_compiled(tm: TorchModel, compiled: CompiledModule, config: CompileCon
     result = Verification(
         status="passed", images=len(images.xs), data=images.source,
         encodings=tuple(sorted(set(compiled.encodings.values()))), tolerance=tol,
-        logits=logits, accuracy=check,
+        logits=logits, accuracy_check=check,
         calib_accuracy=sum(t == y for t, y in labelled) / len(labelled) if labelled else None,
         seconds=round(time.perf_counter() - t0, 2))
     _raise_if_failed(result, worst, images.source)
@@ -244,7 +244,7 @@ def _raise_if_failed(v: Verification, worst: int, source: str) -> None:
             f"verification failed: max |logit diff| vs PyTorch {c.max_abs:.3g} > tolerance "
             f"{v.tolerance:g} (image {worst} of {source}); plate agreement "
             f"{agree}/{v.images}. No artifact written")
-    a = v.accuracy
+    a = v.accuracy_check
     if a is not None and not a.ok:
         raise ArtifactError(
             f"accuracy of the compiled model: {a.loss_points:.1f} points {a.budget.measure} on "

@@ -6,16 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import assert_user_error, copy_images, randomize_batchnorm
 
 from lprnet_edge.compiler.target import load_target
-from lprnet_edge.compress.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
+from lprnet_edge.compress.configs import CompileConfig, QuantizeConfig
 from lprnet_edge.pipeline.build import BuildOptions
-from lprnet_edge.pipeline.stages import plan
-from lprnet_edge.pipeline.steps import choose_encodings, map_names
-from lprnet_edge.pipeline.values import TorchModel
 from lprnet_edge.runtime.artifact import machine_arch, read_manifest
 from lprnet_edge.runtime.errors import ArtifactError
 
@@ -35,64 +31,6 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------- fast checks
-
-
-def test_plan_lists_the_stages(tmp_path: Path):
-    host = load_target("rpi4")
-    assert [s.name for s in plan(BuildOptions(target=host, out=tmp_path))] == [
-        "load", "import", "compile", "verify", "package"]
-    opts = BuildOptions(target=host, out=tmp_path, prune=PruneConfig(), quantize=QuantizeConfig(),
-                        tune=TuneConfig(trials=8), eval_test=True)
-    # A build that changes the model is checked on calib/ before anything compiles.
-    assert [s.name for s in plan(opts)] == ["load", "prune", "quantize", "accuracy", "import",
-                                            "tune", "compile", "verify", "eval", "package"]
-    # The search's choice is applied by the prune and quantize stages, planned up front.
-    opts = BuildOptions(target=host, out=tmp_path, max_accuracy_drop=1.0)
-    assert [s.name for s in plan(opts)] == ["load", "select", "prune", "quantize", "test",
-                                            "import", "compile", "verify", "package"]
-
-
-def test_encodings_map_state_dict_names_to_compiled_names():
-    enc = {"backbone.0.weight": "sparse", "backbone.4.block.0.weight": "int8"}
-    names = ["p_backbone_0_weight", "p_backbone_0_bias", "p_backbone_4_block_0_weight"]
-    assert map_names(enc, names) == {"p_backbone_0_weight": "sparse",
-                                      "p_backbone_0_bias": "dense",
-                                      "p_backbone_4_block_0_weight": "int8"}
-    onnx_names = ["backbone.0.weight", "container.0.bias"]
-    assert map_names(enc, onnx_names) == {"backbone.0.weight": "sparse",
-                                           "container.0.bias": "dense"}
-
-
-def test_dense_encodings_without_compression(tmp_path: Path):
-    from lprnet_edge.runtime.charset import load_charset
-
-    art = TorchModel(model=None, reference=None, original=None, weights=tmp_path,
-                      weights_sha256="0" * 64, charset=load_charset())
-    params = {"a": np.zeros((3, 3, 4, 8), np.float32), "b": np.zeros(8, np.float32)}
-    assert choose_encodings(art, params) == {"a": "dense", "b": "dense"}
-
-
-def test_int8_weights_are_scaled_per_output_channel_in_hwio(tmp_path: Path):
-    """NHWC builds store HWIO weights: int8 scales go along the last axis (the output
-    channels), so the per-output-channel int8 values of the compressed model stay exact."""
-    from lprnet_edge.runtime.charset import load_charset
-    from lprnet_edge.runtime.params_codec import decode, encode
-
-    art = TorchModel(model=None, reference=None, original=None, weights=tmp_path,
-                      weights_sha256="0" * 64, charset=load_charset(),
-                        param_encodings={"backbone.0.weight": "int8",
-                                         "backbone.0.bias": "dense"})
-    params = {"p_backbone_0_weight": np.zeros((3, 3, 3, 8), np.float32),
-              "p_backbone_0_bias": np.zeros(8, np.float32)}
-    assert choose_encodings(art, params, "NHWC") == {"p_backbone_0_weight": "int8-last",
-                                                     "p_backbone_0_bias": "dense"}
-    assert choose_encodings(art, params, "NCHW")["p_backbone_0_weight"] == "int8"
-    rng = np.random.default_rng(0)
-    oihw = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
-    exact = decode(encode("w", oihw, "int8"), "w", "int8")  # what the model computes with
-    hwio = exact.transpose(2, 3, 1, 0)
-    back = decode(encode("w", hwio, "int8-last"), "w", "int8-last")
-    np.testing.assert_allclose(back, hwio, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -144,6 +82,9 @@ def test_cli_existing_output_needs_force(cli_runner, tmp_path: Path, tiny_ckpt: 
     out.mkdir()
     r = cli_runner("build", "--target", "host", "--weights", tiny_ckpt, "--out", out)
     assert_user_error(r, "exists (use --force")
+    # Asking for a bundle of an existing build says what --force does with it.
+    r = cli_runner("build", "--target", "host", "--weights", tiny_ckpt, "--out", out, "--bundle")
+    assert_user_error(r, "use --force to rebuild it", "o.tar.gz")
 
 
 # ---------------------------------------------------------------- real builds (tiny model)
@@ -256,17 +197,17 @@ def test_cli_refuses_test_split_as_calib(cli_runner, tmp_path: Path, tiny_ckpt: 
     assert not (tmp_path / "o").exists()
 
 
-# ---------------------------------------------------------------- the accuracy guard
+# ---------------------------------------------------------------- the accuracy check
 
 
 @pytest.fixture(scope="module")
 def small_calib(data_dir: Path, tmp_path_factory) -> Path:
     files = sorted((data_dir / "calib").glob("*.jpg"))[:120]
-    return copy_images(files, tmp_path_factory.mktemp("guard") / "calib")
+    return copy_images(files, tmp_path_factory.mktemp("accuracy") / "calib")
 
 
-def test_guard_fails_a_build_that_loses_accuracy(cli_runner, weights_path: Path,
-                                                 small_calib: Path, tmp_path: Path):
+def test_accuracy_check_fails_a_build_that_loses_accuracy(cli_runner, weights_path: Path,
+                                                          small_calib: Path, tmp_path: Path):
     """Without --max-accuracy-drop a compressed build may lose at most 1 point on the calib/
     validation split; it fails before compiling, and says which flag accepts the loss."""
     out = tmp_path / "o"
@@ -324,7 +265,7 @@ def test_int8_build_compiles_the_typed_result(cli_runner, tiny_ckpt: Path, small
     m = json.loads(r.stdout)
     q = m["stages"]["quantize"]
     assert q["mode"] == "int8" and q["fallback_layers"] == ["container.0"]
-    from lprnet_edge.compress.configs import Int8Config, QuantizeConfig
+    from lprnet_edge.compress.configs import Int8Config
 
     assert isinstance(QuantizeConfig.from_dict(q), Int8Config)  # the manifest reads back
     assert m["reports"]["accuracy_check"]["ok"] and "[3/7] accuracy" in r.stderr
