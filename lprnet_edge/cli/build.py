@@ -321,13 +321,18 @@ def build_cmd(ctx: click.Context, target: TargetArgs, weights: str | None, outpu
     """
     # The pipeline imports torch and the compiler: only this command pays for them, not
     # every `lprnet-edge` invocation (main loads all command modules).
-    from lprnet_edge.pipeline.build import build_artifact
+    from lprnet_edge.pipeline.build import build_artifact, rebundle
 
     spec = target.spec(ctx)
     compression.check()
     tuning.check(compression.latency_search)
     _check_device(spec, compression, tuning, ssh)
     opts = build_options(spec, weights, target, output, compiling, compression, tuning, checks)
+    if not ssh.get("host") and (packed := rebundle(opts)) is not None:
+        click.echo(f"{opts.out} is already built from these settings: bundled as it is "
+                   "(--force rebuilds it)", err=True)
+        click.echo(f"bundle        {packed} ({_size(packed.stat().st_size)})")
+        return
     deployed = None
     with contextlib.ExitStack() as device_ctx:
         dev = device_ctx.enter_context(device_from(ssh)) if ssh.get("host") else None

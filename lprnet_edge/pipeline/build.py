@@ -20,11 +20,19 @@ from lprnet_edge.compress.accuracy import AccuracyCheck
 from lprnet_edge.compress.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
 from lprnet_edge.compress.select import Selection
 from lprnet_edge.model.calib import check_not_test
+from lprnet_edge.model.weights import resolve_weights
 from lprnet_edge.pipeline.interrupt import InterruptGuard, pause_for_tests
 from lprnet_edge.pipeline.stages import BuildState, Stage, plan
-from lprnet_edge.pipeline.values import Log
+from lprnet_edge.pipeline.values import Log, jsonable
 from lprnet_edge.pipeline.verify import TestAccuracy, Verification
-from lprnet_edge.runtime.artifact import Manifest, bundle, staging_dir
+from lprnet_edge.runtime.artifact import (
+    MANIFEST,
+    Artifact,
+    Manifest,
+    bundle,
+    sha256_file,
+    staging_dir,
+)
 from lprnet_edge.runtime.errors import ArtifactError, LprnetEdgeError
 
 
@@ -125,14 +133,38 @@ def _run(stage: Stage, state: BuildState, head: str, interrupt: InterruptGuard) 
     return dt
 
 
+def rebundle(opts: BuildOptions) -> Path | None:
+    """``--bundle`` without ``--force`` of an artifact already built at ``opts.out`` from the
+    same weights, target and settings: its bundle, packed as it is. None when it must be
+    rebuilt (a search's choice cannot be known without running it)."""
+    out = Path(opts.out)
+    if not opts.bundle or opts.force or opts.searching or not (out / MANIFEST).is_file():
+        return None
+    try:
+        m = Artifact.open(out, check_arch=False).manifest
+    except ArtifactError:
+        return None
+    want = {"prune": opts.prune.to_dict() if opts.prune else None,
+            "quantize": opts.quantize.to_dict() if opts.quantize else None,
+            "tune": opts.tune.to_dict() if opts.tune else None,
+            "compile": opts.compile.to_dict()}
+    same = (m.target.name == opts.target.name
+            and m.target.tvm == jsonable(dict(opts.target.tvm))
+            and m.records.get("stages") == jsonable(want)
+            and m.records.get("source", {}).get("weights_sha256")
+            == sha256_file(resolve_weights(opts.weights)))
+    return bundle(out) if same else None
+
+
 def preflight(opts: BuildOptions) -> Compiler:
     """Refuse what would fail late, before minutes of work: an existing output, a missing
     toolchain, a target TVM rejects, the test split given as calibration data."""
     out = Path(opts.out)
     if out.exists() and not opts.force:
         if opts.bundle:
-            raise ArtifactError(f"{out} exists (use --force to rebuild it; --bundle then "
-                                f"packs the new build into {out.name}.tar.gz)")
+            raise ArtifactError(f"{out} exists and is not a build of these settings (use "
+                                f"--force to rebuild it; --bundle then packs the new build "
+                                f"into {out.name}.tar.gz)")
         raise ArtifactError(f"{out} exists (use --force to replace it)")
     if opts.eval_test and not opts.target.is_native:
         raise LprnetEdgeError(f"--eval-test needs a build for this machine, not "

@@ -124,6 +124,23 @@ def test_cli_host_build(host_build):
 
 
 @pytest.mark.slow
+def test_bundle_of_an_existing_build(host_build, tiny_ckpt: Path, cli_runner):
+    """``--bundle`` again with the same settings packs the build as it is; with other
+    settings it says that --force rebuilds it."""
+    out, _ = host_build
+    tar = out.parent / "lprnet-tiny.tar.gz"
+    tar.unlink()
+    args = ["build", "--target", "host", "--weights", tiny_ckpt, "--out", out,
+            "--verify-images", "8", "--bundle"]
+    r = cli_runner(*args, "--threads", "1")
+    assert r.exit_code == 0, r.output
+    assert "bundled as it is" in r.stderr and "] load" not in r.stderr
+    assert f"bundle        {tar}" in r.stdout and tar.is_file()
+    r = cli_runner(*args, "--threads", "2")
+    assert_user_error(r, "not a build of these settings", "use --force to rebuild it")
+
+
+@pytest.mark.slow
 def test_failed_verification_leaves_previous_artifact(host_build, tiny_ckpt: Path, cli_runner):
     out, _ = host_build
     before = (out / "manifest.json").read_bytes()
