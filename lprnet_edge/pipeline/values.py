@@ -1,8 +1,8 @@
 """The values a build passes from stage to stage (tvmc style):
 ``TorchModel -> RelaxModel -> CompiledModule -> Artifact``.
 
-Each stage reads the value of the one before and returns the next, so a stage can be run
-alone (the candidate builds of the search do) and a new stage only has to agree on these.
+The step functions (:mod:`.steps`) take one and return the next, so the search's candidate
+builds reuse them outside a build, and a new stage only has to agree on these types.
 """
 
 from __future__ import annotations
