@@ -404,12 +404,13 @@ def refresh_latency(out: str | Path = "docs", quick: bool | None = None,
     rep["latency"] = setup
     rep["goals"] = goals(rep["variants"])
     if selection:
+        from lprnet_edge.compress.accuracy import Budget
         from lprnet_edge.compress.select import Candidate, select
 
         log("selection on the calib/ validation split")
         cands = [Candidate(v.name, v.prune, v.quant, pruned_model=v.stored) for v in keep]
-        rep["selection"] = _jsonable(select(original, cands, calib, budget=0.005,
-                                            guard="lost"))
+        rep["selection"] = _jsonable(select(original, cands, calib,
+                                            Budget(0.5, measure="lost")).to_dict())
     rep["refreshed"] = setup["measured"]
     _save(out, rep)
     return rep
@@ -537,13 +538,14 @@ def run_report(out: str | Path = "docs", quick: bool = False, weights: str | Non
         "quick": quick, "variants": rows, "goals": goals(rows), "latency": setup,
     }
     if selection if selection is not None else not quick:
+        from lprnet_edge.compress.accuracy import Budget
         from lprnet_edge.compress.select import Candidate, select
 
         log("selection on the calib/ validation split")
         cands = [Candidate(v.name, v.prune, v.quant, pruned_model=v.stored)
                  for v in variants]
-        rep["selection"] = _jsonable(select(original, cands, calib, budget=0.005,
-                                            guard="lost"))
+        rep["selection"] = _jsonable(select(original, cands, calib,
+                                            Budget(0.5, measure="lost")).to_dict())
     rep["seconds"] = time.time() - t0
     _save(out, rep)
     return rep
