@@ -50,15 +50,19 @@ def ssh_argv(env: dict[str, str]) -> list[str]:
 
 def upload(env: dict[str, str], files: dict[str, Path], test_dir: Path | None) -> None:
     """One tar stream: the runtime package, the models and (optionally) the test plates."""
+    def writable(t: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        # The shared data is read-only: the next upload must be able to delete the copy.
+        t.mode = 0o755 if t.isdir() else 0o644
+        return None if "__pycache__" in t.name else t
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(REPO / "lprnet_edge" / "__init__.py", "lprnet_edge/__init__.py")
-        tar.add(REPO / "lprnet_edge" / "runtime", "lprnet_edge/runtime",
-                filter=lambda t: None if "__pycache__" in t.name else t)
+        tar.add(REPO / "lprnet_edge" / "__init__.py", "lprnet_edge/__init__.py", filter=writable)
+        tar.add(REPO / "lprnet_edge" / "runtime", "lprnet_edge/runtime", filter=writable)
         for name, path in files.items():
-            tar.add(path, f"models/{name}")
+            tar.add(path, f"models/{name}", filter=writable)
         if test_dir is not None:
-            tar.add(test_dir, "test")
+            tar.add(test_dir, "test", filter=writable)
     cmd = f"rm -rf {REMOTE} && mkdir -p {REMOTE} && tar -C {REMOTE} -xf -"
     subprocess.run([*ssh_argv(env), cmd], input=buf.getvalue(), check=True)
 
