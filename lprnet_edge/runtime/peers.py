@@ -14,8 +14,9 @@ Command lines (``python -m lprnet_edge.runtime.peers ...``, one JSON line on std
         load, ``--warmup`` untimed inferences, then ``--runs`` inferences of the fixed input
         inside ``measured_region()``: {"runtime", "version", "threads", "runs", "wall_s"}
     logits   --runtime R --model FILE [--threads 1] [--input X.npy] [--out Y.npy]
-        the logits (1, classes, 18) of the fixed input: {"runtime", "version", "shape",
-        "logits"} (written to ``--out`` as .npy instead of inline when given)
+        the logits (1, classes, 18) of the fixed input, or (K, classes, 18) of a (K, 3, 24, 94)
+        ``--input`` (one inference per row): {"runtime", "version", "shape", "logits"}
+        (written to ``--out`` as .npy instead of inline when given)
     evaluate --runtime R --model FILE --data DIR [--limit N] [--threads 1]
         exact-plate accuracy on a labelled folder at batch 1: {"runtime", "accuracy", ...}
 
@@ -187,7 +188,12 @@ def evaluate_peer(peer: PeerModel, data: str | Path, limit: int | None = None) -
     from lprnet_edge.runtime.recognizer import Recognizer
 
     backend = _NamedBackend(peer.runtime, peer)
-    res = evaluate(Recognizer(backend, load_charset()), data, limit=limit)
+
+    def progress(i: int, total: int) -> None:  # emulated boards take seconds per plate
+        if i % 50 == 0 or i == total:
+            print(f"{peer.runtime}: {i}/{total} plates", file=sys.stderr, flush=True)
+
+    res = evaluate(Recognizer(backend, load_charset()), data, limit=limit, progress=progress)
     return {**peer.to_dict(), "data": str(data), **res.to_dict()}
 
 
@@ -227,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             res = run_measured(peer, fixed_input(args.input), args.runs, args.warmup)
         elif args.cmd == "logits":
-            y = np.asarray(peer(fixed_input(args.input)), dtype=np.float32)
+            x = fixed_input(args.input)
+            y = np.concatenate([np.asarray(peer(x[i:i + 1]), dtype=np.float32)
+                                for i in range(len(x))])
             res = {**peer.to_dict(), "shape": list(y.shape)}
             if args.out:
                 np.save(args.out, y)
