@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""The aarch64 peers (ONNX Runtime, ncnn) on the emulated Pi: logits against PyTorch, and
+"""The aarch64 peers (ONNX Runtime, ncnn, LiteRT) on the emulated Pi: logits against PyTorch, and
 exact-plate accuracy on test/ at batch 1.
 
     sudo scripts/emulated-pi start --dir /tmp/pi && sudo scripts/emulated-pi peers --dir /tmp/pi
     python benchmarks/peers.py --device /tmp/pi [--limit N] [--out docs/peers-aarch64.md]
 
-The host converts the models (``model/onnx.py``, ``model/ncnn.py``), copies them with
+The host converts the models (``model/onnx.py``, ``model/ncnn.py``, ``model/litert.py``:
+its converter is installed on first use into a folder of its own), copies them with
 ``lprnet_edge/runtime`` and the test plates to the device over SSH, and runs the guest program
 ``python -m lprnet_edge.runtime.peers`` there with the device's CPU (``-cpu cortex-a72`` unless
 the device was started with another). Each runtime's evaluation is its own process, run side
@@ -33,7 +34,7 @@ os.environ.setdefault("LPRNET_EDGE_DATA", str(REPO.parent / "shared" / "lprnet")
 import numpy as np  # noqa: E402
 
 REMOTE = "lprnet-peers"  # in the device user's home
-RUNTIMES = ("onnxruntime", "ncnn")
+RUNTIMES = ("onnxruntime", "ncnn", "litert")
 
 
 def device_env(device_dir: Path) -> dict[str, str]:
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--test-dir", default=None)
     ap.add_argument("--out", default=str(REPO / "docs" / "peers-aarch64.md"))
     args = ap.parse_args()
+    from lprnet_edge.model.litert import export_litert, install_converter
     from lprnet_edge.model.ncnn import export_ncnn
     from lprnet_edge.model.onnx import export_onnx
     from lprnet_edge.runtime.peers import fixed_input
@@ -113,8 +115,12 @@ def main() -> None:
     test_dir = Path(args.test_dir or Path(os.environ["LPRNET_EDGE_DATA"]) / "test")
     nc = export_ncnn()
     files = {"lprnet.onnx": export_onnx().path, "lprnet.param": nc.param, "lprnet.bin": nc.bin}
-    model_of = {"onnxruntime": "models/lprnet.onnx", "ncnn": "models/lprnet.param"}
+    model_of = {"onnxruntime": "models/lprnet.onnx", "ncnn": "models/lprnet.param",
+                "litert": "models/lprnet.tflite"}
     runtimes = [r for r in args.runtimes.split(",") if r]
+    if "litert" in runtimes:
+        install_converter()
+        files["lprnet.tflite"] = export_litert().path
     t0 = time.time()
     upload(env, files, test_dir)
     limit = ["--limit", str(args.limit)] if args.limit else []
@@ -139,7 +145,9 @@ def write(args: argparse.Namespace, env: dict[str, str], rows: list[tuple[Any, .
              "Do not edit by hand: run it again.", "",
              f"The emulated Raspberry Pi (`scripts/emulated-pi`, qemu-user `-cpu "
              f"{env.get('CPU', 'cortex-a72')}`, that board's /proc/cpuinfo), 1 thread, batch 1, "
-             "the fp32 original (sirius-ai weights). 'max |logit diff|': on the Recognizer's "
+             "the fp32 original (sirius-ai weights); ncnn with fp16 storage and arithmetic "
+             "off, LiteRT with its default XNNPACK delegate. 'max |logit diff|': on the "
+             "Recognizer's "
              f"synthetic plate, against PyTorch on the host (logits up to {ref_max:.0f} in "
              "magnitude). Accuracy: exact plates on test/ with the Recognizer's preprocessing "
              "and CTC decoding. No timings: the board is emulated.", "",

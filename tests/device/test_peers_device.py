@@ -1,7 +1,8 @@
 """The aarch64 peers on the emulated Pi (``-cpu cortex-a72``, the Pi 4's /proc/cpuinfo):
 ``scripts/emulated-pi peers`` installs them (again: a no-op), the device's processes see the
-A72 and not qemu's ``max``, and ONNX Runtime and ncnn, run by the guest program
-``lprnet_edge.runtime.peers``, compute PyTorch's logits on a few real plates."""
+A72 and not qemu's ``max``, and ONNX Runtime, ncnn and LiteRT (where its converter is
+installed on the host), run by the guest program ``lprnet_edge.runtime.peers``, compute
+PyTorch's logits on a few real plates."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def test_peers_match_pytorch_on_the_emulated_pi(emulated_pi, weights_path, test_
                                                   tmp_path):
     torch = pytest.importorskip("torch")
     from lprnet_edge.model.checkpoint import load_model
+    from lprnet_edge.model.litert import export_litert
     from lprnet_edge.model.ncnn import export_ncnn
     from lprnet_edge.model.onnx import export_onnx
+    from lprnet_edge.runtime.errors import ToolchainError
     from lprnet_edge.runtime.preprocess import Preprocess
 
     for _ in range(2):  # the second run finds them installed
@@ -58,12 +61,19 @@ def test_peers_match_pytorch_on_the_emulated_pi(emulated_pi, weights_path, test_
     x = np.stack([pre(_load(p))[0] for p in test_images[:3]]).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     nc = export_ncnn(weights_path, cache=tmp_path / "ncnn")
-    _put(emulated_pi, {"x.npy": tmp_path / "x.npy", "m.onnx": export_onnx(weights_path).path,
-                       "m.param": nc.param, "m.bin": nc.bin})
+    files = {"x.npy": tmp_path / "x.npy", "m.onnx": export_onnx(weights_path).path,
+             "m.param": nc.param, "m.bin": nc.bin}
+    peers = [("onnxruntime", "m.onnx"), ("ncnn", "m.param")]
+    try:
+        files["m.tflite"] = export_litert(weights_path).path
+        peers.append(("litert", "m.tflite"))
+    except ToolchainError:
+        pass  # the converter is optional on the host (see lprnet_edge.model.litert)
+    _put(emulated_pi, files)
     with torch.no_grad():
         ref = np.concatenate([load_model(weights_path)(torch.from_numpy(x[i:i + 1])).numpy()
                               for i in range(len(x))])
-    for runtime, model in (("onnxruntime", "m.onnx"), ("ncnn", "m.param")):
+    for runtime, model in peers:
         out = emulated_pi.run(f"cd peers && {emulated_pi.python} -m lprnet_edge.runtime.peers "
                               f"logits --runtime {runtime} --model {model} --input x.npy",
                               timeout=900).stdout
