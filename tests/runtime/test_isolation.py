@@ -27,7 +27,8 @@ FORBIDDEN_PREFIXES = ("torch", "tvm.relax", "tvm.s_tir", "tvm.tir", "tvm.te", "t
                       "paramiko")
 # Optional packages a runtime module may import lazily, behind an ImportError fallback: the
 # device bench times ONNX Runtime beside the artifact when it is installed on the board.
-OPTIONAL_ON_BOARD = {"baselines.py": {"onnxruntime"}}
+# Peer runtimes live on a board only where the user installs them (`emulated-pi peers`).
+OPTIONAL_ON_BOARD = {"baselines.py": {"onnxruntime"}, "peers.py": {"onnxruntime"}}
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
