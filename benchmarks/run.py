@@ -10,7 +10,9 @@ in its own process (TVM's thread pool is sized once per process, from TVM_NUM_TH
     python benchmarks/run.py --no-tune            # apply the tuning records there are
     python benchmarks/run.py --accuracy --artifact int8=build/lprnet-int8
 
-Writes docs/benchmarks.md (``--out``) and prints the table. See benchmarks/README.md.
+Writes ./lprnet-edge-report/benchmarks.md (``--out``; the repository's docs/benchmarks*.md
+are regenerated on purpose with ``--out docs/...``), records the command, shell-quoted, at
+its top, and prints the table. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -536,7 +539,9 @@ def main() -> None:
                          "logit-difference column).")
     ap.add_argument("--work", default=None,
                     help="Where exported/compiled variants go (default: $LPRNET_EDGE_CACHE/bench).")
-    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    ap.add_argument("--out", default="lprnet-edge-report/benchmarks.md",
+                    help="Markdown file to write (default: a folder of yours, never the "
+                         "checkout's docs/ unless asked).")
     ap.add_argument("--rebuild", action="store_true", help="Rebuild the untuned module.")
     ap.add_argument("--report-only", action="store_true",
                     help="Rewrite --out from the last run's info.json/results.json in --work.")
@@ -557,12 +562,13 @@ def main() -> None:
         results = json.loads((work / "results.json").read_text())
         args.runs, args.warmup = info.get("runs", args.runs), info.get("warmup", args.warmup)
         md = report(info, results, args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(md + "\n")
         print(md)
         return
     info = prepare(args, work)
     info["loadavg"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    info["command"] = " ".join(sys.argv[1:])
+    info["command"] = shlex.join(sys.argv[1:])  # runs again as written (labels quoted)
     info["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     info["runs"], info["warmup"] = args.runs, args.warmup
     (work / "info.json").write_text(json.dumps(info, indent=1, default=str))
