@@ -460,7 +460,8 @@ def report(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
 
 
 def ratio_lines(results: list[dict[str, Any]]) -> list[str]:
-    """The goals of the speed issue, measured: tuned vs ORT, untuned vs PyTorch."""
+    """Speed goals, measured: tuned vs ORT, untuned vs PyTorch (the benchmark's own, not the
+    package's: they live here, beside the command that checks them)."""
     out = ["## Goals", "", "| threads | goal | measured | reached |", "|---|---|---|---|"]
     for r in results:
         lat = {k: v["p50_ms"] for k, v in r["latency"].items()}
@@ -488,7 +489,7 @@ def ratio_lines(results: list[dict[str, Any]]) -> list[str]:
 
 def _int8_lines(n: int, lat: dict[str, float], untuned: float | None, tuned: float | None
                 ) -> list[str]:
-    """The compression issue's int8 goal for each ``--artifact`` named ``int8...``: >= 1.5x
+    """The int8 goal for each ``--artifact`` named ``int8...``: >= 1.5x
     the fp32 module at the same (zero) tuning budget; the tuned fp32 module for reference."""
     out = []
     for name, ms in lat.items():
