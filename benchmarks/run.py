@@ -298,7 +298,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2", help="Thread counts, comma-separated.")
     ap.add_argument("--runs", type=int, default=300)
@@ -332,7 +332,11 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="Rewrite --out from the last run's info.json/results.json in --work.")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         args.threads = int(args.threads)
         child(args)
@@ -346,11 +350,8 @@ def main() -> None:
     if args.report_only:
         info = json.loads((work / "info.json").read_text())
         results = json.loads((work / "results.json").read_text())
-        args.runs, args.warmup = info.get("runs", args.runs), info.get("warmup", args.warmup)
-        md = report(info, results, args.runs, args.warmup)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(md + "\n")
-        print(md)
+        write_report(info, results, info.get("runs", args.runs), info.get("warmup", args.warmup),
+                     Path(args.out))
         return
     info = prepare(args, work)
     info["loadavg"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -358,6 +359,13 @@ def main() -> None:
     info["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     info["runs"], info["warmup"] = args.runs, args.warmup
     (work / "info.json").write_text(json.dumps(info, indent=1, default=str))
+    results = measure_all(args, work)
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(info, results, args.runs, args.warmup, Path(args.out))
+
+
+def measure_all(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """One child process per thread count (TVM sizes its pool once per process)."""
     test_dir = args.test_dir
     if args.accuracy and not test_dir:
         data = os.environ.get("LPRNET_EDGE_DATA") or str(REPO.parent / "shared" / "lprnet")
@@ -375,10 +383,14 @@ def main() -> None:
         res = json.loads(next(ln for ln in out.splitlines()
                               if ln.startswith("@@RESULT "))[len("@@RESULT "):])
         results.append(res)
-    (work / "results.json").write_text(json.dumps(results, indent=1))
-    md = report(info, results, args.runs, args.warmup)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(md + "\n")
+    return results
+
+
+def write_report(info: dict[str, Any], results: list[dict[str, Any]], runs: int, warmup: int,
+                 out: Path) -> None:
+    md = report(info, results, runs, warmup)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md + "\n")
     print(md)
 
 
