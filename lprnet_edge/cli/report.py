@@ -104,8 +104,8 @@ def report_cmd(ctx: click.Context, out: str, quick: bool, weights: str | None,
     Examples:
       lprnet-edge report --quick
       lprnet-edge report --latency tvm --trials 0 --goals benchmarks/compression-goals.toml
-      lprnet-edge report --out docs --latency tvm --trials 0 \
-          --goals benchmarks/compression-goals.toml         # regenerate the repository's
+      # the repository's docs/compression-report.md, regenerated on purpose:
+      lprnet-edge report -o docs --latency tvm --trials 0 --goals benchmarks/compression-goals.toml
       lprnet-edge report --refresh-latency --latency tvm --trials 0 --variant int8-sim
       lprnet-edge report --calibrators
     """
