@@ -48,16 +48,16 @@ def main() -> None:
     if not src:
         from lprnet_edge.compiler.frontend import to_relax
         from lprnet_edge.compiler.target import load_target
-        from lprnet_edge.compiler.tune import tune
-        from lprnet_edge.compress.configs import TuneConfig
+        from lprnet_edge.compiler.tuning import TuneConfig, TuneOptions, tune
         from lprnet_edge.model.checkpoint import load_model
         from lprnet_edge.model.weights import resolve_weights
 
         mod, _params = to_relax(load_model(resolve_weights(args.weights)),
                                 fold_channels=not args.unfolded)
         _db, summary = tune(mod, load_target("host"), TuneConfig(trials=args.trials),
-                            time_budget_s=args.tune_minutes * 60 if args.tune_minutes else None)
-        src = [Path(summary["db_dir"])]
+                            options=TuneOptions(time_budget_s=args.tune_minutes * 60
+                                                if args.tune_minutes else None))
+        src = [Path(summary.db_dir)]
     res = schedules.export_defaults(src, args.out)
     print(f"{res['records']} default schedules written to {res['dir']} "
           f"(from {', '.join(res['sources'])})")

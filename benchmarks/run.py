@@ -43,11 +43,17 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Export / compile / tune every variant once; return what the children load."""
     import torch
 
-    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.target import load_target
-    from lprnet_edge.compiler.tune import count_records, resolve_db_dir, tune
-    from lprnet_edge.compress.configs import TuneConfig
+    from lprnet_edge.compiler.tuning import (
+        TuneConfig,
+        TuneOptions,
+        count_records,
+        open_database,
+        resolve_db_dir,
+        tune,
+    )
     from lprnet_edge.model.channel_fold import fold_all
     from lprnet_edge.model.checkpoint import load_model
     from lprnet_edge.model.flops import summary as flops_summary
@@ -93,15 +99,14 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     tasks = [t for t in args.tasks.split(",") if t] or None
     tune_summary: dict[str, Any] | None = None
     if args.no_tune:
-        from lprnet_edge.compiler.build import prepare_for_tuning
-        from lprnet_edge.compiler.tune import open_database
+        from lprnet_edge.compiler.compile import prepare_for_tuning
 
         db_dir = resolve_db_dir(spec, prepare_for_tuning(mod, spec), cfg)
         database = open_database(db_dir) if count_records(db_dir) else None
     else:
-        database, tune_summary = tune(mod, spec, cfg, log=log, tasks=tasks,
-                                      time_budget_s=args.tune_minutes * 60
-                                      if args.tune_minutes else None)
+        database, summary = tune(mod, spec, cfg, log=log, options=TuneOptions(
+            tasks=tasks, time_budget_s=args.tune_minutes * 60 if args.tune_minutes else None))
+        tune_summary = summary.to_dict()
         db_dir = Path(tune_summary["db_dir"])
         (work / "tune-summary.json").write_text(json.dumps(tune_summary, default=str))
     records = count_records(db_dir)

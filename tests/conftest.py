@@ -14,6 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A plugin that test modules also import their helpers from: rewrite its asserts on import.
+pytest.register_assert_rewrite("host_device")
+
 
 def _data_root() -> Path:
     return Path(os.environ.get("LPRNET_EDGE_DATA") or REPO.parent / "shared" / "lprnet").resolve()
@@ -90,7 +93,7 @@ def one_torch_thread():
     """Run PyTorch on one thread: LPRNet at batch 1 gains little from more, and a busy
     machine (2 cores shared with compiles) makes spinning thread pools many times slower.
     Results are the same; only the time changes."""
-    from lprnet_edge.pipeline.build import torch_one_thread
+    from lprnet_edge.compress.accuracy import torch_one_thread
 
     with torch_one_thread():
         yield

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
@@ -20,17 +20,25 @@ from lprnet_edge.cli.common import (
     json_option,
     out_option,
     rpc_options,
+    ssh_options_optional,
     table,
     threads_option,
 )
-from lprnet_edge.cli.device import deploy_with_progress, device_from, ssh_options_optional
+from lprnet_edge.cli.device import deploy_with_progress, device_from
+from lprnet_edge.compiler.config import CompileConfig
+from lprnet_edge.compiler.target import TargetSpec, load_target
+from lprnet_edge.compiler.tuning import TuneConfig
+from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig
+from lprnet_edge.device.tunnel import device_rpc
+
+if TYPE_CHECKING:  # the pipeline imports torch: loaded by the build command only (see there)
+    from lprnet_edge.compress.select import Selection
+    from lprnet_edge.pipeline.build import BuildOptions, BuildResult
 
 DEFAULT_TARGET = "rpi4"
 
 
-def _target(name: str | None, target_file: str | None) -> Any:
-    from lprnet_edge.compiler.target import load_target
-
+def _target(name: str | None, target_file: str | None) -> TargetSpec:
     return load_target(target_file or name or DEFAULT_TARGET)
 
 
@@ -39,6 +47,51 @@ def _size(n: int) -> str:
 
 
 # ---------------------------------------------------------------- option groups
+
+
+@dataclass(frozen=True)
+class TargetArgs:
+    """``--target --target-file --cc`` as given."""
+
+    target_name: str
+    target_file: str | None
+    cc: str | None
+
+    def spec(self, ctx: click.Context) -> TargetSpec:
+        if self.target_file and (ctx.get_parameter_source("target_name")
+                                 != ParameterSource.DEFAULT):
+            raise click.UsageError("give either --target or --target-file, not both")
+        return _target(self.target_name, self.target_file)
+
+
+@dataclass(frozen=True)
+class OutputArgs:
+    """``--out --force --bundle --json`` as given."""
+
+    out: str | None
+    force: bool
+    bundle: bool
+    as_json: bool
+
+    def path(self, spec: TargetSpec) -> Path:
+        return Path(self.out) if self.out else Path("build") / f"lprnet-{spec.name}"
+
+
+@dataclass(frozen=True)
+class CompileArgs:
+    """``--frontend --layout --threads --opt-level`` as given."""
+
+    frontend: str
+    layout: str
+    threads: int | None
+    opt_level: int
+
+    def config(self, tolerance: float | None) -> CompileConfig:
+        kw: dict[str, Any] = {"frontend": self.frontend, "layout": self.layout,
+                              "opt_level": self.opt_level, "num_threads": self.threads}
+        if tolerance is not None:
+            kw["verify_tolerance"] = tolerance
+        return CompileConfig(**kw)
 
 
 @dataclass(frozen=True)
@@ -79,9 +132,7 @@ class CompressionArgs:
             raise click.UsageError("--optimize goes with --max-accuracy-drop alone (the "
                                    "search), not with --prune/--quantize")
 
-    def prune_config(self) -> Any:
-        from lprnet_edge.compress.configs import PruneConfig
-
+    def prune_config(self) -> PruneConfig | None:
         if not self.prune_kind:
             return None
         kw: dict[str, Any] = {"kind": self.prune_kind}
@@ -91,9 +142,7 @@ class CompressionArgs:
             kw["ratio"] = self.prune_ratio
         return PruneConfig(**kw)
 
-    def quantize_config(self) -> Any:
-        from lprnet_edge.compress.configs import QuantizeConfig
-
+    def quantize_config(self) -> QuantizeConfig | None:
         if not self.quantize_mode:
             return None
         extra = {"calibrator": self.calibrator} if self.calibrator else {}
@@ -123,9 +172,7 @@ class TuningArgs:
                                    f"{'needs' if len(given) == 1 else 'need'} --tune")
         check_rpc(self.rpc, self.rpc_tracker, self.rpc_key)
 
-    def config(self) -> Any:
-        from lprnet_edge.compress.configs import TuneConfig
-
+    def config(self) -> TuneConfig | None:
         if not self.tune:
             return None
         kw: dict[str, Any] = {"rpc": self.rpc, "rpc_tracker": self.rpc_tracker,
@@ -209,44 +256,58 @@ check_options = grouped(
 )
 
 
+target_options = grouped(
+    "target", TargetArgs,
+    click.option("--target", "target_name", default=DEFAULT_TARGET, show_default=True,
+                 help="Target name (`lprnet-edge targets list`)."),
+    click.option("--target-file", type=click.Path(exists=True, dir_okay=False),
+                 help="A target TOML file instead of a named target."),
+    click.option("--cc", help="C++ compiler that links the module (overrides the target's)."),
+)
+output_options = grouped(
+    "output", OutputArgs,
+    out_option("Artifact directory  [default: build/lprnet-<target>]"),
+    click.option("--force", is_flag=True, help="Replace an existing artifact directory."),
+    click.option("--bundle", is_flag=True,
+                 help="Also write <artifact>.tar.gz for deployment."),
+    json_option,
+)
+compile_options = grouped(
+    "compiling", CompileArgs,
+    click.option("--frontend", type=click.Choice(["torch.export", "onnx"]),
+                 default="torch.export", show_default=True, help="How the model enters TVM."),
+    click.option("--layout", type=click.Choice(["NHWC", "NCHW"]), default="NHWC",
+                 show_default=True,
+                 help="Convolution data layout (NHWC vectorizes over channels; NCHW for "
+                      "comparison)."),
+    threads_option("Runtime threads recorded in the artifact (default: the target's cores)."),
+    click.option("--opt-level", type=click.IntRange(0, 3), default=3, show_default=True,
+                 help="TVM optimisation level."),
+)
+
+
 # ---------------------------------------------------------------- build
 
 
 @click.command("build")
-@click.option("--target", "target_name", default=DEFAULT_TARGET, show_default=True,
-              help="Target name (`lprnet-edge targets list`).")
-@click.option("--target-file", type=click.Path(exists=True, dir_okay=False),
-              help="A target TOML file instead of a named target.")
+@target_options
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="PyTorch weights (default: $LPRNET_EDGE_WEIGHTS, $LPRNET_EDGE_DATA, cache).")
-@out_option("Artifact directory  [default: build/lprnet-<target>]")
-@click.option("--cc", help="C++ compiler that links the module (overrides the target's).")
-@click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
-@click.option("--bundle", is_flag=True, help="Also write <artifact>.tar.gz for deployment.")
-@click.option("--frontend", type=click.Choice(["torch.export", "onnx"]),
-              default="torch.export", show_default=True, help="How the model enters TVM.")
-@click.option("--layout", type=click.Choice(["NHWC", "NCHW"]), default="NHWC",
-              show_default=True,
-              help="Convolution data layout (NHWC vectorizes over channels; NCHW for "
-                   "comparison).")
-@threads_option("Runtime threads recorded in the artifact (default: the target's cores).")
-@click.option("--opt-level", type=click.IntRange(0, 3), default=3, show_default=True,
-              help="TVM optimisation level.")
+@output_options
+@compile_options
 @compression_options
 @tuning_options
 @check_options
-@json_option
 @ssh_options_optional
 @click.pass_context
-def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
-              weights: str | None, out: str | None, cc: str | None, force: bool, bundle: bool,
-              frontend: str, layout: str, threads: int | None, opt_level: int,
-              compression: CompressionArgs,
-              tuning: TuningArgs, checks: CheckArgs, as_json: bool, **ssh: Any) -> None:
+def build_cmd(ctx: click.Context, target: TargetArgs, weights: str | None, output: OutputArgs,
+              compiling: CompileArgs, compression: CompressionArgs, tuning: TuningArgs,
+              checks: CheckArgs, **ssh: Any) -> None:
     """Compile LPRNet into a verified artifact for a target (cross-compiling for devices).
 
     \b
-    Stages: load -> [prune] -> [quantize] -> import -> [tune] -> compile -> verify -> package.
+    Stages: load -> [prune] -> [quantize] -> [accuracy] -> import -> [tune] -> compile ->
+    verify -> [eval] -> package.
     A host build is run on the calib/ images and compared with PyTorch; the artifact
     (model.so, params.npz, manifest.json) only appears if every stage succeeds.
 
@@ -261,14 +322,45 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
     it over SSH and reached through a tunnel, unless --rpc/--rpc-tracker is given), and the
     finished artifact is deployed to it and run there (`lprnet-edge deploy`).
     """
-    from lprnet_edge.compress.configs import CompileConfig
-    from lprnet_edge.pipeline.build import BuildOptions, build_artifact, verification_summary
+    # The pipeline imports torch and the compiler: only this command pays for them, not
+    # every `lprnet-edge` invocation (main loads all command modules).
+    from lprnet_edge.pipeline.build import build_artifact, rebundle
 
-    if target_file and ctx.get_parameter_source("target_name") != ParameterSource.DEFAULT:
-        raise click.UsageError("give either --target or --target-file, not both")
+    spec = target.spec(ctx)
     compression.check()
     tuning.check(compression.latency_search)
-    spec = _target(target_name, target_file)
+    _check_device(spec, compression, tuning, ssh)
+    opts = build_options(spec, weights, target, output, compiling, compression, tuning, checks)
+    if not ssh.get("host") and (packed := rebundle(opts)) is not None:
+        click.echo(f"{opts.out} is already built from these settings: bundled as it is "
+                   "(--force rebuilds it)", err=True)
+        click.echo(f"bundle        {packed} ({_size(packed.stat().st_size)})")
+        return
+    deployed = None
+    with contextlib.ExitStack() as device_ctx:
+        dev = device_ctx.enter_context(device_from(ssh)) if ssh.get("host") else None
+        if dev is not None:
+            opts = _measure_on_device(dev, device_ctx, opts, compression, tuning)
+        res = build_artifact(opts, log=lambda msg: click.echo(msg, err=True))
+        if dev is not None:
+            deployed = deploy_with_progress(dev, res.path)
+    if output.as_json:
+        m = res.manifest.to_dict()
+        echo_json({**m, "deployed": deployed.to_dict()} if deployed is not None else m)
+        return
+    print_build(res, spec)
+    if deployed is not None:
+        click.echo(f"\ndeployed      {deployed.name} on {deployed.host} ({deployed.device_arch}), "
+                   f"model loaded and run there in "
+                   f"{deployed.checks.first_inference_s or 0:.2f} s")
+    elif not spec.is_native:
+        user = spec.device.get("ssh_user", "user")
+        click.echo(f"\nNext: lprnet-edge deploy {res.path} --host {user}@<{spec.name}-address>")
+
+
+def _check_device(spec: TargetSpec, compression: CompressionArgs, tuning: TuningArgs,
+                  ssh: dict[str, Any]) -> None:
+    """Refuse a device option that cannot apply to ``spec``."""
     if ssh.get("host") and spec.is_native:
         raise click.UsageError(f"--host deploys to a device; --target {spec.name} builds for "
                                "this machine (use a device target, e.g. --target rpi4)")
@@ -277,17 +369,19 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
         raise click.UsageError(f"--optimize latency for {spec.name} times the candidates on "
                                "the board: give --rpc HOST:PORT (a TVM RPC server on it) or "
                                "--host USER@HOST")
-    tune_cfg = tuning.config()
-    ckw: dict[str, Any] = {"frontend": frontend, "layout": layout, "opt_level": opt_level,
-                           "num_threads": threads}
-    if checks.tolerance is not None:
-        ckw["verify_tolerance"] = checks.tolerance
-    opts = BuildOptions(
-        target=spec,
-        out=Path(out) if out else Path("build") / f"lprnet-{spec.name}",
-        weights=weights, cc=cc, force=force, bundle=bundle,
-        compile=CompileConfig(**ckw), prune=compression.prune_config(),
-        quantize=compression.quantize_config(), tune=tune_cfg,
+
+
+def build_options(spec: TargetSpec, weights: str | None, target: TargetArgs,
+                  output: OutputArgs, compiling: CompileArgs, compression: CompressionArgs,
+                  tuning: TuningArgs, checks: CheckArgs) -> BuildOptions:
+    """The pipeline's options from the command's groups."""
+    from lprnet_edge.pipeline.build import BuildOptions  # torch: see build_cmd
+
+    return BuildOptions(
+        target=spec, out=output.path(spec), weights=weights, cc=target.cc, force=output.force,
+        bundle=output.bundle, compile=compiling.config(checks.tolerance),
+        prune=compression.prune_config(), quantize=compression.quantize_config(),
+        tune=tuning.config(),
         calib_dir=Path(checks.calib_dir) if checks.calib_dir else None,
         verify_images=checks.verify_images, eval_test=checks.eval_test,
         test_dir=Path(checks.test_dir) if checks.test_dir else None,
@@ -296,137 +390,68 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
         optimize=compression.optimize or "size",
         latency_rpc=tuning.rpc if compression.latency_search else None,
     )
-    with contextlib.ExitStack() as device_ctx:
-        dev = device_ctx.enter_context(device_from(ssh)) if ssh.get("host") else None
-        if dev is not None and tuning.measures_on_device_via_ssh:
-            from lprnet_edge.device.deploy import device_rpc
 
-            click.echo(f"starting a TVM RPC server on {dev.conn.spec} (SSH tunnel)", err=True)
-            lport = device_ctx.enter_context(device_rpc(dev))
-            opts.tune = replace(tune_cfg, rpc=f"127.0.0.1:{lport}")
-            if compression.latency_search:
-                opts.latency_rpc = opts.tune.rpc
-        elif dev is not None and compression.latency_search and not tuning.rpc:
-            from lprnet_edge.device.deploy import device_rpc
 
-            click.echo(f"starting a TVM RPC server on {dev.conn.spec} (SSH tunnel) to time "
-                       "the candidates", err=True)
-            opts.latency_rpc = f"127.0.0.1:{device_ctx.enter_context(device_rpc(dev))}"
-        res = build_artifact(opts, log=lambda msg: click.echo(msg, err=True))
-        if dev is not None:
-            deployed = deploy_with_progress(dev, res.path)
+def _measure_on_device(dev: Any, device_ctx: contextlib.ExitStack, opts: BuildOptions,
+                       compression: CompressionArgs, tuning: TuningArgs) -> BuildOptions:
+    """``opts`` measuring on the device through an RPC server started there over SSH, when
+    tuning or the latency search needs one and no RPC address was given."""
+    if tuning.measures_on_device_via_ssh:
+        click.echo(f"starting a TVM RPC server on {dev.conn.spec} (SSH tunnel)", err=True)
+        rpc = f"127.0.0.1:{device_ctx.enter_context(device_rpc(dev))}"
+        return replace(opts, tune=replace(opts.tune, rpc=rpc),
+                       latency_rpc=rpc if compression.latency_search else opts.latency_rpc)
+    if compression.latency_search and not tuning.rpc:
+        click.echo(f"starting a TVM RPC server on {dev.conn.spec} (SSH tunnel) to time "
+                   "the candidates", err=True)
+        return replace(opts, latency_rpc=f"127.0.0.1:{device_ctx.enter_context(device_rpc(dev))}")
+    return opts
+
+
+def print_build(res: BuildResult, spec: TargetSpec) -> None:
+    """The artifact, its checks and its files, from the build's typed results."""
     m = res.manifest
-    if as_json:
-        echo_json({**m, "deployed": deployed.to_dict()} if dev is not None else m)
-        return
-    files = [[n, _size(e["size"]), e["sha256"][:16]] for n, e in m["files"].items()]
-    mpath = res.path / "manifest.json"
-    files.append(["manifest.json", _size(mpath.stat().st_size), ""])
-    cpu = m["target"]["tvm"].get("mcpu", "generic")
+    files = [[n, _size(e.size), e.sha256[:16]] for n, e in m.files.items()]
+    files.append(["manifest.json", _size((res.path / "manifest.json").stat().st_size), ""])
     click.echo(f"artifact      {res.path}")
+    cpu = (m.target.tvm or {}).get("mcpu", "generic")
     click.echo(f"target        {spec.name} ({spec.arch}, {cpu})")
-    click.echo(f"verification  {verification_summary(m['verification'])}")
-    if (sel := m["reports"].get("selection")):
-        click.echo("\n" + selection_table(sel) + "\n")
-        click.echo(f"selected      {sel['selected']} ({sel.get('why') or 'smallest'}; "
-                   f"within {sel['budget_points']:g} pt on {sel['val_split']['images']} "
-                   "calib/ validation plates)")
-        t = sel.get("test") or {}
-        if "selected" in t:
-            click.echo(f"test accuracy {t['selected']:.3f} vs original {t['original']:.3f} "
-                       f"({t['change_points']:+.1f} pt, {t['images']} images, PyTorch)")
-    if m.get("accuracy"):
-        a = m["accuracy"]
-        click.echo(f"test accuracy {a['accuracy']:.3f} ({a['images']} images, batch 1)")
+    click.echo(f"verification  {res.verification.summary()}")
+    if res.selection is not None:
+        print_selection(res.selection)
+    if res.test_accuracy is not None:
+        a = res.test_accuracy
+        click.echo(f"test accuracy {a.accuracy:.3f} ({a.images} images, batch 1)")
     if res.bundle:
         click.echo(f"bundle        {res.bundle} ({_size(res.bundle.stat().st_size)})")
     click.echo(f"time          {res.total_s:.1f}s ("
                + ", ".join(f"{n} {t:.1f}s" for n, t in res.timings) + ")")
     click.echo("\n" + table(files, ["file", "size", "sha256"]))
-    if dev is not None:
-        click.echo(f"\ndeployed      {deployed.name} on {deployed.host} ({deployed.device_arch}), "
-                   f"model loaded and run there in "
-                   f"{deployed.checks.get('first_inference_s') or 0:.2f} s")
-    elif not spec.is_native:
-        user = spec.device.get("ssh_user", "user")
-        click.echo(f"\nNext: lprnet-edge deploy {res.path} --host {user}@<{spec.name}-address>")
 
 
-def selection_table(sel: dict[str, Any]) -> str:
+def print_selection(sel: Selection) -> None:
+    click.echo("\n" + selection_table(sel) + "\n")
+    click.echo(f"selected      {sel.selected} ({sel.why or 'smallest'}; within "
+               f"{sel.budget.points:g} pt on {sel.val_images} calib/ validation plates)")
+    t = sel.test
+    if t is not None and t.skipped is None:
+        click.echo(f"test accuracy {t.selected:.3f} vs original {t.original:.3f} "
+                   f"({t.change_points:+.1f} pt, {t.images} images, PyTorch)")
+
+
+def selection_table(sel: Selection) -> str:
     """The search's candidates, as the manifest records them."""
-    timed = sel.get("optimize") == "latency"
-    rows = [[("* " if r["name"] == sel["selected"] else "  ") + r["name"],
-             f"{r['val_accuracy']:.3f}", f"{100 * r['val_lost']:.1f}",
-             _size(r["stored_bytes"]), f"{r['flops'] / 1e6:.0f}",
-             *([f"{r['latency_ms']:.2f}" if r.get("latency_ms") is not None else "-"]
-               if timed else []),
-             "yes" if r["within_budget"] else "no"] for r in sel["candidates"]]
+    timed = sel.optimize == "latency"
+    rows = []
+    for r in sel.candidates:
+        latency = ([f"{r.latency.latency_ms:.2f}" if r.latency is not None else "-"]
+                   if timed else [])
+        rows.append([("* " if r.name == sel.selected else "  ") + r.name,
+                     f"{r.check.changed:.3f}", f"{r.check.lost_points:.1f}",
+                     _size(r.stored_bytes), f"{r.flops / 1e6:.0f}", *latency,
+                     "yes" if r.within_budget else "no"])
     return table(rows, ["candidate", "val acc", "lost pt", "stored", "MFLOPs",
                         *(["latency ms"] if timed else []), "within"])
 
 
-# ---------------------------------------------------------------- targets
-
-
-@click.group("targets")
-def targets_group() -> None:
-    """Compilation targets: built-in, $LPRNET_EDGE_TARGETS, ~/.config/lprnet-edge/targets."""
-
-
-@targets_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def targets_list(as_json: bool) -> None:
-    """Every known target, with its CPU and whether its compiler is installed.
-
-    \b
-    Example:
-      lprnet-edge targets list
-    """
-    from lprnet_edge.compiler.target import load_target, target_names
-    from lprnet_edge.compiler.toolchain import candidates, find_compiler
-    from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
-
-    rows, data = [], []
-    for name in target_names():
-        try:
-            t = load_target(name)
-        except LprnetEdgeError as e:  # a broken user file: show it, keep listing the others
-            rows.append([name, "?", "?", "?", f"INVALID: {e}"])
-            data.append({"name": name, "error": str(e)})
-            continue
-        try:
-            cc = find_compiler(t).path
-        except ToolchainError:
-            pkg = candidates(t)[1]
-            cc = f"missing (apt-get install {pkg})" if pkg else "missing"
-        rows.append([t.name, t.arch, t.tvm.get("mcpu", "generic"), cc, t.description])
-        data.append({**t.to_dict(), "compiler": cc})
-    if as_json:
-        echo_json(data)
-        return
-    click.echo(table(rows, ["target", "arch", "cpu", "compiler", "description"]))
-
-
-@targets_group.command("show")
-@click.argument("name", required=False)
-@click.option("--target-file", type=click.Path(exists=True, dir_okay=False),
-              help="Show a target TOML file instead of a named target.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
-def targets_show(name: str | None, target_file: str | None, as_json: bool) -> None:
-    """The resolved target (host: with the detected CPU), as TOML or JSON.
-
-    \b
-    Examples:
-      lprnet-edge targets show host
-      lprnet-edge targets show rpi4 --json
-    """
-    if not name and not target_file:
-        raise click.UsageError("give a target NAME or --target-file")
-    spec = _target(name, target_file)
-    if as_json:
-        echo_json(spec.to_dict())
-    else:
-        click.echo(spec.to_toml(), nl=False)
-
-
-COMMANDS = (build_cmd, targets_group)
+COMMANDS = (build_cmd,)

@@ -11,7 +11,12 @@ from typing import Any
 
 import click
 
+from lprnet_edge.device.device import DEFAULT_REMOTE_DIR
+from lprnet_edge.device.ssh import CONNECT_TIMEOUT
+from lprnet_edge.runtime.baselines import comparison_title, format_comparison
 from lprnet_edge.runtime.errors import LprnetEdgeError
+from lprnet_edge.runtime.metrics import EvalResult
+from lprnet_edge.runtime.profile import Profile
 
 
 def echo_json(data: Any) -> None:
@@ -87,6 +92,37 @@ def format_latency(stats: dict[str, Any]) -> str:
                  ["p50 ms", "p90 ms", "p99 ms", "min ms", "plates/s", "runs"])
 
 
+def print_metrics(m: EvalResult) -> None:
+    """The headline figures of an evaluation, as ``eval`` and ``remote eval`` print them."""
+    skipped = f" ({m.skipped_count} skipped)" if m.skipped else ""
+    click.echo(f"plates            {m.count}{skipped}")
+    click.echo(f"accuracy          {m.accuracy:.3f}  ({m.correct}/{m.count})")
+    click.echo(f"char accuracy     {m.char_accuracy:.3f}")
+    click.echo(f"mean edit dist    {m.mean_edit_distance:.3f}")
+
+
+def print_regions(m: EvalResult) -> None:
+    """An evaluation's accuracy per province."""
+    rows = [[r, v["count"], f"{v['accuracy']:.3f}"] for r, v in m.per_region.items()]
+    click.echo("\n" + table(rows, ["province", "plates", "accuracy"]))
+
+
+def print_comparison(comp: dict[str, Any] | None) -> None:
+    """The side-by-side table (artifact, ONNX Runtime, PyTorch) after the latency tables."""
+    if not comp:
+        return
+    where = f" on {comp['host']}" if comp.get("host") else ""
+    title = comparison_title(comp).rstrip(":") if comp.get("rows") else "Side by side"
+    click.echo(f"\n{title}{where}:\n{format_comparison(comp)}")
+
+
+def print_profile(profile: dict[str, Any] | None, top: int = 15) -> None:
+    """The per-kernel table after the latency tables (``bench --profile``)."""
+    if not profile:
+        return
+    prof = Profile.from_dict(profile)
+    how = "VM instrument" if prof.method == "instrument" else "each kernel called over RPC"
+    click.echo(f"\nPer kernel ({how}, slowest first):\n{prof.format(top)}")
 
 
 # ---------------------------------------------------------------- options defined once
@@ -143,3 +179,64 @@ def grouped(name: str, factory: Callable[..., Any], *options: Callable) -> Calla
         keys = [p.name for p in wrapper.__click_params__[before:]]
         return wrapper
     return deco
+
+
+def runs_option(default: int) -> Callable:
+    return click.option("--runs", type=click.IntRange(min=1), default=default,
+                        show_default=True, help="Timed runs.")
+
+
+def warmup_option(default: int) -> Callable:
+    return click.option("--warmup", type=click.IntRange(min=0), default=default,
+                        show_default=True, help="Untimed runs before the timed ones.")
+
+
+# ---------------------------------------------------------------- a device over SSH
+
+SSH_TIMEOUT = CONNECT_TIMEOUT
+SSH_KEYS = ("host", "key", "known_hosts", "accept_new_host", "remote_dir", "remote_python",
+            "ssh_timeout")
+"""The parameter names :func:`ssh_options` adds (``ssh_kwargs`` takes them out of a command's
+keyword arguments, as the dict :func:`lprnet_edge.cli.device.device_from` reads)."""
+REMOTE_PYTHON_HELP = ("Python on the device (default: REMOTE_DIR/venv/bin/python, else "
+                      "python3).")
+
+
+def _ssh_options(host_required: bool, python_help: str) -> Callable[[Callable], Callable]:
+    opts = [
+        click.option("--host", "host", required=host_required, metavar="USER@HOST[:PORT]",
+                     help="Device as user@host[:port] (SSH)."),
+        click.option("--key", type=click.Path(exists=True, dir_okay=False),
+                     help="Private key (default: ~/.ssh/id_* and ssh-agent)."),
+        click.option("--known-hosts", type=click.Path(dir_okay=False),
+                     help="known_hosts file to check the device's host key against "
+                          "(default ~/.ssh/known_hosts)."),
+        click.option("--accept-new-host", is_flag=True,
+                     help="Trust a device whose host key is not known yet, and record it. "
+                          "A changed key is always refused."),
+        click.option("--remote-dir", default=DEFAULT_REMOTE_DIR, show_default=True,
+                     help="lprnet-edge's directory on the device."),
+        click.option("--python", "remote_python", help=python_help),
+        click.option("--ssh-timeout", type=click.FloatRange(min=1), default=SSH_TIMEOUT,
+                     show_default=True, help="Seconds to connect / authenticate."),
+    ]
+
+    def deco(fn: Callable) -> Callable:
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+    return deco
+
+
+ssh_options = _ssh_options(True, REMOTE_PYTHON_HELP)
+"""``--host --key --known-hosts --accept-new-host --remote-dir --python --ssh-timeout``."""
+ssh_options_optional = _ssh_options(False, REMOTE_PYTHON_HELP)
+"""The same options with ``--host`` optional (for ``bench``, local unless ``--host``)."""
+setup_ssh_options = _ssh_options(True, "Python the venv is created with, on the device "
+                                       "(default: python3).")
+"""The same options for ``device setup``, where ``--python`` makes the venv."""
+
+
+def ssh_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """Take the :func:`ssh_options` values out of a command's keyword arguments."""
+    return {k: kw.pop(k) for k in SSH_KEYS if k in kw}

@@ -1,6 +1,8 @@
-"""Device commands: ``deploy``, ``rollback`` and the ``remote`` group (over SSH).
+"""Device commands: ``deploy``, ``rollback``, the ``remote`` group and ``device setup`` (over
+SSH). The work is in :mod:`lprnet_edge.device`; these commands connect, call it and print.
 
-``ssh_options`` and :func:`bench_over_ssh` are also used by ``lprnet-edge bench --host``.
+:func:`device_from`, :func:`deploy_with_progress` and :func:`bench_over_ssh` are also used by
+``lprnet-edge build --host`` and ``lprnet-edge bench --host``.
 """
 
 from __future__ import annotations
@@ -8,80 +10,88 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import click
 
-from lprnet_edge.cli.common import echo_json, format_latency, json_option, progress, table
+from lprnet_edge.cli.common import (
+    SSH_TIMEOUT,
+    echo_json,
+    format_latency,
+    json_option,
+    print_comparison,
+    print_metrics,
+    print_profile,
+    print_regions,
+    progress,
+    runs_option,
+    setup_ssh_options,
+    ssh_kwargs,
+    ssh_options,
+    table,
+    threads_option,
+    warmup_option,
+)
+from lprnet_edge.device.deploy import (
+    DeployResult,
+    DeviceStatus,
+    artifact_size,
+    deploy,
+    rollback,
+    status,
+)
+from lprnet_edge.device.device import DEFAULT_REMOTE_DIR, Device
+from lprnet_edge.device.remote import (
+    DeviceBench,
+    RemoteEval,
+    compare_on_device,
+    remote_bench,
+    remote_eval,
+    remote_recognize,
+)
+from lprnet_edge.device.setup import SetupResult, setup_device
+from lprnet_edge.device.ssh import SshConnection
+from lprnet_edge.device.tunnel import rpc_bench
 
-_HOST_HELP = "Device as user@host[:port] (SSH)."
-
-
-def ssh_options(fn: Callable, host_required: bool = True) -> Callable:
-    """``--host --key --known-hosts --accept-new-host --remote-dir --python --ssh-timeout``."""
-    opts = [
-        click.option("--host", "host", required=host_required, metavar="USER@HOST[:PORT]",
-                     help=_HOST_HELP),
-        click.option("--key", type=click.Path(exists=True, dir_okay=False),
-                     help="Private key (default: ~/.ssh/id_* and ssh-agent)."),
-        click.option("--known-hosts", type=click.Path(dir_okay=False),
-                     help="known_hosts file to check the device's host key against "
-                          "(default ~/.ssh/known_hosts)."),
-        click.option("--accept-new-host", is_flag=True,
-                     help="Trust a device whose host key is not known yet, and record it. "
-                          "A changed key is always refused."),
-        click.option("--remote-dir", default="~/.lprnet-edge", show_default=True,
-                     help="lprnet-edge's directory on the device."),
-        click.option("--python", "remote_python",
-                     help="Python on the device (default: REMOTE_DIR/venv/bin/python, "
-                          "else python3)."),
-        click.option("--ssh-timeout", type=click.FloatRange(min=1), default=15.0,
-                     show_default=True, help="Seconds to connect / authenticate."),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
-
-
-def ssh_options_optional(fn: Callable) -> Callable:
-    """The same options with ``--host`` optional (for ``bench``, local unless ``--host``)."""
-    return ssh_options(fn, host_required=False)
+_DEVICE_THREADS = "Runtime threads on the device."
 
 
 @contextlib.contextmanager
-def device_from(opts: dict[str, Any]) -> Iterator[Any]:
-    """A connected :class:`~lprnet_edge.device.deploy.Device` from the ``ssh_options`` values."""
-    from lprnet_edge.device.deploy import Device
-    from lprnet_edge.device.ssh import SshConnection
-
+def device_from(opts: dict[str, Any]) -> Iterator[Device]:
+    """A connected :class:`~lprnet_edge.device.device.Device` from the ``ssh_options``
+    values; says so on stderr when a new host key was trusted."""
     conn = SshConnection(opts["host"], key=opts.get("key"), known_hosts=opts.get("known_hosts"),
                          accept_new_host=bool(opts.get("accept_new_host")),
-                         timeout=opts.get("ssh_timeout") or 15.0)
+                         timeout=opts.get("ssh_timeout") or SSH_TIMEOUT)
     conn.connect()
     if conn.accepted_host_key:
         click.echo(f"Trusted new host key of {conn.spec}: {conn.accepted_host_key} "
                    f"(recorded in {conn.known_hosts})", err=True)
     try:
-        yield Device(conn, opts.get("remote_dir") or "~/.lprnet-edge",
+        yield Device(conn, opts.get("remote_dir") or DEFAULT_REMOTE_DIR,
                      python=opts.get("remote_python"))
     finally:
         conn.close()
 
 
-def _ssh_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    keys = ("host", "key", "known_hosts", "accept_new_host", "remote_dir", "remote_python",
-            "ssh_timeout")
-    return {k: kw.pop(k) for k in keys if k in kw}
-
-
 def _with_device(fn: Callable) -> Callable:
+    """Hand the command a connected device instead of the ``ssh_options`` values."""
     @functools.wraps(fn)
     def wrapper(**kw: Any) -> Any:
-        opts = _ssh_kwargs(kw)
-        with device_from(opts) as dev:
+        with device_from(ssh_kwargs(kw)) as dev:
             return fn(dev, **kw)
 
     return wrapper
+
+
+def _show(res: Any, as_json: bool, printer: Callable[[Any], None]) -> None:
+    """A result as JSON (``--json``) or as the command's text."""
+    if as_json:
+        echo_json(res.to_dict())
+    else:
+        printer(res)
 
 
 def _step(msg: str) -> None:
@@ -93,13 +103,11 @@ def bench_over_ssh(opts: dict[str, Any], rpc: bool = False, artifact: str | None
                    image: str | None = None, include_preprocess: bool = True,
                    number: int = 10, repeat: int | None = None,
                    profile: bool = False, compare: bool = False, rounds: int = 5,
-                   weights: str | None = None) -> dict[str, Any]:
+                   weights: str | None = None) -> DeviceBench:
     """Benchmark on the device: the deployed Recognizer (default; ``profile`` adds the agent's
     per-kernel table), or with ``rpc`` the model of ``artifact`` through a TVM RPC server on
-    the device reached by an SSH tunnel. ``compare`` adds ``stats["compare"]``: the deployed
-    model beside ONNX Runtime fp32 on the device (:func:`compare_on_device`)."""
-    from lprnet_edge.device.deploy import remote_bench, rpc_bench
-
+    the device reached by an SSH tunnel. ``compare`` adds the deployed model beside ONNX
+    Runtime fp32 on the device (:func:`lprnet_edge.device.remote.compare_on_device`)."""
     with device_from(opts) as dev:
         if rpc:
             if not artifact:
@@ -108,60 +116,22 @@ def bench_over_ssh(opts: dict[str, Any], rpc: bool = False, artifact: str | None
         stats = remote_bench(dev, runs=runs, warmup=warmup, threads=threads, image=image,
                              include_preprocess=include_preprocess, expect_artifact=artifact,
                              profile=profile)
-        if compare:
-            stats["compare"] = compare_on_device(dev, artifact, runs, warmup, rounds, threads,
-                                                 weights)
-        return stats
+        if not compare:
+            return stats
+        comp = compare_on_device(dev, artifact, runs, warmup, rounds, threads, weights)
+        return replace(stats, compare=comp)
 
 
-def compare_on_device(dev: Any, artifact: str | None = None, runs: int = 100, warmup: int = 10,
-                      rounds: int = 5, threads: int | None = None, weights: str | None = None
-                      ) -> dict[str, Any]:
-    """The deployed model and ONNX Runtime fp32, interleaved on the device: the fp32 original
-    is exported here (cached ONNX file of ``weights``), uploaded, and timed by the agent; the
-    weights are checked against the deployed artifact's source."""
-    from lprnet_edge.device.deploy import remote_compare
-    from lprnet_edge.model.onnx import source_note, torch_missing
-    from lprnet_edge.runtime.errors import DeviceError, LprnetEdgeError
-
-    if (why := torch_missing()) is not None:
-        raise LprnetEdgeError(f"--compare exports the model to ONNX here, which needs PyTorch "
-                              f"on this machine ({why}); or pass --no-compare")
-    from lprnet_edge.model.onnx import export_onnx
-
-    classes = 68
-    if artifact:
-        from lprnet_edge.runtime.artifact import load_manifest
-
-        classes = len(load_manifest(artifact).charset)
-    exported = export_onnx(weights, classes)
-    try:
-        comp = remote_compare(dev, exported.path, runs=runs, warmup=warmup, rounds=rounds,
-                              threads=threads)
-    except DeviceError as e:  # e.g. a baseline crashing the agent: keep the other figures
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        err = lines[0][:300] + (f" ... {lines[-1][:200]}" if len(lines) > 1 else "")
-        return {"rows": [], "missing": {}, "speedup": {}, "error": err,
-                "host": str(dev.conn.spec)}
-    same, note = source_note(comp.get("source"), exported)
-    comp.update(notes=[*(comp.get("notes") or []), note], same_weights=same,
-                onnx=str(exported.path), weights=str(exported.weights),
-                weights_sha256=exported.weights_sha256)
-    return comp
-
-
-def deploy_with_progress(dev: Any, artifact: Any, name: str | None = None,
-                         keep: int = 5) -> Any:
+def deploy_with_progress(dev: Device, artifact: str | Path, name: str | None = None,
+                         keep: int = 5) -> DeployResult:
     """:func:`lprnet_edge.device.deploy.deploy` with an upload bar and steps on stderr."""
-    from lprnet_edge.device.deploy import artifact_size, deploy
-
-    click.echo(f"Deploying {artifact} to {dev.conn.spec}:{dev.root}", err=True)
+    click.echo(f"Deploying {artifact} to {dev.spec}:{dev.root}", err=True)
     with progress("Uploading", artifact_size(artifact, with_runtime=True)) as bar:
         return deploy(dev, artifact, name=name, keep=keep, progress=bar, on_step=_step)
 
 
 def device_verification_summary(v: dict[str, Any] | None) -> str:
-    """One line for the on-device comparison with PyTorch (``DeployResult.checks``)."""
+    """One line for the on-device comparison with PyTorch (``DeviceCheck.verification``)."""
     if not v:
         return "-"
     if v.get("status") == "absent":
@@ -174,41 +144,65 @@ def device_verification_summary(v: dict[str, Any] | None) -> str:
             + (f", {agree:.0%} plates agree" if agree is not None else ""))
 
 
-def print_bench(stats: dict[str, Any], as_json: bool) -> None:
+def print_bench(stats: DeviceBench, as_json: bool) -> None:
     if as_json:
-        echo_json(stats)
+        echo_json(stats.to_dict())
         return
-    how = ("model only, time_evaluator over RPC + SSH tunnel" if stats.get("mode") == "rpc"
+    how = ("model only, time_evaluator over RPC + SSH tunnel" if stats.mode == "rpc"
            else "Recognizer over SSH" + (", with pre/post-processing"
-                                         if stats.get("include_preprocess") else ""))
-    arch = stats.get("machine") or stats.get("target", {}).get("arch", "?")
-    click.echo(f"device    {stats.get('host')}  ({arch})")
+                                         if stats.latency.get("include_preprocess") else ""))
+    arch = stats.machine or stats.latency.get("target", {}).get("arch", "?")
+    click.echo(f"device    {stats.host}  ({arch})")
     click.echo(f"measured  {how}")
-    click.echo(format_latency(stats))
-    print_profile(stats.get("profile"))
-    print_comparison(stats.get("compare"))
+    click.echo(format_latency(stats.latency))
+    print_profile(stats.profile)
+    print_comparison(stats.compare)
 
 
-def print_comparison(comp: dict[str, Any] | None) -> None:
-    """The side-by-side table (artifact, ONNX Runtime, PyTorch) after the latency tables."""
-    if not comp:
-        return
-    from lprnet_edge.runtime.baselines import comparison_title, format_comparison
+def print_deploy(res: DeployResult) -> None:
+    c = res.checks
+    click.echo(f"deployed     {res.name}")
+    click.echo(f"device       {res.host} ({res.device_arch})")
+    click.echo(f"path         {res.path}")
+    click.echo(f"previous     {res.previous or '-'}")
+    click.echo(f"uploaded     {res.bytes_uploaded / 1e6:.2f} MB in {res.upload_seconds:.1f} s")
+    click.echo(f"checks       sha256 ok on the device; model loaded in {c.load_s or 0:.2f} s, "
+               f"first run {c.first_inference_s or 0:.2f} s")
+    click.echo(f"verification {device_verification_summary(c.verification)}")
+    click.echo(f"total        {res.seconds:.1f} s")
 
-    where = f" on {comp['host']}" if comp.get("host") else ""
-    title = comparison_title(comp).rstrip(":") if comp.get("rows") else "Side by side"
-    click.echo(f"\n{title}{where}:\n{format_comparison(comp)}")
+
+def print_eval(res: RemoteEval) -> None:
+    m = res.metrics
+    click.echo(f"device            {res.host} ({res.machine})")
+    click.echo(f"deployment        {res.deployment}")
+    click.echo(f"backend           {res.backend}")
+    print_metrics(m)
+    click.echo(f"time on device    {res.seconds:.1f} s ({res.workers} worker(s))")
+    print_regions(m)
 
 
-def print_profile(profile: dict[str, Any] | None, top: int = 15) -> None:
-    """The per-kernel table after the latency tables (``bench --profile``)."""
-    if not profile:
-        return
-    from lprnet_edge.runtime.profile import Profile
+def print_status(st: DeviceStatus) -> None:
+    info = st.info or {}
+    click.echo(f"device       {st.host} ({st.machine})")
+    click.echo(f"python       {st.python} {info.get('python', '')}")
+    if info:
+        click.echo(f"runtime      tvm {info.get('tvm')}, numpy {info.get('numpy')}, "
+                   f"opencv {info.get('opencv')}, lprnet_edge {info.get('lprnet_edge')}")
+    click.echo(f"remote dir   {st.remote_dir} ({st.free_bytes / 1e6:.0f} MB free)")
+    click.echo(f"current      {st.current or '-'}")
+    for n in st.deployments:
+        click.echo(f"  {'*' if n == st.current else ' '} {n}")
 
-    prof = Profile.from_dict(profile)
-    how = "VM instrument" if prof.method == "instrument" else "each kernel called over RPC"
-    click.echo(f"\nPer kernel ({how}, slowest first):\n{prof.format(top)}")
+
+def print_setup(res: SetupResult) -> None:
+    v = res.versions
+    click.echo(f"venv         {res.venv} (Python {res.python}, {res.machine})")
+    click.echo(f"installed    tvm {v.get('tvm')}, numpy {v.get('numpy')}, opencv "
+               f"{v.get('opencv')} ({'uploaded wheels' if res.mode == 'offline' else 'pip'})")
+    click.echo(f"runtime      lprnet_edge {v.get('lprnet_edge')} in {res.runtime} ({res.pth})")
+    click.echo(f"total        {res.seconds:.1f} s")
+    click.echo(f"\nNext: lprnet-edge deploy ARTIFACT --host {res.host}")
 
 
 # ---------------------------------------------------------------- deploy / rollback
@@ -222,7 +216,7 @@ def print_profile(profile: dict[str, Any] | None, top: int = 15) -> None:
               help="Deployments kept on the device (older ones are removed; never the current).")
 @json_option
 @_with_device
-def deploy_cmd(dev: Any, artifact: str, name: str | None, keep: int, as_json: bool) -> None:
+def deploy_cmd(dev: Device, artifact: str, name: str | None, keep: int, as_json: bool) -> None:
     """Install an artifact (a folder, or the .tar.gz of `build --bundle`) on a device over
     SSH, atomically.
 
@@ -243,19 +237,7 @@ def deploy_cmd(dev: Any, artifact: str, name: str | None, keep: int, as_json: bo
           --known-hosts ~/.ssh/known_hosts --accept-new-host
     """
     res = deploy_with_progress(dev, artifact, name=name, keep=keep)
-    if as_json:
-        echo_json(res.to_dict())
-        return
-    click.echo(f"deployed     {res.name}")
-    click.echo(f"device       {res.host} ({res.device_arch})")
-    click.echo(f"path         {res.path}")
-    click.echo(f"previous     {res.previous or '-'}")
-    click.echo(f"uploaded     {res.bytes_uploaded / 1e6:.2f} MB in {res.upload_seconds:.1f} s")
-    click.echo(f"checks       sha256 ok on the device; model loaded in "
-               f"{res.checks.get('load_s') or 0:.2f} s, first run "
-               f"{res.checks.get('first_inference_s') or 0:.2f} s")
-    click.echo(f"verification {device_verification_summary(res.checks.get('verification'))}")
-    click.echo(f"total        {res.seconds:.1f} s")
+    _show(res, as_json, print_deploy)
 
 
 @click.command("rollback")
@@ -263,7 +245,7 @@ def deploy_cmd(dev: Any, artifact: str, name: str | None, keep: int, as_json: bo
 @click.option("--to", "to", help="Deployment name to switch to (default: the one before).")
 @json_option
 @_with_device
-def rollback_cmd(dev: Any, to: str | None, as_json: bool) -> None:
+def rollback_cmd(dev: Device, to: str | None, as_json: bool) -> None:
     """Make the previous deployment current again (atomic symlink swap).
 
     \b
@@ -271,14 +253,12 @@ def rollback_cmd(dev: Any, to: str | None, as_json: bool) -> None:
       lprnet-edge rollback --host pi@raspberrypi.local
       lprnet-edge rollback --host pi@raspberrypi.local --to lprnet-rpi4-20260101T120000.000000Z
     """
-    from lprnet_edge.device.deploy import rollback
-
     res = rollback(dev, to)
     if as_json:
-        echo_json(res)
+        echo_json(res.to_dict())
         return
-    click.echo(f"current      {res['current']}")
-    click.echo(f"was          {res['previous'] or '-'}")
+    click.echo(f"current      {res.current}")
+    click.echo(f"was          {res.previous or '-'}")
 
 
 # ---------------------------------------------------------------- remote group
@@ -292,10 +272,10 @@ def remote() -> None:
 @remote.command("recognize")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @ssh_options
-@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads on the device.")
+@threads_option(_DEVICE_THREADS)
 @json_option
 @_with_device
-def remote_recognize_cmd(dev: Any, images: tuple[str, ...], threads: int | None,
+def remote_recognize_cmd(dev: Device, images: tuple[str, ...], threads: int | None,
                          as_json: bool) -> None:
     """Upload images and read their plates with the device's current deployment.
 
@@ -303,8 +283,6 @@ def remote_recognize_cmd(dev: Any, images: tuple[str, ...], threads: int | None,
     Example:
       lprnet-edge remote recognize --host pi@raspberrypi.local plate1.jpg plate2.jpg
     """
-    from lprnet_edge.device.deploy import remote_recognize
-
     results = remote_recognize(dev, list(images), threads=threads)
     if as_json:
         echo_json(results)
@@ -319,13 +297,13 @@ def remote_recognize_cmd(dev: Any, images: tuple[str, ...], threads: int | None,
 @ssh_options
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images / unknown characters.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N images.")
-@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads per process.")
+@threads_option("Runtime threads per process on the device.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on the device (the images are sharded; same figures).")
 @json_option
 @_with_device
-def remote_eval_cmd(dev: Any, data: str, skip_bad: bool, limit: int | None, threads: int | None,
-                    workers: int, as_json: bool) -> None:
+def remote_eval_cmd(dev: Device, data: str, skip_bad: bool, limit: int | None,
+                    threads: int | None, workers: int, as_json: bool) -> None:
     """Upload a labelled folder and measure accuracy on the device (batch 1).
 
     Same metrics as `lprnet-edge eval`: exact-plate accuracy, per-character accuracy, edit
@@ -335,58 +313,26 @@ def remote_eval_cmd(dev: Any, data: str, skip_bad: bool, limit: int | None, thre
     Example:
       lprnet-edge remote eval --host pi@raspberrypi.local --data $LPRNET_EDGE_DATA/test
     """
-    from pathlib import Path
-
-    from lprnet_edge.device.deploy import remote_eval
-
     n = len([p for p in Path(data).iterdir() if p.is_file()])
-    n = min(n, limit or n)
-    with progress("Evaluating on the device", n) as bar:
+    with progress("Evaluating on the device", min(n, limit or n)) as bar:
         res = remote_eval(dev, data, skip_bad=skip_bad, limit=limit, threads=threads,
                           workers=workers, progress=bar)
-    if as_json:
-        echo_json(res)
-        return
-    click.echo(f"device            {res['host']} ({res.get('machine')})")
-    click.echo(f"deployment        {res['deployment']}")
-    click.echo(f"backend           {res['backend']}")
-    click.echo(f"plates            {res['count']}"
-               + (f" ({res['skipped']} skipped)" if res.get("skipped") else ""))
-    click.echo(f"accuracy          {res['accuracy']:.3f}  ({res['correct']}/{res['count']})")
-    click.echo(f"char accuracy     {res['char_accuracy']:.3f}")
-    click.echo(f"mean edit dist    {res['mean_edit_distance']:.3f}")
-    click.echo(f"time on device    {res['seconds']:.1f} s ({res['workers']} worker(s))")
-    rows = [[r, v["count"], f"{v['accuracy']:.3f}"] for r, v in res["per_region"].items()]
-    click.echo("\n" + table(rows, ["province", "plates", "accuracy"]))
+    _show(res, as_json, print_eval)
 
 
 @remote.command("info")
 @ssh_options
 @json_option
 @_with_device
-def remote_info_cmd(dev: Any, as_json: bool) -> None:
+def remote_info_cmd(dev: Device, as_json: bool) -> None:
     """What is deployed on a device, its architecture and runtime versions.
 
     \b
     Example:
       lprnet-edge remote info --host pi@raspberrypi.local
     """
-    from lprnet_edge.device.deploy import status
-
     st = status(dev)
-    if as_json:
-        echo_json(st)
-        return
-    info = st.get("info") or {}
-    click.echo(f"device       {st['host']} ({st['machine']})")
-    click.echo(f"python       {st['python']} {info.get('python', '')}")
-    if info:
-        click.echo(f"runtime      tvm {info.get('tvm')}, numpy {info.get('numpy')}, "
-                   f"opencv {info.get('opencv')}, lprnet_edge {info.get('lprnet_edge')}")
-    click.echo(f"remote dir   {st['remote_dir']} ({st['free_bytes'] / 1e6:.0f} MB free)")
-    click.echo(f"current      {st['current'] or '-'}")
-    for n in st["deployments"]:
-        click.echo(f"  {'*' if n == st['current'] else ' '} {n}")
+    _show(st, as_json, print_status)
 
 
 @remote.command("bench")
@@ -396,9 +342,9 @@ def remote_info_cmd(dev: Any, as_json: bool) -> None:
                    "started on the device and an SSH tunnel (model only).")
 @click.option("--artifact", type=click.Path(exists=True, file_okay=False),
               help="Local artifact whose model --tunnel times.")
-@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads on the device.")
+@runs_option(100)
+@warmup_option(10)
+@threads_option(_DEVICE_THREADS)
 @click.option("--image", type=click.Path(exists=True, dir_okay=False),
               help="Plate image to time (default: a synthetic plate).")
 @click.option("--no-preprocess", is_flag=True, help="Time the model call only (SSH mode).")
@@ -413,7 +359,7 @@ def remote_bench_cmd(rpc: bool, artifact: str | None, runs: int, warmup: int,
       lprnet-edge remote bench --host pi@raspberrypi.local
       lprnet-edge remote bench --host pi@raspberrypi.local --tunnel --artifact build/lprnet-rpi4
     """
-    stats = bench_over_ssh(_ssh_kwargs(kw), rpc=rpc, artifact=artifact, runs=runs,
+    stats = bench_over_ssh(ssh_kwargs(kw), rpc=rpc, artifact=artifact, runs=runs,
                            warmup=warmup, threads=threads, image=image,
                            include_preprocess=not no_preprocess)
     print_bench(stats, as_json)
@@ -428,7 +374,7 @@ def device_group() -> None:
 
 
 @device_group.command("setup")
-@ssh_options
+@setup_ssh_options
 @click.option("--offline", is_flag=True,
               help="The board has no network: download the wheels here (for its platform and "
                    "Python), upload them, check their sha256 there and install them.")
@@ -436,7 +382,7 @@ def device_group() -> None:
               help="Wheels already downloaded for the board (implies --offline).")
 @click.option("--rpc-deps", is_flag=True,
               help="Also install TVM's RPC server dependencies (cloudpickle, tornado, psutil) "
-                   "for `bench --rpc` and tuning on the board.")
+                   "for `bench --host --tunnel` and tuning on the board.")
 @json_option
 def device_setup_cmd(offline: bool, wheels_dir: str | None, rpc_deps: bool, as_json: bool,
                      **kw: Any) -> None:
@@ -455,25 +401,14 @@ def device_setup_cmd(offline: bool, wheels_dir: str | None, rpc_deps: bool, as_j
       lprnet-edge device setup --host pi@10.0.0.7 --offline
       ~/.lprnet-edge/venv/bin/python -c 'from lprnet_edge import Recognizer'   # on the board
     """
-    from lprnet_edge.device.setup import setup_device
-
-    opts = _ssh_kwargs(kw)
+    opts = ssh_kwargs(kw)
     base = opts.pop("remote_python", None) or "python3"
     with device_from(opts) as dev:
-        click.echo(f"Setting up {dev.conn.spec}:{dev.root}/venv", err=True)
+        click.echo(f"Setting up {dev.spec}:{dev.root}/venv", err=True)
         with progress("Uploading wheels", 1) as bar:
             res = setup_device(dev, offline=offline, wheels_dir=wheels_dir, base_python=base,
                                rpc=rpc_deps, progress=bar, on_step=_step)
-    if as_json:
-        echo_json(res.to_dict())
-        return
-    v = res.versions
-    click.echo(f"venv         {res.venv} (Python {res.python}, {res.machine})")
-    click.echo(f"installed    tvm {v.get('tvm')}, numpy {v.get('numpy')}, opencv "
-               f"{v.get('opencv')} ({'uploaded wheels' if res.mode == 'offline' else 'pip'})")
-    click.echo(f"runtime      lprnet_edge {v.get('lprnet_edge')} in {res.runtime} ({res.pth})")
-    click.echo(f"total        {res.seconds:.1f} s")
-    click.echo(f"\nNext: lprnet-edge deploy ARTIFACT --host {res.host}")
+    _show(res, as_json, print_setup)
 
 
 COMMANDS = (deploy_cmd, rollback_cmd, remote, device_group)

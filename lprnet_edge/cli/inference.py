@@ -16,6 +16,8 @@ from lprnet_edge.cli.common import (
     echo_json,
     json_option,
     open_recognizer,
+    print_metrics,
+    print_regions,
     progress,
     table,
     weights_option,
@@ -103,13 +105,8 @@ def eval_cmd(data: str, artifact: str | None, weights: str | None, skip_bad: boo
         echo_json({"backend": rec.backend_name, "data": str(data), **res.to_dict()})
         return
     click.echo(f"backend           {rec.backend_name}")
-    skipped = f" ({res.skipped_count} skipped)" if res.skipped else ""
-    click.echo(f"plates            {res.count}{skipped}")
-    click.echo(f"accuracy          {res.accuracy:.3f}  ({res.correct}/{res.count})")
-    click.echo(f"char accuracy     {res.char_accuracy:.3f}")
-    click.echo(f"mean edit dist    {res.mean_edit_distance:.3f}")
-    rows = [[r, v["count"], f"{v['accuracy']:.3f}"] for r, v in res.per_region.items()]
-    click.echo("\n" + table(rows, ["province", "plates", "accuracy"]))
+    print_metrics(res)
+    print_regions(res)
     if res.skipped:
         click.echo("\n" + table([[path, reason] for path, reason in res.skipped],
                                 ["skipped file", "reason"]))

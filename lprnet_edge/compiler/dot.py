@@ -1,4 +1,4 @@
-"""int8 convolutions on the CPU's integer dot-product instructions (issue 11).
+"""int8 convolutions on the CPU's integer dot-product instructions.
 
 Why a rewrite and a hand-written schedule: an int8 convolution lowered by ``R.nn.conv2d``
 multiplies widened int32 lanes, as many per instruction as fp32 FMAs, so it is no faster than
@@ -22,6 +22,9 @@ description with the operands reinterpreted as bytes. The ARM ones are TVM's.
 
 Which kind a target gets is read from its ``mattr`` (:func:`int8_dot`), never assumed: build
 hosts differ from day to day (some x86 ones are AVX2-only and get none).
+
+TVM is imported inside the functions that use it: importing it takes seconds (and
+loads torch), and this module is imported by commands that never compile.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from lprnet_edge.compiler.errors import import_tvm_compiler
 from lprnet_edge.compiler.int8 import is_int8_conv, is_op
+from lprnet_edge.compiler.tvm_import import import_tvm_compiler
 
 
 @dataclass(frozen=True)

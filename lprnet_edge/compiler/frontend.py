@@ -2,7 +2,7 @@
 
 ``main(x, *params)`` takes the parameters in the returned dict's order; the artifact stores them
 in ``params.npz`` and the runtime passes them after the image. BatchNorm is folded before
-import (:func:`lprnet_edge.model.fold.fold_batchnorm`), so the module has none left.
+import (:func:`lprnet_edge.model.bn_fold.fold_batchnorm`), so the module has none left.
 
 A compressed model (:class:`lprnet_edge.compress.api.CompressedModel`) is imported through its
 ``module``; a :class:`~lprnet_edge.compress.api.QuantizedModel` with ``int8_convs`` then gets
@@ -12,6 +12,9 @@ has no quantization pass of its own).
 Two graph-level changes make the compiled model fast: constant channels are folded away
 (:mod:`lprnet_edge.model.channel_fold`, half of the checkpoint's FLOPs), and convolutions run
 in NHWC with HWIO weights (:func:`convert_layout`), transposed once here, not per call.
+
+TVM is imported inside the functions that use it: importing it takes seconds (and
+loads torch), and this module is imported by commands that never compile.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from lprnet_edge.compiler.errors import first_line, import_tvm_compiler
+from lprnet_edge.compiler.dot import use_int8_dot
+from lprnet_edge.compiler.int8 import cancel_transposes, exact_rescale, precompute_params
+from lprnet_edge.compiler.tvm_import import first_line, import_tvm_compiler
 from lprnet_edge.compress.api import CompressedModel, QuantizedModel
+from lprnet_edge.model.bn_fold import fold_batchnorm
 from lprnet_edge.model.channel_fold import FoldReport, fold_all
-from lprnet_edge.model.fold import fold_batchnorm
 from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
 
 FRONTENDS = ("torch.export", "onnx")
@@ -225,24 +230,16 @@ def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export",
     the weights only (their quantization, layout, packing) is computed here, once: the
     returned parameters are int8 / int32 / float arrays, not the float weights."""
     mod, params = to_relax(qmodel.module, frontend, layout="NCHW")
-    from lprnet_edge.compiler.int8 import (
-        cancel_transposes,
-        exact_rescale,
-        precompute_params,
-    )
-
     mod, n = relax_int8_rewrite(mod)
     expected = len(qmodel.int8_convs)
     if n != expected:
         raise LprnetEdgeError(f"int8 rewrite matched {n} of {expected} quantized convolutions "
                               f"(frontend {frontend!r}); use the torch.export frontend")
-    # Tuned schedules must not let LLVM fuse the rescale into an FMA (issue 11): see int8.py.
+    # Tuned schedules must not let LLVM fuse the rescale into an FMA: see int8.py.
     mod, _ = exact_rescale(mod)
     mod, params = convert_layout(normalize(mod), params, layout)
     mod, _ = cancel_transposes(mod)
     if int8_dot is not None and layout == "NHWC":
-        from lprnet_edge.compiler.dot import use_int8_dot
-
         mod, _ = use_int8_dot(mod, int8_dot)
     return precompute_params(mod, params)
 

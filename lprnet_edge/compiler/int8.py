@@ -1,28 +1,33 @@
 """Relax passes for the real int8 convolutions, after :func:`frontend.relax_int8_rewrite`.
 
-Why :func:`exact_rescale` exists (issue 11, "int8 --tune fails verification"): PyTorch's
+Why :func:`exact_rescale` exists (a tuned int8 build must pass verification): PyTorch's
 fake-quant reference (``compress.quantize.QuantConv2d``) computes ``y = acc * scale`` and then
 ``y + bias`` as two float32 operations, each rounded. TVM's LLVM backend builds every module
 with ``TargetOptions.AllowFPOpFusion = FPOpFusion::Fast`` (no target attribute turns it off), so
 once a MetaSchedule schedule inlines the elementwise epilogue into one expression
 ``float(acc) * scale + bias``, LLVM contracts it into one FMA with a single rounding. The
 untuned build keeps each block in its own loop with a store in between, so it has no FMA and
-matched. The FMA differs from PyTorch in the last bit about 25 times per million outputs; after
-``round(y / next_scale)`` a few of those become int8 codes off by one, and one such code in
-image 652 of calib/ moved a logit by 0.63. The int32 accumulation itself was exact.
+matches. The FMA differs from PyTorch in the last bit of rare outputs; after
+``round(y / next_scale)`` some of those become int8 codes off by one, enough to move a logit
+past the verification tolerance. The int32 accumulation itself is exact.
 
 The fix computes the rescale as ``float32(float64(acc) * float64(scale))``: for ``|acc| < 2**24``
 the float64 product is exact, so its one rounding to float32 equals PyTorch's float32 multiply
 bit for bit, and the add that follows takes an ``fptrunc``, not an ``fmul``: there is nothing
 for LLVM to contract, whatever the schedule. The extra float64 work is one multiply per conv
 output, negligible next to the convolution.
+
+TVM is imported inside the functions that use it: importing it takes seconds (and
+loads torch), and this module is imported by commands that never compile.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lprnet_edge.compiler.errors import import_tvm_compiler
+import numpy as np
+
+from lprnet_edge.compiler.tvm_import import import_tvm_compiler
 
 
 def is_op(e: Any, name: str) -> bool:
@@ -102,7 +107,6 @@ def precompute_params(mod: Any, params: dict[str, Any]) -> tuple[Any, dict[str, 
     its results (int8, int32 or float arrays) as its parameters, stored as they are.
     """
     tvm = import_tvm_compiler()
-    import numpy as np
     from tvm import relax
 
     lifted = relax.transform.LiftTransformParams()(mod)
@@ -150,8 +154,8 @@ def cancel_transposes(mod: Any) -> tuple[Any, int]:
     ``a`` and ``f`` is a chain of element-wise ops (clip, astype, round).
 
     ``ConvertLayout`` does not know ``clip``, so each int8 convolution's input quantization
-    is wrapped in an NHWC -> NCHW -> NHWC round trip: two transposes per layer, 40% of the
-    int8 model's time before this pass. Returns the module and the number removed."""
+    is wrapped in an NHWC -> NCHW -> NHWC round trip: two transposes per layer, a large share of
+    the int8 model's time without this pass. Returns the module and the number removed."""
     import_tvm_compiler()
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator

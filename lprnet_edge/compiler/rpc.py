@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lprnet_edge.compiler.worker_env import worker_env
 from lprnet_edge.runtime.errors import DeviceError, LprnetEdgeError
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -222,8 +223,6 @@ def _log_tail(log_path: str | None, n: int = 8) -> str:
 
 def _spawn(kind: str, args: list[str], host: str, port: int, log_path: str | None,
            wait: float | None, env: dict[str, str] | None) -> RPCProcess:
-    from lprnet_edge.compiler.tune import worker_env
-
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         proc = subprocess.Popen([sys.executable, "-m", *args], stdout=out,

@@ -1,7 +1,7 @@
 """Default schedules: what a build applies to kernels that have no tuning record of its own.
 
 An untuned TVM build compiles every fused kernel as naive loops (one thread, no vectors):
-LPRNet then runs ~12x slower than PyTorch. Three layers, first match wins, per kernel:
+LPRNet then runs several times slower than PyTorch. Three layers, first match wins, per kernel:
 
 1. the build's own tuning database (``--tune`` / ``--tuning-db``), measured for this target;
 2. the packaged database ``lprnet_edge/compiler/data/default_schedules/``: the best
@@ -14,10 +14,15 @@ LPRNet then runs ~12x slower than PyTorch. Three layers, first match wins, per k
    re-fitted to the new loop extents, then MetaSchedule's post-processors for the target.
 
 Everything here runs in the build process; nothing is measured.
+
+TVM is imported inside the functions that use it: importing it takes seconds (and
+loads torch), and this module is imported by commands that never compile.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -53,8 +58,8 @@ def _json_db(path: Path) -> Any:
 
 def plausible(rec: Any, secs: float) -> bool:
     """False for a record slower than any sane schedule of its kernel: at least 1 ms and
-    below 0.1 GFLOP/s. A cheap reduction (the global-context means) measured 4 times can
-    keep a best of 57-243 ms (naive loops: ~1 ms), which a build must not apply."""
+    below 0.1 GFLOP/s. A cheap reduction (the global-context means) measured a few times can
+    keep a best far slower than its naive loops, which a build must not apply."""
     if secs <= 1e-3:
         return True
     from tvm.s_tir.analysis import estimate_tir_flops
@@ -85,9 +90,6 @@ def export_defaults(src_dirs: Iterable[str | Path], out_dir: str | Path | None =
                     ) -> dict[str, Any]:
     """Write the fastest record per workload of the tuning databases ``src_dirs`` (merged,
     the existing defaults included) to ``out_dir``: the packaged default schedules."""
-    import shutil
-    import tempfile
-
     from tvm.s_tir import meta_schedule as ms
 
     out_dir = Path(out_dir) if out_dir is not None else DEFAULTS_DIR
@@ -115,11 +117,46 @@ def export_defaults(src_dirs: Iterable[str | Path], out_dir: str | Path | None =
             "sources": [str(d) for d in sources]}
 
 
+def default_records() -> dict[int, Any]:
+    """structural hash of the workload -> its packaged default record (empty: none packaged)."""
+    return best_records(_json_db(DEFAULTS_DIR)) if has_defaults() else {}
+
+
 def default_database() -> Any:
     """The packaged defaults as an in-memory database (None if not packaged)."""
     if not has_defaults():
         return None
-    return memory_database(best_records(_json_db(DEFAULTS_DIR)).values())
+    return memory_database(default_records().values())
+
+
+def comparable(a: Any, b: Any) -> bool:
+    """Whether run times recorded for the targets ``a`` and ``b`` (``tvm.target.Target``)
+    measure the same kind of machine: same target kind and triple, and without a triple
+    (records measured on the host), CPUs that both run on this machine's architecture."""
+    ta, tb = dict(a.export()), dict(b.export())
+    if str(ta.get("kind")) != str(tb.get("kind")) or ta.get("mtriple") != tb.get("mtriple"):
+        return False
+    if ta.get("mtriple"):
+        return True
+    from tvm.target import codegen
+
+    triple = str(codegen.llvm_get_system_triple())
+    return all(not isinstance(t.get("mcpu"), str) or codegen.llvm_is_valid_cpu(t["mcpu"], triple)
+               for t in (ta, tb))
+
+
+def keep_faster(own: dict[int, Any], packaged: dict[int, Any]) -> dict[int, Any]:
+    """``own`` without the records that are slower than the packaged default of the same
+    workload measured on a comparable target: a small tuning budget must not replace a
+    better default schedule."""
+    out = {}
+    for h, rec in own.items():
+        ref = packaged.get(h)
+        if (ref is not None and comparable(rec.target, ref.target)
+                and mean_run_secs(ref.run_secs) < mean_run_secs(rec.run_secs)):  # type: ignore[operator]
+            continue
+        out[h] = rec
+    return out
 
 
 def memory_database(records: Iterable[Any]) -> Any:

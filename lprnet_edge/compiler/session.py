@@ -10,10 +10,16 @@ Per-kernel profiles (``profile=True``): locally and on a board through its agent
 instrument cannot run on the device (TVM 0.27 cannot send a callback, and ``time_evaluator``
 does not search the executable's imported kernel library), by calling each kernel from here
 (:meth:`LoadedModule.profile_calls`) with the argument shapes the build recorded.
+
+TVM is imported inside the functions that use it: importing it takes seconds (and
+loads torch), and this module is imported by every command at start-up.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +57,6 @@ class Session:
 
 def local_session() -> Session:
     """This process, through ``tvm.rpc.LocalSession`` (the same calls as a remote one)."""
-    import logging
-
     from tvm import rpc as tvm_rpc
 
     # LocalSession runs TVM's server-side handlers here, which log every load_module at INFO.
@@ -193,9 +197,6 @@ def in_child_process(fn: Callable[..., Any], *args: Any, timeout: float,
     """``fn(*args)`` in a fresh (spawned) process, killed after ``timeout`` seconds (then
     ``on_timeout()`` is raised). The TVM RPC client blocks in C++ holding the GIL, which would
     starve Python threads of this process, such as those pumping an SSH tunnel."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
     with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         fut = ex.submit(fn, *args)
         try:

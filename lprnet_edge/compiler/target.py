@@ -13,8 +13,10 @@ Loading a target does not need the TVM compiler, except to detect the CPU of ``h
 from __future__ import annotations
 
 import functools
+import json
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,11 +28,19 @@ from lprnet_edge.runtime.errors import LprnetEdgeError
 ARCHES = ("x86_64", "aarch64", "armv7")
 _TOP_KEYS = {"name", "description", "arch", "tvm", "toolchain", "device"}
 _TOOLCHAIN_KEYS = {"triple", "compiler", "debian_package", "options"}
-# [device] keys with a known type; other keys are kept as they are (for deployment tools).
+# The [device] keys and their types: a misspelled key would silently fall back to a default.
 _DEVICE_TYPES: dict[str, type | tuple[type, ...]] = {
     "host": str, "ssh_user": str, "ssh_port": int, "rpc_port": int, "rpc_key": str,
     "num_threads": int, "python": str, "workdir": str,
 }
+# The options TVM's "llvm" target kind accepts (``TargetKind.options_from_name("llvm")``),
+# so a target file is checked without loading TVM; other kinds are checked by TVM itself.
+LLVM_KEYS = frozenset({
+    "kind", "keys", "tag", "device", "model", "libs", "host", "from_device",
+    "target_device_type", "mattr", "mcpu", "mtriple", "mfloat-abi", "mabi", "num-cores",
+    "fast-math", "fast-math-nnan", "fast-math-ninf", "fast-math-nsz", "fast-math-arcp",
+    "fast-math-contract", "fast-math-reassoc", "opt-level", "cl-opt", "jit", "vector-width",
+})
 # Words in a target file that mean "this machine's value", resolved by load_target.
 _AUTO = ("native", "auto")
 
@@ -150,26 +160,29 @@ def list_targets() -> list[TargetSpec]:
     return [load_target(n) for n in target_names()]
 
 
-def load_target(name_or_path: str | Path) -> TargetSpec:
-    """A target by name (``rpi4``) or a path to a TOML file."""
+def load_target(name_or_path: str | Path, detect_cpu: bool = True) -> TargetSpec:
+    """A target by name (``rpi4``) or a path to a TOML file. ``detect_cpu=False`` leaves
+    ``mcpu = "native"`` as written: detecting the CPU loads TVM, seconds a listing need not
+    pay."""
     s = str(name_or_path)
     p = Path(s)
     if s.endswith(".toml") or os.sep in s:
         if not p.is_file():
             raise LprnetEdgeError(f"target file {p}: no such file")
-        return parse_target(p.read_bytes(), str(p), default_name=p.stem)
+        return parse_target(p.read_bytes(), str(p), default_name=p.stem, detect_cpu=detect_cpu)
     found = _available()
     if s not in found:
         raise LprnetEdgeError(f"unknown target {s!r}: use one of {sorted(found)} "
                               "(or --target-file PATH)")
     res = found[s]
-    return parse_target(res.read_bytes(), str(res), default_name=s)
+    return parse_target(res.read_bytes(), str(res), default_name=s, detect_cpu=detect_cpu)
 
 
 # ---------------------------------------------------------------- parsing and checks
 
 
-def parse_target(data: bytes | str, source: str, default_name: str | None = None) -> TargetSpec:
+def parse_target(data: bytes | str, source: str, default_name: str | None = None,
+                 detect_cpu: bool = True) -> TargetSpec:
     """Validate a target file's content; every error names ``source``."""
 
     def bad(msg: str) -> LprnetEdgeError:
@@ -180,9 +193,7 @@ def parse_target(data: bytes | str, source: str, default_name: str | None = None
         d = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise bad(f"not valid TOML ({e})") from e
-    unknown = set(d) - _TOP_KEYS
-    if unknown:
-        raise bad(f"unknown keys {sorted(unknown)}; use {sorted(_TOP_KEYS)}")
+    _refuse_unknown(d, _TOP_KEYS, "", bad)
     name = d.get("name", default_name)
     if not isinstance(name, str) or not name:
         raise bad("'name' must be a non-empty string")
@@ -192,16 +203,38 @@ def parse_target(data: bytes | str, source: str, default_name: str | None = None
     for table in ("tvm", "toolchain", "device"):
         if table in d and not isinstance(d[table], dict):
             raise bad(f"[{table}] must be a table")
-    tvm_d = dict(d.get("tvm") or {})
+    tvm_d = _checked_tvm(dict(d.get("tvm") or {}), bad)
+    toolchain = _checked_toolchain(dict(d.get("toolchain") or {}), bad)
+    device = _checked_device(dict(d.get("device") or {}), bad)
+    arch = d.get("arch")
+    if arch in _AUTO:
+        arch = machine_arch()
+    if arch not in ARCHES:
+        raise bad(f"arch {arch!r}: use one of {list(ARCHES)} (or \"native\")")
+    notes = _resolve_auto(tvm_d, arch, detect_cpu, bad)
+    for where, triple in (("[tvm] mtriple", tvm_d.get("mtriple")),
+                          ("[toolchain] triple", toolchain.get("triple"))):
+        if isinstance(triple, str) and triple_arch(triple) not in (None, arch):
+            raise bad(f"{where} {triple!r} is for {triple_arch(triple)}, but arch is {arch!r}")
+    return TargetSpec(name=name, description=desc, arch=arch, tvm=tvm_d, toolchain=toolchain,
+                      device=device, source=source, notes=tuple(notes))
+
+
+def _checked_tvm(tvm_d: dict[str, Any], bad: Callable[[str], LprnetEdgeError]
+                 ) -> dict[str, Any]:
     if not isinstance(tvm_d.get("kind"), str):
         raise bad("[tvm] needs kind = \"llvm\" (the TVM target kind)")
+    if tvm_d["kind"] == "llvm":
+        _refuse_unknown(tvm_d, LLVM_KEYS, "[tvm] ", bad)
     for k, v in tvm_d.items():
         if not _scalar_or_str_list(v):
             raise bad(f"[tvm] {k}: expected a string, number, boolean or list of strings")
-    toolchain = dict(d.get("toolchain") or {})
-    unknown = set(toolchain) - _TOOLCHAIN_KEYS
-    if unknown:
-        raise bad(f"[toolchain] unknown keys {sorted(unknown)}; use {sorted(_TOOLCHAIN_KEYS)}")
+    return tvm_d
+
+
+def _checked_toolchain(toolchain: dict[str, Any], bad: Callable[[str], LprnetEdgeError]
+                       ) -> dict[str, Any]:
+    _refuse_unknown(toolchain, _TOOLCHAIN_KEYS, "[toolchain] ", bad)
     for k in ("triple", "debian_package"):
         if k in toolchain and not isinstance(toolchain[k], str):
             raise bad(f"[toolchain] {k} must be a string")
@@ -209,41 +242,48 @@ def parse_target(data: bytes | str, source: str, default_name: str | None = None
         v = toolchain.get(k)
         if v is not None and not (isinstance(v, str) or _str_list(v)):
             raise bad(f"[toolchain] {k} must be a string or a list of strings")
-    device = dict(d.get("device") or {})
+    return toolchain
+
+
+def _checked_device(device: dict[str, Any], bad: Callable[[str], LprnetEdgeError]
+                    ) -> dict[str, Any]:
+    _refuse_unknown(device, set(_DEVICE_TYPES), "[device] ", bad)
     for k, typ in _DEVICE_TYPES.items():
         if k in device and (not isinstance(device[k], typ) or isinstance(device[k], bool)):
             raise bad(f"[device] {k} must be of type {typ.__name__}")  # type: ignore[union-attr]
+    return device
 
-    arch = d.get("arch")
+
+def _resolve_auto(tvm_d: dict[str, Any], arch: str, detect_cpu: bool,
+                  bad: Callable[[str], LprnetEdgeError]) -> list[str]:
+    """Replace "native"/"auto" in ``tvm_d`` by this machine's values; returns the notes."""
     notes: list[str] = []
-    if arch in _AUTO:
-        arch = machine_arch()
-    if arch not in ARCHES:
-        raise bad(f"arch {arch!r}: use one of {list(ARCHES)} (or \"native\")")
     if tvm_d.get("num-cores") in _AUTO:
         tvm_d["num-cores"] = os.cpu_count() or 1
-    if tvm_d.get("mcpu") in _AUTO:
-        if arch != machine_arch():
-            raise bad("mcpu = \"native\" only makes sense for this machine's architecture")
-        cpu = detect_host_cpu()
-        if cpu:
-            tvm_d["mcpu"] = cpu
-            notes.append(f"mcpu {cpu!r} detected on this machine")
-            if "mattr" not in tvm_d and (mattr := host_mattr(cpu)):
-                tvm_d["mattr"] = mattr
-                notes.append("mattr from /proc/cpuinfo: " + " ".join(mattr))
-        else:
-            del tvm_d["mcpu"]
-            notes.append("CPU not detected (TVM compiler not installed): generic code")
-    mtriple = tvm_d.get("mtriple")
-    if isinstance(mtriple, str) and triple_arch(mtriple) not in (None, arch):
-        raise bad(f"[tvm] mtriple {mtriple!r} is for {triple_arch(mtriple)}, but arch is {arch!r}")
-    triple = toolchain.get("triple")
-    if isinstance(triple, str) and triple_arch(triple) not in (None, arch):
-        raise bad(f"[toolchain] triple {triple!r} is for {triple_arch(triple)}, "
-                  f"but arch is {arch!r}")
-    return TargetSpec(name=name, description=desc, arch=arch, tvm=tvm_d, toolchain=toolchain,
-                      device=device, source=source, notes=tuple(notes))
+    if tvm_d.get("mcpu") not in _AUTO:
+        return notes
+    if arch != machine_arch():
+        raise bad("mcpu = \"native\" only makes sense for this machine's architecture")
+    if not detect_cpu:
+        return ["mcpu: this machine's CPU, detected when a build loads the target"]
+    cpu = detect_host_cpu()
+    if cpu:
+        tvm_d["mcpu"] = cpu
+        notes.append(f"mcpu {cpu!r} detected on this machine")
+        if "mattr" not in tvm_d and (mattr := host_mattr(cpu)):
+            tvm_d["mattr"] = mattr
+            notes.append("mattr from /proc/cpuinfo: " + " ".join(mattr))
+    else:
+        del tvm_d["mcpu"]
+        notes.append("CPU not detected (TVM compiler not installed): generic code")
+    return notes
+
+
+def _refuse_unknown(table: dict[str, Any], allowed: set[str] | frozenset[str], where: str,
+                    bad: Callable[[str], LprnetEdgeError]) -> None:
+    unknown = set(table) - set(allowed)
+    if unknown:
+        raise bad(f"{where}unknown keys {sorted(unknown)}; use {sorted(allowed)}")
 
 
 def triple_arch(triple: str) -> str | None:
@@ -329,6 +369,4 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    import json
-
     return json.dumps(str(v), ensure_ascii=False)

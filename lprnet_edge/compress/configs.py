@@ -19,7 +19,7 @@ technique is a new config class here and a handler (:func:`lprnet_edge.compress.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 from lprnet_edge.runtime.errors import LprnetEdgeError
@@ -33,7 +33,9 @@ def _tuplify(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
-class _Config:
+class DictConfig:
+    """A config that round-trips through the manifest's JSON, refusing unknown keys."""
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
 
@@ -59,7 +61,7 @@ class _FamilyMeta(type):
         return super().__call__(*args, **kw)
 
 
-class CompressConfig(_Config, metaclass=_FamilyMeta):
+class CompressConfig(DictConfig, metaclass=_FamilyMeta):
     """Base of every compression technique's config (like torchao's ``AOBaseConfig``).
 
     A family root (:class:`PruneConfig`, :class:`QuantizeConfig`) names its discriminator
@@ -113,7 +115,7 @@ class CompressConfig(_Config, metaclass=_FamilyMeta):
         if target.legacy_defaults and not (set(target.legacy_defaults) & set(d)):
             d = {**target.legacy_defaults, **d}
         d = {k: v for k, v in d.items() if k not in target.legacy_keys or k in names}
-        return _Config.from_dict.__func__(target, d)  # type: ignore[attr-defined]
+        return DictConfig.from_dict.__func__(target, d)  # type: ignore[attr-defined]
 
 
 class PruneConfig(CompressConfig):
@@ -231,39 +233,3 @@ class Int8Config(QuantizeConfig):
         if self.calibrator not in CALIBRATORS:
             raise LprnetEdgeError(f"calibrator {self.calibrator!r}: use one of "
                                   f"{list(CALIBRATORS)}")
-
-
-@dataclass(frozen=True)
-class TuneConfig(_Config):
-    """MetaSchedule budget and where to measure (local, direct RPC or an RPC tracker)."""
-
-    trials: int = 600  # a first round for every task, then the convs (25 min cap)
-    trials_per_task: int | None = None
-    num_trials_per_iter: int = 16
-    rpc: str | None = None  # "HOST:PORT" of a TVM RPC server
-    rpc_tracker: str | None = None  # "HOST:PORT" of a TVM RPC tracker
-    rpc_key: str | None = None
-    timeout_s: float = 60.0
-    seed: int = 0
-    db_dir: str | None = None  # default: the cache, keyed by target and workload
-    # Only tune the tasks whose name contains one of these (empty: every task). The report
-    # tunes the convolutions only: they take nearly all of LPRNet's time.
-    tasks: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise LprnetEdgeError("trials must be >= 1")
-        if self.rpc_tracker and not self.rpc_key:
-            raise LprnetEdgeError("--rpc-tracker needs --rpc-key (the device key to request)")
-
-
-@dataclass(frozen=True)
-class CompileConfig(_Config):
-    """How the model is lowered: the input shape is fixed at batch 1 (LPRNet's semantics)."""
-
-    frontend: str = "torch.export"  # "torch.export" | "onnx"
-    layout: str = "NHWC"  # convolution data layout: "NHWC" (HWIO weights) | "NCHW"
-    opt_level: int = 3
-    num_threads: int | None = None  # runtime threads recorded for the device (None: all cores)
-    verify_tolerance: float = 1e-3  # max |logit diff| vs PyTorch allowed by verification
-    extra: dict[str, Any] = field(default_factory=dict)

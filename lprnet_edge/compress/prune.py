@@ -395,7 +395,7 @@ def prune(model: LPRNet, cfg: PruneConfig, calib: Any = None, distill_kwargs: di
 
 def folded_encodings(model: nn.Module) -> dict[str, str]:
     """Encodings of the BatchNorm-folded model the pipeline compiles (sparse where zeros)."""
-    from lprnet_edge.model.fold import fold_batchnorm
+    from lprnet_edge.model.bn_fold import fold_batchnorm
 
     return params_encodings(fold_batchnorm(model))
 

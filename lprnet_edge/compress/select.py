@@ -1,27 +1,28 @@
-"""Accuracy-guarded choice of a compressed variant, decided on a validation split of ``calib/``.
+"""Accuracy-checked choice of a compressed variant, decided on the validation split of ``calib/``.
 
 Each candidate is (prune config or none) x (quantize config or none) [x fallback layers]. For
-each one, :func:`select` builds the variant, measures its exact-plate accuracy at batch-1
-semantics on a fixed-seed validation split of ``calib/`` (never ``test/``), the agreement with
-the original's readings there, the stored size of its params file with the encodings it would
-ship with, and its FLOPs. Among candidates whose accuracy drop versus the original on that
-split is within ``budget``, the winner is (``optimize="size"``, the default) the smallest stored
-size, then the fewest FLOPs; or (``optimize="latency"``) the lowest latency measured on the
-target, then the smallest size. Latency is measured by the caller's ``latency`` function (the
-build pipeline builds and times each candidate on the host or on a board over RPC: this layer
-compiles nothing), never assumed from FLOPs or encodings. Every candidate's figures, latency
-included, and why the winner won are returned (for the manifest).
+each one, :func:`select` builds the variant, checks its plate readings against the original's
+with the build's one accuracy check (:mod:`lprnet_edge.compress.accuracy`, on its validation
+split, never ``test/``), and measures the stored size of its params file with the encodings it
+would ship with, and its FLOPs. Among candidates within the budget, the winner is
+(``optimize="size"``, the default) the smallest stored size, then the fewest FLOPs; or
+(``optimize="latency"``) the lowest latency measured on the target, then the smallest size.
+Latency is measured by the caller's ``latency`` function (the build pipeline builds and times
+each candidate on the host or on a board over RPC: this layer compiles nothing), never assumed
+from FLOPs or encodings. Every candidate's figures and why the winner won are returned.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from lprnet_edge.compress.accuracy import VALIDATION, AccuracyCheck, Budget, compare, readings
 from lprnet_edge.compress.configs import (
     ChannelPruneConfig,
     Fp16WeightsConfig,
@@ -33,10 +34,12 @@ from lprnet_edge.compress.configs import (
 )
 from lprnet_edge.compress.prune import params_encodings, prune, stored_size
 from lprnet_edge.compress.quantize import quantize
-from lprnet_edge.model.calib import CalibrationSet, decode_batch, predict_logits
+from lprnet_edge.model.calib import CalibrationSet, accuracy, load_eval_set
 from lprnet_edge.model.flops import summary as flops_summary
+from lprnet_edge.runtime.errors import DataError, LprnetEdgeError
 
 OPTIMIZE = ("size", "latency")
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,6 @@ class LatencyFigure:
                 "latency_where": self.where, "latency_timing": self.timing}
 
 
-# ``latency(candidates) -> {name: LatencyFigure}`` for the candidates within budget.
-LatencyFn = Callable[[list["Candidate"]], dict[str, LatencyFigure]]
-
-
 @dataclass
 class Candidate:
     name: str
@@ -74,135 +73,193 @@ class Candidate:
                 "quantize": self.quant.to_dict() if self.quant else None, **self.extra}
 
 
+# ``latency(candidates) -> {name: LatencyFigure}`` for the candidates within budget.
+LatencyFn = Callable[[list[Candidate]], dict[str, LatencyFigure]]
+
+
+@dataclass(frozen=True)
+class CandidateFigures:
+    """What the search measured of one candidate. ``timed``: the search optimised latency, so
+    the row carries a latency figure (None for a candidate that was not timed)."""
+
+    description: dict[str, Any]
+    check: AccuracyCheck
+    stored_bytes: int
+    flops: int
+    macs: int
+    params: int
+    encodings: tuple[str, ...]
+    seconds: float
+    latency: LatencyFigure | None = None
+    timed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.description["name"]
+
+    @property
+    def within_budget(self) -> bool:
+        return self.check.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.check
+        row = {**self.description, "val_accuracy": c.changed, "val_drop": c.original - c.changed,
+               "val_agreement": c.agreement, "val_lost": c.lost / c.images,
+               "val_gained": c.gained / c.images, "stored_bytes": self.stored_bytes,
+               "flops": self.flops, "macs": self.macs, "params": self.params,
+               "encodings": list(self.encodings), "seconds": self.seconds,
+               "within_budget": self.within_budget}
+        if self.timed:
+            row.update(self.latency.to_dict() if self.latency else {"latency_ms": None})
+        return row
+
+
+@dataclass(frozen=True)
+class TestComparison:
+    """Accuracy on ``test/`` of the model built and of the original, measured after the choice
+    and never used for it; ``skipped`` says why there is none."""
+
+    __test__ = False  # a "Test*" name, not a test class (pytest would try to collect it)
+
+    original: float | None = None
+    selected: float | None = None
+    images: int = 0
+    data: str = ""
+    skipped: str | None = None
+
+    @property
+    def change_points(self) -> float:
+        return 100 * ((self.selected or 0.0) - (self.original or 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.skipped is not None:
+            return {"skipped": self.skipped}
+        return {"original": self.original, "selected": self.selected,
+                "change_points": self.change_points, "images": self.images, "data": self.data,
+                "measured_with": "pytorch (the model compiled; int8: its simulation), "
+                                 "batch-1 semantics"}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The search's result, as the manifest records it."""
+
+    budget: Budget
+    val_images: int
+    original_val_accuracy: float
+    selected: str | None
+    optimize: str
+    why: str | None
+    candidates: tuple[CandidateFigures, ...]
+    test: TestComparison | None = None
+
+    @property
+    def winner(self) -> CandidateFigures | None:
+        return next((c for c in self.candidates if c.name == self.selected), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        # "budget" (a fraction) and "guard" (the measure) are the keys the report renders.
+        d = {"budget": self.budget.points / 100, "guard": self.budget.measure,
+             "val_split": VALIDATION.to_dict(self.val_images),
+             "original_val_accuracy": self.original_val_accuracy, "selected": self.selected,
+             "optimize": self.optimize, "why": self.why,
+             "candidates": [c.to_dict() for c in self.candidates],
+             "budget_points": self.budget.points}
+        if self.test is not None:
+            d["test"] = self.test.to_dict()
+        return d
+
+
 def build_variant(original: nn.Module, cand: Candidate, calib: CalibrationSet | None = None
-                  ) -> tuple[nn.Module, nn.Module, dict[str, str], dict[str, Any]]:
-    """``(model to evaluate, model whose weights are stored, encodings, info)``.
+                  ) -> tuple[nn.Module, nn.Module, dict[str, str]]:
+    """``(model to evaluate, model whose weights are stored, encodings)``.
 
     For ``int8`` (activations too) the evaluated model is the fake-quant simulation; the
     stored weights are the pruned float model's, encoded ``int8``.
     """
-    info: dict[str, Any] = {}
     model = original
     if cand.pruned_model is not None:
         model = cand.pruned_model
     elif cand.prune is not None:
-        model, rep = prune(original, cand.prune, calib)
-        info["prune"] = {k: v for k, v in rep.items() if k not in ("layers", "distill")}
-    stored = model
+        model, _rep = prune(original, cand.prune, calib)
     evaluated = model
     if cand.quant is not None:
-        q = quantize(model, cand.quant, calib)
-        evaluated = q.module
-        info["act_scales"] = q.act_scales or None
-    enc = params_encodings(stored, cand.prune, quant=cand.quant)
-    return evaluated, stored, enc, info
+        evaluated = quantize(model, cand.quant, calib).module
+    return evaluated, model, params_encodings(model, cand.prune, quant=cand.quant)
 
 
-def evaluate_candidate(original: nn.Module, cand: Candidate, calib: CalibrationSet,
-                       val: CalibrationSet, base_acc: float,
-                       reference: list[str] | None = None) -> dict[str, Any]:
-    """Figures of one candidate; ``reference``: the original's readings of ``val``."""
+def evaluate_candidate(original_readings: list[str], cand: Candidate, original: nn.Module,
+                       train: CalibrationSet, val: CalibrationSet, budget: Budget
+                       ) -> CandidateFigures:
+    """Figures of one candidate, built from ``train`` and checked on ``val``."""
     t0 = time.time()
-    evaluated, stored, enc, info = build_variant(original, cand, calib)
-    pred = decode_batch(predict_logits(evaluated, val.x))
-    ref = reference if reference is not None else decode_batch(predict_logits(original, val.x))
-    acc = float(sum(p == t for p, t in zip(pred, val.labels, strict=True)) / len(val))
-    ok_ref = [r == t for r, t in zip(ref, val.labels, strict=True)]
-    ok = [p == t for p, t in zip(pred, val.labels, strict=True)]
+    evaluated, stored, enc = build_variant(original, cand, train)
+    check = compare(original_readings, readings(evaluated, val), val.labels, budget)
     fl = flops_summary(stored)
-    return {
-        **cand.describe(),
-        "val_accuracy": acc,
-        "val_drop": base_acc - acc,
-        "val_agreement": float(sum(p == r for p, r in zip(pred, ref, strict=True)) / len(val)),
-        # Plates the original reads right and the candidate does not (and the converse): a
-        # model adapted to calib/ (distillation with CTC on its labels) gains plates there,
-        # which hides the plates it lost; ``lost`` is not fooled by that.
-        "val_lost": float(sum(a and not b for a, b in zip(ok_ref, ok, strict=True)) / len(val)),
-        "val_gained": float(sum(b and not a for a, b in zip(ok_ref, ok, strict=True))
-                            / len(val)),
-        "stored_bytes": stored_size(stored, enc),
-        "flops": fl["flops"],
-        "macs": fl["macs"],
-        "params": fl["params"],
-        "encodings": sorted(set(enc.values())),
-        "seconds": round(time.time() - t0, 1),
-    }
+    return CandidateFigures(cand.describe(), check, stored_size(stored, enc), fl["flops"],
+                            fl["macs"], fl["params"], tuple(sorted(set(enc.values()))),
+                            round(time.time() - t0, 1))
 
 
 def select(original: nn.Module, candidates: list[Candidate], calib: CalibrationSet,
-           budget: float = 0.005, val_fraction: float = 0.3, seed: int = 0,
-           progress: Callable[[dict[str, Any]], None] | None = None,
-           guard: str = "drop", optimize: str = "size", latency: LatencyFn | None = None
-           ) -> dict[str, Any]:
-    """Evaluate ``candidates`` on the validation split of ``calib``; among those whose accuracy
-    drop is ``<= budget`` pick the smallest stored size (then fewest FLOPs), or with
-    ``optimize="latency"`` the fastest by ``latency`` (then the smallest).
-
-    ``guard="drop"``: accuracy(original) - accuracy(candidate) on the split; ``"lost"``: the
-    fraction of plates the original reads right that the candidate gets wrong (ignores gains:
-    use it for candidates distilled or fine-tuned on calib/, whose gains there are not
-    evidence of anything on other data).
-
-    Calibration of quantization uses the *training* part of the split, so the guard is
-    measured on images that did not set any scale.
-    """
-    train, val = calib.split(val_fraction, seed)
-    ref = decode_batch(predict_logits(original, val.x))
-    base_acc = float(sum(p == t for p, t in zip(ref, val.labels, strict=True)) / len(val))
-    rows = []
-    for cand in candidates:
-        row = evaluate_candidate(original, cand, train, val, base_acc, ref)
-        loss = row["val_lost"] if guard == "lost" else row["val_drop"]
-        row["within_budget"] = loss <= budget + 1e-12
-        rows.append(row)
-        if progress:
-            progress(row)
-    ok = [r for r in rows if r["within_budget"]]
-    best = _choose(candidates, rows, ok, optimize, latency)
-    return {"budget": budget, "guard": guard, "val_split": {"fraction": val_fraction, "seed": seed,
-                                            "images": len(val)},
-            "original_val_accuracy": base_acc, "selected": best["name"] if best else None,
-            "optimize": optimize, "why": _why(best, ok, optimize), "candidates": rows}
-
-
-def _choose(candidates: list[Candidate], rows: list[dict[str, Any]],
-            ok: list[dict[str, Any]], optimize: str, latency: LatencyFn | None
-            ) -> dict[str, Any] | None:
-    """The winner among the rows ``ok`` (within budget); for latency, measures them first
-    and writes each one's figure into its row."""
-    from lprnet_edge.runtime.errors import LprnetEdgeError
-
+           budget: Budget, progress: Callable[[CandidateFigures], None] | None = None,
+           optimize: str = "size", latency: LatencyFn | None = None) -> Selection:
+    """Check ``candidates`` on the validation split of ``calib``; among those within ``budget``
+    pick the smallest stored size (then fewest FLOPs), or with ``optimize="latency"`` the
+    fastest by ``latency`` (then the smallest). Quantization calibrates on the training part,
+    so the check runs on images that set no scale."""
     if optimize not in OPTIMIZE:
         raise LprnetEdgeError(f"--optimize {optimize!r}: use one of {list(OPTIMIZE)}")
+    train, val = VALIDATION.of(calib)
+    ref = readings(original, val)
+    rows = []
+    for cand in candidates:
+        rows.append(evaluate_candidate(ref, cand, original, train, val, budget))
+        if progress:
+            progress(rows[-1])
+    if optimize == "latency":
+        rows = _timed(candidates, rows, latency)
+    ok = [r for r in rows if r.within_budget]
+    best = _choose(ok, optimize)
+    base = sum(r == t for r, t in zip(ref, val.labels, strict=True)) / len(val)
+    return Selection(budget, len(val), float(base), best.name if best else None, optimize,
+                     _why(best, ok, optimize), tuple(rows))
+
+
+def _timed(candidates: list[Candidate], rows: list[CandidateFigures], latency: LatencyFn | None
+           ) -> list[CandidateFigures]:
+    """``rows`` with the measured latency of those within budget."""
+    if latency is None:
+        raise LprnetEdgeError("--optimize latency needs a way to measure latency on the target")
+    names = {r.name for r in rows if r.within_budget}
+    if not names:
+        return rows
+    figures = latency([c for c in candidates if c.name in names])
+    return [replace(r, latency=figures.get(r.name), timed=True) for r in rows]
+
+
+def _choose(ok: list[CandidateFigures], optimize: str) -> CandidateFigures | None:
+    """The winner among the rows within budget."""
     if not ok:
         return None
     if optimize == "size":
-        return min(ok, key=lambda r: (r["stored_bytes"], r["flops"]))
-    if latency is None:
-        raise LprnetEdgeError("--optimize latency needs a way to measure latency on the target")
-    names = {r["name"] for r in ok}
-    figures = latency([c for c in candidates if c.name in names])
-    for r in rows:
-        fig = figures.get(r["name"])
-        r.update(fig.to_dict() if fig else {"latency_ms": None})
-    timed = [r for r in ok if r.get("latency_ms") is not None]
+        return min(ok, key=lambda r: (r.stored_bytes, r.flops))
+    timed = [r for r in ok if r.latency is not None]
     if not timed:
         raise LprnetEdgeError("no candidate within the budget could be timed on the target")
-    return min(timed, key=lambda r: (r["latency_ms"], r["stored_bytes"], r["flops"]))
+    return min(timed, key=lambda r: (r.latency.latency_ms, r.stored_bytes, r.flops))
 
 
-def _why(best: dict[str, Any] | None, ok: list[dict[str, Any]], optimize: str) -> str | None:
+def _why(best: CandidateFigures | None, ok: list[CandidateFigures], optimize: str) -> str | None:
     """One sentence for the manifest: what the winner beat, by the figure it was chosen on."""
     if best is None:
         return None
     if optimize == "size":
-        return (f"smallest stored size ({best['stored_bytes']} bytes) of the {len(ok)} "
+        return (f"smallest stored size ({best.stored_bytes} bytes) of the {len(ok)} "
                 "candidates within the accuracy budget")
-    others = sorted((r for r in ok if r.get("latency_ms") is not None),
-                    key=lambda r: r["latency_ms"])
-    listing = ", ".join(f"{r['name']} {r['latency_ms']:.2f} ms" for r in others)
-    return (f"lowest latency on {best.get('latency_where')} ({best['latency_ms']:.2f} ms; "
+    others = sorted((r for r in ok if r.latency is not None), key=lambda r: r.latency.latency_ms)
+    listing = ", ".join(f"{r.name} {r.latency.latency_ms:.2f} ms" for r in others)
+    return (f"lowest latency on {best.latency.where} ({best.latency.latency_ms:.2f} ms; "
             f"ties broken by stored size) of the {len(ok)} candidates within the accuracy "
             f"budget: {listing}")
 
@@ -227,7 +284,7 @@ def default_candidates(sparsities: tuple[float, ...] = (0.8, 0.9),
 
 
 def channel_candidates(original: nn.Module, train: CalibrationSet, ratios: tuple[float, ...],
-                       log: Callable[[str], None] | None = None) -> list[Candidate]:
+                       log: Log | None = None) -> list[Candidate]:
     """Channel-pruned (+ distilled on ``train``) models, each also with int8 weights. The
     pruned model is made once per ratio and shared by its candidates, so the one selected is
     exactly the one measured."""
@@ -244,62 +301,45 @@ def channel_candidates(original: nn.Module, train: CalibrationSet, ratios: tuple
     return out
 
 
-def test_accuracy(model: nn.Module, test_dir: Any = None) -> dict[str, Any]:
-    """Exact-plate accuracy on ``test/`` at batch-1 semantics: measured, never tuned on."""
-    from lprnet_edge.model.calib import accuracy, load_eval_set
-
-    data = load_eval_set(test_dir)
-    return {"accuracy": accuracy(model, data), "images": len(data.labels),
-            "data": str(data.root)}
-
-
-def test_comparison(original: nn.Module, built: nn.Module, test_dir: Any = None
-                    ) -> dict[str, Any]:
-    """Accuracy on ``test/`` of the model the build compiles and of the original (measured
-    after the choice, never used for it); ``skipped`` when there is no test/ here."""
-    from lprnet_edge.runtime.errors import DataError
-
+def test_comparison(original: nn.Module, built: nn.Module, test_dir: str | Path | None = None
+                    ) -> TestComparison:
+    """Exact-plate accuracy on ``test/`` at batch-1 semantics of the model the build compiles
+    and of the original: measured, never tuned on; skipped when there is no test/ here."""
     try:
-        orig = test_accuracy(original, test_dir)
+        data = load_eval_set(test_dir)
     except DataError as e:  # no test/ here: the choice stands, its test figure is unknown
-        return {"skipped": str(e)}
-    sel = test_accuracy(built, test_dir)
-    return {"original": orig["accuracy"], "selected": sel["accuracy"],
-            "change_points": 100 * (sel["accuracy"] - orig["accuracy"]),
-            "images": sel["images"], "data": sel["data"],
-            "measured_with": "pytorch (the model compiled; int8: its simulation), "
-                             "batch-1 semantics"}
+        return TestComparison(skipped=str(e))
+    return TestComparison(accuracy(original, data), accuracy(built, data), len(data.labels),
+                          str(data.root))
+
+
+def _progress_line(row: CandidateFigures) -> str:
+    c = row.check
+    return (f"  {row.name:<26} val acc {c.changed:.3f} "
+            f"(drop {c.drop_points:+.1f} pt, lost {c.lost_points:.1f} pt)"
+            f"  {row.stored_bytes / 1e3:7.1f} kB  {row.flops / 1e6:4.0f} MFLOPs"
+            f"  {'ok' if row.within_budget else 'over budget'}")
 
 
 def search(original: nn.Module, calib: CalibrationSet, budget_points: float,
-           channels: tuple[float, ...] = (), log: Callable[[str], None] | None = None,
+           channels: tuple[float, ...] = (), log: Log | None = None,
            optimize: str = "size", latency: LatencyFn | None = None,
            candidates: list[Candidate] | None = None
-           ) -> tuple[Candidate, nn.Module | None, dict[str, Any]]:
+           ) -> tuple[Candidate, nn.Module | None, Selection]:
     """``build --max-accuracy-drop [--optimize size|latency]``: the winner of :func:`select`
     over ``candidates`` (default: the default grid + channel pruning at the ``channels``
     ratios), its model when it must be reused as measured (channel-pruned: distilled on the
-    split), and the report for the manifest."""
-    from lprnet_edge.runtime.errors import LprnetEdgeError
-
-    train, _ = calib.split(0.3, 0)
+    split), and the selection for the manifest. The budget counts plates lost, not the net
+    drop (distillation adapts the candidates to calib/: see :class:`Budget`)."""
+    train, _ = VALIDATION.of(calib)
     cands = list(candidates) if candidates is not None else default_candidates()
     if channels:
         cands += channel_candidates(original, train, channels, log)
-
-    def progress(row: dict[str, Any]) -> None:
-        if log:
-            log(f"  {row['name']:<26} val acc {row['val_accuracy']:.3f} "
-                f"(drop {100 * row['val_drop']:+.1f} pt, lost {100 * row['val_lost']:.1f} pt)"
-                f"  {row['stored_bytes'] / 1e3:7.1f} kB  {row['flops'] / 1e6:4.0f} MFLOPs"
-                f"  {'ok' if row['within_budget'] else 'over budget'}")
-
-    # "lost" ignores plates a candidate gains on calib/ (distillation adapts to it).
-    rep = select(original, cands, calib, budget=budget_points / 100, progress=progress,
-                 guard="lost", optimize=optimize, latency=latency)
-    rep["budget_points"] = budget_points
-    if rep["selected"] is None:
+    sel = select(original, cands, calib, Budget.of(budget_points, measure="lost"),
+                 progress=(lambda row: log(_progress_line(row))) if log else None,
+                 optimize=optimize, latency=latency)
+    if sel.selected is None:
         raise LprnetEdgeError(f"no candidate stays within --max-accuracy-drop {budget_points} "
                               "points on the calib/ validation split; raise it")
-    best = next(c for c in cands if c.name == rep["selected"])
-    return best, best.pruned_model, rep
+    best = next(c for c in cands if c.name == sel.selected)
+    return best, best.pruned_model, sel

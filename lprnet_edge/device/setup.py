@@ -23,6 +23,7 @@ copy is replaced atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import subprocess
@@ -32,9 +33,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
-from lprnet_edge.device.deploy import Device, Progress, _q, runtime_zip
+from lprnet_edge.device.deploy import runtime_zip
+from lprnet_edge.device.device import Device, Progress
+from lprnet_edge.paths import cache_dir
 from lprnet_edge.runtime.artifact import machine_arch, sha256_file
 from lprnet_edge.runtime.errors import DeviceError, LprnetEdgeError, ToolchainError
 
@@ -59,7 +63,7 @@ _CHECK = ("import json, sys; sys.modules['torch'] = None\n"
           "'tvm': tvm.__version__, 'python': sys.executable}))")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SetupResult:
     host: str
     venv: str
@@ -100,10 +104,6 @@ def download_wheels(requirements: list[str], platform: str, python: str,
     ``dest`` defaults to a folder of the lprnet-edge cache per platform, Python and
     requirement set (so it holds exactly these wheels): a second set-up downloads nothing."""
     if dest is None:
-        import hashlib
-
-        from lprnet_edge.paths import cache_dir
-
         key = hashlib.sha256("\n".join(sorted(requirements)).encode()).hexdigest()[:8]
         dest = cache_dir() / "wheels" / f"{platform}-cp{python.replace('.', '')}-{key}"
     dest.mkdir(parents=True, exist_ok=True)
@@ -136,16 +136,16 @@ def wheels_in(folder: Path) -> list[Path]:
 
 def probe_python(dev: Device, python: str) -> dict[str, str]:
     """Machine, Python version and implementation of ``python`` on the device."""
-    res = dev.sh(f"{_q(python)} -c {_q(_PROBE)}", check=False, timeout=300)
+    res = dev.sh(f"{quote(python)} -c {quote(_PROBE)}", check=False, timeout=300)
     try:
         info = json.loads(res.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         raise DeviceError(
-            f"cannot run {python} on {dev.conn.spec} ({(res.stderr.strip() or 'no output')[-300:]})"
+            f"cannot run {python} on {dev.spec} ({(res.stderr.strip() or 'no output')[-300:]})"
             ": install Python 3 (`sudo apt-get install -y python3 python3-venv`) or give "
             "--python PATH") from None
     if info.get("implementation") != "cpython":
-        raise DeviceError(f"{python} on {dev.conn.spec} is {info.get('implementation')}, not "
+        raise DeviceError(f"{python} on {dev.spec} is {info.get('implementation')}, not "
                           "CPython: the TVM wheels need CPython")
     return info
 
@@ -154,25 +154,25 @@ def make_venv(dev: Device, base_python: str, step: Callable[[str], None]) -> str
     """``REMOTE_DIR/venv`` (kept if it is already there); returns its python."""
     venv = f"{dev.root}/venv"
     py = f"{venv}/bin/python"
-    if dev.sh(f"test -x {_q(py)} && {_q(py)} -c 'import pip'", check=False, timeout=300).ok:
+    if dev.sh(f"test -x {quote(py)} && {quote(py)} -c 'import pip'", check=False, timeout=300).ok:
         step(f"reusing the venv {venv}")
         return py
     step(f"creating the venv {venv} ({base_python} -m venv)")
-    dev.sh(f"mkdir -p {_q(dev.root)}")
-    res = dev.sh(f"{_q(base_python)} -m venv --clear {_q(venv)}", check=False, timeout=1800)
+    dev.sh(f"mkdir -p {quote(dev.root)}")
+    res = dev.sh(f"{quote(base_python)} -m venv --clear {quote(venv)}", check=False, timeout=1800)
     if not res.ok:
         tail = (res.stderr.strip() or res.stdout.strip())[-600:]
-        raise DeviceError(f"`{base_python} -m venv` failed on {dev.conn.spec}: {tail}. On "
+        raise DeviceError(f"`{base_python} -m venv` failed on {dev.spec}: {tail}. On "
                           "Debian / Raspberry Pi OS: sudo apt-get install -y python3-venv")
     return py
 
 
 def _pip_install(dev: Device, py: str, args: list[str], hint: str) -> None:
-    res = dev.sh(f"{_q(py)} -m pip install --disable-pip-version-check --no-input "
-                 + " ".join(_q(a) for a in args), check=False, timeout=INSTALL_TIMEOUT)
+    res = dev.sh(f"{quote(py)} -m pip install --disable-pip-version-check --no-input "
+                 + " ".join(quote(a) for a in args), check=False, timeout=INSTALL_TIMEOUT)
     if not res.ok:
         tail = (res.stderr.strip() or res.stdout.strip())[-1200:]
-        raise DeviceError(f"pip install failed on {dev.conn.spec}: {tail}. {hint}")
+        raise DeviceError(f"pip install failed on {dev.spec}: {tail}. {hint}")
 
 
 def install_from_index(dev: Device, py: str, requirements: list[str]) -> None:
@@ -189,11 +189,11 @@ def install_offline(dev: Device, py: str, requirements: list[str], wheels: list[
     sums = "".join(f"{sha256_file(w)}  {w.name}\n" for w in wheels)
     dev.mkdirs()
     job = f"{dev.root}/tmp/wheels-{secrets.token_hex(4)}"
-    dev.sh(f"mkdir -p {_q(job)}")
+    dev.sh(f"mkdir -p {quote(job)}")
     try:
         free = dev.free_bytes(job)
         if free < 3 * total:  # the wheels, then what they unpack to
-            raise DeviceError(f"not enough disk space on {dev.conn.spec}: {job} has "
+            raise DeviceError(f"not enough disk space on {dev.spec}: {job} has "
                               f"{free / 1e6:.0f} MB free, the wheels need ~{3 * total / 1e6:.0f}"
                               " MB")
         step(f"uploading {len(wheels)} wheels ({total / 1e6:.1f} MB)")
@@ -205,9 +205,9 @@ def install_offline(dev: Device, py: str, requirements: list[str], wheels: list[
             done += w.stat().st_size
         dev.conn.put_bytes(sums.encode(), f"{job}/SHA256SUMS")
         step("checking the wheels' sha256 on the device")
-        res = dev.sh(f"cd {_q(job)} && sha256sum -c --quiet SHA256SUMS", check=False)
+        res = dev.sh(f"cd {quote(job)} && sha256sum -c --quiet SHA256SUMS", check=False)
         if not res.ok:
-            raise DeviceError(f"sha256 mismatch of the uploaded wheels on {dev.conn.spec}: "
+            raise DeviceError(f"sha256 mismatch of the uploaded wheels on {dev.spec}: "
                               f"{(res.stdout + res.stderr).strip()[-600:]}")
         step("installing them with the device's pip (--no-index)")
         _pip_install(dev, py, ["--no-index", "--find-links", job, *requirements],
@@ -215,7 +215,7 @@ def install_offline(dev: Device, py: str, requirements: list[str], wheels: list[
                      "that its pip is recent enough for manylinux_2_28 (pip >= 20.3)")
     finally:
         try:
-            dev.sh(f"rm -rf {_q(job)}", check=False, timeout=120)
+            dev.sh(f"rm -rf {quote(job)}", check=False, timeout=120)
         except LprnetEdgeError:
             pass
     return total
@@ -228,22 +228,22 @@ def install_runtime(dev: Device, py: str) -> tuple[str, str]:
     new = f"{dev.root}/.runtime-{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory(prefix="lprnet-setup-") as tmpd:
         rz = runtime_zip(Path(tmpd))
-        dev.sh(f"mkdir -p {_q(new)}")
+        dev.sh(f"mkdir -p {quote(new)}")
         dev.conn.put(rz, f"{new}/runtime.zip")
         want = sha256_file(rz)
     unzip = "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])"
     old = f"{dev.root}/.runtime-old-{secrets.token_hex(4)}"
     res = dev.sh(
-        f"cd {_q(new)} && echo {want}'  runtime.zip' | sha256sum -c --quiet && "
-        f"{_q(py)} -c {_q(unzip)} runtime.zip . && rm runtime.zip && "
-        f"{_q(py)} -m compileall -q lprnet_edge >/dev/null && "
-        f"{{ test ! -e {_q(target)} || mv -T {_q(target)} {_q(old)}; }} && "
-        f"mv -T {_q(new)} {_q(target)} && rm -rf {_q(old)}", check=False, timeout=900)
+        f"cd {quote(new)} && echo {want}'  runtime.zip' | sha256sum -c --quiet && "
+        f"{quote(py)} -c {quote(unzip)} runtime.zip . && rm runtime.zip && "
+        f"{quote(py)} -m compileall -q lprnet_edge >/dev/null && "
+        f"{{ test ! -e {quote(target)} || mv -T {quote(target)} {quote(old)}; }} && "
+        f"mv -T {quote(new)} {quote(target)} && rm -rf {quote(old)}", check=False, timeout=900)
     if not res.ok:
-        dev.sh(f"rm -rf {_q(new)}", check=False)
-        raise DeviceError(f"installing the runtime into {target} on {dev.conn.spec} failed: "
+        dev.sh(f"rm -rf {quote(new)}", check=False)
+        raise DeviceError(f"installing the runtime into {target} on {dev.spec} failed: "
                           f"{(res.stderr.strip() or res.stdout.strip())[-600:]}")
-    site = dev.sh(f"{_q(py)} -c " + _q("import sysconfig; print(sysconfig.get_paths()"
+    site = dev.sh(f"{quote(py)} -c " + quote("import sysconfig; print(sysconfig.get_paths()"
                                        "['purelib'])"), timeout=300).stdout.strip()
     pth = f"{site}/{PTH_NAME}"
     # Lines of a .pth that name missing folders are skipped by `site`: before the first
@@ -256,11 +256,11 @@ def check_venv(dev: Device, py: str) -> dict[str, Any]:
     """Import the runtime in a fresh login shell from the home folder, without PYTHONPATH."""
     env = "env -u PYTHONPATH TVM_USE_RUNTIME_LIB=1 " if dev.runtime_lib_only else \
         "env -u PYTHONPATH "
-    res = dev.sh(f"cd && {env}{_q(py)} -c {_q(_CHECK)}", check=False, timeout=900)
+    res = dev.sh(f"cd && {env}{quote(py)} -c {quote(_CHECK)}", check=False, timeout=900)
     try:
         return json.loads(res.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        raise DeviceError(f"the venv on {dev.conn.spec} cannot import the runtime: "
+        raise DeviceError(f"the venv on {dev.spec} cannot import the runtime: "
                           f"{(res.stderr.strip() or res.stdout.strip())[-800:]}") from None
 
 
@@ -294,7 +294,7 @@ def setup_device(dev: Device, offline: bool = False, wheels_dir: str | Path | No
     step("checking `from lprnet_edge import Recognizer` in the venv")
     versions = check_venv(dev, py)
     return SetupResult(
-        host=str(dev.conn.spec), venv=f"{dev.root}/venv", machine=info["machine"],
+        host=str(dev.spec), venv=f"{dev.root}/venv", machine=info["machine"],
         python=info["python"], mode="offline" if offline else "index", requirements=reqs,
         runtime=runtime, pth=pth, versions=versions,
         wheels=[{"name": w.name, "size": w.stat().st_size} for w in wheels],

@@ -67,7 +67,7 @@ class HostSpec:
         return f"{self.user}@{host}" + ("" if self.port == DEFAULT_PORT else f":{self.port}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CommandResult:
     command: str
     exit_code: int
@@ -109,7 +109,7 @@ class _UnknownHost(Exception):
 
 
 def _policy(accept_new: bool, known_hosts: Path, spec: HostSpec, accepted: list[str]) -> Any:
-    import paramiko
+    import paramiko  # optional (lprnet-edge[host]): the CLI must start without it
 
     class Policy(paramiko.MissingHostKeyPolicy):
         def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
@@ -144,7 +144,7 @@ class SshConnection:
 
     def connect(self) -> SshConnection:
         try:
-            import paramiko
+            import paramiko  # optional (lprnet-edge[host]): the CLI must start without it
         except ImportError as e:
             raise DeviceError("paramiko is needed for SSH: pip install 'lprnet-edge[host]'") from e
         quiet_paramiko_logging()
@@ -164,7 +164,20 @@ class SshConnection:
         accepted: list[str] = []
         client.set_missing_host_key_policy(
             _policy(self.accept_new_host, self.known_hosts, self.spec, accepted))
-        where = f"{self.spec.host}:{self.spec.port}"
+        t0 = time.monotonic()
+        try:
+            client.connect(**self._connect_kwargs())
+        except (_UnknownHost, paramiko.SSHException, OSError, EOFError) as e:
+            client.close()
+            raise self._connect_error(e, time.monotonic() - t0) from None
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(15)
+        self._client = client
+        self.accepted_host_key = accepted[0] if accepted else None
+        return self
+
+    def _connect_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
             hostname=self.spec.host, port=self.spec.port, username=self.spec.user,
             timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout,
@@ -173,79 +186,67 @@ class SshConnection:
             kwargs.update(key_filename=str(self.key), look_for_keys=False, allow_agent=False)
         if self._password:
             kwargs["password"] = self._password
-        t0 = time.monotonic()
-        try:
-            client.connect(**kwargs)
-        except _UnknownHost as e:
-            client.close()
-            raise DeviceError(
+        return kwargs
+
+    def _connect_error(self, e: BaseException, waited: float) -> DeviceError:
+        """What a failed connection means for the user, and what to do about it."""
+        import paramiko  # already imported by connect(); optional, see there
+
+        where = f"{self.spec.host}:{self.spec.port}"
+        if isinstance(e, _UnknownHost):
+            return DeviceError(
                 f"host key of {where} ({e.key.get_name()} {fingerprint(e.key)}) is not in "
                 f"{self.known_hosts}. Check that fingerprint on the device "
                 "(`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`), then re-run with "
-                "--accept-new-host to trust and record it") from None
-        except paramiko.BadHostKeyException as e:
-            client.close()
-            raise DeviceError(
+                "--accept-new-host to trust and record it")
+        if isinstance(e, paramiko.BadHostKeyException):
+            return DeviceError(
                 f"HOST KEY MISMATCH for {where}: the device presented {e.key.get_name()} "
                 f"{fingerprint(e.key)} but {self.known_hosts} expects "
                 f"{fingerprint(e.expected_key)}. The device was reinstalled, or someone is "
                 "intercepting the connection. Nothing was sent. If the change is expected, "
                 f"remove the old entry: ssh-keygen -R '{self.spec.known_hosts_name}' -f "
-                f"{self.known_hosts}") from None
-        except paramiko.AuthenticationException:
-            client.close()
+                f"{self.known_hosts}")
+        if isinstance(e, paramiko.AuthenticationException):
             how = f"key {self.key}" if self.key else "the default keys / ssh-agent"
             if self._password:
                 how += " and a password"
-            raise DeviceError(
+            return DeviceError(
                 f"authentication failed for {self.spec.user}@{where} with {how}: is the public "
                 f"key in ~{self.spec.user}/.ssh/authorized_keys on the device, and the user "
-                "right?") from None
-        except paramiko.ssh_exception.NoValidConnectionsError as e:
-            client.close()
+                "right?")
+        if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
             refused = all(getattr(err, "errno", None) in (111, 61, 10061)
                           for err in e.errors.values())
-            if refused:
-                raise DeviceError(
-                    f"connection refused by {where}: is sshd running on the device and the "
-                    "port right?") from None
-            raise DeviceError(f"cannot connect to {where}: {e}") from None
-        except ConnectionRefusedError:
-            client.close()
-            raise DeviceError(
-                f"connection refused by {where}: is sshd running on the device and the port "
-                "right?") from None
-        except TimeoutError:
-            client.close()
-            raise DeviceError(
+            return (self._refused(where) if refused
+                    else DeviceError(f"cannot connect to {where}: {e}"))
+        if isinstance(e, ConnectionRefusedError):
+            return self._refused(where)
+        if isinstance(e, TimeoutError):
+            return DeviceError(
                 f"timed out after {self.timeout:g}s connecting to {where}: is the device on "
-                "and reachable?") from None
-        except socket.gaierror as e:
-            client.close()
-            raise DeviceError(f"cannot resolve host {self.spec.host!r}: {e.strerror}") from None
-        except paramiko.SSHException as e:
-            client.close()
-            msg = str(e)
-            if "banner" in msg.lower() or "no existing session" in msg.lower():
-                if time.monotonic() - t0 >= self.timeout * 0.9:
-                    raise DeviceError(
-                        f"timed out after {self.timeout:g}s waiting for the SSH greeting from "
-                        f"{where}: the port answers but is not a working sshd") from None
-                raise DeviceError(
-                    f"{where} closed the connection before SSH could start: is it an sshd "
-                    "(right port), and does it accept this client (MaxStartups, "
-                    "hosts.allow)?") from None
-            raise DeviceError(f"SSH to {where} failed: {_redact(msg, self._password)}") from None
-        except (OSError, EOFError) as e:
-            client.close()
-            raise DeviceError(f"cannot connect to {where}: {_redact(str(e), self._password)}"
-                              ) from None
-        transport = client.get_transport()
-        if transport is not None:
-            transport.set_keepalive(15)
-        self._client = client
-        self.accepted_host_key = accepted[0] if accepted else None
-        return self
+                "and reachable?")
+        if isinstance(e, socket.gaierror):
+            return DeviceError(f"cannot resolve host {self.spec.host!r}: {e.strerror}")
+        if isinstance(e, paramiko.SSHException):
+            return self._ssh_error(str(e), where, waited)
+        return DeviceError(f"cannot connect to {where}: {_redact(str(e), self._password)}")
+
+    @staticmethod
+    def _refused(where: str) -> DeviceError:
+        return DeviceError(f"connection refused by {where}: is sshd running on the device and "
+                           "the port right?")
+
+    def _ssh_error(self, msg: str, where: str, waited: float) -> DeviceError:
+        if "banner" in msg.lower() or "no existing session" in msg.lower():
+            if waited >= self.timeout * 0.9:
+                return DeviceError(
+                    f"timed out after {self.timeout:g}s waiting for the SSH greeting from "
+                    f"{where}: the port answers but is not a working sshd")
+            return DeviceError(
+                f"{where} closed the connection before SSH could start: is it an sshd "
+                "(right port), and does it accept this client (MaxStartups, hosts.allow)?")
+        return DeviceError(f"SSH to {where} failed: {_redact(msg, self._password)}")
 
     def close(self) -> None:
         if self._sftp is not None:
@@ -299,48 +300,15 @@ class SshConnection:
             raise
         except Exception as e:
             raise self._lost(f"starting `{_short(command)}`", e) from None
-        out, err = bytearray(), bytearray()
-        pending = b""
-        deadline = time.monotonic() + timeout + 10 if timeout else None
         try:
-            while True:
-                got = False
-                while chan.recv_ready():
-                    out += chan.recv(65536)
-                    got = True
-                while chan.recv_stderr_ready():
-                    data = chan.recv_stderr(65536)
-                    err += data
-                    got = True
-                    if on_stderr_line:
-                        pending += data
-                        *lines, pending = pending.split(b"\n")
-                        for line in lines:
-                            on_stderr_line(line.decode("utf-8", "replace"))
-                if chan.exit_status_ready() and not chan.recv_ready() \
-                        and not chan.recv_stderr_ready():
-                    break
-                if chan.closed and not got:
-                    break
-                if not self.transport.is_active():
-                    raise self._lost(f"running `{_short(command)}`")
-                if deadline and time.monotonic() > deadline:
-                    chan.close()
-                    raise DeviceError(f"`{_short(command)}` on {self.spec} did not finish in "
-                                      f"{timeout:g}s")
-                if not got:
-                    select.select([chan], [], [], 0.2)
-            code = chan.recv_exit_status() if chan.exit_status_ready() else -1
+            code, out, err = self._collect(chan, command, timeout, on_stderr_line)
         except DeviceError:
             raise
         except Exception as e:
             raise self._lost(f"running `{_short(command)}`", e) from None
         finally:
             chan.close()
-        if on_stderr_line and pending:
-            on_stderr_line(pending.decode("utf-8", "replace"))
-        res = CommandResult(command, code, out.decode("utf-8", "replace"),
-                            err.decode("utf-8", "replace"))
+        res = CommandResult(command, code, out, err)
         if code == -1:
             raise self._lost(f"running `{_short(command)}` (no exit status)")
         if timeout and code in (124, 137):
@@ -350,6 +318,45 @@ class SshConnection:
             tail = (res.stderr.strip() or res.stdout.strip())[-2000:]
             raise DeviceError(f"`{_short(command)}` failed on {self.spec} (exit {code}): {tail}")
         return res
+
+    def _collect(self, chan: Any, command: str, timeout: float | None,
+                 on_stderr_line: Callable[[str], None] | None) -> tuple[int, str, str]:
+        """Read a running command's stdout and stderr until it exits: (exit code or -1,
+        stdout, stderr); stderr is also handed out line by line as it comes."""
+        out, err = bytearray(), bytearray()
+        pending = b""
+        deadline = time.monotonic() + timeout + 10 if timeout else None
+        while True:
+            got = False
+            while chan.recv_ready():
+                out += chan.recv(65536)
+                got = True
+            while chan.recv_stderr_ready():
+                data = chan.recv_stderr(65536)
+                err += data
+                got = True
+                if on_stderr_line:
+                    pending += data
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        on_stderr_line(line.decode("utf-8", "replace"))
+            if chan.exit_status_ready() and not chan.recv_ready() \
+                    and not chan.recv_stderr_ready():
+                break
+            if chan.closed and not got:
+                break
+            if not self.transport.is_active():
+                raise self._lost(f"running `{_short(command)}`")
+            if deadline and time.monotonic() > deadline:
+                chan.close()
+                raise DeviceError(f"`{_short(command)}` on {self.spec} did not finish in "
+                                  f"{timeout:g}s")
+            if not got:
+                select.select([chan], [], [], 0.2)
+        code = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        if on_stderr_line and pending:
+            on_stderr_line(pending.decode("utf-8", "replace"))
+        return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     # ------------------------------------------------------------ files
 
@@ -464,14 +471,6 @@ class SshConnection:
             acceptor.join(timeout=2)
             for t in threads:
                 t.join(timeout=2)
-
-
-def connect(host: str | HostSpec, key: str | Path | None = None,
-            known_hosts: str | Path | None = None, accept_new_host: bool = False,
-            timeout: float = CONNECT_TIMEOUT) -> SshConnection:
-    """Open a verified SSH connection (see :class:`SshConnection`)."""
-    return SshConnection(host, key=key, known_hosts=known_hosts, accept_new_host=accept_new_host,
-                         timeout=timeout).connect()
 
 
 def _short(command: str, n: int = 120) -> str:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lprnet_edge.model.fold import fold_batchnorm
+from lprnet_edge.model.bn_fold import fold_batchnorm
 from lprnet_edge.model.lprnet import LPRNet
 
 # (producer conv, consumer conv or None, channel stride between them, global-context index).

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lprnet_edge.compress.configs import TuneConfig
+from lprnet_edge.compiler.tuning import TuneConfig
 
 if TYPE_CHECKING:
     from torch import nn

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lprnet_edge.compress.accuracy import Budget
 from lprnet_edge.compress.api import compress
 from lprnet_edge.compress.configs import ChannelPruneConfig, PruneConfig, QuantizeConfig
 from lprnet_edge.compress.distill import DistillConfig, distill
@@ -53,11 +54,11 @@ from lprnet_edge.compress.prune import (
 )
 from lprnet_edge.compress.quantize import fold_for_storage
 from lprnet_edge.compress.select import Candidate, select
+from lprnet_edge.model.bn_fold import fold_batchnorm
 from lprnet_edge.model.calib import CalibrationSet, EvalSet, accuracy, load_eval_set
 from lprnet_edge.model.channel_fold import fold_all
 from lprnet_edge.model.checkpoint import load_model, save_checkpoint
 from lprnet_edge.model.flops import summary as flops_summary
-from lprnet_edge.model.fold import fold_batchnorm
 from lprnet_edge.model.weights import resolve_weights
 from lprnet_edge.paths import cache_dir
 from lprnet_edge.report.goals import Goal, evaluate_goals, goals_from_dicts
@@ -441,7 +442,7 @@ def _selection(original: nn.Module, variants: list[Variant], calib: CalibrationS
     """The build's accuracy-guarded selection over the report's variants (calib/ only)."""
     log("selection on the calib/ validation split")
     cands = [Candidate(v.name, v.prune, v.quant, pruned_model=v.stored) for v in variants]
-    return _jsonable(select(original, cands, calib, budget=0.005, guard="lost"))
+    return _jsonable(select(original, cands, calib, Budget(0.5, measure="lost")).to_dict())
 
 
 def _set_goals(rep: dict[str, Any], goals: Sequence[Goal] | None) -> None:

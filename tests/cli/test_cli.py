@@ -58,11 +58,11 @@ def test_help_on_every_command_with_examples(cli_runner, cli_root):
 def test_every_command_module_is_on_the_root_group(cli_root):
     """Each cli/ module's COMMANDS are all reachable from the root group (plain imports: a
     broken module fails the import instead of silently dropping its commands)."""
-    from lprnet_edge.cli import build, device, inference, report, tune
+    from lprnet_edge.cli import bench, build, device, inference, report, targets, tune
 
-    for mod in (inference, build, tune, device, report):
-        for cmd in mod.COMMANDS:
-            assert cli_root.commands[cmd.name] is cmd, (mod.__name__, cmd.name)
+    for module in (inference, build, targets, tune, bench, device, report):
+        for cmd in module.COMMANDS:
+            assert cli_root.commands[cmd.name] is cmd, (module.__name__, cmd.name)
 
 
 def test_unknown_command_and_option(cli_runner):

@@ -50,7 +50,7 @@ def _ref(model, x: np.ndarray) -> np.ndarray:
 def test_fold_batchnorm_is_exact_and_keeps_zeros(tiny, x):
     from torch import nn
 
-    from lprnet_edge.model.fold import fold_batchnorm
+    from lprnet_edge.model.bn_fold import fold_batchnorm
 
     folded = fold_batchnorm(tiny)  # a copy: the original keeps its BatchNorms
     assert any(isinstance(m, nn.BatchNorm2d) for m in tiny.modules())
@@ -108,7 +108,7 @@ def test_nhwc_weights_are_transposed_at_import(relax_tiny, tiny):
 
 @pytest.mark.slow
 def test_layouts_compute_the_same_logits(relax_tiny, tiny, x, tmp_path):
-    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.session import run_host
 
@@ -124,7 +124,7 @@ def test_layouts_compute_the_same_logits(relax_tiny, tiny, x, tmp_path):
 
 @pytest.mark.slow
 def test_prepare_for_tuning_fuses_deterministically(relax_tiny):
-    from lprnet_edge.compiler.build import prepare_for_tuning
+    from lprnet_edge.compiler.compile import prepare_for_tuning
 
     mod, _ = relax_tiny
     host = load_target("host")
@@ -139,7 +139,7 @@ def test_prepare_for_tuning_fuses_deterministically(relax_tiny):
 
 @pytest.fixture(scope="module")
 def host_lib(relax_tiny, tmp_path_factory) -> Path:
-    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.toolchain import find_compiler
 
     mod, _ = relax_tiny
@@ -173,7 +173,7 @@ def test_host_build_matches_pytorch(host_lib, relax_tiny, tiny, x):
 def test_cross_build_produces_device_elf(relax_tiny, tmp_path, target, exe, cls, machine):
     if shutil.which(exe) is None:
         pytest.skip(f"{exe} not installed (cross_compile/install-debian.sh)")
-    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.toolchain import find_compiler
 
     mod, _ = relax_tiny
@@ -191,7 +191,7 @@ def test_cross_build_produces_device_elf(relax_tiny, tmp_path, target, exe, cls,
 @pytest.mark.slow
 def test_onnx_frontend_matches_pytorch(tiny, x, tmp_path):
     pytest.importorskip("onnx")
-    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.session import run_host
     from lprnet_edge.compiler.toolchain import find_compiler
@@ -230,7 +230,7 @@ def test_untuned_builds_apply_the_default_schedules(relax_tiny, tiny, x, tmp_pat
     """Without a tuning database the host build replays the packaged schedules (and still
     computes what PyTorch computes); the rpi4 cross build replays the same ones."""
     _needs_defaults()
-    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.session import run_host
     from lprnet_edge.compiler.toolchain import find_compiler
 
@@ -271,7 +271,7 @@ def test_unknown_shapes_get_a_transferred_schedule(tmp_path):
     _needs_defaults()
     from tvm.relax.frontend.torch import from_exported_program
 
-    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.session import run_host
 
     torch.manual_seed(0)
@@ -285,3 +285,43 @@ def test_unknown_shapes_get_a_transferred_schedule(tmp_path):
         want = net(xin).numpy()
     np.testing.assert_allclose(run_host(tmp_path / "m.so", xin.numpy(), params), want,
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_build_keeps_the_faster_of_tuned_record_and_default(relax_tiny):
+    """Per kernel, a tuned record slower than the packaged default measured on a comparable
+    machine gives way to the default; a faster one wins, and so does one measured on a
+    board (its time cannot be compared with a host's)."""
+    _needs_defaults()
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from lprnet_edge.compiler import schedules
+    from lprnet_edge.compiler.compile import prepare_for_tuning, schedule_database
+
+    mod, _params = relax_tiny
+    host = load_target("host")
+    target = host.tvm_target()
+    prepared = prepare_for_tuning(mod, host)
+    packaged = schedules.default_records()
+    names = {int(tvm_ffi.structural_hash(t.dispatched[0])): t.task_name
+             for t in ms.relax_integration.extract_tasks(prepared, target)}
+    slower, faster = [h for h in names if h in packaged][:2]
+
+    def tuned(records: dict[int, tuple[float, object]]) -> object:
+        """A database holding the default's own trace for each workload, re-timed."""
+        db = ms.database.MemoryDatabase()
+        for h, (factor, tgt) in records.items():
+            ref = packaged[h]
+            secs = schedules.mean_run_secs(ref.run_secs) * factor
+            db.commit_tuning_record(ms.database.TuningRecord(
+                trace=ref.trace, workload=db.commit_workload(ref.workload.mod),
+                run_secs=[secs], target=tgt, args_info=ref.args_info))
+        return db
+
+    own = tuned({slower: (1.5, target), faster: (0.5, target)})
+    _db, cover = schedule_database(mod, target, own, prepared=prepared)
+    assert names[slower] in cover["default"] and names[faster] in cover["tuned"]
+    board = load_target("rpi4").tvm_target()
+    _db, cover = schedule_database(mod, target, tuned({slower: (1.5, board)}), prepared=prepared)
+    assert names[slower] in cover["tuned"]

@@ -18,7 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("tvm")
 
-from lprnet_edge.compress.configs import TuneConfig  # noqa: E402
+from lprnet_edge.compiler.tuning import TuneConfig, TuneOptions, tune  # noqa: E402
+from lprnet_edge.compiler.tuning.worker import untuned_tasks  # noqa: E402
 
 # A small evolutionary search: enough for the tuned schedule to inline the epilogue.
 SEARCH = {"population_size": 64, "init_min_unmeasured": 16, "genetic_num_iters": 1}
@@ -76,7 +77,7 @@ def test_exact_rescale_rewrites_the_int8_conv(qconv):
 
 
 def _fused_conv(mod, host):
-    from lprnet_edge.compiler.build import prepare_for_tuning
+    from lprnet_edge.compiler.compile import prepare_for_tuning
 
     prepared = prepare_for_tuning(mod, host)
     names = [gv.name_hint for gv, _ in prepared.functions_items() if "conv2d" in gv.name_hint]
@@ -132,16 +133,16 @@ def test_inlined_epilogue_is_bit_exact(qconv, host):
 def test_tuned_int8_conv_matches_untuned_and_pytorch(qconv, x, host, tmp_path: Path):
     """Tune the int8 conv task with a few trials; the tuned build, the untuned build and
     PyTorch's two-rounding rescale agree bit for bit."""
-    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.session import run_host
-    from lprnet_edge.compiler.tune import tune
 
     mod, params = to_relax(qconv)
     cfg = TuneConfig(trials=8, num_trials_per_iter=4, db_dir=str(tmp_path / "db"),
                      timeout_s=240)
-    db, summary = tune(mod, host, cfg, log=lambda _m: None, tasks=["conv2d"], search=SEARCH)
-    assert summary["trials_new"] > 0
+    db, summary = tune(mod, host, cfg, log=lambda _m: None,
+                       options=TuneOptions(tasks=["conv2d"], search=SEARCH))
+    assert summary.trials_new > 0
     outs = {}
     for tag, database in (("untuned", None), ("tuned", db)):
         lib = tmp_path / f"{tag}.so"
@@ -226,7 +227,7 @@ def test_vnni_convs_are_bit_exact_and_tensorized(qnet, x, host, tmp_path: Path):
     if not _has_vnni(host):
         pytest.skip("this host has no AVX512-VNNI (see /proc/cpuinfo): the plain int8 path "
                     "is what it builds")
-    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.session import run_host
 
@@ -247,9 +248,8 @@ def test_vnni_convs_are_bit_exact_and_tensorized(qnet, x, host, tmp_path: Path):
 def test_vnni_kernels_are_left_out_of_tuning(qnet, host):
     from tvm.s_tir import meta_schedule as ms
 
-    from lprnet_edge.compiler.build import prepare_for_tuning
+    from lprnet_edge.compiler.compile import prepare_for_tuning
     from lprnet_edge.compiler.frontend import to_relax
-    from lprnet_edge.compiler.tune import untuned_tasks
 
     mod, _ = to_relax(qnet, int8_dot="vnni")
     tasks = ms.relax_integration.extract_tasks(prepare_for_tuning(mod, host),
@@ -266,7 +266,7 @@ def test_arm_dot_products_cross_compile(qnet, target, kind, tmp_path: Path):
     running them is the emulated Pi's job (``bench --host``), timing them a board's."""
     import shutil
 
-    from lprnet_edge.compiler.build import build
+    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.dot import int8_dot
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.target import load_target

@@ -112,17 +112,16 @@ def test_cli_bench_rpc_unreachable(cli_runner, tiny_artifact: Path):
 def test_tune_over_direct_rpc(server, tmp_path: Path):
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.target import load_target
-    from lprnet_edge.compiler.tune import count_records, tune
-    from lprnet_edge.compress.configs import TuneConfig
+    from lprnet_edge.compiler.tuning import TuneConfig, TuneOptions, count_records, tune
     from lprnet_edge.model.lprnet import LPRNet
 
     mod, _ = to_relax(LPRNet(class_num=68).eval())
     cfg = TuneConfig(trials=4, num_trials_per_iter=4, rpc=server.address,
                      db_dir=str(tmp_path / "db"), timeout_s=60)
-    _db, s = tune(mod, load_target("host"), cfg, log=lambda _m: None, tasks=[TASK],
-                  search=SEARCH)
-    assert s["trials_new"] == 4 and s["runner"].startswith("rpc ")
-    assert s["est_ms_after"] is not None  # measured on the server, not failed
+    _db, s = tune(mod, load_target("host"), cfg, log=lambda _m: None,
+                  options=TuneOptions(tasks=[TASK], search=SEARCH))
+    assert s.trials_new == 4 and s.runner.startswith("rpc ")
+    assert s.per_task[0].best_ms is not None  # measured on the server, not failed
     assert count_records(tmp_path / "db") == 4
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,9 +87,9 @@ def test_tvm_rejections_are_clear_errors():
     bad_cpu = parse_target(BOARD.replace("cortex-a55", "cortex-a999"), "board.toml")
     with pytest.raises(LprnetEdgeError, match="LLVM does not know mcpu 'cortex-a999'"):
         bad_cpu.tvm_target()
-    bad_key = parse_target(BOARD.replace("num-cores = 8", "num-cores = 8\nfoo = 1"), "b.toml")
+    bad_value = parse_target(BOARD.replace("num-cores = 8", 'num-cores = "eight"'), "b.toml")
     with pytest.raises(LprnetEdgeError, match=r"b.toml.*TVM rejects the \[tvm\] table"):
-        bad_key.tvm_target()
+        bad_value.tvm_target()
 
 
 def test_unknown_target_lists_the_known_ones():
@@ -162,13 +164,26 @@ def test_target_file_by_path(tmp_path: Path):
     (BOARD.replace('triple = "aarch64-linux-gnu"\n\n[device]',
                    'triple = "aarch64-linux-gnu"\nlinker = "ld"\n\n[device]'),
      "[toolchain] unknown keys ['linker']"),
-], ids=["toml", "arch", "kind", "key", "mtriple", "device-type", "toolchain-key"])
+    (BOARD.replace('ssh_user = "me"', 'ssh_user = "me"\nssh_prot = 22'),
+     "[device] unknown keys ['ssh_prot']; use ['host', 'num_threads', 'python', 'rpc_key', "
+     "'rpc_port', 'ssh_port', 'ssh_user', 'workdir']"),
+    (BOARD.replace("num-cores = 8", "num-cores = 8\nmcpus = 1"), "[tvm] unknown keys ['mcpus']"),
+], ids=["toml", "arch", "kind", "key", "mtriple", "device-type", "toolchain-key", "device-key",
+        "tvm-key"])
 def test_invalid_target_files_name_the_file(tmp_path: Path, text: str, fragment: str):
     p = _write(tmp_path / "bad.toml", text)
     with pytest.raises(LprnetEdgeError) as e:
         load_target(str(p))
     assert str(p) in str(e.value)
     assert fragment in str(e.value)
+
+
+def test_llvm_keys_are_the_ones_tvm_accepts():
+    """The [tvm] check runs without TVM; its list must be what TVM's llvm kind takes."""
+    tvm = pytest.importorskip("tvm")
+    from lprnet_edge.compiler.target import LLVM_KEYS
+
+    assert set(tvm.target.TargetKind.options_from_name("llvm")) == LLVM_KEYS
 
 
 def test_missing_target_file(tmp_path: Path):
@@ -196,9 +211,9 @@ def test_cross_compilers_are_found(name: str, exe: str):
 
 
 def test_missing_toolchain_names_the_debian_package(tmp_path: Path):
-    text = BOARD.replace('triple = "aarch64-linux-gnu"',
-                         'triple = "aarch64-none-linux-gnu"\ncompiler = "no-such-g++"\n'
-                         'debian_package = "g++-no-such-package"')
+    text = BOARD.replace('[toolchain]\ntriple = "aarch64-linux-gnu"',
+                         '[toolchain]\ntriple = "aarch64-none-linux-gnu"\n'
+                         'compiler = "no-such-g++"\ndebian_package = "g++-no-such-package"')
     spec = parse_target(text, "test")
     with pytest.raises(ToolchainError) as e:
         find_compiler(spec)
@@ -236,6 +251,18 @@ def test_cli_targets_list_and_show(cli_runner):
 
     d = json.loads(r.stdout)
     assert d["tvm"]["mfloat-abi"] == "hard" and d["arch"] == "armv7"
+
+
+def test_cli_targets_list_does_not_load_tvm():
+    """Listing reads TOML files and asks the compilers; detecting the host's CPU would load
+    TVM (and torch through it), so the list shows the host's mcpu as written."""
+    code = ("import sys\nfrom lprnet_edge.cli.main import cli\n"
+            "cli(['targets', 'list'], standalone_mode=False)\n"
+            "print('loaded:', sorted(m for m in ('tvm', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], text=True, capture_output=True,
+                         check=True).stdout
+    assert "host" in out and "native" in out
+    assert "loaded: []" in out
 
 
 def test_cli_targets_show_unknown(cli_runner):

@@ -1,4 +1,4 @@
-"""Deploy / rollback / remote recognize-eval-bench against a real sshd on 127.0.0.1 (x86).
+"""Deploy / rollback / status against a real sshd on 127.0.0.1 (x86).
 
 The "device" is this machine reached over SSH as root, with a host-target artifact; its
 python is the test interpreter (linked as ``REMOTE_DIR/venv/bin/python`` like on a board).
@@ -10,169 +10,44 @@ still be current and still read plates.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+from host_device import (
+    VERIFY_TOLERANCE,
+    add_verify_set,
+    assert_current_reads_plates,
+    current_name,
+    fp16_rounded,
+    make_device,
+    ssh_args,
+)
 
+from lprnet_edge.device.deploy import (
+    SPACE_MARGIN,
+    RollbackResult,
+    artifact_size,
+    deploy,
+    rollback,
+    runtime_zip,
+    status,
+)
+from lprnet_edge.device.device import Device
 from lprnet_edge.runtime.errors import ArtifactError, DeviceError
 
-pytest_plugins = ["sshd_fixture"]
+pytest_plugins = ["sshd_fixture", "host_device"]
 pytestmark = pytest.mark.slow  # builds a TVM artifact (~40 s) once per session
-
-PLATE = "京PL3N67.jpg"
-
-
-VERIFY_TOLERANCE = 1e-3  # the pipeline's default max |logit diff| vs PyTorch
-
-
-def verify_set_inputs(n: int = 4):
-    """The first ``n`` calib/ plates, preprocessed as the pipeline's verification does."""
-    import cv2
-    import numpy as np
-
-    from lprnet_edge.paths import data_subdir
-    from lprnet_edge.runtime.preprocess import Preprocess
-
-    calib = data_subdir("calib")
-    paths = sorted(p for p in calib.iterdir() if p.suffix == ".jpg")[:n]
-    pre = Preprocess()
-    return [pre(cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_COLOR)) for p in paths]
-
-
-def add_verify_set(root: Path, model, tolerance: float = VERIFY_TOLERANCE,
-                   shift: float = 0.0) -> None:
-    """Write verify.npz (calib inputs + ``model``'s PyTorch logits, ``+ shift``) into the
-    artifact and list it in the manifest, as the pipeline does at package time."""
-    import torch
-
-    from lprnet_edge.runtime.artifact import file_entries
-    from lprnet_edge.runtime.selfcheck import write_verify_set
-
-    xs = verify_set_inputs()
-    with torch.inference_mode():
-        logits = [model(torch.from_numpy(x)).numpy() + shift for x in xs]
-    name = write_verify_set(root, xs, logits, tolerance)
-    m = json.loads((root / "manifest.json").read_text())
-    m["files"].update(file_entries(root, [name]))
-    m["verification"] = {"status": "skipped", "tolerance": tolerance}
-    (root / "manifest.json").write_text(json.dumps(m, ensure_ascii=False, indent=2))
-
-
-def fp16_rounded(model):
-    """``model`` with every float tensor rounded through fp16, as params.npz stores them:
-    the reference the fp16 artifact must match."""
-    import torch
-
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(t.half().float())
-    return model
-
-
-def build_host_artifact(out: Path, weights: Path) -> Path:
-    """A host (x86_64) TVM artifact of the pretrained model: model.so + params.npz + manifest,
-    and verify.npz (PyTorch logits of 4 calib plates) for the check on the device."""
-    import torch
-    import tvm
-    import tvm.relax.frontend.torch  # noqa: F401
-    from tvm import relax
-
-    from lprnet_edge.model.checkpoint import load_model
-    from lprnet_edge.model.lprnet import example_input
-    from lprnet_edge.runtime.artifact import SCHEMA_VERSION, file_entries, machine_arch
-    from lprnet_edge.runtime.charset import load_charset
-    from lprnet_edge.runtime.params_codec import save_params
-    from lprnet_edge.runtime.preprocess import Preprocess
-
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_model(weights, 68).eval()
-    ep = torch.export.export(model, (example_input(),))
-    mod = relax.frontend.torch.from_exported_program(ep, keep_params_as_input=True)
-    mod, params = relax.frontend.detach_params(mod)
-    names = [f"p{i}" for i in range(len(mod["main"].params) - 1)]
-    arrays = {n: p.numpy() for n, p in zip(names, params["main"], strict=True)}
-    ex = tvm.compile(mod, tvm.target.Target({"kind": "llvm"}))
-    ex.export_library(str(out / "model.so"))
-    save_params(out / "params.npz", arrays, "fp16")
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "backend": "tvm", "model_file": "model.so",
-        "files": file_entries(out, ["model.so", "params.npz"]),
-        "target": {"name": "host", "arch": machine_arch()},
-        "charset": load_charset().to_dict(), "preprocess": Preprocess().to_dict(),
-        "input": {"name": "x", "shape": [1, 3, 24, 94], "dtype": "float32"},
-        "runtime": {"entry": "main", "params": "params.npz", "param_order": names},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2))
-    add_verify_set(out, fp16_rounded(load_model(weights, 68).eval()))
-    return out
-
-
-@pytest.fixture(scope="session")
-def host_artifact(tmp_path_factory, weights_path) -> Path:
-    pytest.importorskip("torch")
-    pytest.importorskip("tvm")
-    return build_host_artifact(tmp_path_factory.mktemp("art") / "lprnet-host", weights_path)
-
-
-def make_device(sshd, remote_dir: Path):
-    """A connected Device whose venv python is this interpreter."""
-    from lprnet_edge.device.deploy import Device
-    from lprnet_edge.device.ssh import SshConnection
-
-    (remote_dir / "venv" / "bin").mkdir(parents=True, exist_ok=True)
-    py = remote_dir / "venv" / "bin" / "python"
-    if not py.exists():
-        py.symlink_to(sys.executable)
-    conn = SshConnection(sshd.target, key=sshd.key_path, known_hosts=sshd.known_hosts_path,
-                         timeout=10).connect()
-    return Device(conn, str(remote_dir))
-
-
-def ssh_args(sshd, remote_dir: Path) -> list[str]:
-    return ["--host", sshd.target, "--key", str(sshd.key_path), "--known-hosts",
-            str(sshd.known_hosts_path), "--remote-dir", str(remote_dir)]
-
-
-def current_name(remote_dir: Path) -> str:
-    return os.readlink(remote_dir / "current").split("/")[-1]
-
-
-def assert_current_reads_plates(dev, test_dir: Path, expected: str | None = None) -> None:
-    from lprnet_edge.device.deploy import remote_recognize
-
-    if expected:
-        assert Path(dev.current()).name == expected
-    res = remote_recognize(dev, [test_dir / PLATE])
-    assert res[0]["text"] == "京PL3N67"
-
-
-@pytest.fixture
-def remote_dir(tmp_path) -> Path:
-    return tmp_path / "device" / ".lprnet-edge"
 
 
 # ---------------------------------------------------------------- the happy path
 
 
-def test_deploy_recognize_eval_bench_rollback(host_sshd, host_artifact, remote_dir, test_dir,
-                                              test_images):
-    from lprnet_edge.device.deploy import (
-        deploy,
-        remote_bench,
-        remote_eval,
-        remote_recognize,
-        rollback,
-        status,
-    )
-    from lprnet_edge.runtime.evaluate import evaluate
-    from lprnet_edge.runtime.recognizer import Recognizer
-
+def test_deploy_rollback_status(host_sshd, host_artifact, remote_dir, test_dir):
     dev = make_device(host_sshd, remote_dir)
     seen: list[tuple[int, int]] = []
     steps: list[str] = []
@@ -191,47 +66,29 @@ def test_deploy_recognize_eval_bench_rollback(host_sshd, host_artifact, remote_d
     assert sorted(p.name for p in (dep / "runtime" / "lprnet_edge").iterdir()) == [
         "__init__.py", "__pycache__", "runtime"]  # the runtime only, nothing of the host side
     # The model was compared with PyTorch on the device, and the result recorded there.
-    v = first.checks["verification"]
+    v = first.checks.verification
     assert v["status"] == "passed" and v["inputs"] == 4
     assert v["max_abs_logit_diff"] <= v["tolerance"] == VERIFY_TOLERANCE
+    assert first.checks.torch_imported is False and first.checks.load_s > 0
     record = json.loads((dep / "deployment.json").read_text())
     assert record["verification"] == v
+    assert record["device"]["python"] == first.checks.versions["python"]
+    assert first.to_dict()["checks"]["sha256"] == "ok"
     assert not list((remote_dir / "deployments").glob(".staging-*"))
-
-    # Same plates and confidences as the local Recognizer on the same artifact.
-    local = Recognizer.from_artifact(host_artifact)
-    res = remote_recognize(dev, test_images[:5])
-    for r, p in zip(res, test_images[:5], strict=True):
-        loc = local.recognize(p)
-        assert r["source"] == str(p) and r["text"] == loc.text
-        assert r["confidence"] == pytest.approx(loc.confidence, abs=1e-6)
-    assert not list((remote_dir / "tmp").iterdir())  # uploads cleaned up
-
-    # Same metrics as the local evaluation; sharded over 2 processes too.
-    ref = evaluate(local, test_dir, limit=60).to_dict()
-    for workers in (1, 2):
-        got = remote_eval(dev, test_dir, limit=60, workers=workers)
-        for k in ("count", "correct", "accuracy", "char_accuracy", "mean_edit_distance",
-                  "per_region", "errors"):
-            assert got[k] == ref[k], (k, workers)
-        assert got["workers"] == workers and got["deployment"] == first.name
-
-    stats = remote_bench(dev, runs=5, warmup=1)
-    assert stats["runs"] == 5 and stats["include_preprocess"] and stats["p50_ms"] > 0
-    assert stats["mode"] == "ssh" and stats["machine"] == "x86_64"
 
     second = deploy(dev, host_artifact, name="v2")
     assert second.previous == first.name and second.name.startswith("v2-")
     assert current_name(remote_dir) == second.name
     back = rollback(dev)
-    assert back == {"host": str(dev.conn.spec), "current": first.name, "previous": second.name}
+    assert back == RollbackResult(host=dev.spec, current=first.name, previous=second.name)
     assert_current_reads_plates(dev, test_dir, first.name)
     with pytest.raises(DeviceError, match="oldest deployment"):
         rollback(dev)
     rollback(dev, to=second.name)
     st = status(dev)
-    assert st["current"] == second.name and st["deployments"] == [first.name, second.name]
-    assert st["info"]["artifact"]["target"]["arch"] == "x86_64"
+    assert st.current == second.name and st.deployments == [first.name, second.name]
+    assert st.info["artifact"]["target"]["arch"] == "x86_64"
+    assert st.deployment["name"] == second.name and st.free_bytes > 0
     dev.conn.close()
 
 
@@ -283,7 +140,6 @@ def test_cli_errors_are_clean(host_sshd, remote_dir, host_artifact, tmp_path, cl
 
 def test_refuses_other_architecture_before_uploading(host_sshd, host_artifact, remote_dir,
                                                      tmp_path):
-    from lprnet_edge.device.deploy import deploy
 
     arm = tmp_path / "lprnet-rpi4"
     shutil.copytree(host_artifact, arm)
@@ -298,7 +154,6 @@ def test_refuses_other_architecture_before_uploading(host_sshd, host_artifact, r
 
 
 def test_refuses_tampered_artifact(host_sshd, host_artifact, remote_dir, tmp_path):
-    from lprnet_edge.device.deploy import deploy
 
     bad = tmp_path / "bad"
     shutil.copytree(host_artifact, bad)
@@ -315,9 +170,6 @@ def test_refuses_tampered_artifact(host_sshd, host_artifact, remote_dir, tmp_pat
 def small_fs(remote_dir, host_artifact, tmp_path):
     """A real filesystem (tmpfs) as the device's lprnet-edge directory, just large enough for
     one deployment (what the pre-flight check asks for)."""
-    import zipfile
-
-    from lprnet_edge.device.deploy import SPACE_MARGIN, artifact_size, runtime_zip
 
     rz = runtime_zip(tmp_path)
     need = (artifact_size(host_artifact) + rz.stat().st_size + SPACE_MARGIN
@@ -335,7 +187,6 @@ def small_fs(remote_dir, host_artifact, tmp_path):
 
 
 def test_disk_full(host_sshd, host_artifact, small_fs, test_dir):
-    from lprnet_edge.device.deploy import deploy
 
     dev = make_device(host_sshd, small_fs)
     first = deploy(dev, host_artifact)
@@ -353,7 +204,6 @@ def test_disk_full(host_sshd, host_artifact, small_fs, test_dir):
 
 def test_upload_cut_by_sshd_dying(fresh_sshd, host_artifact, remote_dir, test_dir):
     """sshd (listener and session) killed half way through the upload."""
-    from lprnet_edge.device.deploy import deploy
 
     dev = make_device(fresh_sshd, remote_dir)
     first = deploy(dev, host_artifact)
@@ -379,7 +229,6 @@ def test_upload_cut_by_sshd_dying(fresh_sshd, host_artifact, remote_dir, test_di
 
 def test_broken_device_python_keeps_current(host_sshd, host_artifact, remote_dir, test_dir,
                                             tmp_path):
-    from lprnet_edge.device.deploy import Device, deploy
 
     dev = make_device(host_sshd, remote_dir)
     first = deploy(dev, host_artifact)
@@ -397,7 +246,6 @@ def test_broken_device_python_keeps_current(host_sshd, host_artifact, remote_dir
 
 
 def test_rollback_refuses_a_damaged_deployment(host_sshd, host_artifact, remote_dir, test_dir):
-    from lprnet_edge.device.deploy import deploy, rollback
 
     dev = make_device(host_sshd, remote_dir)
     first = deploy(dev, host_artifact)
@@ -409,58 +257,12 @@ def test_rollback_refuses_a_damaged_deployment(host_sshd, host_artifact, remote_
     dev.conn.close()
 
 
-def test_keep_prunes_old_deployments(host_sshd, host_artifact, remote_dir):
-    from lprnet_edge.device.deploy import deploy
+def test_keep_removes_old_deployments(host_sshd, host_artifact, remote_dir):
 
     dev = make_device(host_sshd, remote_dir)
     names = [deploy(dev, host_artifact, keep=2).name for _ in range(3)]
     assert dev.deployments() == names[1:]
     dev.conn.close()
-
-
-def test_bench_over_rpc_through_the_ssh_tunnel(host_sshd, host_artifact, remote_dir):
-    """A TVM RPC server started over SSH on the device's 127.0.0.1, reached through a
-    direct-tcpip tunnel, timed with time_evaluator, and stopped (process group) afterwards."""
-    from lprnet_edge.device.deploy import rpc_bench
-
-    dev = make_device(host_sshd, remote_dir)
-    stats = rpc_bench(dev, host_artifact, number=1, repeat=3)
-    assert stats["mode"] == "rpc" and stats["runs"] == 3 and stats["p50_ms"] > 0
-    assert stats["output_shape"] == [1, 68, 18] and not stats["include_preprocess"]
-    left = subprocess.run(["pgrep", "-f", f"rpc_server.*--port {stats.get('port', '')}"],
-                          capture_output=True, text=True).stdout.split()
-    assert not [p for p in left if Path(f"/proc/{p}/cwd").resolve() == remote_dir / "tmp"]
-    assert not list((remote_dir / "tmp").glob("rpc-*.log"))
-    dev.conn.close()
-
-
-def test_cli_bench_host(host_sshd, host_artifact, remote_dir, cli_runner, tmp_path):
-    """`lprnet-edge bench --host` (SSH, the deployed Recognizer) and `--host --tunnel`."""
-    from conftest import assert_user_error
-
-    make_device(host_sshd, remote_dir).conn.close()
-    args = ssh_args(host_sshd, remote_dir)
-    other = tmp_path / "other"
-    shutil.copytree(host_artifact, other)
-    assert cli_runner("deploy", host_artifact, *args).exit_code == 0
-    r = cli_runner("bench", "--artifact", host_artifact, *args, "--runs", "3", "--warmup", "1",
-                   "--json")
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["mode"] == "ssh"
-    # Without --artifact: the deployed model.
-    r = cli_runner("bench", *args, "--runs", "2", "--warmup", "0", "--json")
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["runs"] == 2
-    assert_user_error(cli_runner("bench"), "give --artifact")
-    r = cli_runner("bench", "--artifact", host_artifact, *args, "--tunnel", "--runs", "3")
-    assert r.exit_code == 0, r.output
-    assert "time_evaluator over RPC + SSH tunnel" in r.stdout and "p50 ms" in r.stdout
-    # A different artifact than the deployed one is not silently timed.
-    (other / "params.npz").write_bytes((other / "params.npz").read_bytes())
-    m = json.loads((other / "manifest.json").read_text())
-    m["files"]["params.npz"]["sha256"] = "0" * 64
-    (other / "manifest.json").write_text(json.dumps(m))
-    assert_user_error(cli_runner("bench", "--artifact", other, *args), "deploy it first")
 
 
 # ---------------------------------------------------------------- what ships, what is trusted
@@ -469,9 +271,6 @@ def test_cli_bench_host(host_sshd, host_artifact, remote_dir, cli_runner, tmp_pa
 def test_runtime_zip_holds_the_runtime_only(tmp_path):
     """deploy uploads lprnet_edge/__init__.py + lprnet_edge/runtime/ and nothing else, and
     that alone is enough for `from lprnet_edge import Recognizer` (torch blocked)."""
-    import zipfile
-
-    from lprnet_edge.device.deploy import runtime_zip
 
     names = zipfile.ZipFile(runtime_zip(tmp_path)).namelist()
     outside = [n for n in names
@@ -504,9 +303,8 @@ def _with_files_entry(src: Path, dest: Path, name: str, real: str = "params.npz"
                                   "..", "a\\b.bin"])
 def test_refuses_file_names_outside_the_artifact(host_sshd, host_artifact, remote_dir,
                                                  tmp_path, name):
-    """Issue 12 defect 3: a `files` name with '/', '..' or absolute is refused before anything
-    is written on the device (it would be uploaded outside the deployment folder)."""
-    from lprnet_edge.device.deploy import deploy
+    """A `files` name with '/', '..' or absolute is refused before anything is written on
+    the device (it would be uploaded outside the deployment folder)."""
 
     bad = _with_files_entry(host_artifact, tmp_path / "bad", name)
     dev = make_device(host_sshd, remote_dir)
@@ -518,7 +316,6 @@ def test_refuses_file_names_outside_the_artifact(host_sshd, host_artifact, remot
 
 
 def test_refuses_a_model_file_missing_from_files(host_sshd, host_artifact, remote_dir, tmp_path):
-    from lprnet_edge.device.deploy import deploy
 
     bad = tmp_path / "bad"
     shutil.copytree(host_artifact, bad)
@@ -537,7 +334,6 @@ def test_device_check_refuses_wrong_logits_and_keeps_current(host_sshd, host_art
                                                              weights_path):
     """The model runs on the device and is compared with the stored PyTorch logits: past the
     tolerance the deployment is refused and the previous one stays current."""
-    from lprnet_edge.device.deploy import deploy
     from lprnet_edge.model.checkpoint import load_model
 
     dev = make_device(host_sshd, remote_dir)
@@ -556,7 +352,7 @@ def test_device_check_refuses_wrong_logits_and_keeps_current(host_sshd, host_art
 
 
 def test_deploy_a_bundle(host_sshd, host_artifact, remote_dir, tmp_path, cli_runner):
-    """Issue 12 defect 7: `deploy X.tar.gz` takes what `build --bundle` writes."""
+    """`deploy X.tar.gz` takes what `build --bundle` writes."""
     from conftest import assert_user_error
 
     from lprnet_edge.runtime.artifact import bundle

@@ -20,7 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
+from host_device import add_verify_set, fp16_rounded
 
+from lprnet_edge.device.deploy import deploy, status
+from lprnet_edge.device.device import Device
+from lprnet_edge.device.remote import remote_bench, remote_eval, remote_recognize
+from lprnet_edge.device.ssh import SshConnection
+from lprnet_edge.device.tunnel import rpc_bench
 from lprnet_edge.runtime.errors import ArtifactError, DeviceError
 
 pytest_plugins = ["emulated_device"]
@@ -52,8 +58,6 @@ def rpi4_artifact(tmp_path_factory, weights_path) -> Path:
 
 @pytest.fixture(scope="module")
 def pi_device(emulated_pi):
-    from lprnet_edge.device.deploy import Device
-    from lprnet_edge.device.ssh import SshConnection
 
     conn = SshConnection(f"{emulated_pi.user}@{emulated_pi.host}:{emulated_pi.port}",
                          key=emulated_pi.key_path, known_hosts=emulated_pi.known_hosts_path,
@@ -64,8 +68,6 @@ def pi_device(emulated_pi):
 
 
 def reconnect(emulated_pi, dev):
-    from lprnet_edge.device.deploy import Device
-    from lprnet_edge.device.ssh import SshConnection
 
     dev.conn.close()
     conn = SshConnection(f"{emulated_pi.user}@{emulated_pi.host}:{emulated_pi.port}",
@@ -78,28 +80,25 @@ def reconnect(emulated_pi, dev):
 
 @pytest.fixture(scope="module")
 def deployed(pi_device, rpi4_artifact):
-    from lprnet_edge.device.deploy import deploy
 
     t0 = time.perf_counter()
     res = deploy(pi_device, rpi4_artifact,
                  on_step=lambda s: print(f"  [{time.perf_counter() - t0:6.1f}s] {s}"))
     print(f"\ndeploy to the emulated Pi: {res.seconds:.1f} s (upload {res.upload_seconds:.1f} s of "
-          f"{res.bytes_uploaded / 1e6:.2f} MB, load {res.checks['load_s']:.1f} s, first run "
-          f"{res.checks['first_inference_s']:.1f} s)")
+          f"{res.bytes_uploaded / 1e6:.2f} MB, load {res.checks.load_s:.1f} s, first run "
+          f"{res.checks.first_inference_s:.1f} s)")
     assert res.device_arch == "aarch64"
-    assert res.checks["torch_imported"] is False  # the device runtime never imports torch
+    assert res.checks.torch_imported is False  # the device runtime never imports torch
     return res
 
 
 def check_current_works(dev, test_dir: Path, name: str) -> None:
-    from lprnet_edge.device.deploy import remote_recognize
 
     assert Path(dev.current()).name == name
     assert remote_recognize(dev, [test_dir / PLATE])[0]["text"] == "京PL3N67"
 
 
 def test_refuses_x86_artifact_before_upload(pi_device, rpi4_artifact, tmp_path):
-    from lprnet_edge.device.deploy import deploy
 
     x86 = tmp_path / "lprnet-host"
     shutil.copytree(rpi4_artifact, x86)
@@ -111,7 +110,6 @@ def test_refuses_x86_artifact_before_upload(pi_device, rpi4_artifact, tmp_path):
 
 
 def test_remote_recognize_and_info(pi_device, deployed, test_images):
-    from lprnet_edge.device.deploy import remote_recognize, status
 
     t0 = time.perf_counter()
     res = remote_recognize(pi_device, test_images[:3])
@@ -122,8 +120,8 @@ def test_remote_recognize_and_info(pi_device, deployed, test_images):
     assert sum(r["text"] == label_from_name(p) for r, p in zip(res, test_images[:3],
                                                                 strict=True)) >= 2
     st = status(pi_device)
-    assert st["machine"] == "aarch64" and st["current"] == deployed.name
-    assert st["info"]["torch_imported"] is False
+    assert st.machine == "aarch64" and st.current == deployed.name
+    assert st.info["torch_imported"] is False
 
 
 DEFAULT_EVAL_LIMIT = 250
@@ -141,7 +139,6 @@ def eval_limit() -> int | None:
 def test_remote_eval_on_the_device(pi_device, deployed, test_dir, weights_path):
     """Exact-match accuracy of the cross-built module on the device: the PyTorch model's own
     result on the same plates, or the reference 0.894 on all 1000 (``=all``)."""
-    from lprnet_edge.device.deploy import remote_eval
 
     limit = eval_limit()
     workers = max(1, os.cpu_count() or 1)
@@ -156,38 +153,40 @@ def test_remote_eval_on_the_device(pi_device, deployed, test_dir, weights_path):
     res = remote_eval(pi_device, test_dir, workers=workers, threads=1, limit=limit,
                       progress=prog)
     wall = time.perf_counter() - t0
-    print(f"\nremote eval on the emulated Pi: {res['count']} plates, accuracy "
-          f"{res['accuracy']:.3f} ({res['correct']}/{res['count']}), char acc "
-          f"{res['char_accuracy']:.3f}, {res['seconds']:.0f} s on the device with "
-          f"{workers} workers, {wall:.0f} s wall, upload {res['upload_seconds']:.1f} s")
-    assert res["skipped"] == [] and res["machine"] == "aarch64"
+    m = res.metrics
+    print(f"\nremote eval on the emulated Pi: {m.count} plates, accuracy "
+          f"{m.accuracy:.3f} ({m.correct}/{m.count}), char acc "
+          f"{m.char_accuracy:.3f}, {res.seconds:.0f} s on the device with "
+          f"{workers} workers, {wall:.0f} s wall, upload {res.upload_seconds:.1f} s")
+    assert m.skipped == [] and res.machine == "aarch64"
     if limit is None:
-        assert res["count"] == 1000
-        assert res["accuracy"] == pytest.approx(0.894, abs=0.0015)
+        assert m.count == 1000
+        assert m.accuracy == pytest.approx(0.894, abs=0.0015)
     else:
         pytest.importorskip("torch")
         from lprnet_edge.model.reference import reference_recognizer
         from lprnet_edge.runtime.evaluate import evaluate
 
         ref = evaluate(reference_recognizer(weights_path), test_dir, limit=limit)
-        assert res["count"] == ref.count == limit
-        assert abs(res["correct"] - ref.correct) <= max(1, limit // 100), (res, ref)
+        assert m.count == ref.count == limit
+        assert abs(m.correct - ref.correct) <= max(1, limit // 100), (res, ref)
 
 
 def test_bench_over_ssh_and_rpc(pi_device, deployed, rpi4_artifact):
-    from lprnet_edge.device.deploy import remote_bench, rpc_bench
 
     t0 = time.perf_counter()
     ssh = remote_bench(pi_device, runs=5, warmup=1)
-    print(f"\nSSH bench (emulated, with pre/post): p50 {ssh['p50_ms']:.0f} ms "
+    print(f"\nSSH bench (emulated, with pre/post): p50 {ssh.latency['p50_ms']:.0f} ms "
           f"({time.perf_counter() - t0:.0f} s)")
-    assert ssh["runs"] == 5 and ssh["machine"] == "aarch64" and ssh["include_preprocess"]
+    assert ssh.latency["runs"] == 5 and ssh.machine == "aarch64"
+    assert ssh.latency["include_preprocess"]
 
     t0 = time.perf_counter()
     rpc = rpc_bench(pi_device, rpi4_artifact, number=1, repeat=3, server_timeout=300)
-    print(f"RPC bench through the SSH tunnel (emulated, model only): p50 {rpc['p50_ms']:.0f} ms"
-          f" ({time.perf_counter() - t0:.0f} s incl. server start)")
-    assert rpc["runs"] == 3 and rpc["mode"] == "rpc" and rpc["output_shape"] == [1, 68, 18]
+    print(f"RPC bench through the SSH tunnel (emulated, model only): p50 "
+          f"{rpc.latency['p50_ms']:.0f} ms ({time.perf_counter() - t0:.0f} s incl. server start)")
+    assert rpc.latency["runs"] == 3 and rpc.mode == "rpc"
+    assert rpc.latency["output_shape"] == [1, 68, 18]
     # The server we started is gone.
     left = pi_device.sh("ps -eo args | grep '[t]vm.exec.rpc_server' || true").stdout.strip()
     assert left == ""
@@ -216,9 +215,6 @@ def test_deploy_compares_with_pytorch_on_the_device(pi_device, deployed, rpi4_ar
     """The cross-built aarch64 model against the host's PyTorch logits, on the board: within
     the tolerance it is deployed (and recorded); a wrong reference is refused and the
     previous deployment stays current."""
-    from test_deploy import add_verify_set, fp16_rounded
-
-    from lprnet_edge.device.deploy import deploy
     from lprnet_edge.model.checkpoint import load_model
 
     art = tmp_path / "lprnet-rpi4-verified"
@@ -230,7 +226,7 @@ def test_deploy_compares_with_pytorch_on_the_device(pi_device, deployed, rpi4_ar
         model = fp16_rounded(model)
     add_verify_set(art, model, tolerance=1e-3)
     res = deploy(pi_device, art)
-    v = res.checks["verification"]
+    v = res.checks.verification
     print(f"\non-device comparison with PyTorch: max |logit diff| {v['max_abs_logit_diff']:.2e} "
           f"on {v['inputs']} calib inputs ({v['seconds']:.1f} s)")
     assert v["status"] == "passed" and v["machine"] == "aarch64"
@@ -256,7 +252,6 @@ def test_int8_dot_products_run_right_on_the_device(pi_device, deployed, target, 
     sequence on rpi4's A72, sdot on rpi5's A76) and computes, on the (emulated) aarch64 CPU,
     the host PyTorch simulation's logits within the int8 tolerance: the deploy's check on
     the device passes. Only correctness: qemu gives no board timings."""
-    from lprnet_edge.device.deploy import deploy
 
     out = tmp_path / f"int8-{target}"
     env = {**os.environ, "LPRNET_EDGE_WEIGHTS": str(weights_path)}
@@ -269,7 +264,7 @@ def test_int8_dot_products_run_right_on_the_device(pi_device, deployed, target, 
     assert m["reports"]["compile"]["schedules"]["tensorized"] >= 10
     try:
         res = deploy(pi_device, out)
-        v = res.checks["verification"]
+        v = res.checks.verification
         assert v["status"] == "passed" and v["machine"] == "aarch64", v
     finally:
         pi_device.switch_to(deployed.name)
@@ -293,7 +288,6 @@ def _session_sshd_pids(emulated_pi) -> list[int]:
 
 def test_upload_cut_keeps_current(emulated_pi, pi_device, deployed, rpi4_artifact, test_dir):
     """The device's SSH session processes are killed half way through an upload."""
-    from lprnet_edge.device.deploy import deploy
 
     if not emulated_pi.pidns:
         pytest.skip("the emulated device reports no PID namespace")
@@ -315,7 +309,6 @@ def test_upload_cut_keeps_current(emulated_pi, pi_device, deployed, rpi4_artifac
 
 def test_disk_full_keeps_current(emulated_pi, pi_device, deployed, rpi4_artifact, test_dir):
     """A real 1 MB tmpfs mounted inside the device (its own mount namespace) as the target."""
-    from lprnet_edge.device.deploy import Device, deploy
 
     small = f"/home/pi/small-{os.getpid()}"
     host_path = f"{emulated_pi.root}{small}"
@@ -342,7 +335,7 @@ def test_build_tunes_on_the_device_and_deploys(emulated_pi, pi_device, tmp_path,
     (an RPC server started there over SSH, reached through a tunnel; candidates linked here,
     so the device needs no compiler), then the artifact is deployed and run there. Last in
     this file: it changes the current deployment."""
-    from lprnet_edge.compiler.tune import count_records
+    from lprnet_edge.compiler.tuning import count_records
 
     db, out = tmp_path / "db", tmp_path / "lprnet-rpi4-tuned"
     env = {**os.environ, "LPRNET_EDGE_WEIGHTS": str(weights_path)}

@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from lprnet_edge.model import flops  # noqa: E402
+from lprnet_edge.model.bn_fold import fold_batchnorm  # noqa: E402
 from lprnet_edge.model.channel_fold import (  # noqa: E402
     CONVS,
     EDGES,
@@ -17,7 +18,6 @@ from lprnet_edge.model.channel_fold import (  # noqa: E402
     foldable,
 )
 from lprnet_edge.model.checkpoint import load_model  # noqa: E402
-from lprnet_edge.model.fold import fold_batchnorm  # noqa: E402
 
 
 def _kill(model: nn.Module, name: str, channels: list[int]) -> None:

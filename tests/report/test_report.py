@@ -110,7 +110,7 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
     """--refresh-latency --latency tvm --trials 2 on two variants that run the same graph:
     tuned artifacts, one shared database, the other columns untouched."""
     import lprnet_edge.report.variants as report
-    from lprnet_edge.compiler.tune import count_records
+    from lprnet_edge.compiler.tuning import count_records
 
     out, before, cal, _test = tiny_report
     logs: list[str] = []
@@ -339,18 +339,17 @@ def test_report_builds_accept_the_accuracy_guard(tmp_path):
     import lprnet_edge.report.latency as lat
     import lprnet_edge.report.variants as report
     from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig
-    from lprnet_edge.pipeline.build import guarded, searching
 
     ident = torch.nn.Identity()
     lossy = report.Variant("sparse70+int8w", "", ident, ident, {}, "fp32",
                            PruneConfig(kind="unstructured", sparsity=0.7),
                            QuantizeConfig(mode="int8-weights"))
     opts = lat.tvm_build_options(lossy, tmp_path, tmp_path / "w.pth", None)
-    assert guarded(opts) and not searching(opts)
+    assert opts.changes_model and not opts.searching
     assert opts.max_accuracy_drop == lat.REPORT_ACCURACY_BUDGET >= 100
     plain = report.Variant("original", "", ident, ident, {}, "fp32")
     opts = lat.tvm_build_options(plain, tmp_path, tmp_path / "w.pth", None)
-    assert opts.max_accuracy_drop is None and not guarded(opts) and not searching(opts)
+    assert opts.max_accuracy_drop is None and not opts.changes_model and not opts.searching
 
 
 def test_plot_lists_far_off_variants_instead_of_drawing_them(tmp_path):

@@ -6,13 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import assert_user_error, copy_images, randomize_batchnorm
 
+from lprnet_edge.compiler.config import CompileConfig
 from lprnet_edge.compiler.target import load_target
-from lprnet_edge.compress.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
-from lprnet_edge.pipeline.build import BuildOptions, ModelArtifact, _map_names, plan
+from lprnet_edge.compress.configs import QuantizeConfig
+from lprnet_edge.pipeline.build import BuildOptions
 from lprnet_edge.runtime.artifact import machine_arch, read_manifest
 from lprnet_edge.runtime.errors import ArtifactError
 
@@ -32,62 +32,6 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------- fast checks
-
-
-def test_plan_lists_the_stages(tmp_path: Path):
-    host = load_target("rpi4")
-    assert plan(BuildOptions(target=host, out=tmp_path)) == [
-        "load", "import", "compile", "verify", "package"]
-    opts = BuildOptions(target=host, out=tmp_path, prune=PruneConfig(), quantize=QuantizeConfig(),
-                        tune=TuneConfig(trials=8), eval_test=True)
-    # A build that changes the model is guarded on calib/ before anything compiles.
-    assert plan(opts) == ["load", "prune", "quantize", "guard", "import", "tune", "compile",
-                          "verify", "eval", "package"]
-
-
-def test_encodings_map_state_dict_names_to_compiled_names():
-    enc = {"backbone.0.weight": "sparse", "backbone.4.block.0.weight": "int8"}
-    names = ["p_backbone_0_weight", "p_backbone_0_bias", "p_backbone_4_block_0_weight"]
-    assert _map_names(enc, names) == {"p_backbone_0_weight": "sparse",
-                                      "p_backbone_0_bias": "dense",
-                                      "p_backbone_4_block_0_weight": "int8"}
-    onnx_names = ["backbone.0.weight", "container.0.bias"]
-    assert _map_names(enc, onnx_names) == {"backbone.0.weight": "sparse",
-                                           "container.0.bias": "dense"}
-
-
-def test_dense_encodings_without_compression(tmp_path: Path):
-    from lprnet_edge.pipeline.build import choose_encodings
-    from lprnet_edge.runtime.charset import load_charset
-
-    art = ModelArtifact(model=None, reference=None, original=None, weights=tmp_path,
-                        weights_sha256="0" * 64, charset=load_charset())
-    params = {"a": np.zeros((3, 3, 4, 8), np.float32), "b": np.zeros(8, np.float32)}
-    assert choose_encodings(art, params) == {"a": "dense", "b": "dense"}
-
-
-def test_int8_weights_are_scaled_per_output_channel_in_hwio(tmp_path: Path):
-    """NHWC builds store HWIO weights: int8 scales go along the last axis (the output
-    channels), so the per-output-channel int8 values of the compressed model stay exact."""
-    from lprnet_edge.pipeline.build import choose_encodings
-    from lprnet_edge.runtime.charset import load_charset
-    from lprnet_edge.runtime.params_codec import decode, encode
-
-    art = ModelArtifact(model=None, reference=None, original=None, weights=tmp_path,
-                        weights_sha256="0" * 64, charset=load_charset(),
-                        param_encodings={"backbone.0.weight": "int8",
-                                         "backbone.0.bias": "dense"})
-    params = {"p_backbone_0_weight": np.zeros((3, 3, 3, 8), np.float32),
-              "p_backbone_0_bias": np.zeros(8, np.float32)}
-    assert choose_encodings(art, params, "NHWC") == {"p_backbone_0_weight": "int8-last",
-                                                     "p_backbone_0_bias": "dense"}
-    assert choose_encodings(art, params, "NCHW")["p_backbone_0_weight"] == "int8"
-    rng = np.random.default_rng(0)
-    oihw = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
-    exact = decode(encode("w", oihw, "int8"), "w", "int8")  # what the model computes with
-    hwio = exact.transpose(2, 3, 1, 0)
-    back = decode(encode("w", hwio, "int8-last"), "w", "int8-last")
-    np.testing.assert_allclose(back, hwio, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -139,6 +83,9 @@ def test_cli_existing_output_needs_force(cli_runner, tmp_path: Path, tiny_ckpt: 
     out.mkdir()
     r = cli_runner("build", "--target", "host", "--weights", tiny_ckpt, "--out", out)
     assert_user_error(r, "exists (use --force")
+    # Asking for a bundle of an existing build says what --force does with it.
+    r = cli_runner("build", "--target", "host", "--weights", tiny_ckpt, "--out", out, "--bundle")
+    assert_user_error(r, "use --force to rebuild it", "o.tar.gz")
 
 
 # ---------------------------------------------------------------- real builds (tiny model)
@@ -175,6 +122,23 @@ def test_cli_host_build(host_build):
 
     rec = Recognizer.from_artifact(out)
     assert rec.benchmark(runs=2, warmup=1)["runs"] == 2
+
+
+@pytest.mark.slow
+def test_bundle_of_an_existing_build(host_build, tiny_ckpt: Path, cli_runner):
+    """``--bundle`` again with the same settings packs the build as it is; with other
+    settings it says that --force rebuilds it."""
+    out, _ = host_build
+    tar = out.parent / "lprnet-tiny.tar.gz"
+    tar.unlink()
+    args = ["build", "--target", "host", "--weights", tiny_ckpt, "--out", out,
+            "--verify-images", "8", "--bundle"]
+    r = cli_runner(*args, "--threads", "1")
+    assert r.exit_code == 0, r.output
+    assert "bundled as it is" in r.stderr and "] load" not in r.stderr
+    assert f"bundle        {tar}" in r.stdout and tar.is_file()
+    r = cli_runner(*args, "--threads", "2")
+    assert_user_error(r, "not a build of these settings", "use --force to rebuild it")
 
 
 @pytest.mark.slow
@@ -251,17 +215,17 @@ def test_cli_refuses_test_split_as_calib(cli_runner, tmp_path: Path, tiny_ckpt: 
     assert not (tmp_path / "o").exists()
 
 
-# ---------------------------------------------------------------- the accuracy guard
+# ---------------------------------------------------------------- the accuracy check
 
 
 @pytest.fixture(scope="module")
 def small_calib(data_dir: Path, tmp_path_factory) -> Path:
     files = sorted((data_dir / "calib").glob("*.jpg"))[:120]
-    return copy_images(files, tmp_path_factory.mktemp("guard") / "calib")
+    return copy_images(files, tmp_path_factory.mktemp("accuracy") / "calib")
 
 
-def test_guard_fails_a_build_that_loses_accuracy(cli_runner, weights_path: Path,
-                                                 small_calib: Path, tmp_path: Path):
+def test_accuracy_check_fails_a_build_that_loses_accuracy(cli_runner, weights_path: Path,
+                                                          small_calib: Path, tmp_path: Path):
     """Without --max-accuracy-drop a compressed build may lose at most 1 point on the calib/
     validation split; it fails before compiling, and says which flag accepts the loss."""
     out = tmp_path / "o"
@@ -271,35 +235,39 @@ def test_guard_fails_a_build_that_loses_accuracy(cli_runner, weights_path: Path,
     assert_user_error(r, "on the calib/ validation split (36 plates", "default budget of 1 point",
                       "--max-accuracy-drop")
     assert r.exit_code == ArtifactError.exit_code
-    assert "guard" in r.stderr and "import" not in r.stderr  # nothing was compiled
+    assert "] accuracy" in r.stderr and "] import" not in r.stderr  # nothing was compiled
     assert not out.exists()
     r = cli_runner(*args, "--max-accuracy-drop", "0.5")
     assert_user_error(r, "exceeds --max-accuracy-drop 0.5")
     assert not out.exists()
 
 
-def test_guard_stage_measures_on_the_select_split(weights_path: Path, small_calib: Path):
+def test_accuracy_check_measures_on_the_validation_split(weights_path: Path,
+                                                        small_calib: Path):
+    from lprnet_edge.compress.accuracy import VALIDATION, Budget, check_model
     from lprnet_edge.compress.configs import Int8WeightsConfig
     from lprnet_edge.model.calib import CalibrationSet, accuracy
-    from lprnet_edge.pipeline.build import guard_stage, load_stage, quantize_stage
+    from lprnet_edge.pipeline.steps import load_torch, quantize_model
 
-    art = quantize_stage(load_stage(weights_path), Int8WeightsConfig(), small_calib)
+    tm = quantize_model(load_torch(weights_path), Int8WeightsConfig(), small_calib)
+    calib = CalibrationSet.load(small_calib)
     # 36 validation plates here: one plate is 2.8 points, so the budget is explicit (the
     # default 1-point budget: test_int8_build_compiles_the_typed_result).
-    g = guard_stage(art, small_calib, max_drop_points=5.0)
-    _, val = CalibrationSet.load(small_calib).split(0.3, 0)  # select.py's split
+    c = check_model(tm.original, tm.reference, calib, Budget.of(5.0))
+    _, val = calib.split(0.3, 0)  # the search's split
+    assert VALIDATION.of(calib)[1].names == val.names
+    g = c.to_dict()
     assert g["split"] == {"fraction": 0.3, "seed": 0, "images": len(val)}
-    assert g["original"] == pytest.approx(accuracy(art.original, val))
-    assert g["compressed"] == pytest.approx(accuracy(art.reference, val))
+    assert g["original"] == pytest.approx(accuracy(tm.original, val))
+    assert g["compressed"] == pytest.approx(accuracy(tm.reference, val))
     assert g["drop_points"] == pytest.approx(g["lost_points"] - g["gained_points"])
     assert g["drop_points"] == pytest.approx(100 * (g["original"] - g["compressed"]))
     assert g["budget_points"] == 5.0 and g["budget_source"] == "--max-accuracy-drop"
     assert g["ok"] == (g["drop_points"] <= 5.0)
-    assert art.reports["accuracy_guard"] == g
     # The typed result's fields, not attributes read back from a module.
-    assert art.param_encodings["backbone.0.weight"] == "int8"
-    assert art.param_encodings["heads.0.weight"] == "int8"  # folded first: the split head
-    assert art.model.module is art.reference and art.stages["quantize"]["mode"] == "int8-weights"
+    assert tm.param_encodings["backbone.0.weight"] == "int8"
+    assert tm.param_encodings["heads.0.weight"] == "int8"  # folded first: the split head
+    assert tm.model.module is tm.reference and tm.stages["quantize"]["mode"] == "int8-weights"
 
 
 @pytest.mark.slow
@@ -315,10 +283,10 @@ def test_int8_build_compiles_the_typed_result(cli_runner, tiny_ckpt: Path, small
     m = json.loads(r.stdout)
     q = m["stages"]["quantize"]
     assert q["mode"] == "int8" and q["fallback_layers"] == ["container.0"]
-    from lprnet_edge.compress.configs import Int8Config, QuantizeConfig
+    from lprnet_edge.compress.configs import Int8Config
 
     assert isinstance(QuantizeConfig.from_dict(q), Int8Config)  # the manifest reads back
-    assert m["reports"]["accuracy_guard"]["ok"] and "[3/7] guard" in r.stderr
+    assert m["reports"]["accuracy_check"]["ok"] and "[3/7] accuracy" in r.stderr
     enc = m["param_encodings"]
     # The int8 weights are quantized (and laid out) at build time: stored raw, as int8. The
     # head (folded first, so split in four) computes in float32 from int8-stored weights.

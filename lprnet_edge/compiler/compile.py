@@ -1,19 +1,24 @@
 """Relax -> a linked shared library: fusion passes, ``tvm.compile`` (or MetaSchedule's
 ``compile_relax`` with a tuning database), ``export_library`` with the target's compiler (a
 cross compiler for a device). The import is :mod:`lprnet_edge.compiler.frontend`, tuning
-:mod:`lprnet_edge.compiler.tune`.
+:mod:`lprnet_edge.compiler.tuning`.
+
+TVM is imported inside the functions that use it: importing it takes seconds (and
+loads torch), and this module is imported by commands that never compile.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lprnet_edge.compiler.errors import import_tvm_compiler, last_line, tail
+from lprnet_edge.compiler import dot, schedules
 from lprnet_edge.compiler.target import TargetSpec
 from lprnet_edge.compiler.toolchain import Compiler
+from lprnet_edge.compiler.tvm_import import import_tvm_compiler, last_line, tail
 from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
 
 # ---------------------------------------------------------------- Relax -> module
@@ -62,8 +67,6 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     :mod:`lprnet_edge.compiler.schedules`). Returns ``(database or None, coverage)`` where
     coverage names the kernels of each kind (``naive``: TVM's default loops). ``prepared``:
     ``prepare_for_tuning(mod, target)`` when the caller already has it."""
-    from lprnet_edge.compiler import dot, schedules
-
     layers = [db for db in (database, schedules.default_database() if defaults else None)
               if db is not None]
     from tvm.s_tir import meta_schedule as ms
@@ -77,10 +80,12 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     # measuring, and failed candidates are recorded too.
     best = [schedules.best_records(db) for db in layers]
     known = [r for b in best for r in b.values()]
-    # Apply the best plausible record per workload, not the raw database's top record.
-    layers = [schedules.memory_database(b.values()) for b in best]
     own = best[0] if database is not None else {}
     packaged = best[-1] if len(layers) > (database is not None) else {}
+    if own and packaged:  # per kernel, the faster of the tuned record and the default
+        own = best[0] = schedules.keep_faster(own, packaged)
+    # Apply the best plausible record per workload, not the raw database's top record.
+    layers = [schedules.memory_database(b.values()) for b in best]
     cover: dict[str, list[str]] = {"tensorized": [], "tuned": [], "default": [],
                                    "transferred": [], "naive": []}
     tensorized, fallback = ms.database.MemoryDatabase(), ms.database.MemoryDatabase()
@@ -181,8 +186,6 @@ def kernel_signatures(prepared: Any, vm_text: str) -> dict[str, dict[str, Any]]:
     arguments' shapes and dtypes (from the prepared module) and its calls per inference.
     The manifest keeps them so that a profile over RPC can call every kernel on the device
     (``runtime.profile.LoadedModule.profile_calls``)."""
-    import re
-
     from tvm import tirx
 
     out: dict[str, dict[str, Any]] = {}
