@@ -41,20 +41,8 @@ from bench_markdown import report  # noqa: E402  (beside this script)
 
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Export / compile / tune every variant once; return what the children load."""
-    import torch
-
-    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.target import load_target
-    from lprnet_edge.compiler.tuning import (
-        TuneConfig,
-        TuneOptions,
-        count_records,
-        open_database,
-        resolve_db_dir,
-        tune,
-    )
-    from lprnet_edge.model.channel_fold import fold_all
     from lprnet_edge.model.checkpoint import load_model
     from lprnet_edge.model.flops import summary as flops_summary
     from lprnet_edge.model.weights import resolve_weights
@@ -64,10 +52,45 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     model = load_model(weights)
     info: dict[str, Any] = {"weights": str(weights), "variants": {}}
     info["flops"] = flops_summary(model)
+    onnx_path, onnx_folded = export_onnx(model, work, info)
+    spec = load_target(args.target)
+    mod, params = to_relax(model)
+    np.savez(work / "params.npz", **{f"p{i:03d}": v for i, v in enumerate(params.values())})
+    builds, records = build_modules(args, work, mod, spec, info)
+    psize = sum(v.nbytes for v in params.values())
+    info["variants"]["PyTorch eager fp32"] = {"kind": "torch", "size": weights.stat().st_size}
+    info["variants"]["ONNX Runtime fp32"] = {"kind": "ort", "path": str(onnx_path),
+                                             "size": onnx_path.stat().st_size}
+    info["variants"]["ONNX Runtime fp32, constant channels folded"] = {
+        "kind": "ort", "path": str(onnx_folded), "size": onnx_folded.stat().st_size}
+    labels = {"naive": "TVM naive loops (no schedules)",
+              "untuned": "TVM untuned (default schedules)",
+              "tuned": f"TVM tuned ({records} trials)"}
+    for name in builds:
+        info["variants"][labels[name]] = {
+            "kind": "tvm", "path": str(work / f"{name}.so"), "build": name,
+            "size": (work / f"{name}.so").stat().st_size + psize}
+    for item in args.artifact:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--artifact {item!r}: expected NAME=PATH")
+        root = Path(path)
+        m = json.loads((root / "manifest.json").read_text())
+        info["variants"][name] = {"kind": "artifact", "path": str(root),
+                                  "size": sum(f["size"] for f in m["files"].values())}
+    info["target"] = spec.tvm
+    return info
 
-    # ONNX Runtime: the exported graph of the same model (ORT fuses BN itself), and of the
-    # model with its constant channels folded, so that the table separates what the folding
-    # gains (any runtime could run the folded graph) from what TVM's kernels gain.
+
+def export_onnx(model: Any, work: Path, info: dict[str, Any]) -> tuple[Path, Path]:
+    """ONNX Runtime's inputs: the exported graph of the model (ORT fuses BN itself), and of
+    the model with its constant channels folded, so that the table separates what the
+    folding gains (any runtime could run the folded graph) from what TVM's kernels gain."""
+    import torch
+
+    from lprnet_edge.model.channel_fold import fold_all
+    from lprnet_edge.model.flops import summary as flops_summary
+
     folded, fold_report = fold_all(model)
     info["flops_folded"] = flops_summary(folded)
     info["fold"] = fold_report.summary() if fold_report else "none"
@@ -80,10 +103,15 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                               input_names=["x"], output_names=["logits"], opset_version=17,
                               dynamo=False, do_constant_folding=True)
     log(f"onnx export {time.perf_counter() - t0:.1f}s")
+    return onnx_path, onnx_folded
 
-    spec = load_target(args.target)
-    mod, params = to_relax(model)
-    np.savez(work / "params.npz", **{f"p{i:03d}": v for i, v in enumerate(params.values())})
+
+def build_modules(args: argparse.Namespace, work: Path, mod: Any, spec: Any,
+                  info: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The naive and untuned modules (reused unless ``--rebuild``), then tuning (unless
+    ``--no-tune``) and the tuned module when the database has records."""
+    from lprnet_edge.compiler.compile import build
+
     builds: dict[str, Any] = {}
     for name, defaults in (("naive", False), ("untuned", True)):
         if not (work / f"{name}.so").is_file() or args.rebuild:
@@ -93,14 +121,35 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             (work / f"{name}.build.json").write_text(json.dumps(builds[name], default=str))
         else:
             builds[name] = json.loads((work / f"{name}.build.json").read_text())
+    database, records = tune_or_open(args, work, mod, spec, info)
+    if database is not None:
+        t0 = time.perf_counter()
+        builds["tuned"] = build(mod, spec, work / "tuned.so", None, database=database, log=log)
+        log(f"TVM tuned build ({records} records) {time.perf_counter() - t0:.1f}s")
+    info["builds"] = {k: {"schedules": v.get("schedules"), "naive": v.get("untuned_kernels"),
+                          "kernel_schedules": v.get("kernel_schedules")}
+                      for k, v in builds.items()}
+    return builds, records
+
+
+def tune_or_open(args: argparse.Namespace, work: Path, mod: Any, spec: Any,
+                 info: dict[str, Any]) -> tuple[Any, int]:
+    """The tuning database (None when it has no records) and its record count."""
+    from lprnet_edge.compiler.compile import prepare_for_tuning
+    from lprnet_edge.compiler.tuning import (
+        TuneConfig,
+        TuneOptions,
+        count_records,
+        open_database,
+        resolve_db_dir,
+        tune,
+    )
 
     cfg = TuneConfig(trials=args.trials, num_trials_per_iter=args.trials_per_iter,
                      db_dir=args.tuning_db)
     tasks = [t for t in args.tasks.split(",") if t] or None
     tune_summary: dict[str, Any] | None = None
     if args.no_tune:
-        from lprnet_edge.compiler.compile import prepare_for_tuning
-
         db_dir = resolve_db_dir(spec, prepare_for_tuning(mod, spec), cfg)
         database = open_database(db_dir) if count_records(db_dir) else None
     else:
@@ -115,40 +164,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                       "tuning_time_s": (tune_summary or {}).get("wall_s")
                       if tune_summary and not tune_summary.get("skipped")
                       else _tuning_time(db_dir)}
-    if database is not None:
-        t0 = time.perf_counter()
-        builds["tuned"] = build(mod, spec, work / "tuned.so", None, database=database, log=log)
-        log(f"TVM tuned build ({records} records) {time.perf_counter() - t0:.1f}s")
-    info["builds"] = {k: {"schedules": v.get("schedules"), "naive": v.get("untuned_kernels"),
-                          "kernel_schedules": v.get("kernel_schedules")}
-                      for k, v in builds.items()}
-
-    psize = sum(v.nbytes for v in params.values())
-    info["variants"]["PyTorch eager fp32"] = {"kind": "torch", "size": weights.stat().st_size}
-    info["variants"]["ONNX Runtime fp32"] = {"kind": "ort", "path": str(onnx_path),
-                                             "size": onnx_path.stat().st_size}
-    info["variants"]["ONNX Runtime fp32, constant channels folded"] = {
-        "kind": "ort", "path": str(onnx_folded), "size": onnx_folded.stat().st_size}
-    info["variants"]["TVM naive loops (no schedules)"] = {
-        "kind": "tvm", "path": str(work / "naive.so"), "build": "naive",
-        "size": (work / "naive.so").stat().st_size + psize}
-    info["variants"]["TVM untuned (default schedules)"] = {
-        "kind": "tvm", "path": str(work / "untuned.so"), "build": "untuned",
-        "size": (work / "untuned.so").stat().st_size + psize}
-    if database is not None:
-        info["variants"][f"TVM tuned ({records} trials)"] = {
-            "kind": "tvm", "path": str(work / "tuned.so"), "build": "tuned",
-            "size": (work / "tuned.so").stat().st_size + psize}
-    for item in args.artifact:
-        name, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"--artifact {item!r}: expected NAME=PATH")
-        root = Path(path)
-        m = json.loads((root / "manifest.json").read_text())
-        info["variants"][name] = {"kind": "artifact", "path": str(root),
-                                  "size": sum(f["size"] for f in m["files"].values())}
-    info["target"] = spec.tvm
-    return info
+    return database, records
 
 
 def _tuning_time(db_dir: Path) -> float | None:
