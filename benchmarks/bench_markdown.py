@@ -195,7 +195,7 @@ def _caveat_lines(info: dict[str, Any], cpu: dict[str, Any], acc: dict[str, floa
                   "column.", ""]
     else:
         lines += ["Accuracy: not measured in this run (`--accuracy` evaluates every variant "
-                  "on `test/` at batch 1; the PyTorch reference is 0.894).", ""]
+                  "on `test/` at batch 1).", ""]
     return lines
 
 
