@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """LPRNet latency on this machine, batch 1: PyTorch eager, ONNX Runtime, TVM untuned/tuned.
 
-One run measures every variant *interleaved* (round-robin: one call of each variant in
-turn, ``--runs`` times after a warm-up), so a shared, noisy machine slows all variants alike;
-the figure is the median. Every variant gets the same thread count; each thread count runs
-in its own process (TVM's thread pool is sized once per process, from TVM_NUM_THREADS).
+At 1 thread, one run measures every variant *interleaved* in one process (round-robin: one
+call of each variant in turn, ``--runs`` times after a warm-up), so a shared, noisy machine
+slows all variants alike; the figure is the median. At more than one thread, each variant runs
+in a process of its own and the processes alternate in rounds (``lprnet_edge.runtime.isolated``):
+ONNX Runtime's and TVM's spinning thread pools slow each other when they share a process.
+Every variant gets the same thread count; each thread count runs in its own process (TVM's
+thread pool is sized once per process, from TVM_NUM_THREADS).
 
     python benchmarks/run.py                      # 1 and 2 threads, tunes to --trials first
     python benchmarks/run.py --no-tune            # apply the tuning records there are
@@ -251,6 +254,40 @@ def measure(fns: dict[str, Any], runs: int, warmup: int) -> dict[str, dict[str, 
     return out
 
 
+ISOLATED_ROUNDS = 10  # blocks per variant at more than one thread
+
+
+def variant_fn(info: dict[str, Any], work: str, name: str, threads: int) -> Any:
+    """Worker factory: one variant alone in its process (``measure_isolated``)."""
+    return load_variants({**info, "variants": {name: info["variants"][name]}}, Path(work),
+                         threads)[name]
+
+
+def measure_isolated(info: dict[str, Any], work: Path, threads: int, runs: int, warmup: int
+                     ) -> dict[str, dict[str, float]]:
+    """Every variant in a process of its own, ``ISOLATED_ROUNDS`` alternating blocks of
+    ``runs / ISOLATED_ROUNDS`` calls; the same figures as :func:`measure`."""
+    from lprnet_edge.runtime.isolated import WorkerSpec, run_isolated, thread_env
+    from lprnet_edge.runtime.peers import fixed_input
+
+    specs = [WorkerSpec(name, name, variant_fn, {"info": info, "work": str(work), "name": name,
+                                                 "threads": threads}, thread_env(threads))
+             for name in info["variants"]]
+    res = run_isolated(specs, fixed_input(), rounds=ISOLATED_ROUNDS,
+                       runs=max(1, runs // ISOLATED_ROUNDS), warmup=warmup)
+    if res.errors:
+        raise SystemExit(f"variants failed in their own process: {res.errors}")
+    ref = next(iter(res.outputs.values()))
+    out: dict[str, dict[str, float]] = {}
+    for name, blocks in res.blocks.items():
+        a = np.asarray([t for b in blocks for t in b]) * 1e3
+        out[name] = {"max_abs_diff_vs_first": float(np.abs(res.outputs[name] - ref).max()),
+                     "p50_ms": float(np.median([np.median(b) * 1e3 for b in blocks])),
+                     "p90_ms": float(np.percentile(a, 90)), "min_ms": float(a.min()),
+                     "runs": len(a)}
+    return out
+
+
 def profile_fastest(info: dict[str, Any], fns: dict[str, Any],
                     lat: dict[str, dict[str, float]], threads: int) -> dict[str, Any] | None:
     """Per-kernel profile (``VirtualMachine.set_instrument``) of the fastest TVM variant."""
@@ -305,10 +342,18 @@ def accuracy(fns: dict[str, Any], test_dir: Path, skip: tuple[str, ...] = ()
 def child(args: argparse.Namespace) -> None:
     work = Path(args.work)
     info = json.loads((work / "info.json").read_text())
-    fns = load_variants(info, work, args.threads)
-    res: dict[str, Any] = {"threads": args.threads,
-                           "latency": measure(fns, args.runs, args.warmup)}
-    res["profile"] = profile_fastest(info, fns, res["latency"], args.threads)
+    if args.threads > 1:
+        lat = measure_isolated(info, work, args.threads, args.runs, args.warmup)
+        tvm = [n for n, v in info["variants"].items() if v["kind"] == "tvm"]
+        fastest = min(tvm, key=lambda n: lat[n]["p50_ms"]) if tvm else None
+        fns = load_variants({**info, "variants": {fastest: info["variants"][fastest]}}, work,
+                            args.threads) if fastest else {}
+    else:
+        fns = load_variants(info, work, args.threads)
+        lat = measure(fns, args.runs, args.warmup)
+    res: dict[str, Any] = {"threads": args.threads, "latency": lat,
+                           "isolated": args.threads > 1}
+    res["profile"] = profile_fastest(info, fns, lat, args.threads)
     if args.accuracy and args.test_dir:
         res["accuracy"] = accuracy(fns, Path(args.test_dir),
                                    tuple(x for x in args.accuracy_skip.split(",") if x))
@@ -409,7 +454,7 @@ def measure_all(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 
 def write_report(info: dict[str, Any], results: list[dict[str, Any]], runs: int, warmup: int,
                  out: Path) -> None:
-    md = report(info, results, runs, warmup)
+    md = report(info, results, runs, warmup, ISOLATED_ROUNDS)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md + "\n")
     print(md)

@@ -162,12 +162,13 @@ def bench_options(fn: Callable) -> Callable:
                           "device)."),
         click.option("--compare/--no-compare", default=None,
                      help="Also time ONNX Runtime fp32 and PyTorch eager (denormals flushed) "
-                          "on the fp32 original, interleaved with the artifact at the same "
-                          "thread count, and print the artifact's speed-ups. With --host: "
+                          "on the fp32 original, in rounds with the artifact at the same "
+                          "thread count (above one thread each runtime in a process of its "
+                          "own), and print the artifact's speed-ups. With --host: "
                           "ONNX Runtime on the board (when installed in its venv). Default: "
                           "on when PyTorch is installed."),
         click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
-                     help="Interleaved rounds of the comparison (--runs are split over them)."),
+                     help="Rounds of the comparison (--runs are split over them)."),
         click.option("--weights", type=click.Path(exists=True, dir_okay=False),
                      help="PyTorch weights the baselines run (default: resolved like every "
                           "command; checked against the artifact's source weights)."),
@@ -248,7 +249,9 @@ def bench_cmd(as_json: bool, **options: Any) -> None:
 
     Side by side (--compare, default when PyTorch is installed): the artifact's model next to
     ONNX Runtime fp32 and PyTorch eager on the fp32 original, same input, same threads,
-    timed in interleaved rounds, with the artifact's speed-up over each. On a board (--host)
+    timed in alternating rounds, with the artifact's speed-up over each; above one thread
+    each runtime runs in a process of its own (spinning thread pools sharing a process slow
+    each other). On a board (--host)
     the ONNX file is uploaded and timed there (pip install onnxruntime in its venv).
 
     \b

@@ -26,6 +26,7 @@ from lprnet_edge.runtime.baselines import (
     compare_artifact,
 )
 from lprnet_edge.runtime.errors import LprnetEdgeError
+from lprnet_edge.runtime.isolated import WorkerSpec, thread_env
 
 OPSET = 17
 INPUT_NAME = "x"
@@ -113,8 +114,24 @@ def torch_baseline(weights: str | Path, num_classes: int, threads: int) -> Basel
         torch.set_num_threads(threads)
         flush_denormals_mode()
 
-    return Baseline(TORCH, f"PyTorch eager {torch.__version__.split('+')[0]} "
-                           "(denormals flushed)", backend, before)
+    label = f"PyTorch eager {torch.__version__.split('+')[0]} (denormals flushed)"
+    spec = WorkerSpec(TORCH, label, torch_model,
+                      {"weights": str(weights), "num_classes": num_classes, "threads": threads},
+                      thread_env(threads))
+    return Baseline(TORCH, label, backend, before, spec)
+
+
+def torch_model(weights: str, num_classes: int, threads: int) -> Any:
+    """Worker factory (:mod:`lprnet_edge.runtime.isolated`): PyTorch eager alone in its
+    process, ``threads`` threads, denormals flushed (nothing else there resets the FPU mode)."""
+    import torch
+
+    from lprnet_edge.model.checkpoint import load_model
+    from lprnet_edge.model.reference import TorchBackend, flush_denormals_mode
+
+    torch.set_num_threads(threads)
+    flush_denormals_mode()
+    return TorchBackend(load_model(weights, num_classes))
 
 
 def torch_missing() -> str | None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
+from lprnet_edge.runtime.isolated import WorkerSpec
 from lprnet_edge.runtime.profile import Timing
 
 ARTIFACT = "tvm"
@@ -125,6 +126,14 @@ def interleaved(candidates: Mapping[str, Callable[[], Any]], rounds: int = 5, ru
     Every call is timed on its own; a candidate's figure is the median of its per-round
     medians, robust to a round disturbed by other work on the machine.
     """
+    samples = interleaved_blocks(candidates, rounds, runs, warmup, before)
+    return {name: rounds_timing(blocks, threads) for name, blocks in samples.items()}
+
+
+def interleaved_blocks(candidates: Mapping[str, Callable[[], Any]], rounds: int, runs: int,
+                       warmup: int, before: Mapping[str, Callable[[], None]] | None = None
+                       ) -> dict[str, list[list[float]]]:
+    """:func:`interleaved`'s samples: per candidate, one list of call times (s) per round."""
     if rounds < 1 or runs < 1:
         raise LprnetEdgeError("interleaved timing needs rounds >= 1 and runs >= 1")
     before = before or {}
@@ -144,10 +153,11 @@ def interleaved(candidates: Mapping[str, Callable[[], Any]], rounds: int = 5, ru
                 fn()
                 block.append(time.perf_counter() - t0)
             samples[name].append(block)
-    return {name: _rounds_timing(blocks, threads) for name, blocks in samples.items()}
+    return samples
 
 
-def _rounds_timing(blocks: list[list[float]], threads: int | None) -> RoundsTiming:
+def rounds_timing(blocks: list[list[float]], threads: int | None) -> RoundsTiming:
+    """The figures of per-round blocks of call times (s): median of the round medians."""
     flat = Timing.from_seconds([s for b in blocks for s in b], 1, threads)
     medians = [float(np.median(b)) * 1e3 for b in blocks]
     fields = {k: getattr(flat, k) for k in Timing.__dataclass_fields__}
@@ -168,12 +178,14 @@ def speedups(timings: Mapping[str, Timing], subject: str = ARTIFACT) -> dict[str
 
 @dataclass(frozen=True)
 class Baseline:
-    """A candidate to time beside the artifact: ``fn(x) -> logits`` and its row label."""
+    """A candidate to time beside the artifact: ``fn(x) -> logits`` and its row label;
+    ``spec`` builds the same candidate in a process of its own (see :mod:`.isolated`)."""
 
     name: str
     label: str
-    fn: Callable[[np.ndarray], np.ndarray]
+    fn: Callable[[np.ndarray], np.ndarray] | None
     before: Callable[[], None] | None = None
+    spec: WorkerSpec | None = None
 
 
 @dataclass
@@ -181,7 +193,8 @@ class Comparison:
     """The artifact next to its baselines on the same input at the same thread count.
 
     ``rows`` in timing order (the artifact first); ``missing`` names each baseline that could
-    not run and why; ``speedup`` is the artifact's speed-up over each timed baseline."""
+    not run and why; ``speedup`` is the artifact's speed-up over each timed baseline;
+    ``isolated``: each candidate was timed in its own process (see :mod:`.isolated`)."""
 
     threads: int
     rounds: int
@@ -190,74 +203,129 @@ class Comparison:
     missing: dict[str, str]
     speedup: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    isolated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"threads": self.threads, "rounds": self.rounds,
                 "runs_per_round": self.runs_per_round, "rows": self.rows,
-                "missing": self.missing, "speedup": self.speedup, "notes": self.notes}
+                "missing": self.missing, "speedup": self.speedup, "notes": self.notes,
+                "isolated": self.isolated}
 
 
 def compare_artifact(artifact: Any, onnx: str | Path | None = None, threads: int | None = None,
                      rounds: int = 5, runs: int = 20, warmup: int = 5,
                      baselines: Sequence[Baseline] = (), missing: Mapping[str, str] | None = None,
-                     where: str = "", probe_ort: bool = False) -> Comparison:
-    """Time an artifact's module (model only, numpy in and out) interleaved with ONNX Runtime
-    on ``onnx`` (when given and importable) and ``baselines``, all on one input (the synthetic
+                     where: str = "", probe_ort: bool = False,
+                     isolate: bool | None = None) -> Comparison:
+    """Time an artifact's module (model only, numpy in and out) beside ONNX Runtime on
+    ``onnx`` (when given and importable) and ``baselines``, all on one input (the synthetic
     plate every timing path uses) and ``threads`` threads (default: the artifact's);
     ``rounds`` rounds of ``runs`` calls per candidate, after ``warmup`` calls each.
 
+    ``isolate`` (default: when more than one thread) times each candidate in its own process,
+    alternating processes round by round (:func:`.isolated.run_isolated`): spinning thread
+    pools in one process slow each other. Otherwise all run interleaved in this process.
     ``missing``: baselines the caller could not set up, with the reason (shown as rows);
     ``probe_ort``: import onnxruntime in a child process first (the device agent does: see
     :func:`onnxruntime_missing`).
     Each baseline's largest |logit difference| to the artifact is reported too: ~1e-5 for an
     fp32 build of the same weights; larger for a pruned or quantized artifact."""
-    from lprnet_edge.runtime.profile import (
-        LoadedModule,
-        apply_threads,
-        configured_threads,
-        module_inputs,
-    )
+    from lprnet_edge.runtime.profile import apply_threads, configured_threads, module_inputs
 
     inp = module_inputs(artifact, check_arch=True)
     apply_threads(threads, inp.artifact)
     n = configured_threads(threads)
-    tvm_mod = LoadedModule(inp.lib_path, inp.params, inp.entry)
-    x = inp.x
-    cands: dict[str, Baseline] = {ARTIFACT: Baseline(
-        ARTIFACT, f"TVM artifact ({inp.artifact.manifest.target.name})", tvm_mod)}
     gone = dict(missing or {})
+    ort_version = None
     if onnx is not None:
         reason = onnxruntime_missing(where, probe=probe_ort)
         if reason is None:
-            ort = OnnxRuntimeModel(onnx, n)
-            cands[ONNXRUNTIME] = Baseline(ONNXRUNTIME, f"ONNX Runtime {ort.version} fp32", ort)
+            import onnxruntime
+
+            ort_version = str(onnxruntime.__version__)
         else:
             gone[ONNXRUNTIME] = reason
-    for b in baselines:
-        cands[b.name] = b
-    ref = tvm_mod(x)
-    rows_out: dict[str, np.ndarray] = {}
-    for name, b in cands.items():
-        if b.before:
-            b.before()
-        rows_out[name] = b.fn(x)
+    labels = {ARTIFACT: f"TVM artifact ({inp.artifact.manifest.target.name})"}
+    if ort_version is not None:
+        labels[ONNXRUNTIME] = f"ONNX Runtime {ort_version} fp32"
+    labels.update({b.name: b.label for b in baselines})
     per_round = max(1, runs)
-    timings = interleaved({name: (lambda f=b.fn: f(x)) for name, b in cands.items()},
-                          rounds=rounds, runs=per_round, warmup=warmup, threads=n,
-                          before={name: b.before for name, b in cands.items() if b.before})
+    isolated = n > 1 if isolate is None else bool(isolate)
+    if isolated:
+        blocks, outputs = _time_isolated(inp, n, onnx if ort_version else None, baselines,
+                                         gone, rounds, per_round, warmup)
+    else:
+        blocks, outputs = _time_in_process(inp, n, onnx if ort_version else None, baselines,
+                                           rounds, per_round, warmup)
+    timings = {name: rounds_timing(b, n) for name, b in blocks.items()}
     ratios = speedups(timings)
+    ref = outputs[ARTIFACT]
     rows = []
-    for name, b in cands.items():
-        out = rows_out[name]
-        row: dict[str, Any] = {"name": name, "label": b.label,
+    for name in blocks:
+        row: dict[str, Any] = {"name": name, "label": labels[name],
                                "timing": timings[name].to_dict()}
         if name != ARTIFACT:
+            out = outputs[name]
             row["speedup"] = ratios[f"vs_{name}"]
             row["max_abs_logit_diff"] = (float(np.max(np.abs(out - ref)))
                                          if out.shape == ref.shape else None)
         rows.append(row)
     return Comparison(threads=n, rounds=rounds, runs_per_round=per_round, rows=rows,
-                      missing=gone, speedup=ratios)
+                      missing=gone, speedup=ratios, isolated=isolated)
+
+
+Blocks = dict[str, list[list[float]]]
+
+
+def _time_in_process(inp: Any, n: int, onnx: str | Path | None, baselines: Sequence[Baseline],
+                     rounds: int, runs: int, warmup: int) -> tuple[Blocks, dict[str, Any]]:
+    """Every candidate loaded here and timed interleaved (:func:`interleaved`)."""
+    from lprnet_edge.runtime.profile import LoadedModule
+
+    fns: dict[str, Callable[[np.ndarray], Any]] = {
+        ARTIFACT: LoadedModule(inp.lib_path, inp.params, inp.entry)}
+    before = {b.name: b.before for b in baselines if b.before}
+    if onnx is not None:
+        fns[ONNXRUNTIME] = OnnxRuntimeModel(onnx, n)
+    fns.update({b.name: b.fn for b in baselines if b.fn is not None})
+    x = inp.x
+    outputs = {}
+    for name, fn in fns.items():
+        if name in before:
+            before[name]()
+        outputs[name] = np.asarray(fn(x))
+    blocks = interleaved_blocks({name: (lambda f=fn: f(x)) for name, fn in fns.items()},
+                                rounds=rounds, runs=runs, warmup=warmup, before=before)
+    return blocks, outputs
+
+
+def _time_isolated(inp: Any, n: int, onnx: str | Path | None, baselines: Sequence[Baseline],
+                   gone: dict[str, str], rounds: int, runs: int, warmup: int
+                   ) -> tuple[Blocks, dict[str, Any]]:
+    """Every candidate in a worker process of its own (:func:`.isolated.run_isolated`)."""
+    from lprnet_edge.runtime.isolated import (
+        artifact_module,
+        onnxruntime_model,
+        run_isolated,
+        thread_env,
+    )
+
+    env = thread_env(n)
+    specs = [WorkerSpec(ARTIFACT, ARTIFACT, artifact_module,
+                        {"artifact": str(inp.artifact.root), "threads": n}, env)]
+    if onnx is not None:
+        specs.append(WorkerSpec(ONNXRUNTIME, ONNXRUNTIME, onnxruntime_model,
+                                {"path": str(onnx), "threads": n}, env))
+    for b in baselines:
+        if b.spec is None:
+            gone[b.name] = "not run: it cannot be built in a process of its own"
+        else:
+            specs.append(b.spec)
+    res = run_isolated(specs, inp.x, rounds=rounds, runs=runs, warmup=warmup)
+    if ARTIFACT in res.errors:
+        raise LprnetEdgeError(f"the artifact's worker process failed: {res.errors[ARTIFACT]}")
+    gone.update(res.errors)
+    return res.blocks, res.outputs
 
 
 LABELS = {ARTIFACT: "TVM artifact", ONNXRUNTIME: "ONNX Runtime fp32", TORCH: "PyTorch eager"}
@@ -294,6 +362,8 @@ def format_comparison(d: Mapping[str, Any]) -> str:
 def comparison_title(d: Mapping[str, Any]) -> str:
     """What the side-by-side measured, in one line."""
     n = d.get("threads")
+    how = ("rounds alternating one process per runtime" if d.get("isolated")
+           else "interleaved rounds")
     return (f"Side by side (model only, same input, {n} thread{'s' if n != 1 else ''}, "
-            f"{d.get('rounds')} interleaved rounds x {d.get('runs_per_round')} runs; "
+            f"{d.get('rounds')} {how} x {d.get('runs_per_round')} runs; "
             "median of the round medians):")

@@ -164,9 +164,8 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
     assert sum(k["kernels"] for k in kinds.values()) == len(prof["rows"])
     assert sum(k["ms"] for k in kinds.values()) == pytest.approx(
         sum(k["ms"] for k in prof["rows"]))
-    # 2 trials: a build keeps, per kernel, the faster of its tuning record and the packaged
-    # default, so a shallow record need not win; every kernel says which schedule it got.
-    assert set(kinds) <= {"tuned", "default", "transferred", "tensorized", "naive", "builtin"}
+    # 2 trials: a conv keeps its tuned record only where it beats the packaged default.
+    assert sum(kinds.get(k, {}).get("kernels", 0) for k in ("tuned", "default")) >= 1
     assert rows["int8w"]["latency_ratio"] == pytest.approx(
         rows["original"]["latency_ms"] / rows["int8w"]["latency_ms"])
     # Variants not asked for keep their (PyTorch) latency and say so.
