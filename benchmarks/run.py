@@ -13,7 +13,9 @@ thread pool is sized once per process, from TVM_NUM_THREADS).
     python benchmarks/run.py --no-tune            # apply the tuning records there are
     python benchmarks/run.py --accuracy --artifact int8=build/lprnet-int8
 
-Writes docs/benchmarks.md (``--out``) and prints the table. See benchmarks/README.md.
+Writes ./lprnet-edge-report/benchmarks.md (``--out``; the repository's docs/benchmarks*.md
+are regenerated on purpose with ``--out docs/...``), records the command, shell-quoted, at
+its top, and prints the table. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -35,26 +37,15 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("LPRNET_EDGE_DATA", str(REPO.parent / "shared" / "lprnet"))
 
 import numpy as np  # noqa: E402
+from bench_markdown import report  # noqa: E402  (beside this script)
 
 # ---------------------------------------------------------------- preparation (parent)
 
 
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Export / compile / tune every variant once; return what the children load."""
-    import torch
-
-    from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.target import load_target
-    from lprnet_edge.compiler.tuning import (
-        TuneConfig,
-        TuneOptions,
-        count_records,
-        open_database,
-        resolve_db_dir,
-        tune,
-    )
-    from lprnet_edge.model.channel_fold import fold_all
     from lprnet_edge.model.checkpoint import load_model
     from lprnet_edge.model.flops import summary as flops_summary
     from lprnet_edge.model.weights import resolve_weights
@@ -64,10 +55,45 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     model = load_model(weights)
     info: dict[str, Any] = {"weights": str(weights), "variants": {}}
     info["flops"] = flops_summary(model)
+    onnx_path, onnx_folded = export_onnx(model, work, info)
+    spec = load_target(args.target)
+    mod, params = to_relax(model)
+    np.savez(work / "params.npz", **{f"p{i:03d}": v for i, v in enumerate(params.values())})
+    builds, records = build_modules(args, work, mod, spec, info)
+    psize = sum(v.nbytes for v in params.values())
+    info["variants"]["PyTorch eager fp32"] = {"kind": "torch", "size": weights.stat().st_size}
+    info["variants"]["ONNX Runtime fp32"] = {"kind": "ort", "path": str(onnx_path),
+                                             "size": onnx_path.stat().st_size}
+    info["variants"]["ONNX Runtime fp32, constant channels folded"] = {
+        "kind": "ort", "path": str(onnx_folded), "size": onnx_folded.stat().st_size}
+    labels = {"naive": "TVM naive loops (no schedules)",
+              "untuned": "TVM untuned (default schedules)",
+              "tuned": f"TVM tuned ({records} trials)"}
+    for name in builds:
+        info["variants"][labels[name]] = {
+            "kind": "tvm", "path": str(work / f"{name}.so"), "build": name,
+            "size": (work / f"{name}.so").stat().st_size + psize}
+    for item in args.artifact:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--artifact {item!r}: expected NAME=PATH")
+        root = Path(path)
+        m = json.loads((root / "manifest.json").read_text())
+        info["variants"][name] = {"kind": "artifact", "path": str(root),
+                                  "size": sum(f["size"] for f in m["files"].values())}
+    info["target"] = spec.tvm
+    return info
 
-    # ONNX Runtime: the exported graph of the same model (ORT fuses BN itself), and of the
-    # model with its constant channels folded, so that the table separates what the folding
-    # gains (any runtime could run the folded graph) from what TVM's kernels gain.
+
+def export_onnx(model: Any, work: Path, info: dict[str, Any]) -> tuple[Path, Path]:
+    """ONNX Runtime's inputs: the exported graph of the model (ORT fuses BN itself), and of
+    the model with its constant channels folded, so that the table separates what the
+    folding gains (any runtime could run the folded graph) from what TVM's kernels gain."""
+    import torch
+
+    from lprnet_edge.model.channel_fold import fold_all
+    from lprnet_edge.model.flops import summary as flops_summary
+
     folded, fold_report = fold_all(model)
     info["flops_folded"] = flops_summary(folded)
     info["fold"] = fold_report.summary() if fold_report else "none"
@@ -80,10 +106,15 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                               input_names=["x"], output_names=["logits"], opset_version=17,
                               dynamo=False, do_constant_folding=True)
     log(f"onnx export {time.perf_counter() - t0:.1f}s")
+    return onnx_path, onnx_folded
 
-    spec = load_target(args.target)
-    mod, params = to_relax(model)
-    np.savez(work / "params.npz", **{f"p{i:03d}": v for i, v in enumerate(params.values())})
+
+def build_modules(args: argparse.Namespace, work: Path, mod: Any, spec: Any,
+                  info: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The naive and untuned modules (reused unless ``--rebuild``), then tuning (unless
+    ``--no-tune``) and the tuned module when the database has records."""
+    from lprnet_edge.compiler.compile import build
+
     builds: dict[str, Any] = {}
     for name, defaults in (("naive", False), ("untuned", True)):
         if not (work / f"{name}.so").is_file() or args.rebuild:
@@ -93,14 +124,35 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             (work / f"{name}.build.json").write_text(json.dumps(builds[name], default=str))
         else:
             builds[name] = json.loads((work / f"{name}.build.json").read_text())
+    database, records = tune_or_open(args, work, mod, spec, info)
+    if database is not None:
+        t0 = time.perf_counter()
+        builds["tuned"] = build(mod, spec, work / "tuned.so", None, database=database, log=log)
+        log(f"TVM tuned build ({records} records) {time.perf_counter() - t0:.1f}s")
+    info["builds"] = {k: {"schedules": v.get("schedules"), "naive": v.get("untuned_kernels"),
+                          "kernel_schedules": v.get("kernel_schedules")}
+                      for k, v in builds.items()}
+    return builds, records
+
+
+def tune_or_open(args: argparse.Namespace, work: Path, mod: Any, spec: Any,
+                 info: dict[str, Any]) -> tuple[Any, int]:
+    """The tuning database (None when it has no records) and its record count."""
+    from lprnet_edge.compiler.compile import prepare_for_tuning
+    from lprnet_edge.compiler.tuning import (
+        TuneConfig,
+        TuneOptions,
+        count_records,
+        open_database,
+        resolve_db_dir,
+        tune,
+    )
 
     cfg = TuneConfig(trials=args.trials, num_trials_per_iter=args.trials_per_iter,
                      db_dir=args.tuning_db)
     tasks = [t for t in args.tasks.split(",") if t] or None
     tune_summary: dict[str, Any] | None = None
     if args.no_tune:
-        from lprnet_edge.compiler.compile import prepare_for_tuning
-
         db_dir = resolve_db_dir(spec, prepare_for_tuning(mod, spec), cfg)
         database = open_database(db_dir) if count_records(db_dir) else None
     else:
@@ -115,40 +167,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                       "tuning_time_s": (tune_summary or {}).get("wall_s")
                       if tune_summary and not tune_summary.get("skipped")
                       else _tuning_time(db_dir)}
-    if database is not None:
-        t0 = time.perf_counter()
-        builds["tuned"] = build(mod, spec, work / "tuned.so", None, database=database, log=log)
-        log(f"TVM tuned build ({records} records) {time.perf_counter() - t0:.1f}s")
-    info["builds"] = {k: {"schedules": v.get("schedules"), "naive": v.get("untuned_kernels"),
-                          "kernel_schedules": v.get("kernel_schedules")}
-                      for k, v in builds.items()}
-
-    psize = sum(v.nbytes for v in params.values())
-    info["variants"]["PyTorch eager fp32"] = {"kind": "torch", "size": weights.stat().st_size}
-    info["variants"]["ONNX Runtime fp32"] = {"kind": "ort", "path": str(onnx_path),
-                                             "size": onnx_path.stat().st_size}
-    info["variants"]["ONNX Runtime fp32, constant channels folded"] = {
-        "kind": "ort", "path": str(onnx_folded), "size": onnx_folded.stat().st_size}
-    info["variants"]["TVM naive loops (no schedules)"] = {
-        "kind": "tvm", "path": str(work / "naive.so"), "build": "naive",
-        "size": (work / "naive.so").stat().st_size + psize}
-    info["variants"]["TVM untuned (default schedules)"] = {
-        "kind": "tvm", "path": str(work / "untuned.so"), "build": "untuned",
-        "size": (work / "untuned.so").stat().st_size + psize}
-    if database is not None:
-        info["variants"][f"TVM tuned ({records} trials)"] = {
-            "kind": "tvm", "path": str(work / "tuned.so"), "build": "tuned",
-            "size": (work / "tuned.so").stat().st_size + psize}
-    for item in args.artifact:
-        name, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"--artifact {item!r}: expected NAME=PATH")
-        root = Path(path)
-        m = json.loads((root / "manifest.json").read_text())
-        info["variants"][name] = {"kind": "artifact", "path": str(root),
-                                  "size": sum(f["size"] for f in m["files"].values())}
-    info["target"] = spec.tvm
-    return info
+    return database, records
 
 
 def _tuning_time(db_dir: Path) -> float | None:
@@ -341,228 +360,11 @@ def child(args: argparse.Namespace) -> None:
     print("@@RESULT " + json.dumps(res), flush=True)
 
 
-# ---------------------------------------------------------------- report
-
-
-def cpu_info() -> dict[str, Any]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                  if ln.startswith("model name")), platform.processor() or "?")
-    mhz = [float(ln.split(":", 1)[1]) for ln in text.splitlines() if ln.startswith("cpu MHz")]
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                  if ln.startswith("flags")), [])
-    cores = os.cpu_count() or 1
-    ghz = (max(mhz) / 1000) if mhz else None
-    # FP32 FLOP/cycle/core: two 256-bit FMA pipes (Zen 4 runs AVX-512 FMAs as two halves;
-    # Intel cores with two 512-bit FMA units reach 64, not assumed here).
-    fpc = 32 if ("avx2" in flags and "fma" in flags) else 16 if "avx" in flags else 8
-    llvm_cpu = None
-    try:
-        from lprnet_edge.compiler.target import detect_host_cpu
-
-        llvm_cpu = detect_host_cpu()
-    except Exception:  # noqa: BLE001
-        pass
-    return {"model": model, "cores": cores, "ghz": ghz, "flops_per_cycle": fpc,
-            "simd": [f for f in ("avx512f", "avx2", "fma", "avx") if f in flags],
-            "llvm_cpu": llvm_cpu,
-            "peak_gflops_per_core": ghz * fpc if ghz else None}
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "onnxruntime", "onnx", "apache-tvm", "apache-tvm-ffi", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def report(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.Namespace
-           ) -> str:
-    cpu = cpu_info()
-    flops = info["flops"]["flops"]
-    acc = next((r.get("accuracy") for r in results if r.get("accuracy")), None)
-    lines = ["# Benchmarks", "",
-             "Generated by `" + f"python benchmarks/run.py {info.get('command') or ''}".strip()
-             + "` on "
-             f"{info.get('date') or time.strftime('%Y-%m-%d')}. "
-             "Do not edit by hand: run it again.", "",
-             "LPRNet (sirius-ai weights), batch 1, input 1x3x24x94 float32, model only (no "
-             "image decoding or CTC decoding). At 1 thread, variants run **interleaved** in "
-             f"one process (round-robin, {args.runs} runs after {args.warmup} warm-up calls "
-             "each); at more than one thread, each variant runs **in a process of its own**, "
-             f"the processes alternating in {ISOLATED_ROUNDS} rounds (spinning thread pools "
-             "slow each other in one process); the figure is the median (p50, of the round "
-             "medians when isolated). Lower is better.", ""]
-    lines += ["## Machine", "",
-              f"- CPU: {cpu['model']} (LLVM: {cpu['llvm_cpu']}), {cpu['cores']} cores, "
-              f"{cpu['ghz']:.2f} GHz reported, SIMD: {', '.join(cpu['simd'])}"
-              if cpu["ghz"] else f"- CPU: {cpu['model']}",
-              f"- Load average when the run started: {info.get('loadavg')} (a shared "
-              "machine: absolute figures are noisy, ratios between interleaved variants are "
-              "more stable)",
-              "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
-              f"- TVM target: `{json.dumps(info['target'])}`", ""]
-    t = info["tuning"]
-    tt = t.get("tuning_time_s")
-    lines += ["## Tuning", "",
-              f"- Budget: {t['budget']} trials requested; **{t['records']} measured records** "
-              f"in the database applied (tasks: {t['tasks']}), "
-              + (f"tuning time {tt / 60:.0f} min (sum of the tuning runs' logs)" if tt
-                 else "tuning time unknown"),
-              f"- Database: `{t['db_dir']}`"]
-    summ = t.get("summary") or {}
-    if summ and not summ.get("skipped"):
-        lines += [f"- This run: {summ.get('trials_new')} new trials in {summ.get('wall_s')} s "
-                  f"({summ.get('scheduler')} scheduler); tasks without any record: "
-                  + (", ".join(summ.get("untuned") or []) or "none")]
-    for k, b in (info.get("builds") or {}).items():
-        sc = b.get("schedules") or {}
-        lines += [f"- Build `{k}`: kernels by schedule source: "
-                  + (", ".join(f"{v} {n}" for n, v in sc.items() if v) or "all naive loops")
-                  + (f"; naive loops: {', '.join(b['naive'])}" if b.get("naive") else "")]
-    lines += ["", "Schedule sources: *tuned* = this build's tuning database; *default* = the "
-              "packaged default schedules (`lprnet_edge/compiler/data/default_schedules`, "
-              "made by `python benchmarks/make_default_schedules.py` from tuning runs on an "
-              "x86 host; when one of them is the tuned row's database, untuned and tuned "
-              "replay the same traces for those kernels); *transferred* = the trace of a "
-              "similar kernel re-fitted to the shape; *naive* = TVM's default loops.", ""]
-    peak = cpu["peak_gflops_per_core"]
-    lines += ["## Work", "",
-              f"- FLOPs per plate: {flops / 1e6:.1f} MFLOP ({info['flops']['macs'] / 1e6:.1f} M "
-              "conv multiply-accumulates x 2, plus one op per output element of BN/ReLU/pool), "
-              f"{info['flops']['params'] / 1e6:.2f} M parameters.",
-              f"- Constant channels folded (lossless, every TVM variant here and the second "
-              f"ONNX Runtime row; `lprnet_edge/model/channel_fold.py`): {info.get('fold')}; "
-              f"{info.get('flops_folded', {}).get('flops', 0) / 1e6:.1f} MFLOP and "
-              f"{info.get('flops_folded', {}).get('params', 0) / 1e6:.2f} M parameters left. "
-              "The GFLOP/s columns divide the *original* model's FLOPs by the time "
-              "(effective throughput).",
-              (f"- Nominal peak: {cpu['flops_per_cycle']} FP32 FLOP/cycle/core (2 FMA pipes x "
-               f"8 lanes x 2) x {cpu['ghz']:.2f} GHz (the clock /proc/cpuinfo reports; cores "
-               "boost above it, so a kernel can exceed this) = "
-               f"{peak:.0f} GFLOP/s per core, {peak * cpu['cores']:.0f} GFLOP/s for "
-               f"{cpu['cores']} cores.")
-              if peak else "- Peak: CPU frequency unknown", ""]
-    for r in results:
-        n = r["threads"]
-        lat = r["latency"]
-        torch_ms = next((v["p50_ms"] for k, v in lat.items() if k.startswith("PyTorch")), None)
-        ort_ms = next((v["p50_ms"] for k, v in lat.items() if k == "ONNX Runtime fp32"), None)
-        rows = []
-        for name, v in lat.items():
-            size = info["variants"][name]["size"]
-            row = [name, f"{v['p50_ms']:.2f}", f"{v['min_ms']:.2f}",
-                   f"{torch_ms / v['p50_ms']:.2f}x" if torch_ms else "-",
-                   f"{ort_ms / v['p50_ms']:.2f}x" if ort_ms else "-",
-                   f"{size / 1e6:.2f} MB",
-                   f"{flops / (v['p50_ms'] * 1e-3) / 1e9:.1f}",
-                   f"{v['max_abs_diff_vs_first']:.1e}"]
-            if acc:
-                row.append(f"{acc[name]:.3f}" if name in acc else "-")
-            rows.append(row)
-        headers = ["variant", "p50 ms", "min ms", "speed vs PyTorch", "speed vs ORT", "size",
-                   "GFLOP/s", "max abs logit diff vs PyTorch"]
-        headers += ["accuracy (test/, batch 1)"] if acc else []
-        lines += [f"## {n} thread{'s' if n > 1 else ''}", "", _md_table(rows, headers), ""]
-        best = min(lat.items(), key=lambda kv: kv[1]["p50_ms"])
-        if peak:
-            # What the fastest variant executes: the folded graph, unless it is one of the
-            # two baselines that run the checkpoint as it is.
-            unfolded = best[0] in ("ONNX Runtime fp32", "PyTorch eager fp32")
-            work = flops if unfolded else info.get("flops_folded", {}).get("flops", flops)
-            g = work / (best[1]["p50_ms"] * 1e-3) / 1e9
-            lines += [f"Fastest: **{best[0]}** at {best[1]['p50_ms']:.2f} ms: it executes "
-                      f"{work / 1e6:.0f} MFLOP, {g:.1f} GFLOP/s, {100 * g / (peak * n):.0f}% "
-                      f"of the nominal {peak * n:.0f} GFLOP/s of {n} core"
-                      f"{'s' if n > 1 else ''}.", ""]
-        lines += ["'speed vs X' = X's p50 / this variant's p50 (above 1: faster than X).", ""]
-    lines += ratio_lines(results)
-    for r in results:
-        pr = r.get("profile")
-        if pr:
-            lines += [f"## Per-kernel profile: {pr['variant']}, {r['threads']} thread"
-                      f"{'s' if r['threads'] > 1 else ''}", "",
-                      "`VirtualMachine.set_instrument` around every kernel call (mean of 30 "
-                      "inferences), next to the uninstrumented call:", "", "```",
-                      pr["text"], "```", ""]
-    load1 = float(str(info.get("loadavg", "0")).split()[0] or 0)
-    if load1 > cpu["cores"]:
-        lines += [f"**Caveat: the machine was oversubscribed** (load average {load1:.1f} on "
-                  f"{cpu['cores']} cores, other jobs running). With 2 threads a variant "
-                  "competes with those jobs for both cores, and runtimes whose worker threads "
-                  "spin-wait (PyTorch's OpenMP pool, ONNX Runtime) lose far more than TVM's "
-                  "pool: the 2-thread ratios reflect that contention, not what an idle "
-                  "2-core machine would show. The 1-thread table is the fairer comparison.",
-                  ""]
-    if acc:
-        lines += ["Accuracy '-': not evaluated in this run (`--accuracy-skip`); the module "
-                  "computes the same logits as the others within the logit-difference "
-                  "column.", ""]
-    if not acc:
-        lines += ["Accuracy: not measured in this run (`--accuracy` evaluates every variant "
-                  "on `test/` at batch 1; the PyTorch reference is 0.894).", ""]
-    return "\n".join(lines)
-
-
-def ratio_lines(results: list[dict[str, Any]]) -> list[str]:
-    """The goals of the speed issue, measured: tuned vs ORT, untuned vs PyTorch."""
-    out = ["## Goals", "", "| threads | goal | measured | reached |", "|---|---|---|---|"]
-    for r in results:
-        lat = {k: v["p50_ms"] for k, v in r["latency"].items()}
-        ort = next((v for k, v in lat.items() if k == "ONNX Runtime fp32"), None)
-        ort_folded = next((v for k, v in lat.items() if k.startswith("ONNX Runtime fp32, ")),
-                          None)
-        pt = next((v for k, v in lat.items() if k.startswith("PyTorch")), None)
-        tuned = next((v for k, v in lat.items() if k.startswith("TVM tuned")), None)
-        untuned = lat.get("TVM untuned (default schedules)")
-        n = r["threads"]
-        if ort and tuned:
-            out.append(f"| {n} | tuned >= 1.2x ONNX Runtime | {ort / tuned:.2f}x | "
-                       f"{'yes' if ort / tuned >= 1.2 else 'no'} |")
-        if ort_folded and tuned:
-            out.append(f"| {n} | (tuned vs ONNX Runtime on the folded graph) | "
-                       f"{ort_folded / tuned:.2f}x | - |")
-        if pt and untuned:
-            out.append(f"| {n} | untuned >= 1.0x PyTorch eager | {pt / untuned:.2f}x | "
-                       f"{'yes' if pt / untuned >= 1.0 else 'no'} |")
-        if ort and untuned:
-            out.append(f"| {n} | (untuned vs ONNX Runtime) | {ort / untuned:.2f}x | - |")
-        out += _int8_lines(n, lat, untuned, tuned)
-    return [*out, ""]
-
-
-def _int8_lines(n: int, lat: dict[str, float], untuned: float | None, tuned: float | None
-                ) -> list[str]:
-    """The compression issue's int8 goal for each ``--artifact`` named ``int8...``: >= 1.5x
-    the fp32 module at the same (zero) tuning budget; the tuned fp32 module for reference."""
-    out = []
-    for name, ms in lat.items():
-        if not name.startswith("int8"):
-            continue
-        if untuned:
-            out.append(f"| {n} | {name} >= 1.5x TVM fp32, both untuned | {untuned / ms:.2f}x | "
-                       f"{'yes' if untuned / ms >= 1.5 else 'no'} |")
-        if tuned:
-            out.append(f"| {n} | ({name} vs TVM fp32 tuned) | {tuned / ms:.2f}x | - |")
-    return out
-
-
-def _md_table(rows: list[list[str]], headers: list[str]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2", help="Thread counts, comma-separated.")
     ap.add_argument("--runs", type=int, default=300)
@@ -589,12 +391,18 @@ def main() -> None:
                          "logit-difference column).")
     ap.add_argument("--work", default=None,
                     help="Where exported/compiled variants go (default: $LPRNET_EDGE_CACHE/bench).")
-    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    ap.add_argument("--out", default="lprnet-edge-report/benchmarks.md",
+                    help="Markdown file to write (default: a folder of yours, never the "
+                         "checkout's docs/ unless asked).")
     ap.add_argument("--rebuild", action="store_true", help="Rebuild the untuned module.")
     ap.add_argument("--report-only", action="store_true",
                     help="Rewrite --out from the last run's info.json/results.json in --work.")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         args.threads = int(args.threads)
         child(args)
@@ -608,17 +416,22 @@ def main() -> None:
     if args.report_only:
         info = json.loads((work / "info.json").read_text())
         results = json.loads((work / "results.json").read_text())
-        args.runs, args.warmup = info.get("runs", args.runs), info.get("warmup", args.warmup)
-        md = report(info, results, args)
-        Path(args.out).write_text(md + "\n")
-        print(md)
+        write_report(info, results, info.get("runs", args.runs), info.get("warmup", args.warmup),
+                     Path(args.out))
         return
     info = prepare(args, work)
     info["loadavg"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    info["command"] = " ".join(sys.argv[1:])
+    info["command"] = shlex.join(sys.argv[1:])  # runs again as written (labels quoted)
     info["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     info["runs"], info["warmup"] = args.runs, args.warmup
     (work / "info.json").write_text(json.dumps(info, indent=1, default=str))
+    results = measure_all(args, work)
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(info, results, args.runs, args.warmup, Path(args.out))
+
+
+def measure_all(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """One child process per thread count (TVM sizes its pool once per process)."""
     test_dir = args.test_dir
     if args.accuracy and not test_dir:
         data = os.environ.get("LPRNET_EDGE_DATA") or str(REPO.parent / "shared" / "lprnet")
@@ -636,10 +449,14 @@ def main() -> None:
         res = json.loads(next(ln for ln in out.splitlines()
                               if ln.startswith("@@RESULT "))[len("@@RESULT "):])
         results.append(res)
-    (work / "results.json").write_text(json.dumps(results, indent=1))
-    md = report(info, results, args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(md + "\n")
+    return results
+
+
+def write_report(info: dict[str, Any], results: list[dict[str, Any]], runs: int, warmup: int,
+                 out: Path) -> None:
+    md = report(info, results, runs, warmup, ISOLATED_ROUNDS)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md + "\n")
     print(md)
 
 

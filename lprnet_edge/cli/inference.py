@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import ExitStack
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +99,7 @@ def eval_cmd(data: str, artifact: str | None, weights: str | None, skip_bad: boo
 
     rec = open_recognizer(artifact, weights, threads)
     n = len([p for p in Path(data).iterdir() if p.is_file()])
-    with progress("Evaluating", min(n, limit or n)) as bar:
+    with _eval_progress(min(n, limit or n)) as bar:
         res = evaluate(rec, data, skip_bad=skip_bad, limit=limit, progress=bar)
     if as_json:
         echo_json({"backend": rec.backend_name, "data": str(data), **res.to_dict()})
@@ -108,6 +110,31 @@ def eval_cmd(data: str, artifact: str | None, weights: str | None, skip_bad: boo
     if res.skipped:
         click.echo("\n" + table([[path, reason] for path, reason in res.skipped],
                                 ["skipped file", "reason"]))
+
+
+@contextmanager
+def _eval_progress(total: int, every_s: float = 10.0) -> Iterator[Callable[[int, int], None]]:
+    """A bar on a terminal; in a log (stderr not a terminal), a line every ``every_s`` seconds
+    and at the end, each saying how far, how fast and how long is left."""
+    if sys.stderr.isatty():
+        with progress("Evaluating", total) as bar:
+            yield bar
+        return
+    click.echo(f"evaluating {total} images", err=True)
+    t0 = time.monotonic()
+    last = [t0]
+
+    def line(done: int, total_now: int) -> None:
+        now = time.monotonic()
+        if done < total_now and now - last[0] < every_s:
+            return
+        last[0] = now
+        rate = done / max(now - t0, 1e-9)
+        left = (f", about {(total_now - done) / rate:.0f} s left"
+                if done < total_now and rate else "")
+        click.echo(f"evaluated {done}/{total_now} images ({rate:.1f}/s{left})", err=True)
+
+    yield line
 
 
 @click.command()

@@ -15,6 +15,13 @@ from lprnet_edge.runtime.errors import WeightsError
 
 # Parameter whose first dimension is the class count.
 _CLASS_KEY = "container.0.weight"
+EXPECTED = ("expected an LPRNet PyTorch checkpoint (.pth): the sirius-ai weights "
+            "(`lprnet-edge weights download`) or a file written by `lprnet-edge compress`")
+# First bytes of files users pass by mistake, and what they are.
+_MAGIC = ((b"\x7fELF", "a compiled shared object (an artifact's model.so?)"),
+          (b"\x93NUMPY", "a NumPy .npy array"),
+          (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+          (b"\x1f\x8b", "a gzip file (an artifact bundle .tar.gz?)"))
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -30,21 +37,46 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses anything but tensors and plain containers.
-        raise WeightsError(f"{p}: not a readable PyTorch checkpoint (corrupt, or it holds "
-                           "Python objects other than tensors, which are not loaded)") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise WeightsError(f"{p}: not a readable PyTorch checkpoint (corrupt or truncated?): "
-                           f"{(str(e).splitlines() or [type(e).__name__])[0]}") from e
-    except Exception as e:  # random bytes make the unpickler fail in many other ways
-        raise WeightsError(f"{p}: not a readable PyTorch checkpoint (corrupt or truncated?): "
-                           f"{type(e).__name__}") from e
+        what = _what_it_is(p, "corrupt, or it holds Python objects other than tensors, which "
+                              "are not loaded")
+        raise WeightsError(f"{p}: {what}; {EXPECTED}") from e
+    except Exception as e:  # random bytes make the unpickler fail in many ways (KeyError...)
+        raise WeightsError(f"{p}: {_what_it_is(p, 'corrupt or truncated')}; {EXPECTED}") from e
     meta: dict = {}
     if isinstance(obj, dict) and "state_dict" in obj:
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{p}: not an LPRNet state dict")
+        held = (f"a dict with keys {', '.join(map(str, list(obj)[:5]))}"
+                if isinstance(obj, dict) else f"a {type(obj).__name__}")
+        raise WeightsError(f"{p}: a PyTorch file, but it holds {held}, not a state dict of "
+                           f"tensors; {EXPECTED}")
     return obj, meta
+
+
+def _what_it_is(p: Path, otherwise: str) -> str:
+    """What a file that torch cannot load looks like, from its first bytes."""
+    with open(p, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return f"not a PyTorch checkpoint: {what}"
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            names = []
+        if names and all(n.endswith(".npy") for n in names):
+            return "not a PyTorch checkpoint: a NumPy .npz archive (an artifact's params.npz?)"
+        if names and not any(n.endswith("data.pkl") for n in names):
+            return "not a PyTorch checkpoint: a zip archive"
+    elif head.lstrip()[:1] in (b"{", b"[") or all(32 <= b < 127 or b in b"\t\r\n"
+                                                   for b in head):
+        return "not a PyTorch checkpoint: a text file"
+    return f"not a readable PyTorch checkpoint ({otherwise})"
 
 
 def load_model(path: str | Path, num_classes: int = 68, check_sha: bool = True) -> LPRNet:
@@ -61,7 +93,8 @@ def load_model(path: str | Path, num_classes: int = 68, check_sha: bool = True) 
                     "re-download it with `lprnet-edge weights download --force`"
                 )
     if _CLASS_KEY not in sd:
-        raise WeightsError(f"{p}: not an LPRNet checkpoint (no {_CLASS_KEY})")
+        raise WeightsError(f"{p}: a state dict, but not LPRNet's (no {_CLASS_KEY}); "
+                           f"{EXPECTED}")
     found = int(sd[_CLASS_KEY].shape[0])
     if found != num_classes:
         raise WeightsError(

@@ -1,10 +1,12 @@
-"""The latency goals of the compression work (issue 11), evaluated on the report's rows.
+"""Goals a report is checked against: given as data (``report --goals FILE.toml``), evaluated
+on the report's rows.
 
-Pure logic over the JSON rows of :mod:`lprnet_edge.report.variants`: every figure comes from
-the rows (never a constant of a past run), and each goal says met / missed *by how much*, or
-why it was not evaluated. The latency goals compare TVM artifacts timed in one interleaved
-run at one tuning budget (``--latency tvm``); PyTorch eager latency says nothing about what
-the compiled artifacts do, so with it they are "not evaluated".
+The package knows *kinds* of goal, never a work item's targets: those live in the file the
+command is given (the repository's own is ``benchmarks/compression-goals.toml``). Every
+figure comes from the rows, and each goal says met / missed *by how much*, or why it was not
+evaluated. Latency goals compare TVM artifacts timed at one tuning budget (``--latency
+tvm``); PyTorch eager latency says nothing about what the compiled artifacts do, so with it
+they are "not evaluated".
 
 Accuracy is the change on ``test/`` in points (1000 plates: 0.1 pt steps); "lost" is the
 drop, clipped at 0 (a variant that gains accuracy lost nothing).
@@ -12,13 +14,110 @@ drop, clipped at 0 (a variant that gains accuracy lost nothing).
 
 from __future__ import annotations
 
+import fnmatch
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
+from lprnet_edge.runtime.errors import LprnetEdgeError
+
 EPS = 1e-9  # accuracy changes are differences of floats: 0.5 pt must count as 0.5 pt
-INT8_VARIANT = "int8-sim"
-CHANNEL_PREFIX = "channels-"
 
 Row = dict[str, Any]
+
+# kind -> (row key of the ratio against the first row, what the ratio says)
+RATIO_KINDS = {"smaller": ("compression_vs_fp32", "smaller stored weights than fp32"),
+               "fewer_flops": ("flops_ratio", "fewer model FLOPs"),
+               "fewer_executed_flops": ("flops_executed_ratio", "fewer executed FLOPs")}
+KINDS = ("faster", "smallest_is_fastest", *RATIO_KINDS)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal. ``kind``: ``faster`` (the fastest matching variant within ``points`` is
+    ``factor`` x faster than the first row), ``smaller`` / ``fewer_flops`` /
+    ``fewer_executed_flops`` (a matching variant within ``points`` reaches ``factor``), or
+    ``smallest_is_fastest`` (the smallest variant within ``points`` is the fastest of those,
+    or at most ``slack`` slower). ``variants``: a name or glob (``channels-*``)."""
+
+    name: str
+    kind: str
+    points: float
+    factor: float = 1.0
+    variants: str = "*"
+    slack: float = 0.0
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise LprnetEdgeError(f"goal {self.name!r}: unknown kind {self.kind!r}; use one "
+                                  f"of {', '.join(KINDS)}")
+
+    @property
+    def title(self) -> str:
+        if self.text:
+            return self.text
+        who = "a variant" if self.variants == "*" else f"`{self.variants}`"
+        if self.kind == "faster":
+            what = f"{who} >= {self.factor:g}x faster than the original"
+        elif self.kind == "smallest_is_fastest":
+            return (f"the smallest variant within {self.points:g} pt is the fastest of those "
+                    f"or within {self.slack:.0%} of it")
+        else:
+            what = f"{who} with >= {self.factor:g}x {RATIO_KINDS[self.kind][1]}"
+        return f"{what}, <= {self.points:g} pt lost"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GoalResult:
+    """A goal's verdict: ``status`` is ``met``, ``missed`` or ``not evaluated``; ``detail``
+    says by how much (or why not); ``why``: where a missed variant's kernel time goes."""
+
+    goal: str
+    status: str
+    detail: str
+    variant: str | None = None
+    ratio: float | None = None
+    margin: float | None = None  # ratio - factor (faster / smaller / fewer FLOPs)
+    lost_points: float | None = None
+    points_margin: float | None = None
+    fastest: str | None = None
+    why: str | None = None
+
+    @property
+    def met(self) -> bool:
+        return self.status == "met"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "met": self.met}
+
+
+def load_goals(path: str | Path) -> tuple[Goal, ...]:
+    """The ``[[goal]]`` tables of a TOML file; a misspelled key is refused, not ignored."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise LprnetEdgeError(f"cannot read goals file {path}: {e}") from e
+    return goals_from_dicts(data.get("goal", []), str(path))
+
+
+def goals_from_dicts(items: list[dict[str, Any]], where: str = "goals") -> tuple[Goal, ...]:
+    known = {f.name for f in fields(Goal)}
+    out = []
+    for i, item in enumerate(items):
+        unknown = sorted(set(item) - known)
+        missing = sorted({"name", "kind", "points"} - set(item))
+        if unknown or missing:
+            raise LprnetEdgeError(f"{where}: goal {i + 1}: "
+                                  + (f"unknown keys {unknown} " if unknown else "")
+                                  + (f"missing keys {missing} " if missing else "")
+                                  + f"(keys: {', '.join(sorted(known))})")
+        out.append(Goal(**item))
+    return tuple(out)
 
 
 def _lost(r: Row) -> float:
@@ -36,8 +135,8 @@ def _timed(r: Row) -> bool:
             and r.get("latency_comparable") is not False)
 
 
-def _speedup(base: Row, r: Row) -> float:
-    return float(base["latency_ms"]) / float(r["latency_ms"])
+def _acc(r: Row) -> str:
+    return f"{r['accuracy_change_points']:+.1f} pt"
 
 
 def _runs_note(*rows: Row) -> str:
@@ -47,18 +146,6 @@ def _runs_note(*rows: Row) -> str:
     return "" if len(runs) <= 1 else (" [timed in different runs: "
                                       + ", ".join(f"{r['name']} {r.get('latency_run') or '?'}"
                                                   for r in rows) + "]")
-
-
-def _result(goal: str, status: str, detail: str, **extra: Any) -> dict[str, Any]:
-    return {"goal": goal, "status": status, "met": status == "met", "detail": detail, **extra}
-
-
-def _not_evaluated(goal: str, reason: str) -> dict[str, Any]:
-    return _result(goal, "not evaluated", reason, reason=reason)
-
-
-def _acc(r: Row) -> str:
-    return f"{r['accuracy_change_points']:+.1f} pt"
 
 
 def profile_note(r: Row) -> str | None:
@@ -77,88 +164,78 @@ def profile_note(r: Row) -> str | None:
             f"{top['ms']:.2f} ms ({top['share']:.0%}, {top['schedule']}{gf})")
 
 
-def int8_goal(rows: list[Row], base: Row, speed: float = 1.5, pts: float = 0.5
-              ) -> dict[str, Any]:
-    """The int8 artifact (``int8-sim``'s TVM build) >= ``speed`` x faster than the fp32
-    original's, with <= ``pts`` lost on test/."""
-    goal = f"host int8 artifact >= {speed:g}x faster than fp32, <= {pts:g} pt lost"
-    r = next((x for x in rows if x["name"] == INT8_VARIANT), None)
-    if r is None:
-        return _not_evaluated(goal, f"no {INT8_VARIANT} row")
-    if not _timed(r):
-        return _not_evaluated(goal, f"{INT8_VARIANT} has no comparable TVM latency"
-                              + (f" ({r['latency_error']})" if r.get("latency_error") else ""))
-    s, lost = _speedup(base, r), _lost(r)
-    fast, acc = s >= speed, _within(r, pts)
-    need_ms = float(base["latency_ms"]) / speed
-    parts = [f"{r['name']} {r['latency_ms']:.2f} ms vs {base['latency_ms']:.2f} ms: "
-             f"{s:.2f}x faster"
-             + (f" ({s - speed:+.2f}x over {speed:g}x)" if fast else
-                f", missed by {speed - s:.2f}x (needs <= {need_ms:.2f} ms, "
-                f"{float(r['latency_ms']) - need_ms:.2f} ms slower)"),
-             f"accuracy {_acc(r)}" + (f" (within {pts:g} pt by {pts - lost:.1f} pt)" if acc
-                                      else f" ({lost - pts:.1f} pt past the {pts:g} pt budget)")
-             + _runs_note(base, r)]
-    note = profile_note(r) if not fast else None
-    return _result(goal, "met" if fast and acc else "missed", "; ".join(parts), variant=r["name"],
-                   speedup=s, lost_points=lost, speedup_margin=s - speed,
-                   points_margin=pts - lost, why=note)
+def _matching(goal: Goal, rows: list[Row]) -> list[Row]:
+    return [r for r in rows[1:] if fnmatch.fnmatchcase(r["name"], goal.variants)]
 
 
-def channel_speed_goal(rows: list[Row], base: Row, speed: float = 2.0, pts: float = 1.0
-                       ) -> dict[str, Any]:
-    """The fastest channel-pruned variant within ``pts`` is >= ``speed`` x faster than the
-    original."""
-    goal = f"a channel-pruned variant >= {speed:g}x faster than the original, <= {pts:g} pt lost"
-    ch = [x for x in rows if x["name"].startswith(CHANNEL_PREFIX) and _timed(x)]
-    if not ch:
-        return _not_evaluated(goal, "no channel-pruned variant with a comparable TVM latency")
-    ok = [x for x in ch if _within(x, pts)]
+def _not_evaluated(goal: Goal, reason: str) -> GoalResult:
+    return GoalResult(goal.title, "not evaluated", reason)
+
+
+def faster_goal(goal: Goal, rows: list[Row]) -> GoalResult:
+    """The fastest matching variant within ``points`` against the first row (the original)."""
+    base, pts, speed = rows[0], goal.points, goal.factor
+    cands = _matching(goal, rows)
+    if not cands:
+        return _not_evaluated(goal, f"no variant matches {goal.variants!r}")
+    timed = [r for r in cands if _timed(r)]
+    if not timed:
+        errs = [f"{r['name']}: {r['latency_error']}" for r in cands if r.get("latency_error")]
+        return _not_evaluated(goal, f"{', '.join(r['name'] for r in cands)} has no comparable "
+                              "TVM latency" + (f" ({'; '.join(errs)})" if errs else ""))
+    ok = [r for r in timed if _within(r, pts)]
     if not ok:
-        best = max(ch, key=lambda x: x["test_accuracy"])
-        return _result(goal, "missed", f"no channel-pruned variant within {pts:g} pt (most "
-                       f"accurate: {best['name']} {_acc(best)})", variant=best["name"],
-                       speedup=_speedup(base, best), lost_points=_lost(best))
-    r = max(ok, key=lambda x: _speedup(base, x))
-    s = _speedup(base, r)
+        best = max(timed, key=lambda x: x["test_accuracy"])
+        lost = _lost(best)
+        return GoalResult(goal.title, "missed", f"no {goal.variants} variant within {pts:g} "
+                          f"pt (most accurate: {best['name']} {_acc(best)}, {lost - pts:.1f} "
+                          f"pt past the {pts:g} pt budget)", variant=best["name"],
+                          ratio=float(base["latency_ms"]) / float(best["latency_ms"]),
+                          lost_points=lost, points_margin=pts - lost)
+    r = max(ok, key=lambda x: float(base["latency_ms"]) / float(x["latency_ms"]))
+    s, lost = float(base["latency_ms"]) / float(r["latency_ms"]), _lost(r)
     met = s >= speed
-    detail = (f"fastest within {pts:g} pt: {r['name']} {r['latency_ms']:.2f} ms vs "
-              f"{base['latency_ms']:.2f} ms = {s:.2f}x ({_acc(r)}, "
-              f"{r.get('flops_executed_ratio', float('nan')):.2f}x fewer executed FLOPs)"
-              + (f", {s - speed:+.2f}x over {speed:g}x" if met else
-                 f", missed by {speed - s:.2f}x (needs <= "
-                 f"{float(base['latency_ms']) / speed:.2f} ms)") + _runs_note(base, r))
-    return _result(goal, "met" if met else "missed", detail, variant=r["name"], speedup=s,
-                   lost_points=_lost(r), speedup_margin=s - speed,
-                   why=None if met else profile_note(r))
+    need_ms = float(base["latency_ms"]) / speed
+    detail = (f"{r['name']} {r['latency_ms']:.2f} ms vs {base['latency_ms']:.2f} ms: "
+              f"{s:.2f}x faster"
+              + (f" ({s - speed:+.2f}x over {speed:g}x)" if met else
+                 f", missed by {speed - s:.2f}x (needs <= {need_ms:.2f} ms, "
+                 f"{float(r['latency_ms']) - need_ms:.2f} ms slower)")
+              + f"; accuracy {_acc(r)} (within {pts:g} pt by {pts - lost:.1f} pt)"
+              + _runs_note(base, r))
+    return GoalResult(goal.title, "met" if met else "missed", detail, variant=r["name"],
+                      ratio=s, margin=s - speed, lost_points=lost, points_margin=pts - lost,
+                      why=None if met else profile_note(r))
 
 
-def flops_goal(rows: list[Row], factor: float = 4.0, pts: float = 1.0) -> dict[str, Any]:
-    """A variant with >= ``factor`` x fewer *executed* FLOPs (after the compiler's exact
-    constant-channel fold, original folded too) within ``pts``; model FLOPs shown beside.
-    Needs no latency, so it is evaluated with either backend."""
-    goal = f"a variant with >= {factor:g}x fewer executed FLOPs, <= {pts:g} pt lost"
-    ok = [x for x in rows if _within(x, pts) and x.get("flops_executed_ratio")]
+def ratio_goal(goal: Goal, rows: list[Row]) -> GoalResult:
+    """The matching variant within ``points`` with the largest ratio (size, FLOPs) against
+    the first row; needs no latency, so it is evaluated with either backend."""
+    key, what = RATIO_KINDS[goal.kind]
+    pts, factor = goal.points, goal.factor
+    ok = [x for x in _matching(goal, rows) if _within(x, pts) and x.get(key)]
     if not ok:
-        return _not_evaluated(goal, f"no variant within {pts:g} pt with executed FLOPs")
-    r = max(ok, key=lambda x: x["flops_executed_ratio"])
-    f = float(r["flops_executed_ratio"])
+        return _not_evaluated(goal, f"no {goal.variants} variant within {pts:g} pt")
+    r = max(ok, key=lambda x: float(x[key]))
+    f = float(r[key])
     met = f >= factor
-    detail = (f"most reduced within {pts:g} pt: {r['name']} {r['flops_executed'] / 1e6:.0f} "
-              f"executed MFLOPs = {f:.2f}x fewer ({r['flops_ratio']:.2f}x fewer model FLOPs), "
-              f"{_acc(r)}" + (f", {f - factor:+.2f}x over {factor:g}x" if met
-                              else f", missed by {factor - f:.2f}x"))
-    return _result(goal, "met" if met else "missed", detail, variant=r["name"],
-                   flops_executed_ratio=f, flops_ratio=r["flops_ratio"], lost_points=_lost(r))
+    extra = (f" ({r['flops_ratio']:.2f}x fewer model FLOPs)"
+             if key == "flops_executed_ratio" and r.get("flops_ratio") else "")
+    detail = (f"best within {pts:g} pt: {r['name']} {f:.2f}x {what}{extra}, {_acc(r)}"
+              + (f", {f - factor:+.2f}x over {factor:g}x" if met
+                 else f", missed by {factor - f:.2f}x"))
+    return GoalResult(goal.title, "met" if met else "missed", detail, variant=r["name"],
+                      ratio=f, margin=f - factor, lost_points=_lost(r),
+                      points_margin=pts - _lost(r))
 
 
-def smallest_fastest_goal(rows: list[Row], pts: float = 0.5, slack: float = 0.10
-                          ) -> dict[str, Any]:
-    """The smallest (stored bytes) variant within ``pts`` is the fastest of those within
-    ``pts``, or at most ``slack`` slower than it."""
-    goal = (f"the smallest variant within {pts:g} pt is the fastest of those or within "
-            f"{slack:.0%} of it")
-    ok = [x for x in rows if _within(x, pts)]
+def smallest_fastest_goal(goal: Goal, rows: list[Row]) -> GoalResult:
+    """The smallest (stored bytes) variant within ``points`` is the fastest of those within
+    ``points``, or at most ``slack`` slower than it."""
+    pts, slack = goal.points, goal.slack
+    ok = [x for x in rows if _within(x, pts) and fnmatch.fnmatchcase(x["name"], goal.variants)]
+    if not ok:
+        return _not_evaluated(goal, f"no variant within {pts:g} pt")
     small = min(ok, key=lambda x: x["stored_bytes"])
     timed = [x for x in ok if _timed(x)]
     if not _timed(small) or not timed:
@@ -178,37 +255,29 @@ def smallest_fastest_goal(rows: list[Row], pts: float = 0.5, slack: float = 0.10
                   + (f" (within {slack:.0%})" if met else
                      f", missed by {over - slack:.1%} points of the {slack:.0%} slack"))
     detail += _runs_note(small, fast)
-    return _result(goal, "met" if met else "missed", detail, variant=small["name"],
-                   fastest=fast["name"], slower_than_fastest=over,
-                   why=None if met else profile_note(small))
+    return GoalResult(goal.title, "met" if met else "missed", detail, variant=small["name"],
+                      ratio=over, margin=slack - over, fastest=fast["name"],
+                      lost_points=_lost(small), why=None if met else profile_note(small))
 
 
-def latency_goals(rows: list[Row]) -> dict[str, dict[str, Any]]:
-    """The issue-11 goals, keyed; latency ones "not evaluated" without TVM latencies."""
+def evaluate_goals(goals: tuple[Goal, ...] | list[Goal], rows: list[Row]
+                   ) -> dict[str, dict[str, Any]]:
+    """Every goal on the rows (the first row is the original), keyed by goal name in the
+    given order; latency goals are "not evaluated" without comparable TVM latencies."""
     out: dict[str, dict[str, Any]] = {}
     base = rows[0] if rows else None
-    speed = {"int8_1.5x_faster_within_0.5pt": lambda b: int8_goal(rows, b),
-             "channels_2x_faster_within_1pt": lambda b: channel_speed_goal(rows, b),
-             "smallest_within_0.5pt_fastest_or_10pct": lambda b: smallest_fastest_goal(rows)}
-    for key, fn in speed.items():
-        if base is None or not _timed(base):
-            why = ("needs --latency tvm" if base is None or not str(
+    for goal in goals:
+        if base is None:
+            res = _not_evaluated(goal, "no rows")
+        elif goal.kind in RATIO_KINDS:
+            res = ratio_goal(goal, rows)
+        elif not _timed(base):
+            res = _not_evaluated(goal, "needs --latency tvm" if not str(
                 base.get("latency_backend", "")).startswith("tvm")
                 else "the original has no comparable TVM latency")
-            out[key] = _not_evaluated(_GOAL_TEXT[key], why)
+        elif goal.kind == "faster":
+            res = faster_goal(goal, rows)
         else:
-            out[key] = fn(base)
-    out["flops_executed_4x_within_1pt"] = flops_goal(rows)
-    order = ("int8_1.5x_faster_within_0.5pt", "channels_2x_faster_within_1pt",
-             "flops_executed_4x_within_1pt", "smallest_within_0.5pt_fastest_or_10pct")
-    return {k: out[k] for k in order}
-
-
-_GOAL_TEXT = {
-    "int8_1.5x_faster_within_0.5pt": "host int8 artifact >= 1.5x faster than fp32, "
-                                     "<= 0.5 pt lost",
-    "channels_2x_faster_within_1pt": "a channel-pruned variant >= 2x faster than the original, "
-                                     "<= 1 pt lost",
-    "smallest_within_0.5pt_fastest_or_10pct": "the smallest variant within 0.5 pt is the "
-                                              "fastest of those or within 10% of it",
-}
+            res = smallest_fastest_goal(goal, rows)
+        out[goal.name] = res.to_dict()
+    return out

@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 
 
 def _latency_text(setup: dict[str, Any] | None) -> str:
@@ -68,13 +73,32 @@ def _ratio_cell(r: dict[str, Any]) -> str:
 
 
 def write_markdown(path: Path, rep: dict[str, Any]) -> None:
+    """The report as Markdown: how each column was measured, the table, the TVM builds
+    behind the latency column, the goals, profiles, descriptions, calibrators, selection."""
     rows = rep["variants"]
-    setup = rep.get("latency")
-    lines = [
+    lines = _header_lines(rep) + _table_lines(rows)
+    lines += _tvm_build_lines(rows, rep.get("latency"))
+    lines += ["", "## Goals", ""]
+    lines += goal_lines(rep.get("goals") or {}) or [
+        "No goals given (`lprnet-edge report --goals FILE.toml`; the repository's are in "
+        "`benchmarks/compression-goals.toml`)."]
+    lines += profile_lines(rows)
+    lines += ["", "Descriptions:", ""]
+    lines += [f"- `{r['name']}`: {r['description']}" for r in rows]
+    if rep.get("calibrators"):
+        lines += _calibrator_lines(rep["calibrators"])
+    if rep.get("selection"):
+        lines += _selection_lines(rep["selection"])
+    lines += ["", "![accuracy vs latency](compression-report.png)", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _header_lines(rep: dict[str, Any]) -> list[str]:
+    rows, setup = rep["variants"], rep.get("latency")
+    return [
         "# Compression report",
         "",
-        f"Generated {rep['generated']} by `lprnet-edge report"
-        f"{' --quick' if rep['quick'] else ''}` in {rep['seconds']:.0f} s"
+        f"Generated {rep['generated']} by `{_report_command(rep)}` in {rep['seconds']:.0f} s"
         + (f"; latency column re-measured {rep['refreshed']}"
            + (f" by `{setup['command']}`" if setup and setup.get("command") else "")
            if rep.get("refreshed") else "") + ".",
@@ -89,12 +113,16 @@ def write_markdown(path: Path, rep: dict[str, Any]) -> None:
         _latency_text(setup),
         "- `int8-sim`: its accuracy is the PyTorch simulation of int8 x int8 -> int32 "
         "convolutions; its TVM artifact runs those convolutions in int8 "
-        "(`quantize.relax_int8_rewrite`), calibrated by the build pipeline on `calib/`.",
+        "(`compiler.frontend.relax_int8_rewrite`), calibrated by the build pipeline on "
+        "`calib/`.",
         "",
-        "| variant | test acc | change (pt) | stored | x vs fp32 | MFLOPs model / executed | "
-        "x fewer FLOPs model / executed | latency ms | x faster | executes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+
+def _table_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| variant | test acc | change (pt) | stored | x vs fp32 | MFLOPs model / executed "
+             "| x fewer FLOPs model / executed | latency ms | x faster | executes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['test_accuracy']:.3f} | {r['accuracy_change_points']:+.1f} | "
@@ -102,60 +130,48 @@ def write_markdown(path: Path, rep: dict[str, Any]) -> None:
             f"{r['flops'] / 1e6:.0f} / {_mflops(r.get('flops_executed'))} | "
             f"{r['flops_ratio']:.2f} / {_x(r.get('flops_executed_ratio'))} | "
             f"{_latency_cell(r)} | {_ratio_cell(r)} | {r['executes']} |")
+    return lines
+
+
+def _tvm_build_lines(rows: list[dict[str, Any]], setup: dict[str, Any] | None) -> list[str]:
     tvm_rows = [r for r in rows if r.get("latency_backend", "").startswith("tvm")]
-    if tvm_rows:
-        lines += ["", "TVM builds behind the latency column:", "",
-                  "| variant | budget | new trials | records applied | "
-                  "conv tasks with records | build + tune s | params.npz |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in tvm_rows:
-            t = r.get("latency_tvm")
-            if not t:
-                lines.append(f"| {r['name']} | - | - | - | - | - | "
-                             f"{r.get('latency_error', 'not built')} |")
-                continue
-            tu = t.get("tuning") or {}
-            lines.append(
-                f"| {r['name']} | {t.get('trials_budget') or '0 (untuned)'} | "
-                f"{tu.get('trials_new', 0)} | {t['records_applied']} | "
-                f"{tu.get('tasks_tuned', '-')}/{tu.get('tasks', '-')} | "
-                f"{t['build_s']:.0f} | {r['artifact_params_bytes'] / 1e3:.0f} kB |")
-        lines += _tuning_caveats(tvm_rows, (setup or {}).get("budget"))
-    g = rep["goals"]
-    lines += ["", "## Goals", ""]
-    lines += goal_lines(g)
-    a, b = g["size_8x_within_0.5pt"], g["flops_1.5x_within_1pt"]
-    lines.append(f"- >= 8x smaller stored weights with <= 0.5 pt lost on test: "
-                 f"**{'met' if a['met'] else 'not met'}**"
-                 + (f" by {', '.join(a['variants'])}" if a["met"]
-                    else f" (best >= 8x variant: {a['best_small']})"))
-    lines.append(f"- >= 1.5x fewer FLOPs with <= 1 pt lost on test: "
-                 f"**{'met' if b['met'] else 'not met'}**"
-                 + (f" by {', '.join(b['variants'])}" if b["met"]
-                    else f" (best >= 1.5x variant: {b['best_fast']})"))
-    lines += profile_lines(rows)
-    lines += ["", "Descriptions:", ""]
-    lines += [f"- `{r['name']}`: {r['description']}" for r in rows]
-    if rep.get("calibrators"):
-        lines += _calibrator_lines(rep["calibrators"])
-    if rep.get("selection"):
-        s = rep["selection"]
-        lines += ["", "## Accuracy-guarded selection (calib/ validation split)", "",
-                  f"Guard `{s.get('guard', 'drop')}`, budget {100 * s['budget']:.1f} pt vs the "
-                  "original "
-                  f"({s['original_val_accuracy']:.3f} on {s['val_split']['images']} images, "
-                  f"seed {s['val_split']['seed']}); selected: **{s['selected']}**.", "",
-                  "| candidate | val acc | drop (pt) | lost (pt) | gained (pt) | agreement | "
-                  "stored | MFLOPs | within budget |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for c in s["candidates"]:
-            lines.append(f"| {c['name']} | {c['val_accuracy']:.3f} | {100 * c['val_drop']:+.1f} "
-                         f"| {100 * c.get('val_lost', 0):.1f} | "
-                         f"{100 * c.get('val_gained', 0):.1f} "
-                         f"| {c['val_agreement']:.3f} | {c['stored_bytes'] / 1e3:.0f} kB | "
-                         f"{c['flops'] / 1e6:.0f} | {'yes' if c['within_budget'] else 'no'} |")
-    lines += ["", "![accuracy vs latency](compression-report.png)", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    if not tvm_rows:
+        return []
+    lines = ["", "TVM builds behind the latency column:", "",
+             "| variant | budget | new trials | records applied | "
+             "conv tasks with records | build + tune s | params.npz |",
+             "|---|---|---|---|---|---|---|"]
+    for r in tvm_rows:
+        t = r.get("latency_tvm")
+        if not t:
+            lines.append(f"| {r['name']} | - | - | - | - | - | "
+                         f"{r.get('latency_error', 'not built')} |")
+            continue
+        tu = t.get("tuning") or {}
+        lines.append(
+            f"| {r['name']} | {t.get('trials_budget') or '0 (untuned)'} | "
+            f"{tu.get('trials_new', 0)} | {t['records_applied']} | "
+            f"{tu.get('tasks_tuned', '-')}/{tu.get('tasks', '-')} | "
+            f"{t['build_s']:.0f} | {r['artifact_params_bytes'] / 1e3:.0f} kB |")
+    return lines + _tuning_caveats(tvm_rows, (setup or {}).get("budget"))
+
+
+def _selection_lines(s: dict[str, Any]) -> list[str]:
+    lines = ["", "## Accuracy-guarded selection (calib/ validation split)", "",
+             f"Guard `{s.get('guard', 'drop')}`, budget {100 * s['budget']:.1f} pt vs the "
+             "original "
+             f"({s['original_val_accuracy']:.3f} on {s['val_split']['images']} images, "
+             f"seed {s['val_split']['seed']}); selected: **{s['selected']}**.", "",
+             "| candidate | val acc | drop (pt) | lost (pt) | gained (pt) | agreement | "
+             "stored | MFLOPs | within budget |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in s["candidates"]:
+        lines.append(f"| {c['name']} | {c['val_accuracy']:.3f} | {100 * c['val_drop']:+.1f} "
+                     f"| {100 * c.get('val_lost', 0):.1f} | "
+                     f"{100 * c.get('val_gained', 0):.1f} "
+                     f"| {c['val_agreement']:.3f} | {c['stored_bytes'] / 1e3:.0f} kB | "
+                     f"{c['flops'] / 1e6:.0f} | {'yes' if c['within_budget'] else 'no'} |")
+    return lines
 
 
 _FLOPS_TEXT = (
@@ -174,18 +190,18 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-# The issue-11 goals, in the order the Markdown lists them (keys of report.goals).
-LATENCY_GOALS = ("int8_1.5x_faster_within_0.5pt", "channels_2x_faster_within_1pt",
-                 "flops_executed_4x_within_1pt", "smallest_within_0.5pt_fastest_or_10pct")
+def _report_command(rep: dict[str, Any]) -> str:
+    """The command that generated the report, as typed (recorded since the report kept it);
+    an older report only knew whether it was ``--quick``."""
+    return rep.get("command") or ("lprnet-edge report" + (" --quick" if rep["quick"] else ""))
 
 
 def goal_lines(g: dict[str, Any]) -> list[str]:
-    """One line per issue-11 goal: met / missed with by how much, or not evaluated (why),
-    and for a missed one where the variant's kernel time goes."""
+    """One line per goal, in the order given: met / missed with by how much, or not
+    evaluated (why), and for a missed one where the variant's kernel time goes."""
     out = []
-    for key in LATENCY_GOALS:
-        r = g.get(key)
-        if r is None:
+    for r in g.values():
+        if not isinstance(r, dict) or "status" not in r:
             continue
         status = ("**met**" if r["status"] == "met" else "**missed**"
                   if r["status"] == "missed" else f"not evaluated ({r['detail']})")
@@ -290,9 +306,6 @@ def place_labels(ax: Any, points: list[tuple[float, float]], texts: list[str],
     directions around its point) whose text box stays inside the axes and overlaps neither
     a placed label, nor a marker, nor an ``obstacle`` (a legend); far labels get a leader
     line. Crowded points are placed first. Returns the text boxes (display coordinates)."""
-    from matplotlib.text import Text
-    from matplotlib.transforms import Bbox
-
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -300,51 +313,54 @@ def place_labels(ax: Any, points: list[tuple[float, float]], texts: list[str],
     disp = ax.transData.transform(np.asarray(points, dtype=float))
     marks = [Bbox.from_extents(x - r * px, y - r * px, x + r * px, y + r * px)
              for (x, y), r in zip(disp, radii_pt, strict=True)]
-    frame = ax.get_window_extent(renderer)
-    blocked = list(obstacles)
     crowd = [sum(np.hypot(*(disp[i] - disp[j])) < 60 * px for j in range(len(disp)))
              for i in range(len(disp))]
     order = sorted(range(len(points)), key=lambda i: (-crowd[i], disp[i][0]))
+    frame = ax.get_window_extent(renderer)
     boxes: list[Any] = [None] * len(points)
     for i in order:
-        r0 = radii_pt[i] + 2
-        cands = [(ring, (r0 + ring * 11) * np.array([np.cos(t), np.sin(t)]))
-                 for ring in range(10) for t in np.linspace(0, 2 * np.pi, 16, endpoint=False)]
-        best: tuple[float, Any, Any] | None = None
-        for ring, off in cands:
-            ha = "left" if off[0] > 1 else "right" if off[0] < -1 else "center"
-            va = "bottom" if off[1] > 1 else "top" if off[1] < -1 else "center"
-            far = ring > 0  # away from its marker's edge: draw a leader line
-            ann = ax.annotate(texts[i], points[i], xytext=tuple(off), textcoords="offset points",
-                              ha=ha, va=va, fontsize=fontsize, zorder=4,
-                              bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
-                                    "alpha": 0.8},
-                              arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "0.35",
-                                          "shrinkA": 0, "shrinkB": radii_pt[i]}
-                              if far else None)
-            ann.update_positions(renderer)  # the offset is applied at draw time otherwise
-            bb = Text.get_window_extent(ann, renderer)  # the text only, not the leader line
-            cost = 0.0
-            if not (frame.x0 <= bb.x0 and bb.x1 <= frame.x1 and frame.y0 <= bb.y0
-                    and bb.y1 <= frame.y1):
-                cost += 1e9
-            cost += sum(_overlap(bb, o) for o in boxes if o is not None) * 100
-            cost += sum(_overlap(bb, o) for o in blocked) * 100
-            cost += sum(_overlap(bb, m) for m in marks) * 10
-            if cost == 0:
-                if best is not None:
-                    best[1].remove()
-                best = (0.0, ann, bb)
-                break
-            if best is None or cost < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (cost, ann, bb)
-            else:
-                ann.remove()
-        assert best is not None
-        boxes[i] = best[2]
+        def cost(bb: Any) -> float:
+            inside = (frame.x0 <= bb.x0 and bb.x1 <= frame.x1 and frame.y0 <= bb.y0
+                      and bb.y1 <= frame.y1)
+            return ((0.0 if inside else 1e9)
+                    + sum(_overlap(bb, o) for o in boxes if o is not None) * 100
+                    + sum(_overlap(bb, o) for o in obstacles) * 100
+                    + sum(_overlap(bb, m) for m in marks) * 10)
+
+        boxes[i] = _place_one(ax, renderer, points[i], texts[i], radii_pt[i], fontsize, cost)
     return boxes
+
+
+def _place_one(ax: Any, renderer: Any, point: tuple[float, float], text: str, radius: float,
+               fontsize: float, cost: Any) -> Any:
+    """Try offsets ring by ring; keep the first free one, else the cheapest."""
+    r0 = radius + 2
+    cands = [(ring, (r0 + ring * 11) * np.array([np.cos(t), np.sin(t)]))
+             for ring in range(10) for t in np.linspace(0, 2 * np.pi, 16, endpoint=False)]
+    best: tuple[float, Any, Any] | None = None
+    for ring, off in cands:
+        ha = "left" if off[0] > 1 else "right" if off[0] < -1 else "center"
+        va = "bottom" if off[1] > 1 else "top" if off[1] < -1 else "center"
+        far = ring > 0  # away from its marker's edge: draw a leader line
+        ann = ax.annotate(text, point, xytext=tuple(off), textcoords="offset points",
+                          ha=ha, va=va, fontsize=fontsize, zorder=4,
+                          bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                "alpha": 0.8},
+                          arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "0.35",
+                                      "shrinkA": 0, "shrinkB": radius} if far else None)
+        ann.update_positions(renderer)  # the offset is applied at draw time otherwise
+        bb = Text.get_window_extent(ann, renderer)  # the text only, not the leader line
+        c = cost(bb)
+        if best is None or c < best[0]:
+            if best is not None:
+                best[1].remove()
+            best = (c, ann, bb)
+            if c == 0:
+                break
+        else:
+            ann.remove()
+    assert best is not None
+    return best[2]
 
 
 OFF_SCALE_POINTS = 10.0  # variants that lost more are listed under the plot, not drawn
@@ -354,52 +370,23 @@ def plot(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any] | None = 
          ) -> dict[str, Any]:
     """Accuracy vs latency (marker area ~ stored size), the Pareto front, and labels placed
     so they do not overlap. Variants without a latency are listed under the plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     timed = [r for r in rows if r.get("latency_ms") is not None]
     # A variant that lost far more than any budget would squeeze the others into one line.
     far = [r for r in timed if r.get("accuracy_change_points", 0.0) < -OFF_SCALE_POINTS]
     pts = [r for r in timed if r not in far]
     missing = [r["name"] for r in rows if r.get("latency_ms") is None]
-    fig, ax = plt.subplots(figsize=(10, 6.5))
+    fig = Figure(figsize=(10, 6.5))
+    FigureCanvasAgg(fig)  # a canvas of its own: no pyplot state, no display
+    ax = fig.subplots()
     smax = max(r["stored_bytes"] for r in rows)
 
     def area(b: float) -> float:
         return 30 + 570 * b / smax
 
     front = pareto_front(pts)
-    boxes: list[Any] = []
     if pts:
-        lat = np.array([r["latency_ms"] for r in pts])
-        acc = np.array([r["test_accuracy"] for r in pts])
-        areas = np.array([area(r["stored_bytes"]) for r in pts])
-        on = np.array([r["name"] in front for r in pts])
-        ax.scatter(lat[~on], acc[~on], s=areas[~on], alpha=0.45, c="C0", edgecolors="k",
-                   linewidths=0.6, zorder=2)
-        ax.scatter(lat[on], acc[on], s=areas[on], alpha=0.6, c="C1", edgecolors="k",
-                   linewidths=0.9, zorder=3)
-        fr = sorted((r["latency_ms"], r["test_accuracy"]) for r in pts if r["name"] in front)
-        fx, fy = [p[0] for p in fr], [p[1] for p in fr]
-        ax.step(fx + [lat.max() * 1.08], fy + [fy[-1]], where="post", ls="--", lw=1.2,
-                color="C3", zorder=1)
-        xr = max(lat.max() - lat.min(), 0.1 * lat.max())
-        yr = max(acc.max() - acc.min(), 0.01)
-        ax.set_xlim(lat.min() - 0.35 * xr, lat.max() + 0.35 * xr)
-        ax.set_ylim(acc.min() - 0.45 * yr, acc.max() + 0.45 * yr)
-    from matplotlib.lines import Line2D
-
-    kb = [k for k in (50, 200, 600) if k * 1e3 <= smax * 1.05] or [round(smax / 1e3)]
-    handles = [ax.scatter([], [], s=area(k * 1e3), c="C0", alpha=0.45, edgecolors="k",
-                          label=f"{k} kB stored") for k in kb]
-    handles += [ax.scatter([], [], s=60, c="C1", alpha=0.6, edgecolors="k",
-                           label="on the Pareto front"),
-                Line2D([], [], ls="--", color="C3", label="Pareto front (faster and at least "
-                                                          "as accurate)")]
-    leg = ax.legend(handles=handles, loc="lower right", fontsize=7, labelspacing=1.2,
-                    borderpad=0.8, framealpha=0.9)
+        _scatter(ax, pts, front, area)
+    leg = _legend(ax, smax, area)
     backend = (setup or {}).get("backend") or (pts[0].get("latency_backend") if pts else "")
     extra = (f", {setup['trials']} trials/workload" if setup and setup.get("trials")
              else ", 0 trials: default schedules" if str(backend) == "tvm" else "")
@@ -416,6 +403,7 @@ def plot(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any] | None = 
     if notes:
         fig.text(0.01, 0.01, "; ".join(notes), fontsize=7)
     fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
+    boxes: list[Any] = []
     if pts:
         fig.canvas.draw()
         obstacles = [leg.get_window_extent(fig.canvas.get_renderer())]
@@ -424,8 +412,40 @@ def plot(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any] | None = 
                              [float(np.sqrt(area(r["stored_bytes"])) / 2) for r in pts],
                              obstacles)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return {"front": front, "missing": missing, "off_scale": [r["name"] for r in far],
             "texts": len(ax.texts),
             "labels": {r["name"]: tuple(float(e) for e in b.extents)
                        for r, b in zip(pts, boxes, strict=True)}}
+
+
+def _scatter(ax: Any, pts: list[dict[str, Any]], front: list[str], area: Any) -> None:
+    """The variants (front in another colour), the front as a step line, and limits with
+    room for the labels."""
+    lat = np.array([r["latency_ms"] for r in pts])
+    acc = np.array([r["test_accuracy"] for r in pts])
+    areas = np.array([area(r["stored_bytes"]) for r in pts])
+    on = np.array([r["name"] in front for r in pts])
+    ax.scatter(lat[~on], acc[~on], s=areas[~on], alpha=0.45, c="C0", edgecolors="k",
+               linewidths=0.6, zorder=2)
+    ax.scatter(lat[on], acc[on], s=areas[on], alpha=0.6, c="C1", edgecolors="k",
+               linewidths=0.9, zorder=3)
+    fr = sorted((r["latency_ms"], r["test_accuracy"]) for r in pts if r["name"] in front)
+    fx, fy = [p[0] for p in fr], [p[1] for p in fr]
+    ax.step(fx + [lat.max() * 1.08], fy + [fy[-1]], where="post", ls="--", lw=1.2,
+            color="C3", zorder=1)
+    xr = max(lat.max() - lat.min(), 0.1 * lat.max())
+    yr = max(acc.max() - acc.min(), 0.01)
+    ax.set_xlim(lat.min() - 0.35 * xr, lat.max() + 0.35 * xr)
+    ax.set_ylim(acc.min() - 0.45 * yr, acc.max() + 0.45 * yr)
+
+
+def _legend(ax: Any, smax: float, area: Any) -> Any:
+    kb = [k for k in (50, 200, 600) if k * 1e3 <= smax * 1.05] or [round(smax / 1e3)]
+    handles = [ax.scatter([], [], s=area(k * 1e3), c="C0", alpha=0.45, edgecolors="k",
+                          label=f"{k} kB stored") for k in kb]
+    handles += [ax.scatter([], [], s=60, c="C1", alpha=0.6, edgecolors="k",
+                           label="on the Pareto front"),
+                Line2D([], [], ls="--", color="C3", label="Pareto front (faster and at least "
+                                                          "as accurate)")]
+    return ax.legend(handles=handles, loc="lower right", fontsize=7, labelspacing=1.2,
+                     borderpad=0.8, framealpha=0.9)

@@ -1,6 +1,6 @@
 """Compression report: every variant's test accuracy, stored size, FLOPs and latency.
 
-``lprnet-edge report [--out docs/] [--quick]`` writes ``compression-report.md``, ``.json`` and
+``lprnet-edge report [--out DIR] [--quick]`` writes ``compression-report.md``, ``.json`` and
 ``.png`` (accuracy vs latency, marker area ~ stored size).
 
 - Accuracy: exact plate match on ``test/`` at batch-1 semantics (PyTorch; the per-image
@@ -21,10 +21,11 @@
   per-kernel profile of each variant in the JSON.
   ``--trials 0``: no tuning for any variant (packaged default schedules, transferred to new
   shapes): the same budget for all.
-- Goals (:func:`goals`): size and FLOPs targets, and the issue-11 latency goals
-  (:mod:`lprnet_edge.report.goals`), each met / missed by how much, from the rows.
+- Goals (``--goals FILE``, :mod:`lprnet_edge.report.goals`): targets given as data, each
+  met / missed by how much, from the rows; kept in the JSON so a refresh re-checks them.
 - ``--refresh-latency`` re-measures only the latency column (and the profiles, and the
-  goals) of an existing report; ``--calibrators`` adds the int8 calibrator comparison.
+  goals) of an existing report; ``--calibrators`` adds the int8 calibrator comparison
+  (:mod:`lprnet_edge.report.calibrators`).
 """
 
 from __future__ import annotations
@@ -38,15 +39,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from lprnet_edge.compress.accuracy import Budget
 from lprnet_edge.compress.api import compress
 from lprnet_edge.compress.configs import ChannelPruneConfig, PruneConfig, QuantizeConfig
+from lprnet_edge.compress.distill import DistillConfig, distill
+from lprnet_edge.compress.prune import (
+    channel_widths,
+    params_encodings,
+    prune_channels,
+    stored_size,
+)
+from lprnet_edge.compress.quantize import fold_for_storage
+from lprnet_edge.compress.select import Candidate, select
+from lprnet_edge.model.bn_fold import fold_batchnorm
 from lprnet_edge.model.calib import CalibrationSet, EvalSet, accuracy, load_eval_set
+from lprnet_edge.model.channel_fold import fold_all
+from lprnet_edge.model.checkpoint import load_model, save_checkpoint
 from lprnet_edge.model.flops import summary as flops_summary
-from lprnet_edge.report.goals import latency_goals
+from lprnet_edge.model.weights import resolve_weights
+from lprnet_edge.paths import cache_dir
+from lprnet_edge.report.goals import Goal, evaluate_goals, goals_from_dicts
 from lprnet_edge.report.latency import (
     _log,
     interleaved_latency,
@@ -55,6 +70,9 @@ from lprnet_edge.report.latency import (
     tvm_latencies,
 )
 from lprnet_edge.report.render import plot, write_markdown
+
+# A folder of the user's: the repository's docs/ are regenerated on purpose (``--out docs``).
+DEFAULT_OUT = "lprnet-edge-report"
 
 
 @dataclass
@@ -80,8 +98,6 @@ class Variant:
 
 
 def _cache_dir() -> Path:
-    from lprnet_edge.paths import cache_dir
-
     d = cache_dir() / "compression"
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -95,10 +111,6 @@ def channel_pruned_distilled(original: nn.Module, calib: CalibrationSet, ratios:
     """Channel-prune ``original`` with per-group ``ratios`` (+ dead channels, widths rounded
     up to ``round_to`` like :class:`ChannelPruneConfig`) and distill on the training split of
     ``calib``; cached by configuration (and weights) in the cache dir."""
-    from lprnet_edge.compress.distill import DistillConfig, distill
-    from lprnet_edge.compress.prune import channel_widths, prune_channels
-    from lprnet_edge.model.checkpoint import load_model, save_checkpoint
-
     train, val = calib.split(0.3, seed)
     widths = channel_widths(original, ratios, round_to=round_to)
     wsum = float(sum(float(p.detach().abs().sum()) for p in original.parameters()))
@@ -148,31 +160,28 @@ def channel_default(quick: bool = False
     return ccfg, epochs, budget, dict.fromkeys(ccfg.groups, ccfg.ratio)
 
 
-def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = False,
-                   log: Callable[[str], None] = _log, require_cached: bool = False
-                   ) -> list[Variant]:
-    """Every report variant; ``require_cached``: the distilled model should come from the
-    cache (a refresh measures the model the accuracy column was measured on), else warn."""
-    from lprnet_edge.compress.prune import channel_widths, params_encodings, prune_channels
-    from lprnet_edge.compress.quantize import fold_for_storage
-    from lprnet_edge.model.bn_fold import fold_batchnorm
-    from lprnet_edge.model.checkpoint import save_checkpoint
+INT8_EXECUTES = ("int8 x int8 -> int32 convs (simulated in PyTorch; the artifact runs them "
+                 "in int8: compiler.frontend.relax_int8_rewrite)")
+INT8_CONFIG = QuantizeConfig(mode="int8", calibrator="percentile",
+                             fallback_layers=("container.0",))
+INT8W_EXECUTES = "fp32 (weights decoded from int8)"
 
-    train, _val = calib.split(0.3, 0)
-    out: list[Variant] = []
 
-    def add(name: str, desc: str, model: nn.Module, executes: str, pcfg: PruneConfig | None = None,
-            qcfg: QuantizeConfig | None = None, stored: nn.Module | None = None,
-            weights_path: Path | None = None, info: dict | None = None,
-            arch: nn.Module | None = None) -> None:
-        st = fold_batchnorm(stored if stored is not None else model)
-        enc = params_encodings(st, pcfg, quant=qcfg)
-        out.append(Variant(name, desc, model, st, enc, executes, pcfg, qcfg, weights_path,
-                           info or {}, fold_batchnorm(arch) if arch is not None else st))
+def _variant(name: str, desc: str, model: nn.Module, executes: str,
+             pcfg: PruneConfig | None = None, qcfg: QuantizeConfig | None = None,
+             stored: nn.Module | None = None, weights_path: Path | None = None,
+             info: dict | None = None, arch: nn.Module | None = None) -> Variant:
+    """A variant whose stored weights (``stored``, else ``model``) and architecture are
+    BatchNorm-folded as the build pipeline folds them."""
+    st = fold_batchnorm(stored if stored is not None else model)
+    enc = params_encodings(st, pcfg, quant=qcfg)
+    return Variant(name, desc, model, st, enc, executes, pcfg, qcfg, weights_path,
+                   info or {}, fold_batchnorm(arch) if arch is not None else st)
 
-    log("variant: original")
-    add("original", "pretrained LPRNet, fp32", original, "fp32")
 
+def _sparse_variants(original: nn.Module, quick: bool, log: Callable[[str], None]
+                     ) -> list[Variant]:
+    out = []
     sparsities = (0.8,) if quick else (0.8, 0.9)
     for s in sparsities:
         log(f"variant: unstructured {s:.0%}")
@@ -181,74 +190,101 @@ def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = Fal
         pm, rep = pres.module, pres.report
         tag = f"sparse{int(s * 100)}"
         if s == sparsities[0]:
-            add(tag, f"global L1 magnitude pruning {s:.0%}, sparse fp32 storage", pm,
-                "fp32 (dense kernels)", pcfg, info={"global_sparsity": rep["global_sparsity"]})
+            out.append(_variant(tag, f"global L1 magnitude pruning {s:.0%}, sparse fp32 "
+                                "storage", pm, "fp32 (dense kernels)", pcfg,
+                                info={"global_sparsity": rep["global_sparsity"]}))
         qf = QuantizeConfig(mode="fp16")
-        qm = compress(pm, qf).module
-        add(f"{tag}+fp16", f"{s:.0%} sparse, fp16 values (sparse-fp16)", qm,
-            "fp32 (weights decoded from fp16)", pcfg, qf, arch=pm)
+        out.append(_variant(f"{tag}+fp16", f"{s:.0%} sparse, fp16 values (sparse-fp16)",
+                            compress(pm, qf).module, "fp32 (weights decoded from fp16)",
+                            pcfg, qf, arch=pm))
         qw = QuantizeConfig(mode="int8-weights")
-        qm = compress(pm, qw).module
-        add(f"{tag}+int8w", f"{s:.0%} sparse, weight-only int8 (zeros compress)", qm,
-            "fp32 (weights decoded from int8)", pcfg, qw, arch=pm)
+        out.append(_variant(f"{tag}+int8w", f"{s:.0%} sparse, weight-only int8 (zeros "
+                            "compress)", compress(pm, qw).module, INT8W_EXECUTES, pcfg, qw,
+                            arch=pm))
+    return out
 
+
+def _int8_variants(original: nn.Module, train: CalibrationSet, log: Callable[[str], None]
+                   ) -> list[Variant]:
     log("variant: dense int8 weight-only / fp16")
     qw = QuantizeConfig(mode="int8-weights")
-    qm = compress(original, qw).module
-    add("int8w", "weight-only int8 per-channel, dense", qm, "fp32 (weights decoded from int8)",
-        None, qw, arch=original)
-
+    out = [_variant("int8w", "weight-only int8 per-channel, dense",
+                    compress(original, qw).module, INT8W_EXECUTES, None, qw, arch=original)]
     log("variant: simulated int8 (weights + activations)")
-    qi = QuantizeConfig(mode="int8", calibrator="percentile", fallback_layers=("container.0",))
-    qm = compress(original, qi, train).module
-    add("int8-sim", "int8 weights + activations (percentile 99.99, per-channel), head fp32 "
-        "(simulated)", qm, "int8 x int8 -> int32 convs (simulated in PyTorch; "
-        "see relax_int8_rewrite)", None, qi, stored=fold_for_storage(original), arch=original)
+    qm = compress(original, INT8_CONFIG, train).module
+    out.append(_variant("int8-sim", "int8 weights + activations (percentile 99.99, "
+                        "per-channel), head fp32 (simulated)", qm, INT8_EXECUTES, None,
+                        INT8_CONFIG, stored=fold_for_storage(original), arch=original))
+    return out
 
+
+def _dead_channels_variant(original: nn.Module, train: CalibrationSet,
+                           log: Callable[[str], None]) -> Variant:
     log("variant: channel pruning (dead channels only, no training)")
     widths = channel_widths(original, 0.0)
     cm, cinfo = prune_channels(original, widths, train.x)
     p = _cache_dir() / "channels-dead.pth"
     save_checkpoint(cm, p)
-    add("channels-dead", f"remove dead channels {widths}", cm, "fp32", weights_path=p,
-        info={"widths": widths, "head_factor": cinfo["head_factor"]})
+    return _variant("channels-dead", f"remove dead channels {widths}", cm, "fp32",
+                    weights_path=p, info={"widths": widths, "head_factor": cinfo["head_factor"]})
 
+
+def _channel_variants(original: nn.Module, calib: CalibrationSet, train: CalibrationSet,
+                      quick: bool, require_cached: bool, log: Callable[[str], None]
+                      ) -> list[Variant]:
+    """The build's ``--prune channels`` default (distilled), with int8 on top, and in the
+    full report a more aggressive pruning."""
     ccfg, epochs, budget, ratios = channel_default(quick)
     log(f"variant: channel pruning {ratios} + distillation (the build's --prune channels)")
     dm, dinfo, dpath = channel_pruned_distilled(original, calib, ratios, epochs, budget, log=log,
                                                 require_cached=require_cached,
                                                 round_to=ccfg.round_to, seed=ccfg.seed)
-    add("channels-b23x0.5+kd", "what `lprnet-edge build --prune channels` builds with its "
-        f"defaults (ChannelPruneConfig: dead channels + b2/b3 mid widths halved, widths rounded "
-        f"up to multiples of {ccfg.round_to}: {dinfo['widths']}), distilled on calib/ "
-        f"({epochs} epochs / {budget:.0f} s cap)", dm, "fp32", weights_path=dpath, info=dinfo)
     qw = QuantizeConfig(mode="int8-weights")
-    qm = compress(dm, qw).module
-    add("channels-b23x0.5+kd+int8w", "channel-pruned + distilled, weight-only int8", qm,
-        "fp32 (weights decoded from int8)", None, qw, weights_path=dpath, info=dinfo, arch=dm)
+    out = [_variant("channels-b23x0.5+kd", "what `lprnet-edge build --prune channels` builds "
+                    "with its defaults (ChannelPruneConfig: dead channels + b2/b3 mid widths "
+                    f"halved, widths rounded up to multiples of {ccfg.round_to}: "
+                    f"{dinfo['widths']}), distilled on calib/ ({epochs} epochs / "
+                    f"{budget:.0f} s cap)", dm, "fp32", weights_path=dpath, info=dinfo),
+           _variant("channels-b23x0.5+kd+int8w", "channel-pruned + distilled, weight-only "
+                    "int8", compress(dm, qw).module, INT8W_EXECUTES, None, qw,
+                    weights_path=dpath, info=dinfo, arch=dm)]
     log("variant: channel pruning + distillation, then int8 weights + activations")
-    qm = compress(dm, qi, train).module
-    add("channels-b23x0.5+kd+int8", "channel-pruned + distilled, then int8 weights + "
-        "activations like int8-sim (`build --prune channels --quantize int8`)", qm,
-        "int8 x int8 -> int32 convs (simulated in PyTorch; see relax_int8_rewrite)", None, qi,
-        stored=fold_for_storage(dm), weights_path=dpath, info=dinfo, arch=dm)
-    if not quick:
-        log(f"variant: channel pruning {AGGRESSIVE_RATIOS} + distillation")
-        am, ainfo, apath = channel_pruned_distilled(
-            original, calib, AGGRESSIVE_RATIOS, epochs, budget, log=log,
-            require_cached=require_cached, round_to=ccfg.round_to, seed=ccfg.seed)
-        add(AGGRESSIVE_NAME, "dead channels + b1 mid width halved, b2/b3 mid widths "
-            f"quartered, rounded up to multiples of {ccfg.round_to} ({ainfo['widths']}), "
-            f"distilled on calib/ like the build default ({epochs} epochs / {budget:.0f} s cap); "
-            "aimed at >= 4x fewer executed FLOPs", am, "fp32", weights_path=apath, info=ainfo)
-        pcfg = PruneConfig(kind="unstructured", sparsity=0.7)
-        sm = compress(dm, pcfg).module
-        qm = compress(sm, qw).module
-        add("channels-b23x0.5+kd+sparse70+int8w",
-            "channel-pruned + distilled, then 70% unstructured, weight-only int8", qm,
-            "fp32 (weights decoded from int8)", pcfg, qw, stored=sm, weights_path=dpath,
-            info=dinfo, arch=sm)
+    out.append(_variant("channels-b23x0.5+kd+int8", "channel-pruned + distilled, then int8 "
+                        "weights + activations like int8-sim (`build --prune channels "
+                        "--quantize int8`)", compress(dm, INT8_CONFIG, train).module,
+                        INT8_EXECUTES, None, INT8_CONFIG, stored=fold_for_storage(dm),
+                        weights_path=dpath, info=dinfo, arch=dm))
+    if quick:
+        return out
+    log(f"variant: channel pruning {AGGRESSIVE_RATIOS} + distillation")
+    am, ainfo, apath = channel_pruned_distilled(
+        original, calib, AGGRESSIVE_RATIOS, epochs, budget, log=log,
+        require_cached=require_cached, round_to=ccfg.round_to, seed=ccfg.seed)
+    out.append(_variant(AGGRESSIVE_NAME, "dead channels + b1 mid width halved, b2/b3 mid "
+                        f"widths quartered, rounded up to multiples of {ccfg.round_to} "
+                        f"({ainfo['widths']}), distilled on calib/ like the build default "
+                        f"({epochs} epochs / {budget:.0f} s cap); aimed at >= 4x fewer "
+                        "executed FLOPs", am, "fp32", weights_path=apath, info=ainfo))
+    pcfg = PruneConfig(kind="unstructured", sparsity=0.7)
+    sm = compress(dm, pcfg).module
+    out.append(_variant("channels-b23x0.5+kd+sparse70+int8w", "channel-pruned + distilled, "
+                        "then 70% unstructured, weight-only int8", compress(sm, qw).module,
+                        INT8W_EXECUTES, pcfg, qw, stored=sm, weights_path=dpath, info=dinfo,
+                        arch=sm))
     return out
+
+
+def build_variants(original: nn.Module, calib: CalibrationSet, quick: bool = False,
+                   log: Callable[[str], None] = _log, require_cached: bool = False
+                   ) -> list[Variant]:
+    """Every report variant; ``require_cached``: the distilled model should come from the
+    cache (a refresh measures the model the accuracy column was measured on), else warn."""
+    train, _val = calib.split(0.3, 0)
+    log("variant: original")
+    return [_variant("original", "pretrained LPRNet, fp32", original, "fp32"),
+            *_sparse_variants(original, quick, log), *_int8_variants(original, train, log),
+            _dead_channels_variant(original, train, log),
+            *_channel_variants(original, calib, train, quick, require_cached, log)]
 
 
 def measure(variants: list[Variant], test: EvalSet, latency: str = "torch",
@@ -259,8 +295,6 @@ def measure(variants: list[Variant], test: EvalSet, latency: str = "torch",
     """Accuracy on ``test``, stored size and FLOPs of every variant, then the latency of all
     of them in interleaved rounds (PyTorch, or TVM artifacts: :func:`tvm_latencies`, whose
     build time and load go into ``setup``)."""
-    from lprnet_edge.compress.prune import stored_size
-
     rows = []
     base: dict[str, Any] | None = None
     fp32_ref = 4 * sum(p.numel() for p in variants[0].model.parameters())
@@ -311,8 +345,6 @@ def executed_flops(stored: nn.Module) -> dict[str, Any]:
     compiler's exact constant-channel fold (:func:`channel_fold.fold_all`, what
     ``compiler.frontend.to_relax`` and the int8 path compile; the build's manifest records
     the same fold in ``reports.channel_fold``). ``fold``: what was folded (None: nothing)."""
-    from lprnet_edge.model.channel_fold import fold_all
-
     folded, rep = fold_all(stored)
     return {"flops": flops_summary(folded)["flops"],
             "fold": rep.summary() if rep is not None else None}
@@ -324,9 +356,6 @@ def _load_inputs(weights: str | Path | None, model: nn.Module | None,
                  ) -> tuple[nn.Module, CalibrationSet, Path | None]:
     """The original model, ``calib/`` and the original's checkpoint (None for a model given
     as an object: the TVM path saves it)."""
-    from lprnet_edge.model.checkpoint import load_model
-    from lprnet_edge.model.weights import resolve_weights
-
     path: Path | None = None
     if model is None:
         path = Path(resolve_weights(weights))
@@ -339,8 +368,6 @@ def _load_inputs(weights: str | Path | None, model: nn.Module | None,
 def _base_weights(model: nn.Module, path: Path | None, work: Path) -> Path:
     if path is not None:
         return path
-    from lprnet_edge.model.checkpoint import save_checkpoint
-
     work.mkdir(parents=True, exist_ok=True)
     p = work / "original.pth"
     save_checkpoint(model, p)
@@ -354,14 +381,14 @@ def _save(out: Path, rep: dict[str, Any]) -> None:
     plot(out / "compression-report.png", rep["variants"], rep.get("latency"))
 
 
-def refresh_latency(out: str | Path = "docs", quick: bool | None = None,
+def refresh_latency(out: str | Path = DEFAULT_OUT, quick: bool | None = None,
                     selection: bool = False, latency: str = "torch",
                     trials: int | None = None, rounds: int = 5, runs: int = 20,
                     only: Sequence[str] | None = None, weights: str | Path | None = None,
                     calib_dir: str | Path | None = None, model: nn.Module | None = None,
                     calib: CalibrationSet | None = None, work: Path | None = None,
-                    command: str | None = None, log: Callable[[str], None] = _log
-                    ) -> dict[str, Any]:
+                    command: str | None = None, goals: Sequence[Goal] | None = None,
+                    log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Re-measure the latency column of an existing report (interleaved) and rewrite it.
 
     Rebuilds the variants (the distilled model comes from the cache; ``quick`` defaults to
@@ -402,83 +429,29 @@ def refresh_latency(out: str | Path = "docs", quick: bool | None = None,
     rep["variants"] = [by_name[v.name] for v in keep]
     latency_ratios(rep["variants"])
     rep["latency"] = setup
-    rep["goals"] = goals(rep["variants"])
+    _set_goals(rep, goals)
     if selection:
-        from lprnet_edge.compress.accuracy import Budget
-        from lprnet_edge.compress.select import Candidate, select
-
-        log("selection on the calib/ validation split")
-        cands = [Candidate(v.name, v.prune, v.quant, pruned_model=v.stored) for v in keep]
-        rep["selection"] = _jsonable(select(original, cands, calib,
-                                            Budget(0.5, measure="lost")).to_dict())
+        rep["selection"] = _selection(original, keep, calib, log)
     rep["refreshed"] = setup["measured"]
     _save(out, rep)
     return rep
 
 
-CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+def _selection(original: nn.Module, variants: list[Variant], calib: CalibrationSet,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """The build's accuracy-guarded selection over the report's variants (calib/ only)."""
+    log("selection on the calib/ validation split")
+    cands = [Candidate(v.name, v.prune, v.quant, pruned_model=v.stored) for v in variants]
+    return _jsonable(select(original, cands, calib, Budget(0.5, measure="lost")).to_dict())
 
 
-def compare_calibrators(original: nn.Module, calib: CalibrationSet, test: EvalSet,
-                        calibrators: Sequence[str] = CALIBRATORS,
-                        head_fp32: Sequence[bool] = (True, False),
-                        log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Int8 (weights + activations) PyTorch simulation per calibrator, calibrated like the
-    report's ``int8-sim`` (first ``calib_images`` of the calib/ train split) and measured on
-    ``test`` like every report row: accuracy, and agreement with the original's readings."""
-    from lprnet_edge.compress.quantize import quantize
-    from lprnet_edge.model.calib import decode_batch, predict_logits
-
-    train, _val = calib.split(0.3, 0)
-    ref = decode_batch(predict_logits(original, test.x))
-    n = len(test.labels)
-    orig_acc = float(np.mean([p == t for p, t in zip(ref, test.labels, strict=True)]))
-    rows = []
-    for h in head_fp32:
-        for c in calibrators:
-            t0 = time.time()
-            cfg = QuantizeConfig(mode="int8", calibrator=c,
-                                 fallback_layers=("container.0",) if h else ())
-            q = quantize(original, cfg, train, head_fp32=h)
-            qm, qrep = q.module, q.report
-            pred = decode_batch(predict_logits(qm, test.x))
-            acc = float(np.mean([p == t for p, t in zip(pred, test.labels, strict=True)]))
-            agree = float(np.mean([p == q for p, q in zip(pred, ref, strict=True)]))
-            ratios = [v["threshold"] / v["amax"] for k, v in qrep["thresholds"].items()
-                      if v["amax"] > 0 and k not in cfg.fallback_layers]
-            rows.append({"calibrator": c, "head_fp32": h, "test_accuracy": acc,
-                         "accuracy_change_points": 100 * (acc - orig_acc),
-                         "agreement_with_original": agree,
-                         "threshold_over_max_median": float(np.median(ratios)),
-                         "seconds": round(time.time() - t0, 1)})
-            log(f"  {c:<10} head {'fp32' if h else 'int8'}: acc {acc:.3f} "
-                f"({100 * (acc - orig_acc):+.1f} pt), agreement {agree:.3f}, "
-                f"median threshold/max {rows[-1]['threshold_over_max_median']:.2f}")
-    return {"original_test_accuracy": orig_acc, "test_images": n,
-            "calibration": f"first {QuantizeConfig().calib_images} images of the calib/ "
-                           f"train split ({len(train)} images, split seed 0)",
-            "percentile": QuantizeConfig().percentile,
-            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
-
-
-def refresh_calibrators(out: str | Path = "docs", weights: str | Path | None = None,
-                        calib_dir: str | Path | None = None, test_dir: str | Path | None = None,
-                        model: nn.Module | None = None, calib: CalibrationSet | None = None,
-                        test: EvalSet | None = None, head_fp32: Sequence[bool] = (True, False),
-                        command: str | None = None, log: Callable[[str], None] = _log
-                        ) -> dict[str, Any]:
-    """Add (or replace) the calibrator comparison of an existing report and rewrite it."""
-    out = Path(out)
-    rep = json.loads((out / "compression-report.json").read_text(encoding="utf-8"))
-    original, calib, _ = _load_inputs(weights, model, calib, calib_dir, test_dir)
-    test = test if test is not None else load_eval_set(test_dir)
-    log(f"int8 calibrators on {len(test.labels)} test plates")
-    res = compare_calibrators(original, calib, test, head_fp32=head_fp32, log=log)
-    if command:
-        res["command"] = command
-    rep["calibrators"] = res
-    _save(out, rep)
-    return rep
+def _set_goals(rep: dict[str, Any], goals: Sequence[Goal] | None) -> None:
+    """Evaluate the goals given, else the ones the report was first given (kept in its
+    JSON), so a refresh re-checks what the report was checked against."""
+    if goals is not None:
+        rep["goal_specs"] = [g.to_dict() for g in goals]
+    specs = goals_from_dicts(rep.get("goal_specs") or [], "compression-report.json")
+    rep["goals"] = evaluate_goals(specs, rep["variants"])
 
 
 def _jsonable(obj: Any) -> Any:
@@ -486,36 +459,16 @@ def _jsonable(obj: Any) -> Any:
                                  else str(o)))
 
 
-def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The size and FLOPs targets of the compression work (best variant for each), then the
-    issue-11 latency goals (:func:`lprnet_edge.report.goals.latency_goals`)."""
-    small = [r for r in rows if r["compression_vs_fp32"] >= 8.0]
-    g1 = [r for r in small if r["accuracy_change_points"] >= -0.5]
-    fast = [r for r in rows if r["flops_ratio"] >= 1.5 and "sim" not in r["name"]]
-    g2 = [r for r in fast if r["accuracy_change_points"] >= -1.0]
-    return {
-        "size_8x_within_0.5pt": {
-            "met": bool(g1),
-            "variants": [r["name"] for r in g1],
-            "best_small": max(small, key=lambda r: r["test_accuracy"])["name"] if small else None,
-        },
-        "flops_1.5x_within_1pt": {
-            "met": bool(g2),
-            "variants": [r["name"] for r in g2],
-            "best_fast": max(fast, key=lambda r: r["test_accuracy"])["name"] if fast else None,
-        },
-        **latency_goals(rows),
-    }
-
-
-def run_report(out: str | Path = "docs", quick: bool = False, weights: str | None = None,
+def run_report(out: str | Path = DEFAULT_OUT, quick: bool = False, weights: str | None = None,
                calib_dir: str | Path | None = None, test_dir: str | Path | None = None,
                latency: str = "torch", selection: bool | None = None,
                model: nn.Module | None = None, calib: CalibrationSet | None = None,
                test: EvalSet | None = None, trials: int | None = None, rounds: int = 5,
                runs: int = 20, work: Path | None = None, command: str | None = None,
-               log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Build every variant, measure it, write the three report files into ``out``."""
+               goals: Sequence[Goal] | None = None, log: Callable[[str], None] = _log
+               ) -> dict[str, Any]:
+    """Build every variant, measure it, write the three report files into ``out``, with
+    the ``goals`` (if given) met / missed."""
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -535,17 +488,11 @@ def run_report(out: str | Path = "docs", quick: bool = False, weights: str | Non
         row["latency_run"] = setup["started"]
     rep: dict[str, Any] = {
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "quick": quick, "variants": rows, "goals": goals(rows), "latency": setup,
+        "command": command, "quick": quick, "variants": rows, "latency": setup,
     }
+    _set_goals(rep, goals)
     if selection if selection is not None else not quick:
-        from lprnet_edge.compress.accuracy import Budget
-        from lprnet_edge.compress.select import Candidate, select
-
-        log("selection on the calib/ validation split")
-        cands = [Candidate(v.name, v.prune, v.quant, pruned_model=v.stored)
-                 for v in variants]
-        rep["selection"] = _jsonable(select(original, cands, calib,
-                                            Budget(0.5, measure="lost")).to_dict())
+        rep["selection"] = _selection(original, variants, calib, log)
     rep["seconds"] = time.time() - t0
     _save(out, rep)
     return rep

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -25,7 +26,21 @@ class Backend(Protocol):
 
 
 def import_tvm_runtime() -> Any:
+    """``tvm``, imported without torch when the process has not imported torch already.
+
+    ``tvm_ffi`` imports torch whenever it is installed (only to exchange tensors with it),
+    which costs seconds on a host with PyTorch before a compiled module can even load; the
+    runtime never hands TVM a torch tensor. While tvm is imported, ``sys.modules["torch"] =
+    None`` makes that optional import fail (tvm_ffi treats torch as absent), and the entry is
+    removed afterwards so the process can still ``import torch``. A process that imported
+    torch first (the compiler, the report) imports tvm as usual.
+    """
+    keep_torch_out = "torch" not in sys.modules
+    if keep_torch_out:
+        sys.modules["torch"] = None  # type: ignore[assignment]
     try:
+        # The runtime imports TVM here, not at module top: the package must import (and run
+        # its pure-numpy paths) on a machine without TVM.
         import tvm
         import tvm.runtime  # noqa: F401
     except ImportError as e:
@@ -34,6 +49,9 @@ def import_tvm_runtime() -> Any:
             "(apache-tvm==0.27.*, apache-tvm-ffi==0.1.14.post1); without the TVM compiler "
             "installed, set TVM_USE_RUNTIME_LIB=1"
         ) from e
+    finally:
+        if keep_torch_out and "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
     return tvm
 
 

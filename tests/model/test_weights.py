@@ -377,9 +377,22 @@ def test_denormal_weights_are_flushed_at_load(model_io, weights_path):
 def test_corrupt_or_truncated_files(model_io, weights_path, tmp_path, content, name):
     p = tmp_path / name
     p.write_bytes(content(weights_path.read_bytes()))
-    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint|state dict") as e:
+    with pytest.raises(WeightsError, match="not a (readable )?PyTorch checkpoint|an empty file"
+                       "|state dict") as e:
         model_io.load_model(p)
-    assert str(p) in str(e.value)
+    assert str(p) in str(e.value) and "expected an LPRNet PyTorch checkpoint" in str(e.value)
+    assert "KeyError" not in str(e.value)  # what the file is, not what the unpickler tripped on
+
+
+def test_other_kinds_of_file_are_named(model_io, tmp_path):
+    """A file passed as weights by mistake: the error says what it looks like."""
+    import numpy as np
+
+    np.savez(tmp_path / "params.npz", p000=np.zeros(3, np.float32))
+    (tmp_path / "notes.txt").write_text("hello")
+    for name, what in (("params.npz", "a NumPy .npz archive"), ("notes.txt", "a text file")):
+        with pytest.raises(WeightsError, match=f"not a PyTorch checkpoint: {what}"):
+            model_io.load_model(tmp_path / name)
 
 
 def test_truncated_zip_checkpoint(model_io, tiny_checkpoint, tmp_path):
@@ -405,10 +418,10 @@ def test_not_an_lprnet_state_dict(model_io, tmp_path):
 
     p = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, p)
-    with pytest.raises(WeightsError, match="not an LPRNet checkpoint"):
+    with pytest.raises(WeightsError, match="a state dict, but not LPRNet's"):
         model_io.load_model(p)
     torch.save([torch.zeros(1)], p)
-    with pytest.raises(WeightsError, match="not an LPRNet state dict"):
+    with pytest.raises(WeightsError, match="holds a list, not a state dict of tensors"):
         model_io.load_model(p)
     sd = {k: v for k, v in _tiny_state_dict().items() if not k.startswith("backbone.0.")}
     torch.save(sd, p)

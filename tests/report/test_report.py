@@ -15,7 +15,10 @@ torch = pytest.importorskip("torch")
 from conftest import assert_user_error  # noqa: E402
 
 from lprnet_edge.model.calib import CalibrationSet, EvalSet  # noqa: E402
-from lprnet_edge.report.render import LATENCY_GOALS  # noqa: E402
+from lprnet_edge.report.goals import load_goals  # noqa: E402
+
+GOALS = load_goals(Path(__file__).resolve().parents[2] / "benchmarks" / "compression-goals.toml")
+LATENCY_KINDS = ("faster", "smallest_is_fastest")
 
 PLATES = ["京A12345", "沪B6789C", "粤C1D234", "川A0K123"]
 # Columns a latency refresh must leave alone (they took ~40 min to measure on test/).
@@ -48,7 +51,7 @@ def tiny_report(tiny_model, tmp_path, fresh_cache, one_torch_thread):
     cal, test = _sets()
     out = tmp_path / "report"
     rep = report.run_report(out, quick=True, model=tiny_model, calib=cal, test=test,
-                            selection=False, rounds=1, runs=2, log=lambda m: None)
+                            selection=False, rounds=1, runs=2, goals=GOALS, log=lambda m: None)
     return out, rep, cal, test
 
 
@@ -57,7 +60,8 @@ def test_report_tiny_run(tiny_model, tmp_path, fresh_cache, one_torch_thread):
 
     cal, test = _sets()
     rep = report.run_report(tmp_path, quick=True, model=tiny_model, calib=cal, test=test,
-                            selection=True, rounds=2, runs=2, log=lambda m: None)
+                            selection=True, rounds=2, runs=2, goals=GOALS,
+                            command="lprnet-edge report --quick", log=lambda m: None)
     for suffix in ("md", "json", "png"):
         assert (tmp_path / f"compression-report.{suffix}").stat().st_size > 0
     data = _read(tmp_path)
@@ -70,12 +74,12 @@ def test_report_tiny_run(tiny_model, tmp_path, fresh_cache, one_torch_thread):
     assert sp["stored_bytes"] < orig["stored_bytes"] / 4
     ch = next(r for r in data["variants"] if r["name"] == "channels-b23x0.5+kd")
     assert ch["flops_ratio"] > 1.3
-    assert set(data["goals"]) == {"size_8x_within_0.5pt", "flops_1.5x_within_1pt",
-                                  *LATENCY_GOALS}
+    assert list(data["goals"]) == [g.name for g in GOALS]
+    assert data["goal_specs"] == [g.to_dict() for g in GOALS]  # a refresh re-checks them
     # PyTorch latency: the latency goals are not evaluated, and say why.
-    for key in LATENCY_GOALS:
-        g = data["goals"][key]
-        if key == "flops_executed_4x_within_1pt":  # needs no latency
+    for spec in GOALS:
+        g = data["goals"][spec.name]
+        if spec.kind not in LATENCY_KINDS:  # needs no latency
             assert g["status"] in ("met", "missed", "not evaluated")
         else:
             assert g["status"] == "not evaluated" and g["detail"] == "needs --latency tvm"
@@ -87,6 +91,8 @@ def test_report_tiny_run(tiny_model, tmp_path, fresh_cache, one_torch_thread):
         orig["flops_executed"] / ch["flops_executed"])
     assert data["selection"]["candidates"] and len(data["selection"]["candidates"]) == len(names)
     md = (tmp_path / "compression-report.md").read_text(encoding="utf-8")
+    assert md.startswith("# Compression report\n\nGenerated ") and (
+        "by `lprnet-edge report --quick` in" in md)
     assert "| original |" in md and "Goals" in md
     assert "not evaluated (needs --latency tvm)" in md and "MFLOPs model / executed" in md
     # Latency: measured (PyTorch, interleaved rounds), and described.
@@ -176,7 +182,8 @@ def test_refresh_latency_tvm_tuned(tiny_report, tiny_model, data_dir, fresh_cach
             in md)
     assert "Not compared" not in md
     # The profile section shows the refreshed variants' slowest kernels; the goals were
-    # re-evaluated on the refreshed rows (int8-sim kept its PyTorch latency: not evaluated).
+    # re-evaluated on the refreshed rows (the goals the report was given, kept in its JSON;
+    # int8-sim kept its PyTorch latency: not evaluated).
     top = prof["rows"][0]
     assert "## Per-kernel profiles" in md and f"`{top['name']}` | {top['ms']:.3f} |" in md
     g = data["goals"]["int8_1.5x_faster_within_0.5pt"]
@@ -261,7 +268,7 @@ def test_plot_labels_do_not_overlap_in_a_cluster(tmp_path):
 def test_compare_calibrators_tiny(tiny_model):
     """Every calibrator, with and without the fp32 head, measured on the evaluation set;
     the percentile/head-fp32 row is the report's int8-sim configuration."""
-    import lprnet_edge.report.variants as report
+    import lprnet_edge.report.calibrators as report
     from lprnet_edge.compress.configs import QuantizeConfig
     from lprnet_edge.compress.quantize import quantize
     from lprnet_edge.model.calib import accuracy

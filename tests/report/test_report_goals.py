@@ -1,21 +1,46 @@
-"""The issue-11 goals of the compression report: pure logic over report rows.
+"""Goals given to the compression report as data: pure logic over report rows.
 
 The rows are built here with the keys the report writes (:func:`report.variants.measure`,
 :mod:`report.latency`); every expected figure is computed from those rows, none is copied
-from a measurement."""
+from a measurement. The goals are the repository's own file, as ``report --goals`` reads it."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+from conftest import assert_user_error
+
+from lprnet_edge.errors import LprnetEdgeError
 from lprnet_edge.report.goals import (
-    channel_speed_goal,
-    flops_goal,
-    int8_goal,
-    latency_goals,
+    Goal,
+    evaluate_goals,
+    faster_goal,
+    goals_from_dicts,
+    load_goals,
+    ratio_goal,
     smallest_fastest_goal,
 )
 from lprnet_edge.report.render import goal_lines
+
+GOALS_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "compression-goals.toml"
+GOALS = {g.name: g for g in load_goals(GOALS_FILE)}
+INT8, CHANNELS = GOALS["int8_1.5x_faster_within_0.5pt"], GOALS["channels_2x_faster_within_1pt"]
+EXEC_FLOPS = GOALS["flops_executed_4x_within_1pt"]
+SMALLEST = GOALS["smallest_within_0.5pt_fastest_or_10pct"]
+LATENCY_KEYS = (INT8.name, CHANNELS.name, SMALLEST.name)
+
+
+def int8_goal(rows: list[dict], _base: dict) -> dict:
+    return faster_goal(INT8, rows).to_dict()
+
+
+def channel_speed_goal(rows: list[dict], _base: dict) -> dict:
+    return faster_goal(CHANNELS, rows).to_dict()
+
+
+def flops_goal(rows: list[dict]) -> dict:
+    return ratio_goal(EXEC_FLOPS, rows).to_dict()
 
 BASE_MS = 20.0
 BASE_FLOPS = 300e6
@@ -57,12 +82,12 @@ def _rows(int8_speed: float, int8_pt: float, ch_speed: float, ch_pt: float) -> l
 def test_int8_goal_met_and_missed_by_how_much():
     rows = _rows(1.6, -0.5, 2.0, -1.0)
     g = int8_goal(rows, rows[0])
-    assert g["status"] == "met" and g["speedup"] == pytest.approx(1.6)
+    assert g["status"] == "met" and g["ratio"] == pytest.approx(1.6)
     assert g["points_margin"] == pytest.approx(0.0) and g["why"] is None  # 0.5 pt is within
     slow = BASE_MS / 1.2
     rows = _rows(1.2, -0.2, 2.0, -1.0)
     g = int8_goal(rows, rows[0])
-    assert g["status"] == "missed" and g["speedup_margin"] == pytest.approx(1.2 - 1.5)
+    assert g["status"] == "missed" and g["margin"] == pytest.approx(1.2 - 1.5)
     need = BASE_MS / 1.5
     assert f"missed by {1.5 - 1.2:.2f}x" in g["detail"]
     assert f"needs <= {need:.2f} ms, {slow - need:.2f} ms slower" in g["detail"]
@@ -77,14 +102,14 @@ def test_channel_goal_takes_the_fastest_within_budget():
     g = channel_speed_goal(rows, rows[0])
     # channels-tiny+kd is faster but 3 pt down: the goal is carried by the 2.4x variant.
     assert g["status"] == "met" and g["variant"] == "channels-b23x0.5+kd"
-    assert g["speedup"] == pytest.approx(2.4) and "+0.40x over 2x" in g["detail"]
+    assert g["ratio"] == pytest.approx(2.4) and "+0.40x over 2x" in g["detail"]
     rows = _rows(1.6, 0.0, 1.5, -0.9)
     g = channel_speed_goal(rows, rows[0])
     assert g["status"] == "missed" and f"missed by {2 - 1.5:.2f}x" in g["detail"]
     assert g["why"].startswith("channels-b23x0.5+kd kernel time by schedule: transferred 60%")
     rows = _rows(1.6, 0.0, 2.4, -1.5)
     g = channel_speed_goal(rows, rows[0])
-    assert g["status"] == "missed" and "no channel-pruned variant within 1 pt" in g["detail"]
+    assert g["status"] == "missed" and "no channels-* variant within 1 pt" in g["detail"]
 
 
 def test_flops_goal_uses_executed_flops():
@@ -92,7 +117,7 @@ def test_flops_goal_uses_executed_flops():
     g = flops_goal(rows)
     # channels-tiny+kd has 6x fewer executed FLOPs but lost 3 pt; the 2x one is the best.
     assert g["status"] == "missed" and g["variant"] == "channels-b23x0.5+kd"
-    assert g["flops_executed_ratio"] == pytest.approx(2.0) and "missed by 2.00x" in g["detail"]
+    assert g["ratio"] == pytest.approx(2.0) and "missed by 2.00x" in g["detail"]
     assert "3.00x fewer model FLOPs" in g["detail"]
     rows[4]["accuracy_change_points"] = -1.0
     g = flops_goal(rows)
@@ -101,18 +126,18 @@ def test_flops_goal_uses_executed_flops():
 
 def test_smallest_within_budget_vs_fastest():
     rows = _rows(1.6, -0.4, 2.0, -0.3)  # within 0.5 pt: original, int8w, int8-sim, channels
-    g = smallest_fastest_goal(rows)
+    g = smallest_fastest_goal(SMALLEST, rows).to_dict()
     # Smallest within 0.5 pt: int8w (160 kB) at 1.01x the original's time; fastest:
     # channels-b23x0.5+kd at half of it.
     over = (BASE_MS * 1.01) / (BASE_MS / 2.0) - 1
     assert g["variant"] == "int8w" and g["fastest"] == "channels-b23x0.5+kd"
-    assert g["status"] == "missed" and g["slower_than_fastest"] == pytest.approx(over)
+    assert g["status"] == "missed" and g["ratio"] == pytest.approx(over)
     assert f"smallest is {over:.1%} slower" in g["detail"]
     rows[1]["latency_ms"] = BASE_MS / 2.0 * 1.10  # exactly 10% slower: within the slack
-    g = smallest_fastest_goal(rows)
+    g = smallest_fastest_goal(SMALLEST, rows).to_dict()
     assert g["status"] == "met"
     rows[1]["latency_ms"] = BASE_MS / 2.5  # the smallest is also the fastest
-    g = smallest_fastest_goal(rows)
+    g = smallest_fastest_goal(SMALLEST, rows).to_dict()
     assert g["status"] == "met" and "is also the fastest" in g["detail"]
 
 
@@ -120,28 +145,28 @@ def test_latency_goals_need_tvm_latency():
     rows = _rows(1.6, 0.0, 2.4, -0.5)
     for r in rows:
         r["latency_backend"] = "torch"
-    g = latency_goals(rows)
-    for key in ("int8_1.5x_faster_within_0.5pt", "channels_2x_faster_within_1pt",
-                "smallest_within_0.5pt_fastest_or_10pct"):
+    g = evaluate_goals(tuple(GOALS.values()), rows)
+    assert list(g) == list(GOALS)  # in the file's order
+    for key in LATENCY_KEYS:
         assert g[key]["status"] == "not evaluated" and g[key]["detail"] == "needs --latency tvm"
-    assert g["flops_executed_4x_within_1pt"]["status"] == "missed"  # FLOPs need no latency
+    assert g[EXEC_FLOPS.name]["status"] == "missed"  # FLOPs need no latency
     lines = goal_lines(g)
-    assert len(lines) == 4 and sum("not evaluated (needs --latency tvm)" in x
-                                   for x in lines) == 3
+    assert len(lines) == len(GOALS) and sum("not evaluated (needs --latency tvm)" in x
+                                            for x in lines) == 3
 
 
 def test_unequal_or_failed_rows_are_not_compared():
     rows = _rows(1.6, 0.0, 2.4, -0.5)
     rows[2]["latency_comparable"] = False
     rows[3]["latency_ms"] = None
-    g = latency_goals(rows)
-    assert g["int8_1.5x_faster_within_0.5pt"]["status"] == "not evaluated"
+    g = evaluate_goals((INT8, CHANNELS), rows)
+    assert g[INT8.name]["status"] == "not evaluated"
     # The only timed channel-pruned variant is 3 pt down.
-    assert g["channels_2x_faster_within_1pt"]["status"] == "missed"
+    assert g[CHANNELS.name]["status"] == "missed"
     lines = goal_lines(g)
     assert lines[0].startswith("- host int8 artifact >= 1.5x faster than fp32, <= 0.5 pt lost: "
                                "not evaluated (int8-sim has no comparable TVM latency")
-    assert "**missed**: no channel-pruned variant within 1 pt" in lines[1]
+    assert "**missed**: no channels-* variant within 1 pt" in lines[1]
 
 
 def test_ratio_across_two_runs_says_so():
@@ -155,3 +180,37 @@ def test_ratio_across_two_runs_says_so():
     g = int8_goal(rows, rows[0])
     assert g["status"] == "met" and ("[timed in different runs: original 2026-01-01 10:00 UTC, "
                                      "int8-sim 2026-01-01 12:00 UTC]") in g["detail"]
+
+
+def test_goals_of_other_kinds_and_titles():
+    """Size and model-FLOPs goals need no latency; a goal without a text gets a title that
+    says what it checks."""
+    rows = _rows(1.6, 0.0, 2.0, -0.4)
+    for r in rows:
+        r["compression_vs_fp32"] = 600_000 * 4 / r["stored_bytes"]
+    g = evaluate_goals(goals_from_dicts([
+        {"name": "size", "kind": "smaller", "factor": 8.0, "points": 0.5},
+        {"name": "flops", "kind": "fewer_flops", "factor": 1.5, "points": 1.0}]), rows)
+    best = max(rows[1:], key=lambda r: r["compression_vs_fp32"]
+               if r["accuracy_change_points"] >= -0.5 else 0)
+    assert g["size"]["variant"] == best["name"] and g["size"]["met"]
+    assert g["size"]["margin"] == pytest.approx(best["compression_vs_fp32"] - 8.0)
+    assert g["size"]["goal"] == ("a variant with >= 8x smaller stored weights than fp32, "
+                                 "<= 0.5 pt lost")
+    assert g["flops"]["variant"] == "channels-b23x0.5+kd" and g["flops"]["met"]
+
+
+def test_goal_files_refuse_misspelled_keys(tmp_path):
+    bad = tmp_path / "goals.toml"
+    bad.write_text('[[goal]]\nname = "x"\nkind = "faster"\npoints = 1\nfactr = 2\n')
+    with pytest.raises(LprnetEdgeError, match=r"unknown keys \['factr'\]"):
+        load_goals(bad)
+    with pytest.raises(LprnetEdgeError, match="unknown kind 'quicker'"):
+        Goal("x", "quicker", 1.0)
+
+
+def test_report_command_checks_its_goals_file(cli_runner, tmp_path):
+    bad = tmp_path / "goals.toml"
+    bad.write_text('[[goal]]\nname = "x"\nkind = "faster"\n')
+    assert_user_error(cli_runner("report", "--goals", bad, "--out", tmp_path / "r"),
+                      "missing keys ['points']")

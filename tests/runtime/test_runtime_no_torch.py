@@ -199,3 +199,27 @@ def test_cli_without_torch(runtime_venv, test_images, weights_path, tmp_path):
     assert p.returncode != 0
     assert p.stderr.startswith("Error:") and "PyTorch" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr + p.stdout
+
+
+@pytest.mark.slow
+def test_loading_an_artifact_keeps_torch_out(tiny_tvm_artifact):
+    """On a host with PyTorch, loading and running a compiled artifact does not import torch
+    (tvm_ffi would, for seconds, to exchange tensors with it), and torch still imports, and
+    exchanges tensors with TVM, afterwards."""
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from lprnet_edge import Recognizer
+
+        rec = Recognizer.from_artifact(sys.argv[1])
+        y = rec.backend(np.zeros((1, 3, 24, 94), np.float32))
+        assert "torch" not in sys.modules, "loading the artifact imported torch"
+        import torch
+        import tvm_ffi
+
+        t = tvm_ffi.from_dlpack(torch.arange(4, dtype=torch.float32))
+        print(list(y.shape), list(t.shape))
+    """)
+    p = run([sys.executable, "-c", code, tiny_tvm_artifact], timeout=600, env=clean_env(),
+            cwd=REPO)
+    assert p.stdout.split() == ["[1,", "68,", "18]", "[4]"], p.stdout
