@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from lprnet_edge.cli.common import echo_json, format_latency, json_option, progress, table
+from lprnet_edge.cli.compare_host import compare_host_options, echo_agreement, host_recognizer
 
 _HOST_HELP = "Device as user@host[:port] (SSH)."
 
@@ -293,24 +294,34 @@ def remote() -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @ssh_options
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads on the device.")
+@compare_host_options
 @json_option
 @_with_device
 def remote_recognize_cmd(dev: Any, images: tuple[str, ...], threads: int | None,
-                         as_json: bool) -> None:
+                         as_json: bool, **compare: Any) -> None:
     """Upload images and read their plates with the device's current deployment.
 
     \b
     Example:
       lprnet-edge remote recognize --host pi@raspberrypi.local plate1.jpg plate2.jpg
+      lprnet-edge remote recognize --host pi@raspberrypi.local *.jpg --compare-host
     """
+    from lprnet_edge.device.agreement import compare_reads, host_file_reads
     from lprnet_edge.device.deploy import remote_recognize
 
+    host_rec = host_recognizer(**compare)
     results = remote_recognize(dev, list(images), threads=threads)
+    agreement = compare_reads(host_file_reads(host_rec, images),
+                              {r["source"]: r["text"] for r in results},
+                              host_rec.backend_name) if host_rec else None
     if as_json:
-        echo_json(results)
+        echo_json({"reads": results, "compare_host": agreement.to_dict()} if agreement
+                  else results)
         return
     click.echo(table([[r["source"], r["text"], f"{r['confidence']:.3f}"] for r in results],
                      ["image", "plate", "confidence"]))
+    if agreement:
+        echo_agreement(agreement, only_differing=False)
 
 
 @remote.command("eval")
@@ -322,10 +333,11 @@ def remote_recognize_cmd(dev: Any, images: tuple[str, ...], threads: int | None,
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads per process.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on the device (the images are sharded; same figures).")
+@compare_host_options
 @json_option
 @_with_device
 def remote_eval_cmd(dev: Any, data: str, skip_bad: bool, limit: int | None, threads: int | None,
-                    workers: int, as_json: bool) -> None:
+                    workers: int, as_json: bool, **compare: Any) -> None:
     """Upload a labelled folder and measure accuracy on the device (batch 1).
 
     Same metrics as `lprnet-edge eval`: exact-plate accuracy, per-character accuracy, edit
@@ -337,13 +349,19 @@ def remote_eval_cmd(dev: Any, data: str, skip_bad: bool, limit: int | None, thre
     """
     from pathlib import Path
 
+    from lprnet_edge.device.agreement import compare_reads, host_folder_reads
     from lprnet_edge.device.deploy import remote_eval
 
+    host_rec = host_recognizer(**compare)
     n = len([p for p in Path(data).iterdir() if p.is_file()])
     n = min(n, limit or n)
     with progress("Evaluating on the device", n) as bar:
         res = remote_eval(dev, data, skip_bad=skip_bad, limit=limit, threads=threads,
-                          workers=workers, progress=bar)
+                          workers=workers, progress=bar, reads=host_rec is not None)
+    agreement = compare_reads(host_folder_reads(host_rec, data, skip_bad, limit),
+                              res.pop("reads", {}), host_rec.backend_name) if host_rec else None
+    if agreement:
+        res["compare_host"] = agreement.to_dict()
     if as_json:
         echo_json(res)
         return
@@ -358,6 +376,8 @@ def remote_eval_cmd(dev: Any, data: str, skip_bad: bool, limit: int | None, thre
     click.echo(f"time on device    {res['seconds']:.1f} s ({res['workers']} worker(s))")
     rows = [[r, v["count"], f"{v['accuracy']:.3f}"] for r, v in res["per_region"].items()]
     click.echo("\n" + table(rows, ["province", "plates", "accuracy"]))
+    if agreement:
+        echo_agreement(agreement, only_differing=True)
 
 
 @remote.command("info")

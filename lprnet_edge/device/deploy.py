@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lprnet_edge.device.agreement import require_images_agree
 from lprnet_edge.device.ssh import SshConnection
 from lprnet_edge.runtime.artifact import (
     MANIFEST,
@@ -350,6 +351,7 @@ def check_on_device(dev: Device, deployment: str, previous: str | None) -> dict[
             + ": the compiled model is wrong on this device (a bad tuning record or "
             "toolchain); rebuild it (e.g. without --tune). "
             + (f"{Path(previous).name} stays current" if previous else "Nothing was deployed"))
+    require_images_agree(check.get("images"), str(dev.conn.spec), previous)
     return res
 
 
@@ -542,8 +544,9 @@ def _tar_folder(data: Path, out: Path, limit: int | None = None) -> int:
 def remote_eval(dev: Device, data: str | Path, skip_bad: bool = False, limit: int | None = None,
                 threads: int | None = None, workers: int = 1,
                 upload_progress: Progress | None = None, progress: Progress | None = None,
-                timeout: float = 6 * 3600) -> dict[str, Any]:
-    """Upload a labelled folder (one tar) and evaluate the current deployment on it there."""
+                timeout: float = 6 * 3600, reads: bool = False) -> dict[str, Any]:
+    """Upload a labelled folder (one tar) and evaluate the current deployment on it there
+    (``reads``: also each file's text, ``res["reads"]``)."""
     data = Path(data)
     if not data.is_dir():
         raise DataError(f"{data}: not a folder of plate images")
@@ -565,6 +568,8 @@ def remote_eval(dev: Device, data: str | Path, skip_bad: bool = False, limit: in
                     "--workers", str(workers)]
             if skip_bad:
                 args.append("--skip-bad")
+            if reads:
+                args.append("--reads")
             if limit:
                 args += ["--limit", str(limit)]
             if threads:

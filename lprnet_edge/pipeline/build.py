@@ -37,6 +37,7 @@ from lprnet_edge.compiler.toolchain import Compiler, find_compiler
 from lprnet_edge.compress.configs import CompileConfig, PruneConfig, QuantizeConfig, TuneConfig
 from lprnet_edge.paths import data_subdir
 from lprnet_edge.pipeline.interrupt import InterruptGuard, pause_for_tests
+from lprnet_edge.pipeline.verify_images import store_image_check
 from lprnet_edge.runtime import __version__
 from lprnet_edge.runtime.artifact import (
     MANIFEST,
@@ -714,8 +715,12 @@ def device_check_stage(art: ModelArtifact, compiled: CompiledModule, config: Com
         logits = [_torch_logits(reference, x) for x in images.xs]
     name = write_verify_set(compiled.root, images.xs, logits, tol)
     compiled.extra_files.append(name)
+    with torch_one_thread():  # raw plates -> tensor, logits, text, for the device to repeat
+        raw = store_image_check(compiled.root, lambda x: _torch_logits(reference, x),
+                                art.charset, calib_dir)
+    compiled.extra_files.extend(raw.files)
     return {"status": "stored", "file": name, "inputs": len(images.xs), "tolerance": tol,
-            "data": images.source}
+            "data": images.source, "images": raw.to_dict()}
 
 
 def make_manifest(name: str, art: ModelArtifact, compiled: CompiledModule,
