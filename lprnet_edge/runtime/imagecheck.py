@@ -186,3 +186,29 @@ def run_image_check(artifact: Any, model: Model, tolerance: float) -> dict[str, 
     check = read_image_check(artifact.root / CHECK_FILE)
     return check_images(check, model, tolerance, m.charset.chars, m.charset.blank,
                         m.preprocess).to_dict()
+
+
+def preprocess_digests(folder: str | Path) -> dict[str, dict[str, str]]:
+    """File name -> sha256 of its decoded pixels, of OpenCV's candidate resizes to the model's
+    size and of the preprocessed tensor: run on two machines, equal digests mean equal bytes
+    (how the resize was chosen: ``benchmarks/preprocess_agreement.py``)."""
+    import hashlib
+
+    import cv2  # measurement only: the check itself needs no more than preprocess does
+
+    from lprnet_edge.runtime.dataset import IMAGE_SUFFIXES
+    from lprnet_edge.runtime.preprocess import Preprocess, read_image
+
+    pre = Preprocess()
+    resizes = {"linear": cv2.INTER_LINEAR, "linear_exact": cv2.INTER_LINEAR_EXACT,
+               "area": cv2.INTER_AREA}
+    out: dict[str, dict[str, str]] = {}
+    for p in sorted(Path(folder).iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        img = read_image(p)
+        arrays = {"decoded": img, "tensor": pre(img)}
+        arrays.update({k: cv2.resize(img, (pre.width, pre.height), interpolation=v)
+                       for k, v in resizes.items()})
+        out[p.name] = {k: hashlib.sha256(a.tobytes()).hexdigest() for k, a in arrays.items()}
+    return out
