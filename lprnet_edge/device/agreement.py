@@ -67,8 +67,9 @@ def host_folder_reads(rec: Recognizer, folder: str | Path, skip_bad: bool = Fals
 
 
 def host_file_reads(rec: Recognizer, paths: Sequence[str | Path]) -> dict[str, str]:
-    """Path (as given) -> text of each image read here, as ``remote recognize`` keys them."""
-    return {str(p): rec.recognize(str(p)).text for p in paths}
+    """Path -> text of each image read here, keyed as ``remote recognize`` keys its results
+    (``str(Path(p))``)."""
+    return {str(Path(p)): rec.recognize(str(p)).text for p in paths}
 
 
 def require_images_agree(images: dict[str, Any] | None, where: str,
