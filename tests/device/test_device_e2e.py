@@ -380,7 +380,7 @@ def test_resized_crops_read_as_on_the_host(emulated_pi, deployed, tmp_path, weig
                                            cli_runner):
     """The board reads what the host reads: the deploy's raw-image check found every tensor
     bit-identical, and `remote eval --compare-host` on a folder of crops that need resizing
-    gives the host's text for every one."""
+    gives the host's text for every one (and `remote recognize --compare-host` for two)."""
     check = deployed.checks["verification"]["images"]
     assert check["status"] == "passed" and check["images"] >= 1
     assert check["tensors_differ"] == 0 and check["texts_differ"] == 0
@@ -395,6 +395,13 @@ def test_resized_crops_read_as_on_the_host(emulated_pi, deployed, tmp_path, weig
           f"{agreement['images']} texts differ")
     assert agreement["images"] == 12 and agreement["differ"] == 0, agreement
     assert {x["name"] for x in agreement["reads"]} == {p.name for p in folder.iterdir()}
+    two = [str(p) for p in sorted(folder.iterdir())[:2]]
+    r = cli_runner("remote", "recognize", *two, *args, "--compare-host", "--host-weights",
+                   str(weights_path), "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert [x["source"] for x in doc["reads"]] == two
+    assert doc["compare_host"]["images"] == 2 and doc["compare_host"]["differ"] == 0
 
 
 def test_deploy_refuses_a_board_that_preprocesses_differently(pi_device, deployed,
