@@ -144,15 +144,17 @@ def main() -> None:
     doc: dict[str, Any] = {"artifact": Path(args.artifact).name, "device": args.host,
                            "machine": dep.device_arch, "host_reader": host_rec.backend_name,
                            "deploy_check": dep.checks.get("verification"), "splits": {}}
+    cmd = "python benchmarks/preprocess_agreement.py " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:])
     for split in args.splits.split(","):
         print(f"measuring {split} ...", file=sys.stderr, flush=True)
         doc["splits"][split] = measure_split(dev, data_subdir(split), host_rec, args.workers)
+        if args.out:  # after every split: a long run cut short keeps what it measured
+            Path(args.out).write_text(markdown(doc, cmd), encoding="utf-8")
+            Path(args.out).with_suffix(".json").write_text(
+                json.dumps(doc, ensure_ascii=False, indent=2), encoding="utf-8")
     conn.close()
     print(json.dumps(doc, ensure_ascii=False, indent=2))
-    if args.out:
-        cmd = "python benchmarks/preprocess_agreement.py " + " ".join(
-            shlex.quote(a) for a in sys.argv[1:])
-        Path(args.out).write_text(markdown(doc, cmd), encoding="utf-8")
 
 
 if __name__ == "__main__":
