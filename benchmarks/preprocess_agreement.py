@@ -107,9 +107,9 @@ def markdown(doc: dict[str, Any], command: str) -> str:
               "| split | images | texts differ | correct on device | correct on host |",
               "|---|---|---|---|---|"]
     for split, s in doc["splits"].items():
-        r = s["reads"]
+        r = s.get("reads")
         lines.append(f"| {split} | {r['images']} | {r['differ']} | {r['device_correct']} | "
-                     f"{r['host_correct']} |")
+                     f"{r['host_correct']} |" if r else f"| {split} | not measured | | | |")
     v = next(iter(doc["splits"].values()))["versions"]
     lines += ["", f"OpenCV {v['host']['opencv']} / numpy {v['host']['numpy']} on the host, "
               f"OpenCV {v['device']['opencv']} / numpy {v['device']['numpy']} on the device.",
