@@ -34,6 +34,8 @@ from lprnet_edge.cli.common import (
     threads_option,
     warmup_option,
 )
+from lprnet_edge.cli.compare_host import compare_host_options, echo_agreement, host_recognizer
+from lprnet_edge.device.agreement import compare_reads, host_file_reads, host_folder_reads
 from lprnet_edge.device.deploy import (
     DeployResult,
     DeviceStatus,
@@ -273,22 +275,31 @@ def remote() -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @ssh_options
 @threads_option(_DEVICE_THREADS)
+@compare_host_options
 @json_option
 @_with_device
 def remote_recognize_cmd(dev: Device, images: tuple[str, ...], threads: int | None,
-                         as_json: bool) -> None:
+                         as_json: bool, **compare: Any) -> None:
     """Upload images and read their plates with the device's current deployment.
 
     \b
     Example:
       lprnet-edge remote recognize --host pi@raspberrypi.local plate1.jpg plate2.jpg
+      lprnet-edge remote recognize --host pi@raspberrypi.local *.jpg --compare-host
     """
+    host_rec = host_recognizer(**compare)
     results = remote_recognize(dev, list(images), threads=threads)
+    agreement = compare_reads(host_file_reads(host_rec, images),
+                              {r["source"]: r["text"] for r in results},
+                              host_rec.backend_name) if host_rec else None
     if as_json:
-        echo_json(results)
+        echo_json({"reads": results, "compare_host": agreement.to_dict()} if agreement
+                  else results)
         return
     click.echo(table([[r["source"], r["text"], f"{r['confidence']:.3f}"] for r in results],
                      ["image", "plate", "confidence"]))
+    if agreement:
+        echo_agreement(agreement, only_differing=False)
 
 
 @remote.command("eval")
@@ -300,10 +311,11 @@ def remote_recognize_cmd(dev: Device, images: tuple[str, ...], threads: int | No
 @threads_option("Runtime threads per process on the device.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on the device (the images are sharded; same figures).")
+@compare_host_options
 @json_option
 @_with_device
 def remote_eval_cmd(dev: Device, data: str, skip_bad: bool, limit: int | None,
-                    threads: int | None, workers: int, as_json: bool) -> None:
+                    threads: int | None, workers: int, as_json: bool, **compare: Any) -> None:
     """Upload a labelled folder and measure accuracy on the device (batch 1).
 
     Same metrics as `lprnet-edge eval`: exact-plate accuracy, per-character accuracy, edit
@@ -313,11 +325,21 @@ def remote_eval_cmd(dev: Device, data: str, skip_bad: bool, limit: int | None,
     Example:
       lprnet-edge remote eval --host pi@raspberrypi.local --data $LPRNET_EDGE_DATA/test
     """
+    host_rec = host_recognizer(**compare)
     n = len([p for p in Path(data).iterdir() if p.is_file()])
     with progress("Evaluating on the device", min(n, limit or n)) as bar:
         res = remote_eval(dev, data, skip_bad=skip_bad, limit=limit, threads=threads,
-                          workers=workers, progress=bar)
-    _show(res, as_json, print_eval)
+                          workers=workers, progress=bar, reads=host_rec is not None)
+    if host_rec is None:
+        _show(res, as_json, print_eval)
+        return
+    agreement = compare_reads(host_folder_reads(host_rec, data, skip_bad, limit),
+                              res.reads or {}, host_rec.backend_name)
+    if as_json:
+        echo_json({**res.to_dict(), "compare_host": agreement.to_dict()})
+        return
+    print_eval(res)
+    echo_agreement(agreement, only_differing=True)
 
 
 @remote.command("info")

@@ -24,6 +24,7 @@ from shlex import quote
 from typing import Any
 
 import lprnet_edge
+from lprnet_edge.device.agreement import require_images_agree
 from lprnet_edge.device.device import Device, Progress, format_mb
 from lprnet_edge.runtime.artifact import (
     MANIFEST,
@@ -242,6 +243,7 @@ def check_on_device(dev: Device, deployment: str, previous: str | None) -> Devic
     check = res.get("selfcheck")
     if (check or {}).get("status") == "failed":
         raise ArtifactError(_verification_failure(dev, check, previous))
+    require_images_agree((check or {}).get("images"), str(dev.spec), previous)
     info = res.get("info") or {}
     return DeviceCheck(sha256="ok", torch_imported=info.get("torch_imported"),
                        load_s=info.get("load_s"), first_inference_s=info.get("first_inference_s"),

@@ -65,6 +65,7 @@ class RemoteEval:
     seconds: float  # evaluation time on the device
     upload_seconds: float
     metrics: EvalResult
+    reads: dict[str, str] | None = None  # file name -> text, when asked for (``reads``)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "data": self.data, **self.metrics.to_dict(),
@@ -107,7 +108,7 @@ def remote_recognize(dev: Device, images: list[str | Path], threads: int | None 
     return results
 
 
-def _tar_folder(data: Path, out: Path, limit: int | None = None) -> int:
+def tar_folder(data: Path, out: Path, limit: int | None = None) -> int:
     """The folder's files as one tar (the first ``limit`` images only, when given): one
     upload instead of one per image."""
     files = sorted(p for p in data.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -123,8 +124,9 @@ def _tar_folder(data: Path, out: Path, limit: int | None = None) -> int:
 def remote_eval(dev: Device, data: str | Path, skip_bad: bool = False, limit: int | None = None,
                 threads: int | None = None, workers: int = 1,
                 upload_progress: Progress | None = None, progress: Progress | None = None,
-                timeout: float = EVAL_TIMEOUT) -> RemoteEval:
-    """Upload a labelled folder (one tar) and evaluate the current deployment on it there."""
+                timeout: float = EVAL_TIMEOUT, reads: bool = False) -> RemoteEval:
+    """Upload a labelled folder (one tar) and evaluate the current deployment on it there
+    (``reads``: also each file's text, to compare with the host's)."""
     data = Path(data)
     if not data.is_dir():
         raise DataError(f"{data}: not a folder of plate images")
@@ -132,10 +134,10 @@ def remote_eval(dev: Device, data: str | Path, skip_bad: bool = False, limit: in
     runtime, art = dev.runtime_of(cur)
     args = ["eval", "--artifact", art, "--workers", str(workers)]
     args += (["--skip-bad"] if skip_bad else []) + (["--limit", str(limit)] if limit else [])
-    args += ["--threads", str(threads)] if threads else []
+    args += (["--threads", str(threads)] if threads else []) + (["--reads"] if reads else [])
     with tempfile.TemporaryDirectory(prefix="lprnet-eval-") as tmpd:
         tar = Path(tmpd) / "data.tar"
-        _tar_folder(data, tar, limit)
+        tar_folder(data, tar, limit)
         need = 2 * tar.stat().st_size + SPACE_MARGIN
         with dev.job_dir() as job:
             free = dev.free_bytes(job)
@@ -150,7 +152,8 @@ def remote_eval(dev: Device, data: str | Path, skip_bad: bool = False, limit: in
     return RemoteEval(host=dev.spec, deployment=Path(cur).name, data=str(data),
                       machine=res.get("machine", ""), backend=res.get("backend", ""),
                       workers=res.get("workers", workers), seconds=res.get("seconds", 0.0),
-                      upload_seconds=upload_s, metrics=_eval_result(res))
+                      upload_seconds=upload_s, metrics=_eval_result(res),
+                      reads=res.get("reads"))
 
 
 def _require_deployed(dev: Device, cur: str, artifact: str | Path) -> None:

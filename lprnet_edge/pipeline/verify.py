@@ -33,6 +33,7 @@ from lprnet_edge.model.calib import CalibrationSet, check_not_test
 from lprnet_edge.paths import data_subdir
 from lprnet_edge.pipeline.steps import norm_name
 from lprnet_edge.pipeline.values import CompiledModule, Log, TorchModel
+from lprnet_edge.pipeline.verify_images import StoredImageCheck, store_image_check
 from lprnet_edge.runtime.backends import TvmBackend
 from lprnet_edge.runtime.charset import Charset
 from lprnet_edge.runtime.dataset import PlateFolder
@@ -58,12 +59,14 @@ class DeviceCheck:
     tolerance: float | None = None
     data: str | None = None
     reason: str | None = None
+    images: StoredImageCheck | None = None  # raw plates: bytes -> tensor -> logits -> text
 
     def to_dict(self) -> dict[str, Any]:
         if self.status != "stored":
             return {"status": self.status, "reason": self.reason}
         return {"status": self.status, "file": self.file, "inputs": self.inputs,
-                "tolerance": self.tolerance, "data": self.data}
+                "tolerance": self.tolerance, "data": self.data,
+                "images": self.images.to_dict() if self.images else None}
 
 
 @dataclass(frozen=True)
@@ -299,8 +302,12 @@ def device_check(tm: TorchModel, compiled: CompiledModule, config: CompileConfig
         logits = [_torch_logits(reference, x) for x in images.xs]
     name = write_verify_set(compiled.root, images.xs, logits, tol)
     compiled.extra_files.append(name)
+    with torch_one_thread():  # raw plates -> tensor, logits, text, for the device to repeat
+        raw = store_image_check(compiled.root, lambda x: _torch_logits(reference, x),
+                                tm.charset, calib_dir)
+    compiled.extra_files.extend(raw.files)
     return DeviceCheck("stored", file=name, inputs=len(images.xs), tolerance=tol,
-                       data=images.source)
+                       data=images.source, images=raw)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Run on the device by the host over SSH::
 
     python -m lprnet_edge.runtime.agent info [--artifact DIR [--load]]
     python -m lprnet_edge.runtime.agent recognize --artifact DIR IMG...
-    python -m lprnet_edge.runtime.agent eval --artifact DIR (--data DIR | --data-tar FILE)
+    python -m lprnet_edge.runtime.agent eval --artifact DIR (--data DIR | --data-tar FILE) [--reads]
     python -m lprnet_edge.runtime.agent bench --artifact DIR [--runs N] [--warmup N] [--profile]
         [--onnx FILE [--rounds N] [--compare-only]]
 
@@ -215,21 +215,25 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     data = Path(args.data) if args.data else _extract(args.data_tar)
     t0 = time.perf_counter()
     workers = max(1, args.workers or 1)
+    reads: dict[str, str] = {}
     if workers == 1:
         rec = _open(args.artifact, args.threads)
         n = len([p for p in data.iterdir() if p.is_file()])
         res = evaluate(rec, data, skip_bad=args.skip_bad, limit=args.limit,
-                       progress=_throttled_progress(min(n, args.limit or n)))
+                       progress=_throttled_progress(min(n, args.limit or n)), reads=reads)
         backend = rec.backend_name
     else:
-        res, backend = _eval_parallel(args, data, workers)
+        res, backend = _eval_parallel(args, data, workers, reads)
     doc = {"backend": backend, "data": str(data), **res.to_dict(),
            "seconds": time.perf_counter() - t0, "workers": workers,
            "machine": platform.machine()}
+    if args.reads:  # file name -> text, for the host to compare read for read
+        doc["reads"] = reads
     return doc
 
 
-def _eval_parallel(args: argparse.Namespace, data: Path, workers: int):
+def _eval_parallel(args: argparse.Namespace, data: Path, workers: int,
+                   reads: dict[str, str]):
     """Shard the images over processes (forked before TVM is imported); merge in file order
     so the figures are exactly those of the single-process evaluation."""
     import multiprocessing as mp
@@ -262,6 +266,7 @@ def _eval_parallel(args: argparse.Namespace, data: Path, workers: int):
             folder.skipped.append((r[2], r[3]))
         else:
             acc.add(r[2], r[3], r[4])
+            reads[r[4]] = r[3]
     return acc.result(skipped=folder.skipped), "tvm"
 
 
@@ -295,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--skip-bad", action="store_true")
     sp.add_argument("--limit", type=int)
     sp.add_argument("--workers", type=int, default=1, help="processes (images sharded)")
+    sp.add_argument("--reads", action="store_true", help="also return each file's text")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("bench", help="latency at batch 1 (pre/post-processing included)")

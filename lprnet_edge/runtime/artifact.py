@@ -34,7 +34,7 @@ from lprnet_edge.runtime.files import (  # noqa: F401  (re-exported: the histori
     staging_dir,
     write_json_atomic,
 )
-from lprnet_edge.runtime.preprocess import Preprocess
+from lprnet_edge.runtime.preprocess import Preprocess, check_version
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -241,6 +241,7 @@ class RuntimeSpec:
 
 def _preprocess(d: Any) -> Preprocess:
     d = _dict(d, "preprocess")
+    check_version(d)
     kw: dict[str, Any] = {}
     for k in ("width", "height"):
         if k in d:

@@ -1,4 +1,18 @@
-"""Image loading and preprocessing shared by every backend (numpy + OpenCV only)."""
+"""Image loading and preprocessing shared by every backend (numpy + OpenCV only).
+
+The tensor must be the same, bit for bit, on every CPU the artifact runs on, or the board reads
+plates differently from the host that measured the accuracy. Two steps could differ:
+
+- the resize: OpenCV's default ``INTER_LINEAR`` (and ``INTER_AREA``) take different SIMD paths on
+  x86 and aarch64 with different rounding; ``INTER_LINEAR_EXACT`` is OpenCV's fixed-point
+  bilinear resize, specified to give the same bytes on every platform;
+- the normalisation: a 256-entry float32 table indexed by the uint8 pixel, computed once in
+  float64 and rounded once, so no CPU's float rounding or fused multiply-add enters.
+
+:data:`PREPROCESS_VERSION` names this recipe in the manifest; an artifact measured with another
+recipe is refused (:func:`check_version`), since its recorded accuracy and check tensors no
+longer describe what this runtime feeds the model.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +24,18 @@ from typing import Any
 import cv2
 import numpy as np
 
-from lprnet_edge.runtime.errors import DataError
+from lprnet_edge.runtime.errors import ArtifactError, DataError
+
+# 1: INTER_LINEAR resize, float arithmetic (differs between x86 and aarch64).
+# 2: INTER_LINEAR_EXACT resize, float32 lookup table from uint8.
+PREPROCESS_VERSION = 2
+RESIZE = cv2.INTER_LINEAR_EXACT
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """LPRNet's input convention: BGR, resized to 94x24, ``(x - 127.5) * 0.0078125``, NCHW."""
+    """LPRNet's input convention: BGR, resized to 94x24, ``(x - 127.5) * 0.0078125``, NCHW
+    (bit-exact across CPUs: see the module docstring)."""
 
     width: int = 94
     height: int = 24
@@ -24,7 +44,7 @@ class Preprocess:
     color: str = "BGR"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "version": PREPROCESS_VERSION}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
@@ -39,12 +59,30 @@ class Preprocess:
         """Images -> one float32 Nx3xHxW tensor: resized one by one, normalised at once."""
         out = np.empty((len(images), self.height, self.width, 3), dtype=np.uint8)
         for i, image in enumerate(images):
-            image = check_image(image, value_range)
-            if image.shape[:2] != (self.height, self.width):
-                image = cv2.resize(image, (self.width, self.height))
-            out[i] = image
-        x = (out.astype(np.float32) - np.float32(self.mean)) * np.float32(self.scale)
+            out[i] = self.resize(check_image(image, value_range))
+        x = self.table()[out]
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """A uint8 BGR image at the model's size, by the bit-exact fixed-point resize."""
+        if image.shape[:2] == (self.height, self.width):
+            return image
+        return cv2.resize(image, (self.width, self.height), interpolation=RESIZE)
+
+    def table(self) -> np.ndarray:
+        """float32 value of each uint8 pixel: ``(v - mean) * scale`` in float64, rounded once."""
+        return ((np.arange(256, dtype=np.float64) - self.mean) * self.scale).astype(np.float32)
+
+
+def check_version(d: dict) -> None:
+    """Refuse a manifest's ``preprocess`` block written with another preprocessing recipe."""
+    version = d.get("version", 1)
+    if version != PREPROCESS_VERSION:
+        raise ArtifactError(
+            f"manifest: preprocess version {version!r}, this runtime preprocesses with version "
+            f"{PREPROCESS_VERSION} (bit-exact resize): the artifact's recorded accuracy and "
+            "device check were made with other input tensors; rebuild it with this "
+            "lprnet-edge (lprnet-edge build)")
 
 
 ValueRange = tuple[float, float]
@@ -118,8 +156,13 @@ def read_image(path: str | Path) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such image file")
-    data = np.fromfile(str(p), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    return decode_image(np.fromfile(str(p), dtype=np.uint8), str(p))
+
+
+def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
+    """Encoded image bytes (JPEG, PNG, ...) -> BGR uint8, as :func:`read_image` reads a file."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
+    image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if image is None:
-        raise DataError(f"{p}: not a readable image (corrupt or unsupported format)")
+        raise DataError(f"{what}: not a readable image (corrupt or unsupported format)")
     return image

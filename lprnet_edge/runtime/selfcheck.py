@@ -8,7 +8,8 @@ before it switches to a new deployment and refuses to switch past the tolerance.
 
 The file is written at package time by :func:`write_verify_set` (numpy only, so the pipeline
 and the device read and write one format) and listed in the manifest's ``files`` with its
-checksum, like ``model.so``. On the device::
+checksum, like ``model.so``. The artifact's raw check images (:mod:`lprnet_edge.runtime.imagecheck`)
+run in the same pass, from their bytes, under ``result["images"]``. On the device::
 
     python -m lprnet_edge.runtime.selfcheck --artifact DIR [--info] [--threads N]
 
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lprnet_edge.runtime.errors import ArtifactError
+from lprnet_edge.runtime.imagecheck import run_image_check
 
 VERIFY_FILE = "verify.npz"
 FORMAT = 1
@@ -159,6 +161,7 @@ def run_selfcheck(artifact: str | Path, num_threads: int | None = None) -> dict[
     seconds = time.perf_counter() - t0
     res = compare(outputs, vs["logits"], tol, m.charset.chars, m.charset.blank)
     res.update(seconds=round(seconds, 3), machine=platform.machine())
+    res["images"] = run_image_check(art, backend, tol)  # raw bytes -> text, stage by stage
     return res
 
 

@@ -357,3 +357,79 @@ def test_build_tunes_on_the_device_and_deploys(emulated_pi, pi_device, tmp_path,
     assert pi_device.current().rsplit("/", 1)[-1] == res["deployed"]["name"]
     left = pi_device.sh("ps -eo args | grep '[t]vm.exec.rpc_server' || true").stdout.strip()
     assert left == ""  # the server build started is stopped
+
+
+def calib_crops(dest: Path, n: int) -> Path:
+    """The first ``n`` calib/ plates (136x36 crops: the runtime resizes them) in a folder."""
+    from lprnet_edge.paths import data_subdir
+
+    dest.mkdir()
+    for p in sorted(data_subdir("calib").iterdir())[:n]:
+        shutil.copy(p, dest / p.name)
+    return dest
+
+
+def test_resized_crops_read_as_on_the_host(emulated_pi, deployed, tmp_path, weights_path,
+                                           cli_runner):
+    """The board reads what the host reads: the deploy's raw-image check found every tensor
+    bit-identical, and `remote eval --compare-host` on a folder of crops that need resizing
+    gives the host's text for every one (and `remote recognize --compare-host` for two)."""
+    check = deployed.checks.verification["images"]
+    assert check["status"] == "passed" and check["images"] >= 1
+    assert check["tensors_differ"] == 0 and check["texts_differ"] == 0
+    folder = calib_crops(tmp_path / "crops", 12)
+    args = ["--host", f"{emulated_pi.user}@{emulated_pi.host}:{emulated_pi.port}", "--key",
+            str(emulated_pi.key_path), "--known-hosts", str(emulated_pi.known_hosts_path)]
+    r = cli_runner("remote", "eval", "--data", str(folder), *args, "--compare-host",
+                   "--host-weights", str(weights_path), "--json")
+    assert r.exit_code == 0, r.output
+    agreement = json.loads(r.stdout)["compare_host"]
+    print(f"\ncalib crops, host vs emulated Pi: {agreement['differ']} of "
+          f"{agreement['images']} texts differ")
+    assert agreement["images"] == 12 and agreement["differ"] == 0, agreement
+    assert {x["name"] for x in agreement["reads"]} == {p.name for p in folder.iterdir()}
+    two = [str(p) for p in sorted(folder.iterdir())[:2]]
+    r = cli_runner("remote", "recognize", *two, *args, "--compare-host", "--host-weights",
+                   str(weights_path), "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert [x["source"] for x in doc["reads"]] == two
+    assert doc["compare_host"]["images"] == 2 and doc["compare_host"]["differ"] == 0
+
+
+def test_deploy_refuses_a_board_that_preprocesses_differently(pi_device, deployed,
+                                                               rpi4_artifact, tmp_path,
+                                                               weights_path, test_dir):
+    """The host's record of the check images made with OpenCV's default INTER_LINEAR resize
+    (whose rounding differs between x86 and aarch64): the board's tensors are not the host's,
+    so deploy refuses at stage 'preprocess' and the current deployment stays."""
+    import cv2
+    import numpy as np
+
+    from lprnet_edge.device.deploy import deploy
+    from lprnet_edge.model.reference import reference_recognizer
+    from lprnet_edge.pipeline.verify_images import image_check_set
+    from lprnet_edge.runtime.artifact import file_entries
+    from lprnet_edge.runtime.imagecheck import CHECK_FILE, read_image_check, write_image_check
+    from lprnet_edge.runtime.preprocess import Preprocess
+
+    class DefaultResize(Preprocess):
+        def resize(self, image: np.ndarray) -> np.ndarray:
+            return cv2.resize(image, (self.width, self.height))
+
+    art = tmp_path / "lprnet-rpi4-linear"
+    shutil.copytree(rpi4_artifact, art)
+    exact = read_image_check(art / CHECK_FILE)
+    ref = reference_recognizer(weights_path)
+    plates = list(zip(exact.names, exact.images, strict=True))
+    linear = image_check_set(plates, ref.backend, ref.charset, pre=DefaultResize())
+    assert all(a.tobytes() != b.tobytes() for a, b in zip(linear.tensors, exact.tensors,
+                                                          strict=True))
+    write_image_check(art, linear)
+    m = json.loads((art / "manifest.json").read_text())
+    m["files"].update(file_entries(art, [CHECK_FILE]))
+    (art / "manifest.json").write_text(json.dumps(m, ensure_ascii=False, indent=2))
+    with pytest.raises(ArtifactError, match=rf"failed at stage 'preprocess'.*{exact.names[0]}"
+                                            rf".*{deployed.name} stays current"):
+        deploy(pi_device, art)
+    check_current_works(pi_device, test_dir, deployed.name)

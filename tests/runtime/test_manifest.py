@@ -156,6 +156,8 @@ MALFORMED = [
     ("preprocess.scale", 0, "preprocess.scale must be a positive number"),
     ("preprocess.color", "RGB", "preprocess.color 'RGB'"),
     ("preprocess", [94, 24], "preprocess must be an object"),
+    ("preprocess.version", _DELETE, "preprocess version 1, this runtime .* rebuild it"),
+    ("preprocess.version", 3, "preprocess version 3, this runtime .* rebuild it"),
     ("charset.chars", "ABC", "charset.chars must be a non-empty list"),
     ("charset.chars", [1, 2], "charset.chars must be a non-empty list"),
     ("charset.blank", 999, "blank index 999 out of range"),

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from lprnet_edge.runtime.errors import DataError, LprnetEdgeError
-from lprnet_edge.runtime.preprocess import Preprocess, read_image
+from lprnet_edge.runtime.preprocess import PREPROCESS_VERSION, Preprocess, read_image
 
 
 def reference(image: np.ndarray) -> np.ndarray:
-    """sirius-ai LPRNet_Pytorch's transform (load_data.py), transcribed."""
+    """sirius-ai LPRNet_Pytorch's transform (load_data.py), transcribed, with OpenCV's bit-exact
+    linear resize in place of its default one (which rounds differently on x86 and aarch64)."""
     h, w, _ = image.shape
     if h != 24 or w != 94:
-        image = cv2.resize(image, (94, 24))
+        image = cv2.resize(image, (94, 24), interpolation=cv2.INTER_LINEAR_EXACT)
     x = image.astype("float32")
     x -= 127.5
     x *= 0.0078125
@@ -138,6 +139,19 @@ def test_custom_geometry_and_dict_round_trip():
     assert x.max() > 1.0  # mean 0 scale 1: raw pixel values
     assert Preprocess.from_dict(pre.to_dict()) == pre
     assert Preprocess.from_dict({"width": 94, "unknown": 1}) == Preprocess()
+
+
+def test_normalisation_table_is_the_float_formula():
+    """The uint8 -> float32 table gives what float32 arithmetic gives for the LPRNet constants
+    (both exact: 127.5 and 2**-7 are representable), and a correctly rounded value otherwise."""
+    v = np.arange(256, dtype=np.uint8)
+    got = Preprocess().table()[v]
+    np.testing.assert_array_equal(got, (v.astype(np.float32) - np.float32(127.5))
+                                  * np.float32(0.0078125))
+    odd = Preprocess(mean=100.3, scale=0.017)
+    want = np.array([np.float32((i - 100.3) * 0.017) for i in range(256)], dtype=np.float32)
+    np.testing.assert_array_equal(odd.table(), want)
+    assert Preprocess().to_dict()["version"] == PREPROCESS_VERSION
 
 
 def test_read_image_unicode_name_and_png(tmp_path):
