@@ -15,6 +15,7 @@ import click
 
 from lprnet_edge.cli.common import check_rpc, rpc_options
 from lprnet_edge.cli.device import print_comparison, print_profile, ssh_options_optional
+from lprnet_edge.cli.estimate import bench_estimate, estimate_options
 from lprnet_edge.runtime.errors import LprnetEdgeError
 
 # ---------------------------------------------------------------- library side
@@ -237,11 +238,12 @@ def tune_cmd(target: str, trials: int, trials_per_task: int | None, rpc: str | N
               help="PyTorch weights the baselines run (default: resolved like every command; "
                    "checked against the artifact's source weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@estimate_options
 @ssh_options_optional
 def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rpc_key: str | None,
               runs: int, warmup: int, threads: int | None, timeout: float, tunnel: bool,
               profile: bool, compare: bool | None, rounds: int, weights: str | None,
-              as_json: bool, **ssh: Any) -> None:
+              as_json: bool, estimate: bool, cpu: str | None, **ssh: Any) -> None:
     """Latency of an artifact at batch 1: here, or on a device through TVM RPC.
 
     Locally: the Recognizer with and without pre/post-processing, and TVM's time_evaluator
@@ -262,8 +264,14 @@ def bench_cmd(artifact: str | None, rpc: str | None, rpc_tracker: str | None, rp
       lprnet-edge bench --artifact build/lprnet-host --profile     # per-kernel table
       lprnet-edge bench --host pi@raspberrypi.local --profile      # ... on the board
       lprnet-edge bench --artifact build/lprnet-host --threads 1 --no-compare
+      lprnet-edge bench --artifact build/lprnet-rpi4 --estimate   # est. Cortex-A72 cycles
     """
     from lprnet_edge.cli.common import echo_json, format_latency
+
+    if estimate:  # counted under qemu, weighed with llvm-mca (lprnet_edge.cli.estimate)
+        explicit = click.get_current_context().get_parameter_source("runs")
+        return bench_estimate(artifact, cpu, runs if explicit.name != "DEFAULT" else 1,
+                              as_json, ssh)
 
     if ssh.get("host"):  # on a device over SSH (lprnet_edge.cli.device)
         from lprnet_edge.cli.device import bench_over_ssh, print_bench
