@@ -541,7 +541,20 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="Rewrite --out from the last run's info.json/results.json in --work.")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--jobs", type=int, default=3,
+                    help="--target rpi4|rpi5: qemu runs at a time for the estimates.")
     args = ap.parse_args()
+    if args.target in ("rpi4", "rpi5") and not args.child:
+        # A board's core without the board: estimated (cost instrument), benchmarks/arm_table.py
+        from arm_table import run as arm_run
+
+        from lprnet_edge.paths import cache_dir
+
+        work = Path(args.work) if args.work else cache_dir() / "bench-arm"
+        out = args.out if args.out != str(REPO / "docs" / "benchmarks.md") else \
+            str(REPO / "docs" / "benchmarks-arm.md")
+        print(arm_run(args.target, work, Path(out), args.jobs))
+        return
     if args.child:
         args.threads = int(args.threads)
         child(args)

@@ -95,25 +95,28 @@ class CostEstimate:
                 "kernels": [k.to_dict() for k in self.kernels], "caveats": self.caveats}
 
 
-def _runner_argv(python: str, src: tuple[str, str], runs: int, warmup: int) -> tuple[str, ...]:
-    return (python, "-m", "lprnet_edge.runtime.cost_runner", src[0], src[1],
-            "--runs", str(runs), "--warmup", str(warmup))
+def python_program(label: str, args: tuple[str, ...], cpu: CpuModel, runs: int = 1,
+                   lib: Path | None = None) -> Program:
+    """``python ARGS`` (e.g. ``-m lprnet_edge.runtime.cost_runner ...``) on this machine as a
+    guest of ``cpu``: aarch64 runs the rootfs's Python with the device venv, x86_64 this
+    interpreter; the package itself comes from this checkout."""
+    if cpu.arch == "x86_64":
+        return Program(label, (sys.executable, *args), "x86_64", runs,
+                       env=(("PYTHONPATH", str(PACKAGE_ROOT)),), lib=lib)
+    root = aarch64_rootfs()
+    lay_cpuinfo(root, cpu)
+    path = f"{PACKAGE_ROOT}:{guest_site_packages(root)}"
+    return Program(label, (str(root / GUEST_PYTHON.lstrip("/")), *args), "aarch64", runs,
+                   rootfs=root, env=(("PYTHONPATH", path),), lib=lib)
 
 
 def local_program(label: str, source: tuple[str, str], cpu: CpuModel, runs: int = 1,
                   warmup: int = 1, lib: Path | None = None) -> Program:
     """The cost runner on this machine: ``source`` is ``("--artifact", DIR)`` or
-    ``("--onnx", FILE)``. aarch64 runs the rootfs's Python with the device venv; x86_64 runs
-    this interpreter (each under the matching qemu)."""
-    src = (source[0], str(Path(source[1]).resolve()))
-    if cpu.arch == "x86_64":
-        return Program(label, _runner_argv(sys.executable, src, runs, warmup), "x86_64", runs,
-                       env=(("PYTHONPATH", str(PACKAGE_ROOT)),), lib=lib)
-    root = aarch64_rootfs()
-    lay_cpuinfo(root, cpu)
-    path = f"{PACKAGE_ROOT}:{guest_site_packages(root)}"
-    return Program(label, _runner_argv(str(root / GUEST_PYTHON.lstrip("/")), src, runs, warmup),
-                   "aarch64", runs, rootfs=root, env=(("PYTHONPATH", path),), lib=lib)
+    ``("--onnx", FILE)``."""
+    args = ("-m", "lprnet_edge.runtime.cost_runner", source[0], str(Path(source[1]).resolve()),
+            "--runs", str(runs), "--warmup", str(warmup))
+    return python_program(label, args, cpu, runs, lib)
 
 
 def artifact_program(artifact: str | Path, cpu: CpuModel, runs: int = 1,
