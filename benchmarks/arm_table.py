@@ -14,6 +14,7 @@ directory; the doc shows every target that has results.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -125,7 +126,12 @@ def estimate_target(target: str, work: Path, jobs: int) -> dict[str, Any]:
     peers, missing = peer_programs(cpu, work)
     progs.update(peers)
 
+    store = work / f"arm-{target}-rows.json"
+    known = json.loads(store.read_text()) if store.is_file() else {}
+
     def one(label: str) -> tuple[str, dict[str, Any] | str]:
+        if row_key(progs[label]) in known:
+            return label, known[row_key(progs[label])]
         t0 = time.time()
         try:
             est: CostEstimate = estimate_cycles(progs[label], cpu, kernels=label.startswith("TVM"))
@@ -137,6 +143,8 @@ def estimate_target(target: str, work: Path, jobs: int) -> dict[str, Any]:
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         done = dict(pool.map(one, progs))
+    known.update({row_key(progs[k]): v for k, v in done.items() if isinstance(v, dict)})
+    store.write_text(json.dumps(known))
     rows = {k: v for k, v in done.items() if isinstance(v, dict)}
     missing.update({k: v for k, v in done.items() if isinstance(v, str)})
     res = {"target": target, "cpu": cpu.to_dict(), "rows": rows, "missing": missing,
@@ -144,6 +152,17 @@ def estimate_target(target: str, work: Path, jobs: int) -> dict[str, Any]:
            "command": f"python benchmarks/run.py --target {target}"}
     (work / f"arm-{target}.json").write_text(json.dumps(res, indent=1))
     return res
+
+
+def row_key(prog: Program) -> str:
+    """A program's identity for reuse: its command and the files it loads (their hashes)."""
+    h = hashlib.sha256(" ".join(prog.argv[1:]).encode())
+    for a in prog.argv:
+        p = Path(a)
+        f = p / "manifest.json" if p.is_dir() else p
+        if f.is_file() and f.suffix in (".json", ".onnx", ".param"):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:24]
 
 
 def folded_flops() -> float:

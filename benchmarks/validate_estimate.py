@@ -4,7 +4,8 @@
 
 Builds host artifacts for an AVX2 core (qemu 7.2's TCG runs up to AVX2, not AVX-512): naive
 loops (no schedules), untuned (packaged default schedules), tuned (a small MetaSchedule run),
-NCHW, int8, channel-pruned, plus ONNX Runtime fp32. Each is estimated under ``qemu-x86_64``
+NCHW, int8, channel-pruned, plus ONNX Runtime fp32 on the exported and on the
+channel-folded graph. Each is estimated under ``qemu-x86_64``
 with the counting plugin and llvm-mca for this CPU's family, and timed natively at 1 thread
 in the same run (interleaved rounds, min and median). One global scale maps cycles to ms;
 the table gives each program's estimate/measured ratio after it and the Spearman rank
@@ -274,6 +275,10 @@ def programs_for(work: Path, only: list[str]) -> dict[str, tuple[str, str]]:
              if not only or n in only}
     if not only or "onnxruntime-fp32" in only:
         progs["onnxruntime-fp32"] = ("--onnx", str(onnx_file()))
+    if not only or "onnxruntime-fp32-folded" in only:
+        from arm_table import folded_onnx  # the channel-folded graph (benchmarks/arm_table.py)
+
+        progs["onnxruntime-fp32-folded"] = ("--onnx", str(folded_onnx(work)))
     return progs
 
 
