@@ -134,7 +134,8 @@ def estimate_target(target: str, work: Path, jobs: int) -> dict[str, Any]:
             return label, known[row_key(progs[label])]
         t0 = time.time()
         try:
-            est: CostEstimate = estimate_cycles(progs[label], cpu, kernels=label.startswith("TVM"))
+            est: CostEstimate = estimate_cycles(progs[label], cpu, kernels=label.startswith("TVM"),
+                                                timeout=4 * 3600)
         except Exception as e:  # noqa: BLE001  (a peer crashing under qemu is a row's note)
             log(f"{label}: failed: {e}")
             return label, f"failed: {str(e).splitlines()[0][:200]}"

@@ -23,6 +23,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ VARIANTS = {
     "channels": ["--prune", "channels"],
 }
 GOAL_RHO, GOAL_BAND = 0.9, 0.30
+TIMEOUT_S = 4 * 3600  # one qemu run on a loaded machine
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,8 @@ def estimate_all(programs: dict[str, tuple[str, str]], jobs: int, work: Path
         f = Path(path) / "manifest.json" if kind == "--artifact" else Path(path)
         return f"{name}:{cpu.mca_cpu}:{hashlib.sha256(f.read_bytes()).hexdigest()[:16]}"
 
+    lock = threading.Lock()
+
     def one(name: str) -> dict[str, float]:
         if key(name) in known:
             return known[key(name)]
@@ -154,17 +158,18 @@ def estimate_all(programs: dict[str, tuple[str, str]], jobs: int, work: Path
         t0 = time.time()
         prog = artifact_program(path, cpu) if kind == "--artifact" else \
             local_program(name, (kind, path), cpu)
-        est: CostEstimate = estimate_cycles(prog, cpu, kernels=False)
+        est: CostEstimate = estimate_cycles(prog, cpu, kernels=False, timeout=TIMEOUT_S)
         print(f"[estimate] {name}: {est.cycles / 1e6:.2f} M cycles, "
               f"{est.instructions / 1e6:.2f} M instructions ({time.time() - t0:.0f} s)",
               file=sys.stderr, flush=True)
-        return {"cycles": est.cycles, "instructions": est.instructions}
+        with lock:  # kept as each finishes: a failure later does not lose it
+            fresh = json.loads(store.read_text()) if store.is_file() else {}
+            fresh[key(name)] = {"cycles": est.cycles, "instructions": est.instructions}
+            store.write_text(json.dumps(fresh, indent=1))
+        return fresh[key(name)]
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        out = dict(zip(programs, pool.map(one, programs), strict=True))
-    known.update({key(n): v for n, v in out.items()})
-    store.write_text(json.dumps(known, indent=1))
-    return out
+        return dict(zip(programs, pool.map(one, programs), strict=True))
 
 
 def _runners(programs: dict[str, tuple[str, str]]) -> dict[str, Any]:
