@@ -543,6 +543,8 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--jobs", type=int, default=3,
                     help="--target rpi4|rpi5: qemu runs at a time for the estimates.")
+    ap.add_argument("--only-built", action="store_true",
+                    help="--target rpi4|rpi5: estimate only the variants already in --work.")
     args = ap.parse_args()
     if args.target in ("rpi4", "rpi5") and not args.child:
         # A board's core without the board: estimated (cost instrument), benchmarks/arm_table.py
@@ -553,7 +555,7 @@ def main() -> None:
         work = Path(args.work) if args.work else cache_dir() / "bench-arm"
         out = args.out if args.out != str(REPO / "docs" / "benchmarks.md") else \
             str(REPO / "docs" / "benchmarks-arm.md")
-        print(arm_run(args.target, work, Path(out), args.jobs))
+        print(arm_run(args.target, work, Path(out), args.jobs, build=not args.only_built))
         return
     if args.child:
         args.threads = int(args.threads)

@@ -251,7 +251,7 @@ def render(rows: list[Row], scale: float, rounds: int, per_round: int, cpu_name:
         f"Machine: {machine_note()}. The machine was shared with other jobs: the minimum is "
         "the figure compared; medians show the load.",
         "",
-        f"One global scale: {scale * 1e9:.3f} ms per million estimated cycles "
+        f"One global scale: {scale * 1e6:.3f} ms per million estimated cycles "
         f"(an effective {1 / (scale * 1e6):.2f} GHz).",
         "",
         "| program | M instructions | estimated M cycles (IPC) | estimated ms (scaled) "
@@ -268,7 +268,7 @@ def render(rows: list[Row], scale: float, rounds: int, per_round: int, cpu_name:
         f"**{worst * 100:.0f}%** off after the global scale (goal <= {GOAL_BAND * 100:.0f}%): "
         f"**{'met' if ok else 'not met'}**.",
         "",
-        f"What the estimate leaves out: {CAVEATS}.",
+        f"The model behind every estimate: {CAVEATS}.",
     ]
     return "\n".join(lines) + "\n"
 
