@@ -14,6 +14,7 @@ import click
 from lprnet_edge.cli.common import echo_json, table
 from lprnet_edge.compiler.cost.cpus import CPUS, TARGET_CPU, CpuModel, cpu_model
 from lprnet_edge.compiler.cost.estimate import CostEstimate, artifact_program, estimate_cycles
+from lprnet_edge.compiler.cost.plugin import find_tools
 from lprnet_edge.runtime.artifact import load_manifest
 from lprnet_edge.runtime.errors import LprnetEdgeError
 
@@ -61,6 +62,7 @@ def bench_estimate(artifact: str | None, cpu: str | None, runs: int, as_json: bo
         if load_manifest(artifact).target.arch != model.arch:
             raise LprnetEdgeError(f"{artifact} is not built for {model.arch} ({model.name}): "
                                   "build it with --target rpi4 or rpi5")
+        find_tools(model.arch)  # first: a missing qemu/plugin/llvm-mca says to run set-up
         est = estimate_cycles(artifact_program(artifact, model, runs=runs), model)
     else:
         raise click.UsageError("give --artifact (or --host to estimate the model deployed there)")
