@@ -26,8 +26,9 @@ class CpuModel:
                 "board": self.board}
 
 
-# LLVM 14 has no Cortex-A72 model of its own: -mcpu=cortex-a72 schedules with the Cortex-A57
-# model (same pipeline family); the A76 has its own.
+# LLVM 14 schedules the Cortex-A72 *and* the Cortex-A76 (and Neoverse N1) with its Cortex-A57
+# model: for the A76 only the code its features allow differs (qemu's -cpu cortex-a76 exposes
+# dot products), not the pipeline the blocks are weighed on (a newer LLVM has an N1 model).
 CPUS = {
     "cortex-a72": CpuModel("cortex-a72", "aarch64", "cortex-a72", "cortex-a72", (1.5, 1.8),
                            "Raspberry Pi 4"),
