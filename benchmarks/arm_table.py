@@ -226,8 +226,8 @@ def render_target(res: dict[str, Any]) -> list[str]:
               f"FLOP/cycle are {limit / 1e6:.1f} M cycles = "
               + ", ".join(f"{limit / (g * 1e6):.1f} ms at {g:g} GHz" for g in clocks)
               + " on one core. The FLOP/cycle column divides the folded model's FLOPs by each "
-              "program's cycles (ONNX Runtime on the unfolded graph computes about twice as "
-              "many FLOPs, so its column understates its kernels' rate)."]
+              "program's cycles: the same work for every row (a pruned model computes fewer, "
+              "ONNX Runtime on the unfolded graph about twice as many FLOPs)."]
     lines += _kernels(rows, clocks[0])
     return lines
 
