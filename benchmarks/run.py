@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = "lprnet-edge-report/benchmarks.md"  # a folder of the user's, not the checkout's docs/
 sys.path.insert(0, str(REPO))
 # The shared reference data beside the repository (weights, test/), unless told otherwise.
 os.environ.setdefault("LPRNET_EDGE_DATA", str(REPO.parent / "shared" / "lprnet"))
@@ -391,18 +392,37 @@ def parse_args() -> argparse.Namespace:
                          "logit-difference column).")
     ap.add_argument("--work", default=None,
                     help="Where exported/compiled variants go (default: $LPRNET_EDGE_CACHE/bench).")
-    ap.add_argument("--out", default="lprnet-edge-report/benchmarks.md",
+    ap.add_argument("--out", default=DEFAULT_OUT,
                     help="Markdown file to write (default: a folder of yours, never the "
                          "checkout's docs/ unless asked).")
     ap.add_argument("--rebuild", action="store_true", help="Rebuild the untuned module.")
     ap.add_argument("--report-only", action="store_true",
                     help="Rewrite --out from the last run's info.json/results.json in --work.")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--jobs", type=int, default=3,
+                    help="--target rpi4|rpi5: qemu runs at a time for the estimates.")
+    ap.add_argument("--only-built", action="store_true",
+                    help="--target rpi4|rpi5: estimate only the variants already in --work.")
     return ap.parse_args()
+
+
+def run_arm(args: argparse.Namespace) -> None:
+    """A board's core without the board: estimated by the cost instrument (arm_table.py)."""
+    from arm_table import run as arm_run
+
+    from lprnet_edge.paths import cache_dir
+
+    work = Path(args.work) if args.work else cache_dir() / "bench-arm"
+    out = (args.out if args.out != DEFAULT_OUT
+           else str(Path(DEFAULT_OUT).with_name("benchmarks-arm.md")))
+    print(arm_run(args.target, work, Path(out), args.jobs, build=not args.only_built))
 
 
 def main() -> None:
     args = parse_args()
+    if args.target in ("rpi4", "rpi5") and not args.child:
+        run_arm(args)
+        return
     if args.child:
         args.threads = int(args.threads)
         child(args)

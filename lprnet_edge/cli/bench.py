@@ -28,6 +28,7 @@ from lprnet_edge.cli.common import (
     ssh_options_optional,
 )
 from lprnet_edge.cli.device import bench_over_ssh, print_bench
+from lprnet_edge.cli.estimate import bench_estimate, estimate_options
 from lprnet_edge.compiler.session import open_session, time_artifact
 from lprnet_edge.device.remote import DeviceBench
 from lprnet_edge.model.weights import resolve_weights
@@ -240,7 +241,8 @@ def print_result(res: dict[str, Any], as_json: bool) -> None:
 
 @click.command("bench")
 @bench_options
-def bench_cmd(as_json: bool, **options: Any) -> None:
+@estimate_options
+def bench_cmd(as_json: bool, estimate: bool, cpu: str | None, **options: Any) -> None:
     """Latency of an artifact at batch 1: here, or on a device through TVM RPC.
 
     Locally: the Recognizer with and without pre/post-processing, and TVM's time_evaluator
@@ -263,8 +265,15 @@ def bench_cmd(as_json: bool, **options: Any) -> None:
       lprnet-edge bench --artifact build/lprnet-host --profile     # per-kernel table
       lprnet-edge bench --host pi@raspberrypi.local --profile      # ... on the board
       lprnet-edge bench --artifact build/lprnet-host --threads 1 --no-compare
+      lprnet-edge bench --artifact build/lprnet-rpi4 --estimate   # est. Cortex-A72 cycles
     """
     fields_ = set(BenchRequest.__dataclass_fields__)
+    if estimate:  # counted under qemu, weighed with llvm-mca (lprnet_edge.cli.estimate)
+        explicit = click.get_current_context().get_parameter_source("runs")
+        bench_estimate(options.get("artifact"), cpu,
+                       options["runs"] if explicit.name != "DEFAULT" else 1, as_json,
+                       {k: v for k, v in options.items() if k not in fields_})
+        return
     req = BenchRequest(**{k: v for k, v in options.items() if k in fields_},
                        ssh={k: v for k, v in options.items() if k not in fields_})
     check_request(req)

@@ -1,0 +1,269 @@
+"""The ARM table: estimated Cortex-A72 (rpi4) / Cortex-A76 (rpi5) time per plate, no board.
+
+    python benchmarks/run.py --target rpi4      # or rpi5; writes docs/benchmarks-arm.md
+
+Builds the TVM variants for the target (fp32 with the packaged default schedules, int8,
+``--prune channels``, channels + int8; a tuned row needs records tuned for the board, which
+only a board over RPC or an estimate-driven tuner can make),
+exports the aarch64 peers' inputs (ONNX Runtime fp32 on the exported graph and on the
+channel-folded graph; ncnn and LiteRT when the peer runner ``lprnet_edge.runtime.peers`` is
+installed), and estimates each at 1 thread with the cost instrument (qemu with
+``-cpu cortex-a72|cortex-a76`` + llvm-mca). Per target the results are kept in the work
+directory; the doc shows every target that has results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lprnet_edge.compiler.cost.cpus import TARGET_CPU, cpu_model  # noqa: E402
+from lprnet_edge.compiler.cost.estimate import (  # noqa: E402
+    CAVEATS,
+    CostEstimate,
+    Program,
+    artifact_program,
+    estimate_cycles,
+    local_program,
+    python_program,
+)
+
+# Peak FP32 FLOP per cycle of one core: the A72's measured 8 (two 64-bit FMA halves per
+# 128-bit op), the A76's two 128-bit FMA pipes (16, from its design; not measured here).
+PEAK_FLOP_PER_CYCLE = {"cortex-a72": 8, "cortex-a76": 16}
+# label -> (artifact name suffix, build flags)
+TVM_VARIANTS = {
+    "TVM fp32 (default schedules)": ("fp32", []),
+    "TVM int8": ("int8", ["--quantize", "int8"]),
+    "TVM --prune channels": ("channels", ["--prune", "channels"]),
+    "TVM channels + int8": ("channels-int8", ["--prune", "channels", "--quantize", "int8"]),
+}
+REFERENCE = "ONNX Runtime fp32"
+
+
+def log(msg: str) -> None:
+    print(f"[arm] {msg}", file=sys.stderr, flush=True)
+
+
+def build_variant(target: str, label: str, work: Path) -> Path:
+    """``lprnet-edge build --target T`` of one variant into ``work`` (reused when present)."""
+    slug, flags = TVM_VARIANTS[label]
+    out = work / f"{target}-{slug}"
+    if (out / "manifest.json").is_file():
+        return out
+    log(f"building {label} -> {out}")
+    with open(out.with_suffix(".log"), "w") as f:
+        r = subprocess.run([sys.executable, "-m", "lprnet_edge.cli.main", "build", "--target",
+                            target, "-o", str(out), "--force", *flags], stdout=f,
+                           stderr=subprocess.STDOUT, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    if r.returncode != 0:
+        raise SystemExit(f"building {label} for {target} failed: see {out.with_suffix('.log')}")
+    return out
+
+
+def folded_onnx(work: Path) -> Path:
+    """The channel-folded fp32 graph as ONNX: what any runtime could run after our fold."""
+    out = work / "lprnet-folded.onnx"
+    if out.is_file():
+        return out
+    import torch
+
+    from lprnet_edge.model.channel_fold import fold_all
+    from lprnet_edge.model.checkpoint import load_model
+    from lprnet_edge.model.weights import resolve_weights
+
+    folded, _ = fold_all(load_model(resolve_weights(None)))
+    tmp = out.with_suffix(".tmp")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(folded.eval(), (torch.zeros(1, 3, 24, 94),), str(tmp),
+                          input_names=["x"], output_names=["logits"], opset_version=17,
+                          dynamo=False)
+    tmp.replace(out)
+    return out
+
+
+def peer_programs(cpu: Any, work: Path) -> tuple[dict[str, Program], dict[str, str]]:
+    """The aarch64 peers as guest programs, and the peers left out with the reason."""
+    from lprnet_edge.model.onnx import export_onnx
+
+    progs = {REFERENCE: local_program("onnxruntime", ("--onnx", str(export_onnx().path)), cpu),
+             "ONNX Runtime fp32, folded graph":
+                 local_program("onnxruntime-folded", ("--onnx", str(folded_onnx(work))), cpu)}
+    missing = {}
+    if importlib.util.find_spec("lprnet_edge.runtime.peers") and \
+            importlib.util.find_spec("lprnet_edge.model.ncnn"):
+        from lprnet_edge.model.ncnn import export_ncnn  # the peers' converter (pnnx)
+
+        args = ("-m", "lprnet_edge.runtime.peers", "run", "--runtime", "ncnn", "--model",
+                str(export_ncnn().param), "--runs", "1", "--warmup", "1", "--threads", "1")
+        progs["ncnn fp32"] = python_program("ncnn", args, cpu)
+    else:
+        missing["ncnn fp32"] = "the peer runner (lprnet_edge.runtime.peers) is not in this tree"
+    missing["LiteRT fp32 (XNNPACK)"] = "no LiteRT conversion of LPRNet in this tree"
+    return progs, missing
+
+
+def estimate_target(target: str, work: Path, jobs: int, build: bool = True) -> dict[str, Any]:
+    """Build (unless ``build`` is false: then only what ``work`` has), estimate, and return
+    the rows of one target (kept in ``work``)."""
+    cpu = cpu_model(TARGET_CPU[target])
+    work.mkdir(parents=True, exist_ok=True)
+    progs, missing = {}, {}
+    for label, (slug, _flags) in TVM_VARIANTS.items():
+        if build or (work / f"{target}-{slug}" / "manifest.json").is_file():
+            progs[label] = artifact_program(build_variant(target, label, work), cpu)
+        else:
+            missing[label] = "not built in this run (--only-built)"
+    peers, peers_missing = peer_programs(cpu, work)
+    missing.update(peers_missing)
+    progs.update(peers)
+
+    store = work / f"arm-{target}-rows.json"
+    known = json.loads(store.read_text()) if store.is_file() else {}
+
+    def one(label: str) -> tuple[str, dict[str, Any] | str]:
+        if row_key(progs[label]) in known:
+            return label, known[row_key(progs[label])]
+        t0 = time.time()
+        try:
+            est: CostEstimate = estimate_cycles(progs[label], cpu, kernels=label.startswith("TVM"),
+                                                timeout=4 * 3600)
+        except Exception as e:  # noqa: BLE001  (a peer crashing under qemu is a row's note)
+            log(f"{label}: failed: {e}")
+            return label, f"failed: {str(e).splitlines()[0][:200]}"
+        log(f"{label}: {est.cycles / 1e6:.1f} M cycles ({time.time() - t0:.0f} s)")
+        return label, est.to_dict()
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        done = dict(pool.map(one, progs))
+    known.update({row_key(progs[k]): v for k, v in done.items() if isinstance(v, dict)})
+    store.write_text(json.dumps(known))
+    rows = {k: v for k, v in done.items() if isinstance(v, dict)}
+    missing.update({k: v for k, v in done.items() if isinstance(v, str)})
+    command = f"python benchmarks/run.py --target {target}" + ("" if build else " --only-built")
+    res = {"target": target, "cpu": cpu.to_dict(), "rows": rows, "missing": missing,
+           "flops_folded": folded_flops(), "date": time.strftime("%Y-%m-%d"),
+           "command": command}
+    (work / f"arm-{target}.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def row_key(prog: Program) -> str:
+    """A program's identity for reuse: its command and the files it loads (their hashes)."""
+    h = hashlib.sha256(" ".join(prog.argv[1:]).encode())
+    for a in prog.argv:
+        p = Path(a)
+        f = p / "manifest.json" if p.is_dir() else p
+        if f.is_file() and f.suffix in (".json", ".onnx", ".param"):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def folded_flops() -> float:
+    """FLOPs per plate of the channel-folded model (what the fp32 kernels must compute)."""
+    from lprnet_edge.model.channel_fold import fold_all
+    from lprnet_edge.model.checkpoint import load_model
+    from lprnet_edge.model.flops import summary
+    from lprnet_edge.model.weights import resolve_weights
+
+    folded, _ = fold_all(load_model(resolve_weights(None)))
+    s = summary(folded)
+    return float(s.get("flops") or s.get("total_flops") or 2 * s["macs"])
+
+
+def _fmt_row(label: str, r: dict[str, Any], ref: dict[str, Any] | None, clocks: list[float],
+             flops: float) -> str:
+    ms = [r["cycles"] / (g * 1e6) for g in clocks]
+    vs = f"{ref['cycles'] / r['cycles']:.2f}x" if ref else "-"
+    per_cycle = flops / r["cycles"]
+    return (f"| {label} | {r['instructions'] / 1e6:.1f} | {r['cycles'] / 1e6:.1f} | "
+            f"{r['ipc']:.2f} | " + " | ".join(f"{m:.1f}" for m in ms) +
+            f" | {vs} | {per_cycle:.2f} |")
+
+
+def render_target(res: dict[str, Any]) -> list[str]:
+    """One target's section: the table, the fastest TVM variant's kernels, the limit."""
+    cpu, rows = res["cpu"], res["rows"]
+    clocks = cpu["clocks_ghz"]
+    flops = res["flops_folded"]
+    peak = PEAK_FLOP_PER_CYCLE[cpu["name"]]
+    ref = rows.get(REFERENCE, {})
+    ref = {"cycles": ref["estimated_cycles"]} if ref else None
+    head = " | ".join(f"est. ms @{g:g} GHz" for g in clocks)
+    lines = [f"## {res['target']}: one {cpu['name']} core ({cpu['board']}), 1 thread", "",
+             f"`{res['command']}` ({res['date']}). Estimated, not measured: qemu "
+             f"`-cpu {cpu['qemu_cpu']}` counts, llvm-mca `-mcpu={cpu['mca_cpu']}` weighs."
+             + (" LLVM 14 weighs the A76 with its Cortex-A57 model: these figures differ from "
+                "rpi4's by the code the A76's features allow (dot products), not by its "
+                "wider pipeline, so they overstate its cycles." if cpu["name"] == "cortex-a76"
+                else ""), "",
+             f"| program | M instructions | est. M cycles | IPC | {head} | speed-up vs "
+             f"{REFERENCE} | folded FLOP / est. cycle |",
+             "|---|---:|---:|---:|" + "---:|" * len(clocks) + "---:|---:|"]
+    for label, r in rows.items():
+        lines.append(_fmt_row(label, {"cycles": r["estimated_cycles"],
+                                      "instructions": r["instructions"], "ipc": r["ipc"]},
+                              ref, clocks, flops))
+    for label, why in res["missing"].items():
+        lines.append(f"| {label} | - | - | - | " + " | ".join("-" for _ in clocks)
+                     + f" | - | {why} |")
+    limit = flops / peak
+    lines += ["", f"Physical limit: the folded model's {flops / 1e6:.0f} MFLOP at {peak} FP32 "
+              f"FLOP/cycle are {limit / 1e6:.1f} M cycles = "
+              + ", ".join(f"{limit / (g * 1e6):.1f} ms at {g:g} GHz" for g in clocks)
+              + " on one core. The FLOP/cycle column divides the folded model's FLOPs by each "
+              "program's cycles: the same work for every row (a pruned model computes fewer, "
+              "ONNX Runtime on the unfolded graph about twice as many FLOPs)."]
+    lines += _kernels(rows, clocks[0])
+    return lines
+
+
+def _kernels(rows: dict[str, Any], ghz: float, n: int = 12) -> list[str]:
+    tvm = {k: v for k, v in rows.items() if k.startswith("TVM")}
+    if not tvm:
+        return []
+    best = min(tvm, key=lambda k: tvm[k]["estimated_cycles"])
+    out = ["", f"Kernel profile of the fastest, {best} (estimated):", "",
+           f"| kernel | M instructions | est. M cycles | share | est. ms @{ghz:g} GHz |",
+           "|---|---:|---:|---:|---:|"]
+    for k in tvm[best]["kernels"][:n]:
+        out.append(f"| {k['name']} | {k['instructions'] / 1e6:.2f} | {k['cycles'] / 1e6:.2f} "
+                   f"| {k['share'] * 100:.1f}% | {k['cycles'] / (ghz * 1e6):.2f} |")
+    return out
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    cmds = " and ".join(f"`{r['command']}`" for r in results)
+    lines = ["# LPRNet on a Raspberry Pi's core, estimated (no board)", "",
+             f"Generated by {cmds}. Do not edit by hand. Every figure here is an "
+             "**estimate** from the cost instrument (`lprnet-edge bench --estimate`), "
+             "validated on x86 in docs/arm-estimates.md.", "",
+             f"The model behind every estimate: {CAVEATS}. A tuned TVM row needs records tuned "
+             "for the board (a board over RPC, or a tuner driven by this estimate).", ""]
+    for res in results:
+        lines += render_target(res) + [""]
+    return "\n".join(lines)
+
+
+def run(target: str, work: Path, out: Path, jobs: int = 3, build: bool = True) -> str:
+    """``benchmarks/run.py --target rpi4|rpi5``: estimate the target, rewrite the doc."""
+    estimate_target(target, work, jobs, build)
+    results = [json.loads((work / f"arm-{t}.json").read_text()) for t in TARGET_CPU
+               if (work / f"arm-{t}.json").is_file()]
+    text = render(results)
+    out.write_text(text)
+    return text
