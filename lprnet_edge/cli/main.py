@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from lprnet_edge.cli import build, device, inference, report, tune
+from lprnet_edge.cli import build, device, finetune, inference, report, tune
 from lprnet_edge.runtime import __version__
 from lprnet_edge.runtime.errors import LprnetEdgeError
 
@@ -41,7 +41,7 @@ def cli() -> None:
 
 
 
-for _module in (inference, build, tune, device, report):
+for _module in (inference, finetune, build, tune, device, report):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 
