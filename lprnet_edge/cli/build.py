@@ -212,6 +212,14 @@ check_options = grouped(
 # ---------------------------------------------------------------- build
 
 
+def _finetune_config(data: str | None, test_dir: str | None) -> Any:
+    if data is None:
+        return None
+    from lprnet_edge.model.finetune import FinetuneConfig
+
+    return FinetuneConfig(data=Path(data), test_dir=Path(test_dir) if test_dir else None)
+
+
 @click.command("build")
 @click.option("--target", "target_name", default=DEFAULT_TARGET, show_default=True,
               help="Target name (`lprnet-edge targets list`).")
@@ -232,6 +240,9 @@ check_options = grouped(
 @threads_option("Runtime threads recorded in the artifact (default: the target's cores).")
 @click.option("--opt-level", type=click.IntRange(0, 3), default=3, show_default=True,
               help="TVM optimisation level.")
+@click.option("--finetune", "finetune_data", type=click.Path(exists=True),
+              help="Fine-tune on these labelled plates first (folder or file,text CSV; 0.2 "
+                   "held out): every later stage uses the fine-tuned model and that split.")
 @compression_options
 @tuning_options
 @check_options
@@ -241,7 +252,7 @@ check_options = grouped(
 def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
               weights: str | None, out: str | None, cc: str | None, force: bool, bundle: bool,
               frontend: str, layout: str, threads: int | None, opt_level: int,
-              compression: CompressionArgs,
+              finetune_data: str | None, compression: CompressionArgs,
               tuning: TuningArgs, checks: CheckArgs, as_json: bool, **ssh: Any) -> None:
     """Compile LPRNet into a verified artifact for a target (cross-compiling for devices).
 
@@ -295,6 +306,7 @@ def build_cmd(ctx: click.Context, target_name: str, target_file: str | None,
         search_channels=tuple(compression.search_channels),
         optimize=compression.optimize or "size",
         latency_rpc=tuning.rpc if compression.latency_search else None,
+        finetune=_finetune_config(finetune_data, checks.test_dir),
     )
     with contextlib.ExitStack() as device_ctx:
         dev = device_ctx.enter_context(device_from(ssh)) if ssh.get("host") else None

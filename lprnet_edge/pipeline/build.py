@@ -91,6 +91,7 @@ class ModelArtifact:
     reports: dict[str, Any] = field(default_factory=dict)
     param_encodings: dict[str, str] | None = None  # state-dict or compiled names -> encoding
     verify_tolerance: float | None = None  # overrides CompileConfig.verify_tolerance
+    calib: Any = None  # a fine-tuning's data, its validation split fixed in it
 
 
 @dataclass
@@ -175,6 +176,7 @@ class BuildOptions:
     optimize: str = "size"  # the search's winner: "size" (smallest) or "latency" (fastest)
     latency_rpc: str | None = None  # "HOST:PORT": time the search's candidates there
     name: str | None = None  # artifact name (default: the output directory's name)
+    finetune: Any = None  # a model.finetune.FinetuneConfig: fine-tune first
 
 
 @dataclass
@@ -235,10 +237,14 @@ def load_stage(weights: str | Path | None = None, charset: str | Charset = "chin
                          weights_sha256=sha256_file(path), charset=cs)
 
 
-def _calibration_set(calib_dir: Path | None, charset: Charset) -> Any:
+def _calibration_set(calib_dir: Path | None, art: ModelArtifact) -> Any:
+    """The fine-tuning's data when the model was fine-tuned (its split is the one every later
+    stage uses), else calib/."""
     from lprnet_edge.model.calib import CalibrationSet
 
-    return CalibrationSet.load(calib_dir, charset=charset)
+    if art.calib is not None:
+        return art.calib
+    return CalibrationSet.load(calib_dir, charset=art.charset)
 
 
 def prune_stage(art: ModelArtifact, cfg: PruneConfig, calib_dir: Path | None = None
@@ -246,7 +252,7 @@ def prune_stage(art: ModelArtifact, cfg: PruneConfig, calib_dir: Path | None = N
     """``compress(model, cfg, calib) -> PrunedModel`` (calib: the ``calib/`` images)."""
     from lprnet_edge.compress.api import PrunedModel, compress
 
-    calib = _calibration_set(calib_dir, art.charset)
+    calib = _calibration_set(calib_dir, art)
     res = compress(art.model, cfg, calib)
     if not isinstance(res, PrunedModel):
         raise LprnetEdgeError(f"{type(cfg).__name__} is not a pruning config")
@@ -270,7 +276,7 @@ def quantize_stage(art: ModelArtifact, cfg: QuantizeConfig, calib_dir: Path | No
     gets compiled; its ``module`` is the PyTorch reference."""
     from lprnet_edge.compress.quantize import quantize
 
-    train, _val = guard_split(_calibration_set(calib_dir, art.charset))
+    train, _val = guard_split(_calibration_set(calib_dir, art))
     res = quantize(art.model, cfg, train)
     art.model = res
     art.reference = res.module
@@ -301,7 +307,7 @@ def guard_stage(art: ModelArtifact, calib_dir: Path | None = None,
     so a bad setting costs seconds, not a build."""
     from lprnet_edge.model.calib import decode_batch, predict_logits
 
-    _train, val = guard_split(_calibration_set(calib_dir, art.charset))
+    _train, val = guard_split(_calibration_set(calib_dir, art))
     explicit = max_drop_points is not None
     budget = float(max_drop_points) if explicit else DEFAULT_MAX_ACCURACY_DROP
     with torch_one_thread():
@@ -313,7 +319,9 @@ def guard_stage(art: ModelArtifact, calib_dir: Path | None = None,
     pairs = list(zip(ok_orig, ok_new, strict=True))
     orig, new = sum(ok_orig) / n, sum(ok_new) / n
     drop = 100 * (orig - new)
-    res = {"split": {"fraction": GUARD_VAL_FRACTION, "seed": GUARD_SEED, "images": n},
+    split = ({"fraction": GUARD_VAL_FRACTION, "seed": GUARD_SEED} if art.calib is None
+             else {"source": "the fine-tuning's validation split"})
+    res = {"split": {**split, "images": n},
            "original": orig, "compressed": new, "drop_points": drop, "budget_points": budget,
            "budget_source": "--max-accuracy-drop" if explicit else "default",
            "ok": drop <= budget + 1e-9,
@@ -725,8 +733,9 @@ def make_manifest(name: str, art: ModelArtifact, compiled: CompiledModule,
     """The typed manifest of the staged artifact (files checksummed as they are now)."""
     root = compiled.root
     sizes = {n: (root / n).stat().st_size for n in compiled.files}
-    stages = {"prune": art.stages.get("prune"), "quantize": art.stages.get("quantize"),
-              "tune": art.stages.get("tune"), "compile": config.to_dict()}
+    stages = {"finetune": art.stages.get("finetune"), "prune": art.stages.get("prune"),
+              "quantize": art.stages.get("quantize"), "tune": art.stages.get("tune"),
+              "compile": config.to_dict()}
     reports = dict(art.reports)
     if tune_summary is not None:
         reports["tune"] = tune_summary
@@ -774,7 +783,7 @@ def guarded(opts: BuildOptions) -> bool:
 
 
 def plan(opts: BuildOptions, prune: Any = None, quantize: Any = None) -> list[str]:
-    names = ["load"]
+    names = ["load"] + (["finetune"] if opts.finetune else [])
     if searching(opts):
         names.append("select")
     if opts.prune or prune:
@@ -824,6 +833,11 @@ def _build_artifact(opts: BuildOptions, log: Log, guard: InterruptGuard) -> Buil
     with stages.stage("load") as note:
         art = load_stage(opts.weights, opts.charset)
         note["result"] = f"{art.weights.name} (sha256 {art.weights_sha256[:12]}...)"
+    if opts.finetune:
+        with stages.stage("finetune", f"on {opts.finetune.data}") as note:
+            from lprnet_edge.pipeline.finetune import finetune_stage
+
+            note["result"] = finetune_stage(art, opts.finetune, log)
     prune_cfg, quant_cfg, chosen_model = opts.prune, opts.quantize, None
     if searching(opts):
         with stages.stage("select", f"within {opts.max_accuracy_drop:g} pt on a calib/ "
@@ -919,7 +933,7 @@ def select_stage(art: ModelArtifact, opts: BuildOptions, log: Log
     from lprnet_edge.compress.api import PrunedModel
     from lprnet_edge.compress.prune import folded_encodings
 
-    calib = _calibration_set(opts.calib_dir, art.charset)
+    calib = _calibration_set(opts.calib_dir, art)
     latency = None
     if opts.optimize == "latency":
         def latency(cands: list[Any]) -> dict[str, Any]:
