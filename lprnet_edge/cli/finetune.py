@@ -23,8 +23,8 @@ from lprnet_edge.cli.common import echo_json, json_option, table, weights_option
 @click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=0.2, show_default=True,
               help="Fraction of --data held out for validation (by file, seeded).")
-@click.option("--epochs", type=click.IntRange(min=1), default=60, show_default=True)
-@click.option("--patience", type=click.IntRange(min=1), default=15, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
               help="Stop after this many epochs without a better validation accuracy.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,

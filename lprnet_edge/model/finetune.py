@@ -21,6 +21,7 @@ Made for a few hundred crops:
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -63,8 +64,8 @@ class FinetuneConfig:
     data: Path
     val: Path | None = None
     val_split: float = 0.2
-    epochs: int = 60
-    patience: int = 15  # early stopping: epochs without a better validation accuracy
+    epochs: int = 30
+    patience: int = 10  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adam"
     lr: float = 0.01
@@ -165,7 +166,8 @@ def checkpoint_writer(path: str | Path, base_sha256: str) -> OnBest:
     return write
 
 
-def write_record(result: FinetuneResult, weights: str | Path, base: str | Path) -> Path:
+def write_record(result: FinetuneResult, weights: str | Path, base: str | Path,
+                 machine: dict[str, Any] | None = None) -> Path:
     """The JSON record beside ``weights``: data hash, split, settings, accuracy before and
     after (validation split and test/), and the pretrained weights it started from."""
     path = record_path(weights)
@@ -173,7 +175,7 @@ def write_record(result: FinetuneResult, weights: str | Path, base: str | Path) 
                              "weights_sha256": sha256_file(weights),
                              "base_weights": {"file": Path(base).name,
                                               "sha256": sha256_file(base)},
-                             **result.to_dict()})
+                             **result.to_dict(), "machine": machine})
     return path
 
 
@@ -336,8 +338,19 @@ def run_finetune(model: nn.Module, cfg: FinetuneConfig, base: str | Path, out: s
         + f": {len(train)} to train, {len(val)} to validate")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    load_start = _load_average()
     result = finetune(model, cfg, data, progress,
                       on_best=checkpoint_writer(out, sha256_file(base)))
     if result.stopped == "interrupted":
         say(f"interrupted: {out} holds the best epoch so far ({result.best_epoch})")
-    return result, write_record(result, out, base)
+    machine = {"cpus": os.cpu_count(), "load_average_start": load_start,
+               "load_average_end": _load_average()}
+    return result, write_record(result, out, base, machine)
+
+
+def _load_average() -> list[float] | None:
+    """The 1/5/15-minute load: training time on a shared machine means little without it."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
