@@ -16,7 +16,8 @@ from lprnet_edge.pipeline.build import BuildOptions, guard_stage, load_stage, pl
 torch = pytest.importorskip("torch")
 
 from lprnet_edge.model.calib import accuracy  # noqa: E402
-from lprnet_edge.model.finetune import FinetuneConfig  # noqa: E402
+from lprnet_edge.model.checkpoint import load_model  # noqa: E402
+from lprnet_edge.model.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from lprnet_edge.pipeline.finetune import finetune_stage  # noqa: E402
 
 
@@ -54,6 +55,20 @@ def test_later_stages_use_the_fine_tuned_model_and_its_split(weights_path: Path,
     g = guard_stage(art, None, max_drop_points=100.0)
     assert g["split"] == {"source": "the fine-tuning's validation split", "images": 4}
     assert g["original"] == pytest.approx(accuracy(art.original, val))
+
+
+def test_weights_fine_tuned_on_the_same_data_are_not_trained_again(
+        weights_path: Path, plates: Path, small_test: Path, tmp_path: Path):
+    cfg = _cfg(plates, small_test)
+    mine = tmp_path / "mine.pth"
+    run_finetune(load_model(weights_path), cfg, weights_path, mine, progress=None)
+    art = load_stage(mine)
+    result = finetune_stage(art, cfg, log=lambda _m: None)
+    assert "not trained again" in result and art.stages["finetune"]["reused"] == "mine.json"
+    assert art.model is art.original and len(art.calib.split()[1]) == 4
+    other = load_stage(mine)  # another split of the same files: a new fine-tuning
+    finetune_stage(other, FinetuneConfig(**{**cfg.__dict__, "seed": 1}), log=lambda _m: None)
+    assert "reused" not in other.stages["finetune"]
 
 
 @pytest.mark.slow
