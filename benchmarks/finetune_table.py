@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     t = record.get("machine") or {}
     print(f"\nTraining: {record['seconds']:.0f} s on {record['threads']} threads, best epoch "
           f"{record['best_epoch']} ({record['stopped']})"
-          + (f", load average {t['load_average_start']} at the start and "
-             f"{t['load_average_end']} at the end" if t else "") + ".")
+          + (f", {t['cpu_seconds']:.0f} CPU-seconds, load average {t['load_average_start']} "
+             f"at the start and {t['load_average_end']} at the end" if t else "") + ".")
 
 
 if __name__ == "__main__":

@@ -338,13 +338,15 @@ def run_finetune(model: nn.Module, cfg: FinetuneConfig, base: str | Path, out: s
         + f": {len(train)} to train, {len(val)} to validate")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    load_start = _load_average()
+    load_start, cpu_start = _load_average(), time.process_time()
     result = finetune(model, cfg, data, progress,
                       on_best=checkpoint_writer(out, sha256_file(base)))
     if result.stopped == "interrupted":
         say(f"interrupted: {out} holds the best epoch so far ({result.best_epoch})")
+    # CPU seconds of this process: on a shared machine, the figure the load does not inflate.
     machine = {"cpus": os.cpu_count(), "load_average_start": load_start,
-               "load_average_end": _load_average()}
+               "load_average_end": _load_average(),
+               "cpu_seconds": round(time.process_time() - cpu_start, 1)}
     return result, write_record(result, out, base, machine)
 
 
