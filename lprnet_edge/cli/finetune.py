@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from lprnet_edge.cli.common import echo_json, json_option, table, weights_option
+from lprnet_edge.pipeline.interrupt import InterruptGuard
 
 
 @click.command("finetune")
@@ -42,7 +43,7 @@ def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int, pati
 
     The best epoch by exact-plate accuracy on the validation split is kept and written to
     OUT as soon as it is found: Ctrl-C leaves the best weights so far. Use OUT anywhere the
-    toolchain takes --weights.
+    toolchain takes --weights. SIGTERM stops it the same way.
     """
     from lprnet_edge.model.checkpoint import load_model
     from lprnet_edge.model.finetune import FinetuneConfig, run_finetune
@@ -52,7 +53,11 @@ def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int, pati
                          epochs=epochs, patience=patience, seed=seed, threads=threads,
                          test_dir=Path(test_dir) if test_dir else None)
     base = resolve_weights(weights)
-    result, record = run_finetune(load_model(base), cfg, base, Path(out), log=_log)
+    # SIGTERM (a job scheduler, `kill`) stops like Ctrl-C, and Ctrl-C works even where the
+    # shell started the command with SIGINT ignored (a background job): the best epoch so
+    # far is on disk, and the record is written.
+    with InterruptGuard().installed():
+        result, record = run_finetune(load_model(base), cfg, base, Path(out), log=_log)
     if as_json:
         echo_json(result.to_dict())
         return
