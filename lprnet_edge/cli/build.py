@@ -33,6 +33,7 @@ from lprnet_edge.device.tunnel import device_rpc
 
 if TYPE_CHECKING:  # the pipeline imports torch: loaded by the build command only (see there)
     from lprnet_edge.compress.select import Selection
+    from lprnet_edge.model.finetune import FinetuneConfig
     from lprnet_edge.pipeline.build import BuildOptions, BuildResult
 
 DEFAULT_TARGET = "rpi4"
@@ -196,6 +197,16 @@ class CheckArgs:
     tolerance: float | None
     eval_test: bool
     test_dir: str | None
+    finetune_data: str | None
+
+    def finetune_config(self) -> FinetuneConfig | None:
+        """``--finetune DIR``: fine-tuning on the user's plates, test/ evaluated only."""
+        if self.finetune_data is None:
+            return None
+        from lprnet_edge.model.finetune import FinetuneConfig  # torch: see TYPE_CHECKING
+
+        return FinetuneConfig(data=Path(self.finetune_data),
+                              test_dir=Path(self.test_dir) if self.test_dir else None)
 
 
 compression_options = grouped(
@@ -253,6 +264,9 @@ check_options = grouped(
                  help="Measure test/ accuracy (host builds) and record it in the manifest."),
     click.option("--test-dir", type=click.Path(exists=True, file_okay=False),
                  help="Test images for --eval-test.  [default: $LPRNET_EDGE_DATA/test]"),
+    click.option("--finetune", "finetune_data", type=click.Path(exists=True),
+                 help="Fine-tune on these labelled plates first (folder or file,text CSV; 0.2 "
+                      "held out): every later stage uses the fine-tuned model and that split."),
 )
 
 
@@ -389,6 +403,7 @@ def build_options(spec: TargetSpec, weights: str | None, target: TargetArgs,
         search_channels=tuple(compression.search_channels),
         optimize=compression.optimize or "size",
         latency_rpc=tuning.rpc if compression.latency_search else None,
+        finetune=checks.finetune_config(),
     )
 
 

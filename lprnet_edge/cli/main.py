@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from lprnet_edge.cli import bench, build, device, inference, report, targets, tune
+from lprnet_edge.cli import bench, build, device, finetune, inference, report, targets, tune
 from lprnet_edge.runtime import __version__
 from lprnet_edge.runtime.errors import LprnetEdgeError
 
@@ -41,7 +41,7 @@ def cli() -> None:
 
 
 
-for _module in (inference, build, targets, tune, bench, device, report):
+for _module in (inference, finetune, build, targets, tune, bench, device, report):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

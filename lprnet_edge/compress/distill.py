@@ -19,19 +19,25 @@
 from __future__ import annotations
 
 import copy
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, TextIO
+from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lprnet_edge.model.augment import augment_image
 from lprnet_edge.model.calib import CalibrationSet, accuracy, forward_per_sample
+from lprnet_edge.model.training import (  # noqa: F401  (EpochRecord: part of this API)
+    EpochRecord,
+    Progress,
+    ProgressBar,
+    ctc_loss,
+    ctc_targets,
+    freeze_bn,
+)
 from lprnet_edge.runtime.charset import load_charset
 from lprnet_edge.runtime.preprocess import Preprocess
 
@@ -56,22 +62,6 @@ class DistillConfig:
         return asdict(self)
 
 
-def augment_image(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Small random affine + brightness/contrast jitter + occasional blur of a BGR crop."""
-    h, w = img.shape[:2]
-    angle = rng.uniform(-3.0, 3.0)
-    scale = rng.uniform(0.95, 1.05)
-    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
-    m[:, 2] += (rng.uniform(-0.03, 0.03) * w, rng.uniform(-0.06, 0.06) * h)
-    out = cv2.warpAffine(img, m, (w, h), borderMode=cv2.BORDER_REPLICATE)
-    alpha = rng.uniform(0.8, 1.2)
-    beta = rng.uniform(-20, 20)
-    out = np.clip(out.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
-    if rng.random() < 0.3:
-        out = cv2.GaussianBlur(out, (3, 3), rng.uniform(0.3, 1.0))
-    return out
-
-
 def _batch_x(data: CalibrationSet, idx: np.ndarray, rng: np.random.Generator | None
              ) -> torch.Tensor:
     if rng is None or data.raw is None:
@@ -81,10 +71,7 @@ def _batch_x(data: CalibrationSet, idx: np.ndarray, rng: np.random.Generator | N
 
 
 def _targets(data: CalibrationSet, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    cs = load_charset()
-    seqs = [cs.encode(data.labels[i]) for i in idx]
-    return (torch.tensor([c for s in seqs for c in s], dtype=torch.long),
-            torch.tensor([len(s) for s in seqs], dtype=torch.long))
+    return ctc_targets([data.labels[i] for i in idx], load_charset())
 
 
 def distill_loss(s: torch.Tensor, t: torch.Tensor, cfg: DistillConfig,
@@ -100,98 +87,9 @@ def distill_loss(s: torch.Tensor, t: torch.Tensor, cfg: DistillConfig,
     if cfg.mse_weight:
         parts["mse"] = cfg.mse_weight * F.mse_loss(s, t)
     if cfg.ctc_weight and targets is not None:
-        lp = F.log_softmax(s, dim=1).permute(2, 0, 1)  # (T, N, C)
-        n, steps = s.shape[0], s.shape[2]
-        parts["ctc"] = cfg.ctc_weight * F.ctc_loss(
-            lp, targets[0], torch.full((n,), steps, dtype=torch.long), targets[1],
-            blank=blank, reduction="mean", zero_infinity=True)
+        parts["ctc"] = cfg.ctc_weight * ctc_loss(s, targets, blank)
     total = sum(parts.values())
     return total, {k: float(v.detach()) for k, v in parts.items()}
-
-
-def freeze_bn(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-
-@dataclass
-class EpochRecord:
-    """One epoch of distillation, as the progress display and the history keep it."""
-
-    epoch: int
-    epochs: int
-    steps: int
-    loss: float | None
-    elapsed_s: float
-    val_accuracy: float | None = None
-    best_val_accuracy: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        parts = [f"epoch {self.epoch}/{self.epochs}"]
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4f}")
-        if self.val_accuracy is not None:
-            parts.append(f"val acc {self.val_accuracy:.3f} (best {self.best_val_accuracy:.3f})")
-        parts.append(f"{self.elapsed_s:.0f}s")
-        return ", ".join(parts)
-
-
-class ProgressBar:
-    """``distill [#######-----] 58% 70/120 steps, epoch 5/8, loss 0.4123, val acc 0.536``.
-
-    Redrawn in place after every step on a terminal; elsewhere (CI, a log file) one line per
-    epoch, so a log does not fill with carriage returns.
-    """
-
-    def __init__(self, stream: TextIO | None = None, width: int = 24, label: str = "distill"
-                 ) -> None:
-        self.stream = stream or sys.stderr
-        self.width = width
-        self.label = label
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.last: EpochRecord | None = None
-        self.drawn = False
-
-    def _line(self, step: int, total: int, loss: float | None) -> str:
-        frac = step / max(total, 1)
-        filled = int(round(frac * self.width))
-        bar = "#" * filled + "-" * (self.width - filled)
-        text = f"{self.label} [{bar}] {100 * frac:3.0f}% {step}/{total} steps"
-        if self.last is not None:
-            text += f", {self.last}"
-        elif loss is not None:
-            text += f", loss {loss:.4f}"
-        return text
-
-    def step(self, step: int, total: int, loss: float) -> None:
-        if self.tty:
-            self.stream.write("\r" + self._line(step, total, loss) + "\x1b[K")
-            self.stream.flush()
-            self.drawn = True
-
-    def epoch(self, rec: EpochRecord, total: int) -> None:
-        self.last = rec
-        if self.tty:
-            self.stream.write("\r" + self._line(rec.steps, total, rec.loss) + "\x1b[K")
-        else:
-            self.stream.write(self._line(rec.steps, total, rec.loss) + "\n")
-        self.stream.flush()
-        self.drawn = self.tty
-
-    def close(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
-
-Progress = ProgressBar | Callable[[EpochRecord], None] | None
 
 
 def distill(teacher: nn.Module, student: nn.Module, train: CalibrationSet,

@@ -98,7 +98,11 @@ class CalibrationSet:
     """Preprocessed ``calib/`` images (N x 3 x 24 x 94 float32) and their plate labels.
 
     ``split(val_fraction, seed)`` gives a fixed (train, val) partition: hyper-parameters and
-    accuracy guards are decided on ``val``, distillation uses ``train``.
+    accuracy guards are decided on ``val``, distillation uses ``train``. A set that carries its
+    own partition (``val_index``: a fine-tuning's validation split) returns that one whatever
+    the arguments: a model trained on some of these images must never be measured on them, so
+    every later step (quantization, the accuracy guard, distillation, selection) sees the same
+    held-out plates.
     """
 
     x: np.ndarray
@@ -106,6 +110,8 @@ class CalibrationSet:
     names: list[str]
     root: Path | None = None
     raw: list[np.ndarray] | None = None  # original-resolution BGR images (for augmentation)
+    val_index: tuple[int, ...] | None = None  # a partition fixed by whoever trained on it
+    skipped: tuple[tuple[str, str], ...] = ()  # (file, why) left out while loading
 
     @classmethod
     def load(cls, folder: str | Path | None = None, charset: Charset | None = None,
@@ -141,6 +147,10 @@ class CalibrationSet:
 
     def split(self, val_fraction: float = 0.3, seed: int = 0
               ) -> tuple[CalibrationSet, CalibrationSet]:
+        if self.val_index is not None:
+            val = set(self.val_index)
+            return (self.subset([i for i in range(len(self)) if i not in val]),
+                    self.subset(sorted(val)))
         rng = np.random.default_rng(seed)
         perm = rng.permutation(len(self))
         n_val = max(1, int(round(len(self) * val_fraction)))

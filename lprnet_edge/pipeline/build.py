@@ -22,6 +22,7 @@ from lprnet_edge.compress.accuracy import AccuracyCheck
 from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig
 from lprnet_edge.compress.select import Selection
 from lprnet_edge.model.calib import check_not_test
+from lprnet_edge.model.finetune import FinetuneConfig
 from lprnet_edge.model.weights import resolve_weights
 from lprnet_edge.pipeline.interrupt import InterruptGuard, pause_for_tests
 from lprnet_edge.pipeline.stages import BuildState, Stage, plan
@@ -64,6 +65,7 @@ class BuildOptions:
     optimize: str = "size"  # the search's winner: "size" (smallest) or "latency" (fastest)
     latency_rpc: str | None = None  # "HOST:PORT": time the search's candidates there
     name: str | None = None  # artifact name (default: the output directory's name)
+    finetune: FinetuneConfig | None = None  # fine-tune on the user's plates first
 
     @property
     def searching(self) -> bool:

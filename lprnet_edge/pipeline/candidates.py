@@ -38,7 +38,7 @@ def run_search(tm: TorchModel, opts: BuildOptions, log: Log
     """The winner's prune and quantize configs within ``opts.max_accuracy_drop`` points, its
     :class:`PrunedModel` when it must be reused as measured (channel-pruned: distilled during
     the search), and the selection for the manifest."""
-    calib = steps.calibration_set(opts.calib_dir, tm.charset)
+    calib = steps.calibration_set(opts.calib_dir, tm)
     latency = None
     if opts.optimize == "latency":
         def latency(cands: list[Candidate]) -> dict[str, LatencyFigure]:

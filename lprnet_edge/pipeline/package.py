@@ -30,7 +30,8 @@ def make_manifest(name: str, tm: TorchModel, compiled: CompiledModule, config: C
     """The typed manifest of the staged artifact (files checksummed as they are now)."""
     root = compiled.root
     sizes = {n: (root / n).stat().st_size for n in compiled.files}
-    stages = {"prune": tm.stages.get("prune"), "quantize": tm.stages.get("quantize"),
+    stages = {"finetune": tm.stages["finetune"]} if "finetune" in tm.stages else {}
+    stages |= {"prune": tm.stages.get("prune"), "quantize": tm.stages.get("quantize"),
               "tune": tm.stages.get("tune"), "compile": config.to_dict()}
     reports = dict(tm.reports)
     if tune_summary is not None:

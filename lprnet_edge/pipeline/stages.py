@@ -27,6 +27,7 @@ from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig
 from lprnet_edge.compress.select import Selection, test_comparison
 from lprnet_edge.pipeline import steps, verify
 from lprnet_edge.pipeline.candidates import run_search
+from lprnet_edge.pipeline.finetune import finetune_stage
 from lprnet_edge.pipeline.package import make_manifest, write_manifest
 from lprnet_edge.pipeline.values import (
     MODEL_FILE,
@@ -89,6 +90,19 @@ class Load(Stage):
         return f"{tm.weights.name} (sha256 {tm.weights_sha256[:12]}...)"
 
 
+class Finetune(Stage):
+    """``--finetune DIR``: the pretrained model adapted to the user's plates before any other
+    stage looks at it; later stages measure on its held-out split."""
+
+    name = "finetune"
+
+    def detail(self, state: BuildState) -> str:
+        return f"on {state.opts.finetune.data}"
+
+    def run(self, state: BuildState) -> str | None:
+        return finetune_stage(state.torch, state.opts.finetune, state.log)
+
+
 class Select(Stage):
     """``--max-accuracy-drop`` alone: choose pruning x quantization within it."""
 
@@ -145,7 +159,7 @@ class Accuracy(Stage):
     def run(self, state: BuildState) -> str | None:
         tm = state.torch
         check = check_model(tm.original, tm.reference,
-                            steps.calibration_set(state.opts.calib_dir, tm.charset),
+                            steps.calibration_set(state.opts.calib_dir, tm),
                             Budget.of(state.opts.max_accuracy_drop))
         state.accuracy_check = check
         tm.reports["accuracy_check"] = check.to_dict()
@@ -287,6 +301,7 @@ class Package(Stage):
 def plan(opts: BuildOptions) -> list[Stage]:
     """The stages ``opts`` asks for, in order."""
     stages: list[Stage] = [Load()]
+    stages += [Finetune()] if opts.finetune else []
     if opts.searching:
         stages += [Select(), Prune(), Quantize(), TestSplit()]
     else:

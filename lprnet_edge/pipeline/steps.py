@@ -50,13 +50,17 @@ def load_torch(weights: str | Path | None = None, charset: str | Charset = "chin
                       weights_sha256=sha256_file(path), charset=cs)
 
 
-def calibration_set(calib_dir: Path | None, charset: Charset) -> CalibrationSet:
-    return CalibrationSet.load(calib_dir, charset=charset)
+def calibration_set(calib_dir: Path | None, tm: TorchModel) -> CalibrationSet:
+    """The fine-tuning's data when ``tm`` was fine-tuned (its held-out split must stay held
+    out for every later stage), else calib/."""
+    if tm.calib is not None:
+        return tm.calib
+    return CalibrationSet.load(calib_dir, charset=tm.charset)
 
 
 def prune_model(tm: TorchModel, cfg: PruneConfig, calib_dir: Path | None = None) -> TorchModel:
     """``compress(model, cfg, calib) -> PrunedModel`` (calib: the ``calib/`` images)."""
-    res = compress(tm.model, cfg, calibration_set(calib_dir, tm.charset))
+    res = compress(tm.model, cfg, calibration_set(calib_dir, tm))
     if not isinstance(res, PrunedModel):
         raise LprnetEdgeError(f"{type(cfg).__name__} is not a pruning config")
     return adopt_pruned(tm, res)
@@ -77,7 +81,7 @@ def quantize_model(tm: TorchModel, cfg: QuantizeConfig, calib_dir: Path | None =
     """``quantize(model, cfg, calib) -> QuantizedModel``, calibrated on the training part of
     the validation split (the accuracy check measures on the other part). The result is what
     gets compiled; its ``module`` is the PyTorch reference."""
-    train, _val = VALIDATION.of(calibration_set(calib_dir, tm.charset))
+    train, _val = VALIDATION.of(calibration_set(calib_dir, tm))
     res = quantize(tm.model, cfg, train)
     tm.model = res
     tm.reference = res.module

@@ -59,6 +59,7 @@ class TorchModel:
     reports: dict[str, Any] = field(default_factory=dict)
     param_encodings: dict[str, str] | None = None  # state-dict or compiled names -> encoding
     verify_tolerance: float | None = None  # overrides CompileConfig.verify_tolerance
+    calib: Any = None  # a fine-tuning's data: its validation split is every later stage's
 
     def tolerance(self, default: float) -> float:
         return self.verify_tolerance if self.verify_tolerance is not None else default

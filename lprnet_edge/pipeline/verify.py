@@ -29,8 +29,9 @@ from lprnet_edge.compress.accuracy import (
     torch_one_thread,
 )
 from lprnet_edge.model.bn_fold import fold_batchnorm
-from lprnet_edge.model.calib import CalibrationSet, check_not_test
+from lprnet_edge.model.calib import check_not_test
 from lprnet_edge.paths import data_subdir
+from lprnet_edge.pipeline import steps
 from lprnet_edge.pipeline.steps import norm_name
 from lprnet_edge.pipeline.values import CompiledModule, Log, TorchModel
 from lprnet_edge.pipeline.verify_images import StoredImageCheck, store_image_check
@@ -259,7 +260,7 @@ def _raise_if_failed(v: Verification, worst: int, source: str) -> None:
 def compiled_accuracy(backend: TvmBackend, tm: TorchModel, calib_dir: Path | None,
                       budget: Budget) -> AccuracyCheck:
     """The accuracy check on the compiled module's readings of the validation split."""
-    _train, val = VALIDATION.of(CalibrationSet.load(calib_dir, charset=tm.charset))
+    _train, val = VALIDATION.of(steps.calibration_set(calib_dir, tm))
     cs = tm.charset
     texts = [decode_text(backend(val.x[i:i + 1])[0], cs.chars, cs.blank)[0]
              for i in range(len(val))]

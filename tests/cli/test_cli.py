@@ -58,9 +58,9 @@ def test_help_on_every_command_with_examples(cli_runner, cli_root):
 def test_every_command_module_is_on_the_root_group(cli_root):
     """Each cli/ module's COMMANDS are all reachable from the root group (plain imports: a
     broken module fails the import instead of silently dropping its commands)."""
-    from lprnet_edge.cli import bench, build, device, inference, report, targets, tune
+    from lprnet_edge.cli import bench, build, device, finetune, inference, report, targets, tune
 
-    for module in (inference, build, targets, tune, bench, device, report):
+    for module in (inference, finetune, build, targets, tune, bench, device, report):
         for cmd in module.COMMANDS:
             assert cli_root.commands[cmd.name] is cmd, (module.__name__, cmd.name)
 

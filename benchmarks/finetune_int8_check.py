@@ -1,0 +1,42 @@
+"""int8 against the fine-tuned float model on the fine-tuning's held-out split, without
+training or compiling: the build's own quantize and accuracy-guard stages.
+
+    python benchmarks/finetune_int8_check.py WEIGHTS.pth DATA [--val-split 0.2] [--seed 0]
+
+WEIGHTS.pth is a checkpoint of ``lprnet-edge finetune --data DATA``; the split is rebuilt from
+the same files, fraction and seed, so it is the one that checkpoint was selected on. This is
+what ``build --finetune DATA --quantize int8`` measures in its guard stage before compiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lprnet_edge.compress.configs import QuantizeConfig
+from lprnet_edge.model.calib import accuracy
+from lprnet_edge.model.finetune import FinetuneConfig, load_split
+from lprnet_edge.pipeline.build import guard_stage, load_stage, quantize_stage
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("weights", type=Path)
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--val-split", type=float, default=0.2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    art = load_stage(args.weights)
+    art.calib = load_split(FinetuneConfig(data=args.data, val_split=args.val_split,
+                                          seed=args.seed))
+    pretrained = accuracy(load_stage(None).model, art.calib.split()[1])
+    art = quantize_stage(art, QuantizeConfig(mode="int8"), None)
+    guard = guard_stage(art, None, max_drop_points=100.0)
+    print(json.dumps({"pretrained": pretrained, "finetuned_fp32": guard["original"],
+                      "int8": guard["compressed"], "drop_points": guard["drop_points"],
+                      "plates": guard["split"]["images"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""``lprnet-edge finetune``: adapt the pretrained model to a folder of labelled plates.
+
+Thin: the training is :func:`lprnet_edge.model.finetune.finetune`; this module reads the
+options, lists what was skipped, writes the checkpoint at each best epoch (so Ctrl-C keeps
+it) and the JSON record beside it, and prints the accuracy before and after.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lprnet_edge.cli.common import echo_json, json_option, table, weights_option
+from lprnet_edge.pipeline.interrupt import InterruptGuard
+
+
+@click.command("finetune")
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="Plate crops named by their text (京PL3N67.jpg), or a CSV of file,text rows.")
+@click.option("--val", type=click.Path(exists=True),
+              help="Validation plates (folder or CSV); default: a split of --data.")
+@click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.2, show_default=True,
+              help="Fraction of --data held out for validation (by file, seeded).")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Stop after this many epochs without a better validation accuracy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="PyTorch threads.")
+@click.option("--test-dir", type=click.Path(exists=True, file_okay=False),
+              help="Evaluated only, for what was forgotten  [default: $LPRNET_EDGE_DATA/test]")
+@weights_option
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Fine-tuned checkpoint to write (a JSON record goes beside it).")
+@json_option
+def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int, patience: int,
+                 seed: int, threads: int, test_dir: str | None, weights: str | None, out: str,
+                 as_json: bool) -> None:
+    """Fine-tune the pretrained LPRNet on your labelled plates.
+
+    The best epoch by exact-plate accuracy on the validation split is kept and written to
+    OUT as soon as it is found: Ctrl-C leaves the best weights so far. Use OUT anywhere the
+    toolchain takes --weights. SIGTERM stops it the same way.
+    """
+    from lprnet_edge.model.checkpoint import load_model
+    from lprnet_edge.model.finetune import FinetuneConfig, run_finetune
+    from lprnet_edge.model.weights import resolve_weights
+
+    cfg = FinetuneConfig(data=Path(data), val=Path(val) if val else None, val_split=val_split,
+                         epochs=epochs, patience=patience, seed=seed, threads=threads,
+                         test_dir=Path(test_dir) if test_dir else None)
+    base = resolve_weights(weights)
+    # SIGTERM (a job scheduler, `kill`) stops like Ctrl-C, and Ctrl-C works even where the
+    # shell started the command with SIGINT ignored (a background job): the best epoch so
+    # far is on disk, and the record is written.
+    with InterruptGuard().installed():
+        result, record = run_finetune(load_model(base), cfg, base, Path(out), log=_log)
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    _print_result(result.to_dict(), Path(out), record)
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _print_result(d: dict[str, Any], out: Path, record: Path) -> None:
+    acc = d["accuracy"]
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    rows = [[f"validation ({d['split']['val']} plates)", fmt(acc["val"]["before"]),
+             fmt(acc["val"]["after"])],
+            ["test/ (evaluated only)", fmt(acc["test"]["before"]), fmt(acc["test"]["after"])]]
+    click.echo(table(rows, ["exact-plate accuracy", "pretrained", "fine-tuned"]))
+    click.echo(f"best epoch {d['best_epoch']} ({d['stopped']}), {d['seconds']:.0f}s on "
+               f"{d['threads']} threads")
+    click.echo(f"weights: {out}\nrecord:  {record}")
+
+
+COMMANDS = (finetune_cmd,)

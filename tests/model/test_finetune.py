@@ -1,0 +1,172 @@
+"""Fine-tuning: short real runs on a handful of calib/ plates (seconds), the data checks, the
+checkpoint and its record, reproducibility, Ctrl-C, and the split every later stage sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import assert_user_error, copy_images  # noqa: E402
+
+from lprnet_edge.model.calib import CalibrationSet  # noqa: E402
+from lprnet_edge.model.checkpoint import load_model  # noqa: E402
+from lprnet_edge.model.finetune import (  # noqa: E402
+    FinetuneConfig,
+    finetune,
+    load_split,
+    record_path,
+    run_finetune,
+)
+from lprnet_edge.model.plates import load_plates  # noqa: E402
+from lprnet_edge.runtime.errors import DataError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def plates(data_dir: Path, tmp_path_factory) -> Path:
+    """12 calib/ crops, plus a corrupt image and a label outside the charset."""
+    d = copy_images(sorted((data_dir / "calib").glob("*.jpg"))[:12],
+                    tmp_path_factory.mktemp("ft") / "plates")
+    (d / "京A12345.jpg").write_bytes(b"not a jpeg")
+    (d / "京A12#45.jpg").write_bytes((data_dir / "calib" / next(iter(
+        sorted(p.name for p in (data_dir / "calib").glob("*.jpg"))))).read_bytes())
+    return d
+
+
+@pytest.fixture(scope="module")
+def small_test(data_dir: Path, tmp_path_factory) -> Path:
+    """A few test/ images: forgetting is measured there, never trained on."""
+    return copy_images(sorted((data_dir / "test").glob("*.jpg"))[:16],
+                       tmp_path_factory.mktemp("ft") / "test")
+
+
+def _cfg(plates: Path, small_test: Path, **kw) -> FinetuneConfig:
+    kw = {"epochs": 2, "batch_size": 8, "threads": 1, "test_dir": small_test, **kw}
+    return FinetuneConfig(data=plates, val_split=0.25, **kw)
+
+
+def test_bad_files_are_listed_with_the_reason(plates: Path):
+    data = load_plates(plates)
+    assert len(data) == 12 and data.raw is not None and data.x.shape == (12, 3, 24, 94)
+    why = dict((Path(f).name, r) for f, r in data.skipped)
+    assert "not a readable image" in why["京A12345.jpg"]
+    assert "not in charset" in why["京A12#45.jpg"]
+
+
+def test_a_folder_without_usable_plates_is_a_clear_error(tmp_path: Path, plates: Path):
+    with pytest.raises(DataError, match="no plate images"):
+        load_plates(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "京A12345.jpg").write_bytes(b"broken")
+    with pytest.raises(DataError, match="no usable labelled plate.*not a readable image"):
+        load_plates(bad)
+
+
+def test_csv_labels(tmp_path: Path, plates: Path):
+    names = sorted(p.name for p in plates.glob("*.jpg"))[:3]
+    rows = ["file,text", f"{plates / names[0]},京A12345", f"{plates / names[1]},京Q!",
+            f"{plates / 'missing.jpg'},京A12345", "only-one-cell"]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    data = load_plates(csv)
+    assert data.labels == ["京A12345"]
+    reasons = " ".join(r for _, r in data.skipped)
+    assert "not in charset" in reasons and "no such image" in reasons
+    assert "expected 'file,text'" in reasons
+
+
+def test_a_fixed_split_is_the_one_every_stage_gets(plates: Path, small_test: Path):
+    data = load_split(_cfg(plates, small_test))
+    train, val = data.split(0.3, 0)  # what quantize / guard / select ask for
+    assert (len(train), len(val)) == (9, 3)
+    assert set(val.names) == {data.names[i] for i in data.val_index}
+    assert not set(train.names) & set(val.names)
+    assert train.val_index is None  # a subset splits by its own arguments again
+    other = load_split(_cfg(plates, small_test, seed=1))
+    assert other.val_index != data.val_index
+
+
+def test_finetune_run_is_reproducible_and_keeps_dead_filters(weights_path: Path, plates: Path,
+                                                             small_test: Path):
+    model = load_model(weights_path)
+    cfg = _cfg(plates, small_test)
+    a = finetune(model, cfg, progress=None)
+    b = finetune(model, cfg, progress=None)
+    assert len(a.history) == 2 and a.history[-1].val_accuracy is not None
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    original = model.state_dict()
+    moved = any(not torch.equal(sa[k], original[k]) for k in sa)
+    assert moved == (a.best_epoch > 0)
+    for k, w in original.items():
+        if k.endswith("weight") and w.ndim == 4:
+            dead = w.flatten(1).abs().amax(1) == 0
+            assert torch.all(sa[k][dead] == 0), k  # the compiler still folds them away
+    rec = a.to_dict()
+    assert (rec["split"]["train"], rec["split"]["val"]) == (9, 3)
+    assert rec["accuracy"]["test"]["before"] is not None
+    assert len(rec["data"]["files_sha256"]) == 64 and len(rec["data"]["skipped"]) == 2
+
+
+def test_cli_writes_a_checkpoint_the_toolchain_takes(cli_runner, plates: Path,
+                                                     small_test: Path, weights_path: Path,
+                                                     tmp_path: Path):
+    out = tmp_path / "mine.pth"
+    r = cli_runner("finetune", "--data", plates, "--epochs", "2", "--threads", "1",
+                   "--test-dir", small_test, "--weights", weights_path, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "skipped 京A12345.jpg: not a readable image" in r.stderr
+    assert "validation (2 plates)" in r.stdout and "test/ (evaluated only)" in r.stdout
+    rec = json.loads(record_path(out).read_text(encoding="utf-8"))
+    assert rec["base_weights"]["file"] == weights_path.name
+    assert rec["split"]["val"] == 2 and rec["config"]["seed"] == 0
+    assert load_model(out).class_num == 68
+    r = cli_runner("eval", "--weights", out, "--data", small_test, "--json")
+    assert r.exit_code == 0, r.output
+
+
+def test_cli_bad_folder(cli_runner, tmp_path: Path, weights_path: Path):
+    (tmp_path / "empty").mkdir()
+    r = cli_runner("finetune", "--data", tmp_path / "empty", "--weights", weights_path,
+                   "-o", tmp_path / "o.pth")
+    assert_user_error(r, "no plate images")
+    assert r.exit_code == DataError.exit_code and not (tmp_path / "o.pth").exists()
+
+
+def test_cli_refuses_the_test_split(cli_runner, test_dir: Path, weights_path: Path,
+                                    tmp_path: Path):
+    r = cli_runner("finetune", "--data", test_dir, "--weights", weights_path,
+                   "-o", tmp_path / "o.pth")
+    assert_user_error(r, "refusing to calibrate / fine-tune")
+
+
+def test_ctrl_c_keeps_the_best_weights_written_so_far(weights_path: Path, plates: Path,
+                                                      small_test: Path, tmp_path: Path):
+    seen = []
+
+    def interrupt_at_second_epoch(rec) -> None:  # noqa: ANN001
+        seen.append(rec)
+        if rec.epoch == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "best.pth"
+    res, record = run_finetune(load_model(weights_path), _cfg(plates, small_test, epochs=5),
+                               weights_path, out, progress=interrupt_at_second_epoch)
+    assert res.stopped == "interrupted" and len(seen) == 2
+    on_disk = torch.load(out, weights_only=True)
+    assert on_disk["epoch"] == res.best_epoch
+    sd = res.model.state_dict()
+    assert all(torch.equal(on_disk["state_dict"][k], sd[k]) for k in sd)
+    assert json.loads(record.read_text(encoding="utf-8"))["stopped"] == "interrupted"
+
+
+def test_calibration_set_split_without_a_partition_is_unchanged():
+    x = np.zeros((10, 3, 24, 94), np.float32)
+    cs = CalibrationSet(x, ["京A12345"] * 10, [f"{i}.jpg" for i in range(10)])
+    train, val = cs.split(0.3, 0)
+    assert len(val) == 3 and len(train) == 7
