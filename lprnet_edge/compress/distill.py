@@ -109,16 +109,30 @@ def distill(teacher: nn.Module, student: nn.Module, train: CalibrationSet,
             bar.close()
 
 
-def _distill(teacher: nn.Module, student: nn.Module, train: CalibrationSet,
-             cfg: DistillConfig, val: CalibrationSet | None, progress: Progress
-             ) -> tuple[nn.Module, dict[str, Any]]:
+@dataclass
+class _Run:
+    """The state one distillation carries from batch to batch."""
+
+    opt: torch.optim.Optimizer
+    sched: Any
+    rng: np.random.Generator
+    steps_per_epoch: int
+    total_steps: int
+    blank: int
+    step: int = 0
+    t0: float = 0.0
+
+
+def _prepare(teacher: nn.Module, student: nn.Module, train: CalibrationSet,
+             cfg: DistillConfig) -> tuple[nn.Module, _Run]:
+    """The frozen teacher, a trainable copy of the student with BN frozen, and the run."""
     if cfg.augment:
         train.ensure_raw()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    teacher = teacher.eval()
+    teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = copy.deepcopy(student)
@@ -126,57 +140,71 @@ def _distill(teacher: nn.Module, student: nn.Module, train: CalibrationSet,
     freeze_bn(student)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = len(train)
-    steps_per_epoch = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
+    steps_per_epoch = max(1, (len(train) + cfg.batch_size - 1) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
-    blank = load_charset().blank
+    return student, _Run(opt, sched, rng, steps_per_epoch, total_steps, load_charset().blank,
+                         t0=time.time())
+
+
+def _epoch(teacher: nn.Module, student: nn.Module, train: CalibrationSet, cfg: DistillConfig,
+           run: _Run, progress: Progress) -> tuple[list[float], bool]:
+    """One pass over ``train`` in shuffled batches: (losses, whether a budget stopped it)."""
+    perm = run.rng.permutation(len(train))
+    losses: list[float] = []
+    for b in range(run.steps_per_epoch):
+        idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        x = _batch_x(train, idx, run.rng if cfg.augment else None)
+        with torch.no_grad():
+            t = forward_per_sample(teacher, x)
+        s = forward_per_sample(student, x)
+        loss, _parts = distill_loss(s, t, cfg, _targets(train, idx), run.blank)
+        run.opt.zero_grad()
+        loss.backward()
+        run.opt.step()
+        run.sched.step()
+        losses.append(loss.item())
+        run.step += 1
+        if isinstance(progress, ProgressBar):
+            progress.step(run.step, run.total_steps, float(np.mean(losses)))
+        if (cfg.max_steps and run.step >= cfg.max_steps) or (
+                cfg.time_budget_s and time.time() - run.t0 > cfg.time_budget_s):
+            return losses, True
+    return losses, False
+
+
+def _report(progress: Progress, rec: EpochRecord, total_steps: int) -> None:
+    if isinstance(progress, ProgressBar):
+        progress.epoch(rec, total_steps)
+    elif progress is not None:
+        progress(rec)
+
+
+def _distill(teacher: nn.Module, student: nn.Module, train: CalibrationSet,
+             cfg: DistillConfig, val: CalibrationSet | None, progress: Progress
+             ) -> tuple[nn.Module, dict[str, Any]]:
+    student, run = _prepare(teacher, student, train, cfg)
     hist: dict[str, Any] = {"config": cfg.to_dict(), "epochs": []}
     best_state, best_acc = None, -1.0
     if val is not None:
         best_acc = accuracy(student, val)
         best_state = copy.deepcopy(student.state_dict())
         hist["val_accuracy_start"] = best_acc
-    step = 0
-    t0 = time.time()
-    stop = False
+    run.t0 = time.time()
     for epoch in range(cfg.epochs):
-        perm = rng.permutation(n)
-        losses = []
-        for b in range(steps_per_epoch):
-            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = _batch_x(train, idx, rng if cfg.augment else None)
-            with torch.no_grad():
-                t = forward_per_sample(teacher, x)
-            s = forward_per_sample(student, x)
-            loss, _parts = distill_loss(s, t, cfg, _targets(train, idx), blank)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            step += 1
-            if isinstance(progress, ProgressBar):
-                progress.step(step, total_steps, float(np.mean(losses)))
-            if (cfg.max_steps and step >= cfg.max_steps) or (
-                    cfg.time_budget_s and time.time() - t0 > cfg.time_budget_s):
-                stop = True
-                break
-        rec = EpochRecord(epoch + 1, cfg.epochs, step,
+        losses, stop = _epoch(teacher, student, train, cfg, run, progress)
+        rec = EpochRecord(epoch + 1, cfg.epochs, run.step,
                           float(np.mean(losses)) if losses else None,
-                          round(time.time() - t0, 1))
+                          round(time.time() - run.t0, 1))
         if val is not None:
             acc = accuracy(student, val)
             if acc >= best_acc:
                 best_acc, best_state = acc, copy.deepcopy(student.state_dict())
             rec.val_accuracy, rec.best_val_accuracy = acc, best_acc
         hist["epochs"].append(rec.to_dict())
-        if isinstance(progress, ProgressBar):
-            progress.epoch(rec, total_steps)
-        elif progress is not None:
-            progress(rec)
+        _report(progress, rec, run.total_steps)
         if stop:
             break
     if best_state is not None:
