@@ -20,7 +20,21 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from lprnet_edge.runtime.errors import ArtifactError
+
+
+def read_npz(path: str | Path, what: str) -> tuple[dict[str, np.ndarray], int | None]:
+    """The arrays of an artifact's ``.npz`` check file and its ``format`` (None if absent):
+    the files a board reads before it trusts a deployment, refused when unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ArtifactError(f"{path}: not a readable {what} ({e})") from None
+    fmt = int(data["format"]) if "format" in data and data["format"].size == 1 else None
+    return data, fmt
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from lprnet_edge.runtime.errors import ArtifactError
+from lprnet_edge.runtime.files import read_npz
 
 CHECK_FILE = "check_images.npz"
 FORMAT = 1
@@ -76,12 +77,7 @@ def write_image_check(dest: str | Path, check: ImageCheckSet) -> str:
 
 def read_image_check(path: str | Path) -> ImageCheckSet:
     """Load ``check_images.npz``; :class:`ArtifactError` if it is not one this runtime reads."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise ArtifactError(f"{path}: not a readable image check set ({e})") from None
-    fmt = int(d["format"]) if "format" in d and d["format"].size == 1 else None
+    d, fmt = read_npz(path, "image check set")
     keys = ("names", "blob", "offsets", "tensors", "logits", "texts", "preprocess_version")
     if fmt != FORMAT or any(k not in d for k in keys):
         raise ArtifactError(f"{path}: image check set format {fmt!r} (this runtime reads "

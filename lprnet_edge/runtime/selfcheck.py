@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lprnet_edge.runtime.errors import ArtifactError
+from lprnet_edge.runtime.files import read_npz
 from lprnet_edge.runtime.imagecheck import run_image_check
 
 VERIFY_FILE = "verify.npz"
@@ -81,12 +82,7 @@ def _stack(arrays: Sequence[np.ndarray] | np.ndarray, what: str) -> np.ndarray:
 def read_verify_set(path: str | Path) -> dict[str, Any]:
     """Load and check ``verify.npz``: ``inputs`` (N, 3, H, W), ``logits`` (N, C, T),
     ``tolerance`` (float or None)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise ArtifactError(f"{path}: not a readable verify set ({e})") from None
-    fmt = int(data["format"]) if "format" in data and data["format"].size == 1 else None
+    data, fmt = read_npz(path, "verify set")
     if fmt != FORMAT:
         raise ArtifactError(f"{path}: verify set format {fmt!r}, this runtime reads {FORMAT}; "
                             "rebuild the artifact")

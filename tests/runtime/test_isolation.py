@@ -28,7 +28,8 @@ FORBIDDEN_PREFIXES = ("torch", "tvm.relax", "tvm.s_tir", "tvm.tir", "tvm.te", "t
 # Optional packages a runtime module may import lazily, behind an ImportError fallback: the
 # device bench times ONNX Runtime beside the artifact when it is installed on the board.
 # Peer runtimes live on a board only where the user installs them (`emulated-pi peers`).
-OPTIONAL_ON_BOARD = {"baselines.py": {"onnxruntime"}, "peers.py": {"onnxruntime"}}
+OPTIONAL_ON_BOARD = {"baselines.py": {"onnxruntime"}, "peers.py": {"onnxruntime"},
+                     "cost_runner.py": {"onnxruntime"}}
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
