@@ -14,14 +14,12 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from lprnet_edge.model.checkpoint import load_model
+from lprnet_edge.model.exports import ExportedFile, export_place
 from lprnet_edge.model.lprnet import example_input
-from lprnet_edge.model.weights import resolve_weights
 from lprnet_edge.paths import cache_dir
-from lprnet_edge.runtime.artifact import sha256_file
 from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
 
 _FORMAT = 1  # bump when the conversion changes, so cached files are not reused
@@ -66,23 +64,15 @@ def _import_converter() -> object:
     return litert_torch
 
 
-@dataclass(frozen=True)
-class LitertExport:
-    """A converted model: the ``.tflite`` path, the weights and their sha256."""
-
-    path: Path
-    weights: Path
-    weights_sha256: str
-    cached: bool
+LitertExport = ExportedFile  # the .tflite file
 
 
 def export_litert(weights: str | Path | None = None, num_classes: int = 68,
                   cache: str | Path | None = None) -> LitertExport:
     """The ``.tflite`` of ``weights``, converted on first use, then reused from the cache."""
-    src = resolve_weights(weights)
-    sha = sha256_file(src)
-    out_dir = Path(cache) if cache else cache_dir() / "litert"
-    out = out_dir / f"lprnet-{sha[:16]}-c{num_classes}-v{_FORMAT}.tflite"
+    place = export_place(weights, cache, "litert", num_classes, f"v{_FORMAT}")
+    src, sha, out_dir, out = (place.weights, place.weights_sha256, place.folder,
+                              place.file(".tflite"))
     if out.is_file():
         return LitertExport(out, src, sha, cached=True)
     litert_torch = _import_converter()

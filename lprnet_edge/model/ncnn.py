@@ -24,10 +24,8 @@ import torch
 from torch import nn
 
 from lprnet_edge.model.checkpoint import load_model
+from lprnet_edge.model.exports import export_place
 from lprnet_edge.model.lprnet import ChannelStridedMaxPool, LPRNet, example_input
-from lprnet_edge.model.weights import resolve_weights
-from lprnet_edge.paths import cache_dir
-from lprnet_edge.runtime.artifact import sha256_file
 from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
 
 _FORMAT = 1  # bump when the conversion changes, so cached files are not reused
@@ -75,11 +73,9 @@ def export_ncnn(weights: str | Path | None = None, num_classes: int = 68,
                 cache: str | Path | None = None) -> NcnnExport:
     """The ncnn graph of ``weights`` (resolved like every command), converted by pnnx on first
     use and then reused from the cache (keyed by the weights' sha256)."""
-    src = resolve_weights(weights)
-    sha = sha256_file(src)
-    out_dir = Path(cache) if cache else cache_dir() / "ncnn"
-    stem = f"lprnet-{sha[:16]}-c{num_classes}-v{_FORMAT}"
-    param, binf = out_dir / f"{stem}.param", out_dir / f"{stem}.bin"
+    place = export_place(weights, cache, "ncnn", num_classes, f"v{_FORMAT}")
+    src, sha, out_dir = place.weights, place.weights_sha256, place.folder
+    param, binf = place.file(".param"), place.file(".bin")
     if param.is_file() and binf.is_file():
         return NcnnExport(param, binf, src, sha, cached=True)
     out_dir.mkdir(parents=True, exist_ok=True)

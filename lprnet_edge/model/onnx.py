@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lprnet_edge.paths import cache_dir
-from lprnet_edge.runtime.artifact import Artifact, sha256_file
+from lprnet_edge.model.exports import ExportedFile, export_place
+from lprnet_edge.runtime.artifact import Artifact
 from lprnet_edge.runtime.baselines import (
     ONNXRUNTIME,
     TORCH,
@@ -34,29 +33,18 @@ INPUT_SHAPE = (1, 3, 24, 94)
 _FORMAT = 1  # bump when the export changes, so cached files are not reused
 
 
-@dataclass(frozen=True)
-class OnnxExport:
-    """An exported model: the ``.onnx`` path, the weights it came from and their sha256."""
-
-    path: Path
-    weights: Path
-    weights_sha256: str
-    cached: bool
+OnnxExport = ExportedFile  # the .onnx file
 
 
 def export_onnx(weights: str | Path | None = None, num_classes: int = 68,
                 cache: str | Path | None = None) -> OnnxExport:
     """The ONNX file of ``weights`` (resolved like every command), exported on first use and
     then reused from the cache (keyed by the weights' sha256)."""
-    from lprnet_edge.model.weights import resolve_weights
-
-    src = resolve_weights(weights)
-    sha = sha256_file(src)
-    out_dir = Path(cache) if cache else cache_dir() / "onnx"
-    out = out_dir / f"lprnet-{sha[:16]}-c{num_classes}-opset{OPSET}-v{_FORMAT}.onnx"
+    place = export_place(weights, cache, "onnx", num_classes, f"opset{OPSET}-v{_FORMAT}")
+    src, sha, out = place.weights, place.weights_sha256, place.file(".onnx")
     if out.is_file():
         return OnnxExport(out, src, sha, cached=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    place.folder.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         _export(src, num_classes, tmp)
