@@ -14,10 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
+from lprnet_edge.compress.accuracy import Budget, check_model
 from lprnet_edge.compress.configs import QuantizeConfig
 from lprnet_edge.model.calib import accuracy
 from lprnet_edge.model.finetune import FinetuneConfig, load_split
-from lprnet_edge.pipeline.build import guard_stage, load_stage, quantize_stage
+from lprnet_edge.pipeline.steps import calibration_set, load_torch, quantize_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,15 +28,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-split", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    art = load_stage(args.weights)
+    art = load_torch(args.weights)
     art.calib = load_split(FinetuneConfig(data=args.data, val_split=args.val_split,
                                           seed=args.seed))
-    pretrained = accuracy(load_stage(None).model, art.calib.split()[1])
-    art = quantize_stage(art, QuantizeConfig(mode="int8"), None)
-    guard = guard_stage(art, None, max_drop_points=100.0)
-    print(json.dumps({"pretrained": pretrained, "finetuned_fp32": guard["original"],
-                      "int8": guard["compressed"], "drop_points": guard["drop_points"],
-                      "plates": guard["split"]["images"]}, indent=2))
+    pretrained = accuracy(load_torch(None).model, art.calib.split()[1])
+    art = quantize_model(art, QuantizeConfig(mode="int8"), None)
+    check = check_model(art.original, art.reference, calibration_set(None, art),
+                        Budget.of(100.0))
+    print(json.dumps({"pretrained": pretrained, "finetuned_fp32": check.original,
+                      "int8": check.changed, "drop_points": check.drop_points,
+                      "plates": check.images}, indent=2))
 
 
 if __name__ == "__main__":

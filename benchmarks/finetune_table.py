@@ -31,10 +31,10 @@ def rows(record: dict[str, Any], builds: list[tuple[str, dict[str, Any]]]) -> li
            f"| fine-tuned fp32 (`{record['weights']}`, epoch {record['best_epoch']}) | "
            f"{_fmt(acc['val']['after'])} | {_fmt(acc['test']['after'])} |"]
     for label, manifest in builds:
-        guard = manifest["records"]["reports"].get("accuracy_guard") or {}
-        out.append(f"| {label} (PyTorch simulation, accuracy guard) | "
-                   f"{_fmt(guard.get('compressed'))} "
-                   f"({-guard.get('drop_points', 0):+.1f} pt vs fine-tuned fp32) | - |")
+        check = manifest["records"]["reports"].get("accuracy_check") or {}
+        out.append(f"| {label} (PyTorch simulation, accuracy check) | "
+                   f"{_fmt(check.get('compressed'))} "
+                   f"({-check.get('drop_points', 0):+.1f} pt vs fine-tuned fp32) | - |")
     return out
 
 

@@ -22,6 +22,8 @@ from lprnet_edge.model.finetune import FinetuneConfig, finetune, load_split, rec
 from lprnet_edge.model.plates import describe_skipped, files_sha256
 from lprnet_edge.model.training import ProgressBar
 
+FINETUNE_SPLIT = "the fine-tuning's validation split"
+
 
 def finetune_stage(art: Any, cfg: FinetuneConfig, log: Callable[[str], None]) -> str:
     """Fine-tune ``art``'s model in place of the pretrained one; the record goes in

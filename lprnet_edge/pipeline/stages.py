@@ -27,7 +27,7 @@ from lprnet_edge.compress.configs import PruneConfig, QuantizeConfig
 from lprnet_edge.compress.select import Selection, test_comparison
 from lprnet_edge.pipeline import steps, verify
 from lprnet_edge.pipeline.candidates import run_search
-from lprnet_edge.pipeline.finetune import finetune_stage
+from lprnet_edge.pipeline.finetune import FINETUNE_SPLIT, finetune_stage
 from lprnet_edge.pipeline.package import make_manifest, write_manifest
 from lprnet_edge.pipeline.values import (
     MODEL_FILE,
@@ -163,6 +163,9 @@ class Accuracy(Stage):
                             Budget.of(state.opts.max_accuracy_drop))
         state.accuracy_check = check
         tm.reports["accuracy_check"] = check.to_dict()
+        if tm.calib is not None:  # measured on the fine-tuning's held-out plates instead
+            tm.reports["accuracy_check"]["split"] = {"source": FINETUNE_SPLIT,
+                                                     "images": check.images}
         enforce(check)
         return check.summary()
 

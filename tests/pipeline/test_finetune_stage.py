@@ -10,8 +10,11 @@ import pytest
 from conftest import copy_images
 
 from lprnet_edge.compiler.target import load_target
+from lprnet_edge.compress.accuracy import Budget, check_model
 from lprnet_edge.compress.configs import Int8WeightsConfig, QuantizeConfig
-from lprnet_edge.pipeline.build import BuildOptions, guard_stage, load_stage, plan, quantize_stage
+from lprnet_edge.pipeline.build import BuildOptions
+from lprnet_edge.pipeline.stages import plan
+from lprnet_edge.pipeline.steps import calibration_set, load_torch, quantize_model
 
 torch = pytest.importorskip("torch")
 
@@ -40,21 +43,21 @@ def _cfg(plates: Path, small_test: Path) -> FinetuneConfig:
 def test_plan_fine_tunes_first(tmp_path: Path, plates: Path):
     opts = BuildOptions(target=load_target("rpi4"), out=tmp_path, quantize=QuantizeConfig(),
                         finetune=FinetuneConfig(data=plates))
-    assert plan(opts)[:3] == ["load", "finetune", "quantize"]
+    assert [s.name for s in plan(opts)][:3] == ["load", "finetune", "quantize"]
 
 
 def test_later_stages_use_the_fine_tuned_model_and_its_split(weights_path: Path,
                                                              plates: Path, small_test: Path):
-    art = load_stage(weights_path)
+    art = load_torch(weights_path)
     result = finetune_stage(art, _cfg(plates, small_test), log=lambda _m: None)
     assert "validation" in result and "test/" in result
     _, val = art.calib.split()
     assert len(val) == 4 and art.original is art.model  # the guard's reference: fine-tuned
     assert art.reports["finetune"]["split"]["val_files"] == val.names
-    art = quantize_stage(art, Int8WeightsConfig(), None)
-    g = guard_stage(art, None, max_drop_points=100.0)
-    assert g["split"] == {"source": "the fine-tuning's validation split", "images": 4}
-    assert g["original"] == pytest.approx(accuracy(art.original, val))
+    art = quantize_model(art, Int8WeightsConfig(), None)
+    check = check_model(art.original, art.reference, calibration_set(None, art), Budget.of(100.0))
+    assert check.images == 4
+    assert check.original == pytest.approx(accuracy(art.original, val))
 
 
 def test_weights_fine_tuned_on_the_same_data_are_not_trained_again(
@@ -62,11 +65,11 @@ def test_weights_fine_tuned_on_the_same_data_are_not_trained_again(
     cfg = _cfg(plates, small_test)
     mine = tmp_path / "mine.pth"
     run_finetune(load_model(weights_path), cfg, weights_path, mine, progress=None)
-    art = load_stage(mine)
+    art = load_torch(mine)
     result = finetune_stage(art, cfg, log=lambda _m: None)
     assert "not trained again" in result and art.stages["finetune"]["reused"] == "mine.json"
     assert art.model is art.original and len(art.calib.split()[1]) == 4
-    other = load_stage(mine)  # another split of the same files: a new fine-tuning
+    other = load_torch(mine)  # another split of the same files: a new fine-tuning
     finetune_stage(other, FinetuneConfig(**{**cfg.__dict__, "seed": 1}), log=lambda _m: None)
     assert "reused" not in other.stages["finetune"]
 
@@ -85,4 +88,5 @@ def test_cli_build_with_finetune(cli_runner, weights_path: Path, plates: Path,
     assert m["stages"]["finetune"]["data"] == str(plates)
     rep = m["reports"]["finetune"]
     assert rep["split"]["val"] == 4 and rep["accuracy"]["val"]["after"] is not None
-    assert m["reports"]["accuracy_guard"]["split"]["images"] == 4
+    assert m["reports"]["accuracy_check"]["split"] == {
+        "source": "the fine-tuning's validation split", "images": 4}
