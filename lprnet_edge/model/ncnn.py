@@ -27,8 +27,8 @@ from lprnet_edge.model.checkpoint import load_model
 from lprnet_edge.model.lprnet import ChannelStridedMaxPool, LPRNet, example_input
 from lprnet_edge.model.weights import resolve_weights
 from lprnet_edge.paths import cache_dir
-from lprnet_edge.runtime.artifact import sha256_file
 from lprnet_edge.runtime.errors import LprnetEdgeError, ToolchainError
+from lprnet_edge.runtime.files import sha256_file
 
 _FORMAT = 1  # bump when the conversion changes, so cached files are not reused
 

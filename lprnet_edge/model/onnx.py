@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lprnet_edge.paths import cache_dir
-from lprnet_edge.runtime.artifact import Artifact, sha256_file
+from lprnet_edge.runtime.artifact import Artifact
 from lprnet_edge.runtime.baselines import (
     ONNXRUNTIME,
     TORCH,
@@ -26,6 +26,7 @@ from lprnet_edge.runtime.baselines import (
     compare_artifact,
 )
 from lprnet_edge.runtime.errors import LprnetEdgeError
+from lprnet_edge.runtime.files import sha256_file
 from lprnet_edge.runtime.isolated import WorkerSpec, thread_env
 
 OPSET = 17
