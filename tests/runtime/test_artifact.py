@@ -79,8 +79,9 @@ def test_manifest_contents(host_artifact: Path, weights_path: Path):
     for k in ("lprnet_edge", "tvm", "torch", "python"):
         assert m["versions"][k]
     assert dt.datetime.fromisoformat(m["created"]).tzinfo is not None
-    # verify.npz: calib/ inputs + PyTorch logits for the check on the device at deploy.
-    assert set(m["files"]) == {"model.so", "params.npz", "verify.npz"}
+    # verify.npz: calib/ inputs + PyTorch logits for the check on the device at deploy;
+    # check_images.npz: plate image bytes for the on-device check from bytes to text.
+    assert set(m["files"]) == {"model.so", "params.npz", "verify.npz", "check_images.npz"}
     rt = m["runtime"]
     assert rt["entry"] == "main" and rt["params"] == "params.npz"
     # Constant channels folded (model.channel_fold): 15 backbone convolutions and the head
