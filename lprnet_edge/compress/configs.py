@@ -9,10 +9,10 @@ Compression techniques come in two families, each with a discriminator key that 
     Int8WeightsConfig        {"mode": "int8-weights", ...}
     Int8Config               {"mode": "int8", "calibrator": "percentile", ...}
 
-``PruneConfig.from_dict(d)`` / ``QuantizeConfig.from_dict(d)`` read any of them back (manifests
-written before the split included). Calling a family with its discriminator builds the
-technique's config (``PruneConfig(kind="channels")`` is ``ChannelPruneConfig()``), so code
-that names a technique by string (the CLI, the manifest) needs no ``if mode == ...``. A new
+``PruneConfig.from_dict(d)`` / ``QuantizeConfig.from_dict(d)`` read any of them back, refusing
+options the technique does not have. Calling a family with its discriminator builds the
+technique's config (``PruneConfig(kind="channels")`` is ``ChannelPruneConfig()``), so code that
+names a technique by string (the CLI, the manifest) needs no ``if mode == ...``. A new
 technique is a new config class here and a handler (:func:`lprnet_edge.compress.api
 .register_handler`) beside its code.
 """
@@ -72,10 +72,6 @@ class CompressConfig(DictConfig, metaclass=_FamilyMeta):
     tag_key: ClassVar[str] = ""
     default_tag: ClassVar[str] = ""
     _techniques: ClassVar[dict[str, type]]
-    # Keys of manifests written before this technique had its own class: ignored on read.
-    legacy_keys: ClassVar[frozenset[str]] = frozenset()
-    # Defaults those manifests meant, for options they did not record.
-    legacy_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -111,10 +107,6 @@ class CompressConfig(DictConfig, metaclass=_FamilyMeta):
         elif tag is not None and tag != getattr(cls, cls.tag_key):
             raise LprnetEdgeError(f"{cls.__name__}: {cls.tag_key} {tag!r} is not "
                                   f"{getattr(cls, cls.tag_key)!r}")
-        names = {f.name for f in fields(target)}  # type: ignore[arg-type]
-        if target.legacy_defaults and not (set(target.legacy_defaults) & set(d)):
-            d = {**target.legacy_defaults, **d}
-        d = {k: v for k, v in d.items() if k not in target.legacy_keys or k in names}
         return DictConfig.from_dict.__func__(target, d)  # type: ignore[attr-defined]
 
 
@@ -145,7 +137,6 @@ class UnstructuredPruneConfig(PruneConfig):
     """Global L1 magnitude over all conv weights to ``sparsity`` (zeros pay off on disk)."""
 
     kind: ClassVar[str] = "unstructured"
-    legacy_keys: ClassVar[frozenset[str]] = frozenset({"ratio", "distill_epochs"})
     sparsity: float = 0.8
     seed: int = 0
 
@@ -170,10 +161,6 @@ class ChannelPruneConfig(PruneConfig):
     """
 
     kind: ClassVar[str] = "channels"
-    legacy_keys: ClassVar[frozenset[str]] = frozenset({"sparsity"})
-    # What a manifest without ``groups`` (written before this class) built.
-    legacy_defaults: ClassVar[dict[str, Any]] = {
-        "groups": ("b1_mid", "b2_mid", "b3_mid"), "round_to": 1, "distill_time_s": 600.0}
     ratio: float = 0.5
     groups: tuple[str, ...] = ("b2_mid", "b3_mid")
     drop_dead: bool = True
@@ -201,8 +188,6 @@ class Fp16WeightsConfig(QuantizeConfig):
     mode: ClassVar[str] = "fp16"
     weight_storage: ClassVar[str] = "fp16"
     other_storage: ClassVar[str] = "fp16"
-    legacy_keys: ClassVar[frozenset[str]] = frozenset(
-        {"calibrator", "percentile", "per_channel", "calib_images"})
     fallback_layers: tuple[str, ...] = ()  # convs kept in float32
 
 
@@ -211,8 +196,6 @@ class Int8WeightsConfig(QuantizeConfig):
     """Weight-only int8 (symmetric, per output channel), decoded to float32 at load."""
 
     mode: ClassVar[str] = "int8-weights"
-    legacy_keys: ClassVar[frozenset[str]] = frozenset(
-        {"calibrator", "percentile", "calib_images"})
     per_channel: bool = True
     fallback_layers: tuple[str, ...] = ()
 

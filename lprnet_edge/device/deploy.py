@@ -32,10 +32,10 @@ from lprnet_edge.runtime.artifact import (
     Manifest,
     load_manifest,
     machine_arch,
-    sha256_file,
     unbundle,
 )
 from lprnet_edge.runtime.errors import ArtifactError, DeviceError, LprnetEdgeError
+from lprnet_edge.runtime.files import sha256_file
 
 SELFCHECK = "lprnet_edge.runtime.selfcheck"
 SPACE_MARGIN = 1 << 20  # bytes kept free beyond what a deployment needs

@@ -39,8 +39,9 @@ from typing import Any
 from lprnet_edge.device.deploy import runtime_zip
 from lprnet_edge.device.device import Device, Progress
 from lprnet_edge.paths import cache_dir
-from lprnet_edge.runtime.artifact import machine_arch, sha256_file
+from lprnet_edge.runtime.artifact import machine_arch
 from lprnet_edge.runtime.errors import DeviceError, LprnetEdgeError, ToolchainError
+from lprnet_edge.runtime.files import sha256_file
 
 RUNTIME_REQUIREMENTS = ("numpy", "opencv-python-headless", "apache-tvm==0.27.*",
                         "apache-tvm-ffi==0.1.14.post1")

@@ -10,8 +10,8 @@ import torch
 
 from lprnet_edge.model.lprnet import LPRNet
 from lprnet_edge.model.weights import KNOWN_SHA256
-from lprnet_edge.runtime.artifact import sha256_file
 from lprnet_edge.runtime.errors import WeightsError
+from lprnet_edge.runtime.files import sha256_file
 
 # Parameter whose first dimension is the class count.
 _CLASS_KEY = "container.0.weight"

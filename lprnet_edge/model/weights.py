@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lprnet_edge.paths import cache_dir, data_root
-from lprnet_edge.runtime.artifact import sha256_file
 from lprnet_edge.runtime.errors import WeightsError
+from lprnet_edge.runtime.files import sha256_file
 
 
 @dataclass(frozen=True)

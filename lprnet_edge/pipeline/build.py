@@ -33,10 +33,9 @@ from lprnet_edge.runtime.artifact import (
     Artifact,
     Manifest,
     bundle,
-    sha256_file,
-    staging_dir,
 )
 from lprnet_edge.runtime.errors import ArtifactError, LprnetEdgeError
+from lprnet_edge.runtime.files import sha256_file, staging_dir
 
 
 def _stderr(msg: str) -> None:

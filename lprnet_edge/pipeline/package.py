@@ -12,7 +12,8 @@ from lprnet_edge.compiler.tuning import TuningSummary
 from lprnet_edge.pipeline.values import CompiledModule, TorchModel, jsonable
 from lprnet_edge.pipeline.verify import TestAccuracy, Verification
 from lprnet_edge.runtime import __version__
-from lprnet_edge.runtime.artifact import MANIFEST, Manifest, machine_arch, write_json_atomic
+from lprnet_edge.runtime.artifact import MANIFEST, Manifest, machine_arch
+from lprnet_edge.runtime.files import write_json_atomic
 
 
 def _versions() -> dict[str, str | None]:

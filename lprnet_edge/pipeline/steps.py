@@ -34,9 +34,9 @@ from lprnet_edge.pipeline.values import (
     RelaxModel,
     TorchModel,
 )
-from lprnet_edge.runtime.artifact import sha256_file
 from lprnet_edge.runtime.charset import Charset, load_charset
 from lprnet_edge.runtime.errors import LprnetEdgeError
+from lprnet_edge.runtime.files import sha256_file
 from lprnet_edge.runtime.params_codec import save_params
 
 

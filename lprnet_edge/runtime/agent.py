@@ -164,7 +164,7 @@ def _bench_compare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _extract(tar_path: str) -> Path:
-    from lprnet_edge.runtime.artifact import safe_extractall
+    from lprnet_edge.runtime.files import safe_extractall
 
     dest = Path(tempfile.mkdtemp(prefix="data-", dir=Path(tar_path).parent))
     with tarfile.open(tar_path) as tar:

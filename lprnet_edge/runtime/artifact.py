@@ -26,14 +26,7 @@ import numpy as np
 
 from lprnet_edge.runtime.charset import Charset
 from lprnet_edge.runtime.errors import ArtifactError, LprnetEdgeError
-from lprnet_edge.runtime.files import (  # noqa: F401  (re-exported: the historical home)
-    atomic_file,
-    publish_mode,
-    safe_extractall,
-    sha256_file,
-    staging_dir,
-    write_json_atomic,
-)
+from lprnet_edge.runtime.files import atomic_file, safe_extractall, sha256_file
 from lprnet_edge.runtime.preprocess import Preprocess, check_version
 
 SCHEMA_VERSION = 1
@@ -58,11 +51,6 @@ def machine_arch(machine: str | None = None) -> str:
         if m in names:
             return arch
     return m
-
-
-def file_entries(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """``files`` block of a manifest: name -> {sha256, size} of files in ``root``."""
-    return {n: FileEntry.of(Path(root) / n).to_dict() for n in names}
 
 
 def check_plain_name(name: Any, what: str) -> str:
@@ -473,20 +461,6 @@ class Artifact:
 
     def __repr__(self) -> str:
         return f"Artifact({str(self._root)!r}, target={self._manifest.target.name!r})"
-
-
-# ---------------------------------------------------------------- old entry points
-
-
-def read_manifest(artifact: str | Path) -> dict[str, Any]:
-    """The validated manifest as a dict (for device/deploy.py until it uses Artifact)."""
-    return load_manifest(artifact).to_dict()
-
-
-def verify(artifact: str | Path, manifest: dict[str, Any] | None = None,
-           check_arch: bool = True) -> dict[str, Any]:
-    """:meth:`Artifact.open` returning the manifest dict (kept for older callers)."""
-    return Artifact.open(artifact, check_arch=check_arch).manifest.to_dict()
 
 
 # ---------------------------------------------------------------- bundles

@@ -50,7 +50,7 @@ def _bench_json(artifact: Path, *extra: str, block_ort: bool = False) -> dict:
 def test_bench_json_has_the_three_rows_and_the_ratios(tiny_tvm_artifact: Path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch")
-    from lprnet_edge.runtime.artifact import sha256_file
+    from lprnet_edge.runtime.files import sha256_file
 
     weights = tiny_tvm_artifact.parent / "tiny.pth"
     res = _bench_json(tiny_tvm_artifact, "--weights", str(weights))

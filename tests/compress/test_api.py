@@ -44,21 +44,20 @@ def test_configs_round_trip_through_the_manifest(cfg):
     assert family(**{family.tag_key: cfg.tag}) == type(cfg)()
 
 
-def test_manifests_written_before_the_split_still_read():
-    old_channels = {"kind": "channels", "sparsity": 0.8, "ratio": 0.5, "distill_epochs": 30,
-                    "seed": 0}
-    c = PruneConfig.from_dict(old_channels)
-    # What that manifest built: all three inner widths, no rounding.
-    assert c == ChannelPruneConfig(ratio=0.5, groups=("b1_mid", "b2_mid", "b3_mid"),
-                                   round_to=1, distill_epochs=30, distill_time_s=600.0)
-    old_q = {"calibrator": "percentile", "percentile": 99.99, "per_channel": True,
-             "calib_images": 256, "fallback_layers": ["container.0"]}
-    assert QuantizeConfig.from_dict({"mode": "fp16", **old_q}) == Fp16WeightsConfig(
-        fallback_layers=("container.0",))
-    assert QuantizeConfig.from_dict({"mode": "int8", **old_q}) == Int8Config(
-        fallback_layers=("container.0",))
-    assert PruneConfig.from_dict({"kind": "unstructured", "sparsity": 0.8, "ratio": 0.5,
-                                  "distill_epochs": 30, "seed": 0}) == UnstructuredPruneConfig()
+@pytest.mark.parametrize(("family", "d", "key"), [
+    (PruneConfig, {"kind": "channels", "sparsity": 0.8, "ratio": 0.5}, "sparsity"),
+    (PruneConfig, {"kind": "unstructured", "sparsity": 0.8, "ratio": 0.5}, "ratio"),
+    (PruneConfig, {"kind": "unstructured", "distill_epochs": 30}, "distill_epochs"),
+    (QuantizeConfig, {"mode": "fp16", "calibrator": "percentile"}, "calibrator"),
+    (QuantizeConfig, {"mode": "int8-weights", "calib_images": 256}, "calib_images"),
+], ids=["channels-sparsity", "unstructured-ratio", "unstructured-distill", "fp16-calibrator",
+        "int8-weights-calib"])
+def test_options_of_another_technique_are_refused(family, d, key):
+    """A config records only its own technique's options: another's is a mistake, not ignored."""
+    tech = family.technique(d[family.tag_key])
+    with pytest.raises(LprnetEdgeError, match=rf"{tech.__name__}: unknown options \['{key}'\]; "
+                                              r"use one of \["):
+        family.from_dict(d)
 
 
 def test_config_errors_name_the_choices():

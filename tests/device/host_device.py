@@ -17,11 +17,17 @@ import pytest
 from lprnet_edge.device.device import Device
 from lprnet_edge.device.remote import remote_recognize
 from lprnet_edge.device.ssh import SshConnection
+from lprnet_edge.runtime.artifact import FileEntry
 
 PLATE = "京PL3N67.jpg"
 
 
 VERIFY_TOLERANCE = 1e-3  # the pipeline's default max |logit diff| vs PyTorch
+
+
+def file_entries(root: Path, names: list[str]) -> dict[str, dict[str, object]]:
+    """The ``files`` block of a manifest for ``names`` in ``root``: name -> {sha256, size}."""
+    return {n: FileEntry.of(Path(root) / n).to_dict() for n in names}
 
 
 def verify_set_inputs(n: int = 4):
@@ -44,7 +50,6 @@ def add_verify_set(root: Path, model, tolerance: float = VERIFY_TOLERANCE,
     artifact and list it in the manifest, as the pipeline does at package time."""
     import torch
 
-    from lprnet_edge.runtime.artifact import file_entries
     from lprnet_edge.runtime.selfcheck import write_verify_set
 
     xs = verify_set_inputs()
@@ -79,7 +84,7 @@ def build_host_artifact(out: Path, weights: Path) -> Path:
 
     from lprnet_edge.model.checkpoint import load_model
     from lprnet_edge.model.lprnet import example_input
-    from lprnet_edge.runtime.artifact import SCHEMA_VERSION, file_entries, machine_arch
+    from lprnet_edge.runtime.artifact import SCHEMA_VERSION, machine_arch
     from lprnet_edge.runtime.charset import load_charset
     from lprnet_edge.runtime.params_codec import save_params
     from lprnet_edge.runtime.preprocess import Preprocess

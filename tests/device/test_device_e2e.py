@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from host_device import add_verify_set, fp16_rounded
+from host_device import add_verify_set, file_entries, fp16_rounded
 
 from lprnet_edge.device.deploy import deploy, status
 from lprnet_edge.device.device import Device
@@ -39,13 +39,13 @@ PLATE = "京PL3N67.jpg"
 @pytest.fixture(scope="module")
 def rpi4_artifact(tmp_path_factory, weights_path) -> Path:
     """$LPRNET_EDGE_RPI4_ARTIFACT, else build/lprnet-rpi4 if intact, else built here."""
-    from lprnet_edge.runtime.artifact import read_manifest, verify
+    from lprnet_edge.runtime.artifact import Artifact
 
     for cand in (os.environ.get("LPRNET_EDGE_RPI4_ARTIFACT"), REPO / "build" / "lprnet-rpi4"):
         if cand and Path(cand).is_dir():
             with contextlib.suppress(Exception):
-                m = verify(cand, read_manifest(cand), check_arch=False)
-                if m["target"].get("arch") == "aarch64":
+                art = Artifact.open(cand, check_arch=False)
+                if art.manifest.target.arch == "aarch64":
                     return Path(cand)
     out = tmp_path_factory.mktemp("rpi4") / "lprnet-rpi4"
     env = {**os.environ, "LPRNET_EDGE_WEIGHTS": str(weights_path)}
@@ -409,7 +409,6 @@ def test_deploy_refuses_a_board_that_preprocesses_differently(pi_device, deploye
     from lprnet_edge.device.deploy import deploy
     from lprnet_edge.model.reference import reference_recognizer
     from lprnet_edge.pipeline.verify_images import image_check_set
-    from lprnet_edge.runtime.artifact import file_entries
     from lprnet_edge.runtime.imagecheck import CHECK_FILE, read_image_check, write_image_check
     from lprnet_edge.runtime.preprocess import Preprocess
 

@@ -13,7 +13,7 @@ from lprnet_edge.compiler.config import CompileConfig
 from lprnet_edge.compiler.target import load_target
 from lprnet_edge.compress.configs import QuantizeConfig
 from lprnet_edge.pipeline.build import BuildOptions
-from lprnet_edge.runtime.artifact import machine_arch, read_manifest
+from lprnet_edge.runtime.artifact import load_manifest, machine_arch
 from lprnet_edge.runtime.errors import ArtifactError
 
 
@@ -113,10 +113,10 @@ def test_cli_host_build(host_build):
     assert f"artifact      {out}" in r.stdout
     assert "verification  passed on 8 images" in r.stdout
     assert "model.so" in r.stdout and "params.npz" in r.stdout
-    m = read_manifest(out)
-    assert m["verification"]["status"] == "passed"
-    assert m["runtime"]["num_threads"] == 1
-    assert m["stages"]["compile"]["num_threads"] == 1
+    m = load_manifest(out)
+    assert m.verification["status"] == "passed"
+    assert m.runtime.num_threads == 1
+    assert m.stages["compile"]["num_threads"] == 1
     assert (out.parent / "lprnet-tiny.tar.gz").is_file()
     from lprnet_edge.runtime.recognizer import Recognizer
 
@@ -163,7 +163,7 @@ def test_cli_cross_build_rpi4(cli_runner, tiny_ckpt: Path, tmp_path: Path):
     r = cli_runner("build", "--target", "rpi4", "--weights", tiny_ckpt, "--out", out, "--json")
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)
-    assert m == read_manifest(out)
+    assert m == load_manifest(out).to_dict()
     assert m["target"]["name"] == "rpi4" and m["target"]["arch"] == "aarch64"
     assert m["target"]["tvm"]["mcpu"] == "cortex-a72"
     assert m["target"]["toolchain"]["cross"] is (machine_arch() != "aarch64")

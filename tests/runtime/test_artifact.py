@@ -19,11 +19,11 @@ from lprnet_edge.model.reference import reference_recognizer  # noqa: E402
 from lprnet_edge.runtime.artifact import (  # noqa: E402
     MANIFEST,
     SCHEMA_VERSION,
+    Artifact,
     bundle,
+    load_manifest,
     machine_arch,
-    read_manifest,
     unbundle,
-    verify,
 )
 from lprnet_edge.runtime.errors import ArtifactError  # noqa: E402
 from lprnet_edge.runtime.recognizer import Recognizer  # noqa: E402
@@ -59,7 +59,7 @@ def copy_of(host_artifact: Path, tmp_path: Path):
 
 @pytest.mark.slow
 def test_manifest_contents(host_artifact: Path, weights_path: Path):
-    m = read_manifest(host_artifact)
+    m = load_manifest(host_artifact).to_dict()
     assert m["schema_version"] == SCHEMA_VERSION
     assert m["name"] == "lprnet-host" and m["backend"] == "tvm"
     assert m["model_file"] == "model.so"
@@ -79,8 +79,9 @@ def test_manifest_contents(host_artifact: Path, weights_path: Path):
     for k in ("lprnet_edge", "tvm", "torch", "python"):
         assert m["versions"][k]
     assert dt.datetime.fromisoformat(m["created"]).tzinfo is not None
-    # verify.npz: calib/ inputs + PyTorch logits for the check on the device at deploy.
-    assert set(m["files"]) == {"model.so", "params.npz", "verify.npz"}
+    # verify.npz: calib/ inputs + PyTorch logits for the check on the device at deploy;
+    # check_images.npz: plate image bytes for the on-device check from bytes to text.
+    assert set(m["files"]) == {"model.so", "params.npz", "verify.npz", "check_images.npz"}
     rt = m["runtime"]
     assert rt["entry"] == "main" and rt["params"] == "params.npz"
     # Constant channels folded (model.channel_fold): 15 backbone convolutions and the head
@@ -174,5 +175,5 @@ def test_other_architecture_is_rejected(copy_of):
 def test_bundle_round_trip(host_artifact: Path, tmp_path: Path):
     tar = bundle(host_artifact, tmp_path / "lprnet-host.tar.gz")
     root = unbundle(tar, tmp_path / "unpacked")
-    assert verify(root)["files"] == read_manifest(host_artifact)["files"]
+    assert Artifact.open(root).manifest.files == load_manifest(host_artifact).files
     assert Recognizer.from_artifact(root).backend_name == "tvm"

@@ -108,7 +108,7 @@ def _agent(args: list[str], block_ort: bool = False, path: Path | None = None) -
 def test_agent_bench_onnx_times_ort_beside_the_artifact(tiny_tvm_artifact: Path):
     pytest.importorskip("onnxruntime")
     from lprnet_edge.model.onnx import export_onnx
-    from lprnet_edge.runtime.artifact import sha256_file
+    from lprnet_edge.runtime.files import sha256_file
 
     weights = tiny_tvm_artifact.parent / "tiny.pth"
     onnx = export_onnx(weights, cache=tiny_tvm_artifact.parent / "onnx-cache").path

@@ -28,10 +28,8 @@ from lprnet_edge.runtime.artifact import (
     FileEntry,
     Manifest,
     RuntimeSpec,
-    file_entries,
     load_manifest,
     machine_arch,
-    read_manifest,
 )
 from lprnet_edge.runtime.charset import load_charset
 from lprnet_edge.runtime.errors import ArtifactError
@@ -54,7 +52,7 @@ def manifest_dict(root: Path, files: tuple[str, ...] = ("model.so", "params.npz"
         "output": {"shape": [1, 68, 18], "dtype": "float32", "layout": "NCT"},
         "preprocess": Preprocess().to_dict(),
         "charset": load_charset().to_dict(),
-        "files": file_entries(root, list(files)),
+        "files": {n: FileEntry.of(root / n).to_dict() for n in files},
         "runtime": {"entry": "main", "params": "params.npz", "param_order": ["w1", "w0"],
                     "num_threads": 2},
         "stages": {"prune": None}, "reports": {"compile": {"tuned": False}},
@@ -82,7 +80,7 @@ def test_valid_manifest_round_trips_and_opens(art_dir: Path):
     m = Manifest.from_dict(raw)
     assert m.to_dict() == raw  # typed fields and free-form records, unknown keys included
     assert Manifest.from_dict(m.to_dict()) == m
-    assert read_manifest(art_dir) == raw
+    assert load_manifest(art_dir).to_dict() == raw
     assert m.target.arch == machine_arch() and m.target.tvm == {"kind": "llvm"}
     assert m.files["model.so"] == FileEntry.of(art_dir / "model.so")
     assert m.runtime == RuntimeSpec("main", "params.npz", ("w1", "w0"), 2)
