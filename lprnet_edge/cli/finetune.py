@@ -44,6 +44,12 @@ def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int, pati
     The best epoch by exact-plate accuracy on the validation split is kept and written to
     OUT as soon as it is found: Ctrl-C leaves the best weights so far. Use OUT anywhere the
     toolchain takes --weights. SIGTERM stops it the same way.
+
+    \b
+    Examples:
+      lprnet-edge finetune --data my-plates/ --val-split 0.2 -o my-lprnet.pth
+      lprnet-edge finetune --data labels.csv --val held-out/ --epochs 30 -o my-lprnet.pth
+      lprnet-edge build --target rpi4 --weights my-lprnet.pth --quantize int8
     """
     from lprnet_edge.model.checkpoint import load_model
     from lprnet_edge.model.finetune import FinetuneConfig, run_finetune
