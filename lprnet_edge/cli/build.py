@@ -224,7 +224,7 @@ compression_options = grouped(
                  type=click.Choice(["int8", "fp16", "int8-weights"]),
                  help="Post-training quantization calibrated on calib/."),
     click.option("--calibrator", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
-                 help="Activation range calibrator for --quantize int8.  [default: percentile]"),
+                 help="Activation range calibrator for --quantize int8.  [default: mse]"),
     click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), metavar="POINTS",
                  help="Accuracy budget in points of calib/ plate accuracy vs the original (0.5 "
                       "= half a point). Alone: search pruning x quantization for the smallest "
