@@ -262,12 +262,36 @@ def test_int8_dot_products_run_right_on_the_device(pi_device, deployed, target, 
     m = json.loads((out / "manifest.json").read_text())
     assert m["reports"]["int8"]["dot"] == kind
     assert m["reports"]["compile"]["schedules"]["tensorized"] >= 10
+    if kind == "sdot":  # the emulated board is a Pi 4's A72: no sdot, so a Pi 5's A76 here
+        v = selfcheck_on_a76(out)
+        assert v["status"] == "passed" and v["machine"] == "aarch64", v
+        with pytest.raises(DeviceError, match="Illegal instruction"):
+            deploy(pi_device, out)  # and the A72 board refuses it: its check cannot run it
+        assert pi_device.current().rsplit("/", 1)[-1] == deployed.name
+        return
     try:
         res = deploy(pi_device, out)
         v = res.checks.verification
         assert v["status"] == "passed" and v["machine"] == "aarch64", v
     finally:
         pi_device.switch_to(deployed.name)
+
+
+def selfcheck_on_a76(artifact: Path) -> dict:
+    """The deploy's on-device check (runtime.selfcheck) run under ``qemu-aarch64 -cpu
+    cortex-a76`` in the emulated Pi's rootfs: the stored host PyTorch logits against the
+    artifact's on an A76's instruction set."""
+    from lprnet_edge.compiler.cost.cpus import CPUS
+    from lprnet_edge.compiler.cost.estimate import python_program
+
+    prog = python_program("selfcheck", ("-m", "lprnet_edge.runtime.selfcheck", "--artifact",
+                                        str(artifact)), CPUS["cortex-a76"])
+    r = subprocess.run(["qemu-aarch64", "-cpu", "cortex-a76", "-L", str(prog.rootfs),
+                        *prog.argv], capture_output=True, text=True, timeout=1200,
+                       env={**os.environ, **dict(prog.env)})
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    assert doc.get("ok"), doc
+    return doc["result"]["selfcheck"]
 
 
 def _session_sshd_pids(emulated_pi) -> list[int]:
@@ -416,6 +440,7 @@ def test_deploy_refuses_a_board_that_preprocesses_differently(pi_device, deploye
         def resize(self, image: np.ndarray) -> np.ndarray:
             return cv2.resize(image, (self.width, self.height))
 
+    pi_device.switch_to(deployed.name)  # an earlier test may have left its own current
     art = tmp_path / "lprnet-rpi4-linear"
     shutil.copytree(rpi4_artifact, art)
     exact = read_image_check(art / CHECK_FILE)
