@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +21,17 @@ from lprnet_edge.device.ssh import SshConnection
 from lprnet_edge.runtime.artifact import FileEntry
 
 PLATE = "京PL3N67.jpg"
+
+
+def build_rpi4(tmp_path_factory: pytest.TempPathFactory, weights_path: Path) -> Path:
+    """A default ``build --target rpi4`` of ``weights_path``, in a temporary folder."""
+    out = tmp_path_factory.mktemp("rpi4") / "lprnet-rpi4"
+    env = {**os.environ, "LPRNET_EDGE_WEIGHTS": str(weights_path)}
+    r = subprocess.run([sys.executable, "-m", "lprnet_edge.cli.main", "build", "--target", "rpi4",
+                        "--out", str(out)], capture_output=True, text=True, env=env,
+                       timeout=1800)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
 
 
 VERIFY_TOLERANCE = 1e-3  # the pipeline's default max |logit diff| vs PyTorch

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from host_device import build_rpi4
 
 from lprnet_edge.compiler.cost.cpus import CPUS
 from lprnet_edge.compiler.cost.estimate import artifact_program, estimate_cycles
@@ -26,13 +27,7 @@ def rpi4_artifact(tmp_path_factory, weights_path) -> Path:
     """$LPRNET_EDGE_RPI4_ARTIFACT, else built here."""
     if os.environ.get("LPRNET_EDGE_RPI4_ARTIFACT"):
         return Path(os.environ["LPRNET_EDGE_RPI4_ARTIFACT"])
-    out = tmp_path_factory.mktemp("rpi4") / "lprnet-rpi4"
-    env = {**os.environ, "LPRNET_EDGE_WEIGHTS": str(weights_path)}
-    r = subprocess.run([sys.executable, "-m", "lprnet_edge.cli.main", "build", "--target", "rpi4",
-                        "--out", str(out)], capture_output=True, text=True, env=env,
-                       timeout=1800)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return out
+    return build_rpi4(tmp_path_factory, weights_path)
 
 
 @pytest.mark.slow

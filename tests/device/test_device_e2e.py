@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from host_device import add_verify_set, file_entries, fp16_rounded
+from host_device import add_verify_set, build_rpi4, file_entries, fp16_rounded
 
 from lprnet_edge.device.deploy import deploy, status
 from lprnet_edge.device.device import Device
@@ -47,13 +47,7 @@ def rpi4_artifact(tmp_path_factory, weights_path) -> Path:
                 art = Artifact.open(cand, check_arch=False)
                 if art.manifest.target.arch == "aarch64":
                     return Path(cand)
-    out = tmp_path_factory.mktemp("rpi4") / "lprnet-rpi4"
-    env = {**os.environ, "LPRNET_EDGE_WEIGHTS": str(weights_path)}
-    r = subprocess.run([sys.executable, "-m", "lprnet_edge.cli.main", "build", "--target", "rpi4",
-                        "--out", str(out)], capture_output=True, text=True, env=env,
-                       timeout=1800)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return out
+    return build_rpi4(tmp_path_factory, weights_path)
 
 
 @pytest.fixture(scope="module")
