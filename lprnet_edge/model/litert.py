@@ -64,17 +64,14 @@ def _import_converter() -> object:
     return litert_torch
 
 
-LitertExport = ExportedFile  # the .tflite file
-
-
 def export_litert(weights: str | Path | None = None, num_classes: int = 68,
-                  cache: str | Path | None = None) -> LitertExport:
+                  cache: str | Path | None = None) -> ExportedFile:
     """The ``.tflite`` of ``weights``, converted on first use, then reused from the cache."""
     place = export_place(weights, cache, "litert", num_classes, f"v{_FORMAT}")
     src, sha, out_dir, out = (place.weights, place.weights_sha256, place.folder,
                               place.file(".tflite"))
     if out.is_file():
-        return LitertExport(out, src, sha, cached=True)
+        return ExportedFile(out, src, sha, cached=True)
     litert_torch = _import_converter()
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".litert-", suffix=".tflite")
@@ -89,4 +86,4 @@ def export_litert(weights: str | Path | None = None, num_classes: int = 68,
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return LitertExport(out, src, sha, cached=False)
+    return ExportedFile(out, src, sha, cached=False)

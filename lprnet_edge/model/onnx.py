@@ -33,17 +33,14 @@ INPUT_SHAPE = (1, 3, 24, 94)
 _FORMAT = 1  # bump when the export changes, so cached files are not reused
 
 
-OnnxExport = ExportedFile  # the .onnx file
-
-
 def export_onnx(weights: str | Path | None = None, num_classes: int = 68,
-                cache: str | Path | None = None) -> OnnxExport:
+                cache: str | Path | None = None) -> ExportedFile:
     """The ONNX file of ``weights`` (resolved like every command), exported on first use and
     then reused from the cache (keyed by the weights' sha256)."""
     place = export_place(weights, cache, "onnx", num_classes, f"opset{OPSET}-v{_FORMAT}")
     src, sha, out = place.weights, place.weights_sha256, place.file(".onnx")
     if out.is_file():
-        return OnnxExport(out, src, sha, cached=True)
+        return ExportedFile(out, src, sha, cached=True)
     place.folder.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
@@ -51,7 +48,7 @@ def export_onnx(weights: str | Path | None = None, num_classes: int = 68,
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return OnnxExport(out, src, sha, cached=False)
+    return ExportedFile(out, src, sha, cached=False)
 
 
 def _export(weights: Path, num_classes: int, dest: Path) -> None:
@@ -72,7 +69,7 @@ def _export(weights: Path, num_classes: int, dest: Path) -> None:
                                   f"({type(e).__name__}: {e})") from e
 
 
-def source_note(source: Any, exported: OnnxExport) -> tuple[bool | None, str]:
+def source_note(source: Any, exported: ExportedFile) -> tuple[bool | None, str]:
     """Whether the baselines' weights are an artifact's source (``source``: the manifest's
     ``source`` record, with ``weights_sha256``; None when it does not say), and a line saying
     so."""
