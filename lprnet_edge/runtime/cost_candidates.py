@@ -46,7 +46,7 @@ def random_args(args: list[list[Any]]) -> list[np.ndarray]:
             a = rng.integers(0, 2, size=tuple(shape)).astype(dt)
         else:
             raise ValueError(f"unsupported argument dtype {dtype}")
-        out.append(np.ascontiguousarray(a))
+        out.append(np.array(a, dtype=dt, order="C"))  # 0-d stays 0-d (not ascontiguousarray)
     return out
 
 

@@ -60,12 +60,18 @@ def workload_key(prepared: Any) -> str:
     return f"{int(tvm_ffi.structural_hash(prepared)) & ((1 << 64) - 1):016x}"
 
 
-def default_db_dir(target: Any, prepared: Any) -> Path:
-    return cache_dir() / "tuning" / f"{target_key(target)}-{workload_key(prepared)}"
+def default_db_dir(target: Any, prepared: Any, estimated_cpu: str | None = None) -> Path:
+    """The cache's database for ``target`` and ``prepared``; records estimated for a core
+    (tuning without the board) live apart from the board's measured ones, whose seconds
+    they must not be compared with."""
+    est = f"-est-{estimated_cpu}" if estimated_cpu else ""
+    return cache_dir() / "tuning" / f"{target_key(target)}-{workload_key(prepared)}{est}"
 
 
-def resolve_db_dir(target: Any, prepared: Any, config: TuneConfig) -> Path:
-    return Path(config.db_dir) if config.db_dir else default_db_dir(target, prepared)
+def resolve_db_dir(target: Any, prepared: Any, config: TuneConfig,
+                   estimated_cpu: str | None = None) -> Path:
+    return (Path(config.db_dir) if config.db_dir
+            else default_db_dir(target, prepared, estimated_cpu))
 
 
 def has_records(db_dir: str | Path) -> bool:
