@@ -2,16 +2,18 @@
 
 MetaSchedule's candidates are small shared libraries, each with one function (``main``) and
 the shapes and dtypes of its arguments. Under qemu, starting Python and the TVM runtime costs
-far more than running a kernel, so one process measures a whole list::
+far more than running a kernel, so one process measures many, sent on its input::
 
-    python -m lprnet_edge.runtime.cost_candidates LIST.json
+    python -m lprnet_edge.runtime.cost_candidates < REQUESTS
 
-``LIST.json`` is ``[{"id": N, "path": "cand.so", "args": [["float32", [1, 64]], ...]}, ...]``.
-Each candidate is loaded, given seeded random arguments, run once outside the region (warm-up:
-lazy symbol binding, first-touch pages), then once inside its own measured region, which the
-plugin dumps as section ``id`` (``cost_marker.dump``). One JSON line per candidate goes to
-stdout as it finishes (``{"id": N, "ok": true}`` or ``{"id": N, "error": "..."}``), so the
-host knows which candidate a crash or a hang belongs to.
+reads one candidate per line, ``{"id": N, "path": "cand.so", "args": [["float32", [1, 64]],
+...]}``, until its input ends; it prints ``{"ready": true}`` once Python and the TVM runtime
+are loaded. Each candidate is loaded, given seeded random arguments, run once outside the
+region (warm-up: lazy symbol binding, first-touch pages), then once inside its own measured
+region, which the plugin dumps as section ``id`` (``cost_marker.dump_region``). One JSON
+line per candidate goes to stdout as it finishes (``{"id": N, "ok": true, "maps": [...]}``
+with the process's executable mappings, or ``{"id": N, "error": "..."}``), so the host
+knows which candidate a crash or a hang belongs to.
 
 Every module stays loaded until the process ends: unloading one would let the next be mapped
 at the same addresses. numpy and the TVM runtime only: this module ships to the board.
@@ -68,25 +70,30 @@ def measure(tvm: Any, cand: dict[str, Any], keep: list[Any]) -> None:
     dump_region(int(cand["id"]))
 
 
-def main(argv: list[str]) -> int:
-    # The TVM runtime is imported here so that `--help`-like failures stay cheap; it is the
-    # only heavy package this module needs.
+def _say(line: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    # The TVM runtime is the one heavy package here: imported when the guest starts serving.
     import tvm
     import tvm.runtime  # noqa: F401
 
-    with open(argv[0]) as f:
-        cands = json.load(f)
     keep: list[Any] = []
-    for cand in cands:
+    _say({"ready": True})
+    for text in sys.stdin:
+        if not text.strip():
+            continue
+        cand = json.loads(text)
         try:
             measure(tvm, cand, keep)
             line = {"id": cand["id"], "ok": True, "maps": executable_maps()}
         except Exception as e:  # noqa: BLE001 - a failing candidate is a result, not a stop
             line = {"id": cand["id"], "error": f"{type(e).__name__}: {e}"[:2000]}
-        sys.stdout.write(json.dumps(line) + "\n")
-        sys.stdout.flush()
+        _say(line)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -1,13 +1,14 @@
-"""Estimated cycles of many small compiled kernels (tuning candidates), a few processes each.
+"""Estimated cycles of many small compiled kernels (tuning candidates), in long-lived guests.
 
-Under qemu, Python and the TVM runtime take seconds to start and a candidate kernel
-milliseconds to run, so the candidates of a batch share processes: each process runs the
-guest :mod:`lprnet_edge.runtime.cost_candidates` over a list of candidates, and the plugin
-dumps every candidate's region as its own section. The list is split across ``jobs``
-processes run side by side. A candidate that crashes its process or hangs gets an error and
-the process is started again for the candidates after it, so one bad candidate costs one
-restart, not the batch. All blocks are weighed with llvm-mca in one pass at the end (cached
-per block, so the runtime's blocks and repeated kernels are weighed once).
+Under qemu, Python and the TVM runtime take many seconds to start and a candidate kernel
+milliseconds to run, so candidates share processes: :class:`CandidateEstimator` keeps
+``jobs`` guest processes (:mod:`lprnet_edge.runtime.cost_candidates`, fed one candidate per
+line on stdin) alive across batches, one per core, and the plugin dumps every candidate's
+region as its own section. A candidate that crashes its process or hangs gets an error and a
+new process serves the next one, so a bad candidate costs one start-up, not the tuning.
+Processes are replaced after :data:`RECYCLE` candidates (every module stays loaded in its
+guest). A batch's blocks are weighed with llvm-mca in one pass (cached per block, so the
+runtime's blocks and repeated kernels are weighed once).
 
 A candidate's cost is the blocks of its own library and of what a kernel calls in TVM's
 runtime and libm (workspace allocation, the parallel launch, math functions). The guest's
@@ -20,10 +21,12 @@ before: without it, the same candidate gives the same cycles wherever it runs in
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
 import os
 import queue
-import signal
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -45,6 +48,7 @@ GUEST = ("-m", "lprnet_edge.runtime.cost_candidates")
 # Seconds a guest process may take to start (Python and the TVM runtime under qemu) before
 # its first candidate's own timeout starts counting.
 STARTUP_S = 180.0
+RECYCLE = 200  # candidates per guest process before a fresh one
 # Libraries whose blocks a kernel's cost includes, besides its own (prefixes of file names).
 KERNEL_LIBS = ("libtvm_runtime", "libtvm_ffi.", "libm.", "libm-")
 
@@ -74,27 +78,81 @@ class CandidateCost:
 
 
 def estimate_candidates(cands: Sequence[Candidate], cpu: CpuModel, timeout_s: float = 60.0,
-                     jobs: int | None = None) -> list[CandidateCost]:
-    """Estimated cycles of one call of each kernel on ``cpu`` (aarch64), in order.
+                        jobs: int | None = None) -> list[CandidateCost]:
+    """Estimated cycles of one call of each candidate on ``cpu`` (aarch64), in order, with
+    processes of their own (a tuner keeps a :class:`CandidateEstimator` instead)."""
+    with CandidateEstimator(cpu, timeout_s, jobs) as est:
+        return est.estimate(cands)
 
-    ``timeout_s`` bounds one candidate (load, warm-up and counted run under qemu); ``jobs``
-    processes run side by side (default: the machine's cores)."""
-    if not cands:
-        return []
-    tools = find_tools(cpu.arch)
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(cands)))
-    parts = [list(range(len(cands)))[j::jobs] for j in range(jobs)]
-    found: dict[int, Counts | str] = {}
-    with tempfile.TemporaryDirectory(prefix="lprnet-cands-") as tmp:
-        threads = [threading.Thread(target=_run_part_safe, daemon=True,
-                                    args=(tools, cpu, cands, ids, Path(tmp) / f"p{j}",
-                                          timeout_s, found))
-                   for j, ids in enumerate(parts) if ids]
+
+class CandidateEstimator:
+    """``jobs`` guest processes (default: the machine's cores) that estimate candidates for
+    ``cpu``; ``timeout_s`` bounds one candidate (load, warm-up and counted run under qemu)."""
+
+    def __init__(self, cpu: CpuModel, timeout_s: float = 60.0, jobs: int | None = None) -> None:
+        self.cpu, self.timeout_s = cpu, timeout_s
+        self.tools = find_tools(cpu.arch)
+        self.jobs = max(1, jobs or os.cpu_count() or 1)
+        self.work = Path(tempfile.mkdtemp(prefix="lprnet-cands-"))
+        self.guests: list[Guest | None] = [None] * self.jobs
+        self.started = 0
+        self.ids = itertools.count(1)  # section ids, unique per guest file
+        atexit.register(self.close)
+
+    def __enter__(self) -> CandidateEstimator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def estimate(self, cands: Sequence[Candidate]) -> list[CandidateCost]:
+        """Estimated cycles of one call of each candidate, in order."""
+        found: dict[int, Counts | str] = {}
+        ids = list(range(len(cands)))
+        threads = [threading.Thread(target=self._serve, args=(j, ids[j::self.jobs], cands, found),
+                                    daemon=True)
+                   for j in range(min(self.jobs, len(cands)))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    return _weigh(tools, cpu, [found.get(i, "not measured") for i in range(len(cands))])
+        return _weigh(self.tools, self.cpu, [found.get(i, "not measured") for i in ids])
+
+    def _serve(self, j: int, ids: list[int], cands: Sequence[Candidate],
+               found: dict[int, Counts | str]) -> None:
+        """Candidates ``ids`` on guest ``j``, in order; a dead guest is replaced, a guest that
+        dies before it is ready ends the part (the instrument itself is broken)."""
+        for i in ids:
+            try:
+                g = self.guests[j]
+                if g is None or not g.alive() or g.served >= RECYCLE:
+                    if g is not None:
+                        g.close()
+                    g = self.guests[j] = self._start()
+                found[i] = g.measure(next(self.ids), cands[i], self.timeout_s)
+            except (OSError, ValueError, LprnetEdgeError) as e:
+                found[i] = f"the cost instrument failed: {e}"
+                if (g := self.guests[j]) is not None:
+                    g.close(kill=True)
+                g = None
+            if g is None or not g.alive():
+                self.guests[j] = None
+                if g is None or not g.ready:
+                    for k in ids[ids.index(i) + 1:]:
+                        found[k] = str(found[i])
+                    return
+
+    def _start(self) -> Guest:
+        self.started += 1
+        return Guest(self.tools, self.cpu, self.work, self.started)
+
+    def close(self) -> None:
+        """Stop the guests and remove their files."""
+        for g in self.guests:
+            if g is not None:
+                g.close()
+        self.guests = [None] * self.jobs
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 def _weigh(tools: Tools, cpu: CpuModel, found: list[Counts | str]) -> list[CandidateCost]:
@@ -112,95 +170,93 @@ def _weigh(tools: Tools, cpu: CpuModel, found: list[Counts | str]) -> list[Candi
     return out
 
 
-def _run_part_safe(tools: Tools, cpu: CpuModel, cands: Sequence[Candidate], ids: list[int],
-                   work: Path, timeout_s: float, found: dict[int, Counts | str]) -> None:
-    """:func:`_run_part` in a thread: an error of the instrument itself becomes every
-    unmeasured candidate's error instead of vanishing with the thread."""
-    try:
-        _run_part(tools, cpu, cands, ids, work, timeout_s, found)
-    except (OSError, ValueError, LprnetEdgeError) as e:
-        for i in ids:
-            found.setdefault(i, f"the cost instrument failed: {e}")
+class Guest:
+    """One guest process under qemu with the plugin, measuring one candidate per request."""
 
+    def __init__(self, tools: Tools, cpu: CpuModel, work: Path, n: int) -> None:
+        self.dump, self.err = work / f"dump{n}.txt", work / f"err{n}.txt"
+        self.offset = 0
+        self.served = 0
+        self.ready = False  # the guest has started (Python and the TVM runtime loaded)
+        prog = python_program("candidates", GUEST, cpu)
+        cmd = qemu_command(tools, cpu, work / f"exit{n}.txt", list(prog.argv), prog.rootfs)
+        plugin_at = cmd.index("-plugin") + 1
+        cmd[plugin_at] += f",dump={self.dump}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QEMU_")}
+        with open(self.err, "w") as err:
+            # setarch execs qemu: the pid is qemu's, a single process to kill.
+            self.proc = subprocess.Popen(
+                cmd, env={**env, **dict(prog.env), **DETERMINISTIC_ENV}, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=err, text=True)
+        self.out: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(self.proc.stdout, self.out), daemon=True).start()
 
-def _run_part(tools: Tools, cpu: CpuModel, cands: Sequence[Candidate], ids: list[int],
-              work: Path, timeout_s: float, found: dict[int, Counts | str]) -> None:
-    """Measure ``ids`` in as few processes as crashes and hangs allow."""
-    work.mkdir()
-    todo = list(ids)
-    attempt = 0
-    while todo:
-        attempt += 1
-        listing, dump = work / f"list{attempt}.json", work / f"dump{attempt}.txt"
-        listing.write_text(json.dumps([{"id": i, **cands[i].to_dict()} for i in todo]))
-        lines, failure = _guest(tools, cpu, listing, dump, timeout_s, len(todo))
-        sections = _sections(dump)
-        for line in lines:
-            i = int(line["id"])
-            if line.get("ok") and i in sections:
-                found[i] = own_blocks(sections[i], line.get("maps", []), cands[i].path)
-            else:
-                found[i] = str(line.get("error") or "no count for this candidate")
-        done = {int(line["id"]) for line in lines}
-        todo = [i for i in todo if i not in done]
-        if failure is None or not todo:
-            continue
-        if not lines:  # the process failed before its first candidate: no point retrying
-            for i in todo:
-                found[i] = failure
-            return
-        found[todo.pop(0)] = failure  # the candidate it was running
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
-
-def _guest(tools: Tools, cpu: CpuModel, listing: Path, dump: Path, timeout_s: float,
-           n: int) -> tuple[list[dict[str, Any]], str | None]:
-    """Run the guest over ``listing``: its per-candidate lines, and why it stopped early
-    (None: it finished)."""
-    prog = python_program("candidates", (*GUEST, str(listing)), cpu)
-    cmd = qemu_command(tools, cpu, dump.with_suffix(".exit.txt"), list(prog.argv), prog.rootfs)
-    plugin_at = next(i for i, a in enumerate(cmd) if a == "-plugin") + 1
-    cmd[plugin_at] += f",dump={dump}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QEMU_")}
-    proc = subprocess.Popen(cmd, env={**env, **dict(prog.env), **DETERMINISTIC_ENV},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    out: queue.Queue[str | None] = queue.Queue()
-    err: list[str] = []
-    threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True).start()
-    threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
-    lines: list[dict[str, Any]] = []
-    deadline = time.monotonic() + STARTUP_S + timeout_s
-    while len(lines) < n:
+    def measure(self, sid: int, cand: Candidate, timeout_s: float) -> Counts | str:
+        """The candidate's counted blocks, or why there are none."""
+        assert self.proc.stdin is not None
         try:
-            text = out.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            _kill(proc)
-            return lines, f"timeout: no result after {timeout_s:.0f} s under qemu"
-        if text is None:  # the process ended
-            break
-        if text.startswith("{"):
-            lines.append(json.loads(text))
-            deadline = time.monotonic() + timeout_s
-    code = proc.wait()
-    if len(lines) < n:
-        time.sleep(0.1)  # let the stderr reader finish
-        tail = "".join(err).strip()[-600:]
-        return lines, f"the candidate crashed its process (exit {code}): {tail}"
-    return lines, None
+            self.proc.stdin.write(json.dumps({"id": sid, **cand.to_dict()}) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return self._died()
+        deadline = time.monotonic() + timeout_s + (STARTUP_S if self.served == 0 else 0)
+        while True:
+            try:
+                text = self.out.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close(kill=True)
+                return f"timeout: no result after {timeout_s:.0f} s under qemu"
+            if text is None:
+                return self._died()
+            if text.startswith("{"):
+                line = json.loads(text)
+                if not line.get("ready"):
+                    break
+                self.ready = True
+        self.served += 1
+        if not line.get("ok"):
+            return str(line.get("error") or "the guest reported no result")
+        sections = self._sections()
+        if sid not in sections:
+            return "the plugin wrote no section for this candidate"
+        return own_blocks(sections[sid], line.get("maps", []), cand.path)
+
+    def _sections(self) -> dict[int, Counts]:
+        with open(self.dump) as f:
+            f.seek(self.offset)
+            text = f.read()
+        end = text.rfind("\nend\n")
+        if end < 0:
+            return {}
+        self.offset += end + len("\nend\n")
+        return parse_sections(text[:end + len("\nend\n")])
+
+    def _died(self) -> str:
+        code = self.proc.wait()
+        tail = self.err.read_text(errors="replace").strip()[-600:] if self.err.is_file() else ""
+        return f"the candidate crashed its process (exit {code}): {tail}"
+
+    def close(self, kill: bool = False) -> None:
+        """End the process: EOF on its stdin (it exits after the candidate in hand), or kill."""
+        if self.proc.poll() is None and not kill:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                kill = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _pump(stream: Any, out: queue.Queue[str | None]) -> None:
     for line in stream:
         out.put(line.strip())
     out.put(None)
-
-
-def _kill(proc: subprocess.Popen[str]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def own_blocks(counts: Counts, maps: list[dict[str, Any]], lib: str) -> Counts:
@@ -216,12 +272,10 @@ def own_blocks(counts: Counts, maps: list[dict[str, Any]], lib: str) -> Counts:
                   blocks=kept)
 
 
-def _sections(dump: Path) -> dict[int, Counts]:
-    """The plugin's dump file: one :class:`Counts` per region id."""
-    if not dump.is_file():
-        return {}
+def parse_sections(dump: str) -> dict[int, Counts]:
+    """The plugin's dump sections: one :class:`Counts` per region id."""
     out: dict[int, Counts] = {}
-    for text in dump.read_text().split("\nend\n"):
+    for text in dump.split("\nend\n"):
         if not text.strip():
             continue
         head = dict(ln.split() for ln in text.splitlines()[:4] if not ln.startswith(("B ", "I ")))

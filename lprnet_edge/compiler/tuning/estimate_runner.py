@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lprnet_edge.compiler.cost.batch import Candidate, estimate_candidates
+from lprnet_edge.compiler.cost.batch import Candidate, CandidateEstimator
 from lprnet_edge.compiler.cost.cpus import CPUS, TARGET_CPU, CpuModel
 from lprnet_edge.compiler.target import TargetSpec
 from lprnet_edge.compiler.tuning.config import TuneConfig
@@ -82,12 +82,13 @@ def candidate(runner_input: Any) -> Candidate:
 
 def make_runner(spec: EstimateSpec, timeout_s: float) -> Any:
     """A MetaSchedule runner whose run time per candidate is its estimated cycles at the
-    board's clock (runs in the tuning worker)."""
+    board's clock (runs in the tuning worker; its guest processes serve every batch)."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.runner import PyRunner
     from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 
     hz = spec.clock_ghz * 1e9
+    estimator = CandidateEstimator(spec.model, timeout_s, spec.jobs)
 
     @derived_object
     class EstimateRunner(PyRunner):
@@ -99,7 +100,7 @@ def make_runner(spec: EstimateSpec, timeout_s: float) -> Any:
                 except LprnetEdgeError as e:
                     cands.append(str(e))
             ok = [c for c in cands if isinstance(c, Candidate)]
-            costs = iter(estimate_candidates(ok, spec.model, timeout_s, spec.jobs))
+            costs = iter(estimator.estimate(ok))
             futures = []
             for c in cands:
                 cost = next(costs) if isinstance(c, Candidate) else None
