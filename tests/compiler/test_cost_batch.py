@@ -1,4 +1,4 @@
-"""Many candidates per qemu process: per-candidate regions, determinism, a crash.
+"""Many candidates per qemu process: per-candidate regions, determinism, a crash, a hang.
 
 Real parts: kernels compiled by TVM for the Cortex-A72 and linked by the aarch64 cross
 compiler, run by the guest program under qemu-aarch64 with the counting plugin, weighed
@@ -78,20 +78,33 @@ def crasher():
     return te.create_prim_func([a, b]).with_attr("global_symbol", "main")
 
 
+def endless():
+    """Four billion dependent additions: far longer than the test's timeout under qemu."""
+    from tvm import te
+
+    a = te.placeholder((16,), name="A")
+    k1 = te.reduce_axis((0, 65536), name="k1")
+    k2 = te.reduce_axis((0, 65536), name="k2")
+    b = te.compute((1,), lambda i: te.sum(a[(k1 + k2) % 16], axis=[k1, k2]), name="B")
+    return te.create_prim_func([a, b]).with_attr("global_symbol", "main")
+
+
 def test_batch_regions_are_per_candidate(tmp_path: Path):
     needs_instrument()
     naive = Candidate(export(matmul(False), tmp_path / "naive.so"), MATMUL)
     tiled = Candidate(export(matmul(True), tmp_path / "tiled.so"), MATMUL)
     crash = Candidate(export(crasher(), tmp_path / "crash.so"),
                       (("float32", (16,)), ("float32", (16,))))
-    cpu = CPUS["cortex-a72"]
-    # One process: naive, crash (kills it), then a new process for the rest.
-    first = estimate_candidates([naive, crash, tiled, naive], cpu, jobs=1)
-    assert first[1].cycles is None and "crashed" in (first[1].error or "")
-    assert all(r.error is None for r in (first[0], first[2], first[3]))
+    hang = Candidate(export(endless(), tmp_path / "hang.so"), (("float32", (16,)),
+                                                              ("float32", (1,))))
+    # One guest: naive, then crash kills it; a second: tiled, then hang is killed after the
+    # timeout; a third: naive again.
+    res = estimate_candidates([naive, crash, tiled, hang, naive], CPUS["cortex-a72"],
+                              timeout_s=15, jobs=1)
+    assert res[1].cycles is None and "crashed" in (res[1].error or "")
+    assert res[3].cycles is None and "timeout" in (res[3].error or "")
+    assert all(r.error is None for r in (res[0], res[2], res[4]))
     # The same candidate in another process and position: the same cycles.
-    assert first[0].cycles == first[3].cycles
-    (again,) = estimate_candidates([naive], cpu, jobs=1)
-    assert again.cycles == first[0].cycles and again.instructions == first[0].instructions
+    assert res[0].cycles == res[4].cycles and res[0].instructions == res[4].instructions
     # The schedule MetaSchedule should prefer is the cheaper one.
-    assert first[2].cycles < 0.5 * first[0].cycles
+    assert res[2].cycles < 0.5 * res[0].cycles

@@ -78,6 +78,7 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
     check_environment()
     est = estimate_spec(target, config)
     if est is not None:
+        est.check()
         log(f"tuning against the cost instrument: no board given, every run time is "
             f"{est.label()} (qemu + llvm-mca)")
     if config.rpc or config.rpc_tracker:  # fail fast, before minutes of work
@@ -87,7 +88,7 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
     log("tuning: preparing the module (fusion passes)...")
     t0 = time.perf_counter()
     prep = mod if opts.prepared else prepare_for_tuning(mod, target)
-    db_dir = mkdir(resolve_db_dir(target, prep, config, est.cpu if est else None))
+    db_dir = mkdir(resolve_db_dir(target, prep, config))
     label_database(db_dir, target, prep, _tvm_version(), log)
     with tempfile.TemporaryDirectory(prefix="lprnet-tune-") as tmp:
         spec = _worker_spec(Path(tmp), prep, target, config, db_dir, opts, budget_s, est)

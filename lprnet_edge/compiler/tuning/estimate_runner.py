@@ -19,6 +19,8 @@ from typing import Any
 
 from lprnet_edge.compiler.cost.batch import Candidate, CandidateEstimator
 from lprnet_edge.compiler.cost.cpus import CPUS, TARGET_CPU, CpuModel
+from lprnet_edge.compiler.cost.plugin import find_tools
+from lprnet_edge.compiler.cost.rootfs import aarch64_rootfs
 from lprnet_edge.compiler.target import TargetSpec
 from lprnet_edge.compiler.tuning.config import TuneConfig
 from lprnet_edge.runtime.errors import LprnetEdgeError
@@ -43,6 +45,12 @@ class EstimateSpec:
         """What the figures of such a run are, in words (progress, summary, build output)."""
         core = self.cpu.replace("cortex-", "Cortex-").replace("-a7", "-A7")
         return f"estimated ({core} model, {self.clock_ghz:g} GHz)"
+
+    def check(self) -> None:
+        """Fail now, not in the worker, when qemu, the plugin, llvm-mca or the aarch64
+        rootfs is missing (the error says how to install it)."""
+        find_tools(self.model.arch)
+        aarch64_rootfs()
 
     def to_dict(self) -> dict[str, Any]:
         return {"cpu": self.cpu, "jobs": self.jobs}
