@@ -67,8 +67,7 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     :mod:`lprnet_edge.compiler.schedules`). Returns ``(database or None, coverage)`` where
     coverage names the kernels of each kind (``naive``: TVM's default loops). ``prepared``:
     ``prepare_for_tuning(mod, target)`` when the caller already has it."""
-    cpu = schedules.target_cpu(target) if defaults else None
-    layers = [db for db in (database, schedules.default_database(cpu) if defaults else None)
+    layers = [db for db in (database, schedules.default_database() if defaults else None)
               if db is not None]
     from tvm.s_tir import meta_schedule as ms
 

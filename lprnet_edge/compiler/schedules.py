@@ -6,10 +6,7 @@ LPRNet then runs several times slower than PyTorch. Three layers, first match wi
 1. the build's own tuning database (``--tune`` / ``--tuning-db``), measured for this target;
 2. the packaged database ``lprnet_edge/compiler/data/default_schedules/``: the best
    MetaSchedule trace per LPRNet fp32 workload, tuned on an x86 host and made by
-   ``python benchmarks/make_default_schedules.py`` (:func:`export_defaults`). A board's core
-   may have its own, ``default_schedules/<cpu>/`` (e.g. ``cortex-a72``, tuned against the
-   cost instrument's estimate: ``make_default_schedules.py --target rpi4``); for a target
-   with that ``mcpu`` its records replace the x86 host's, workload by workload. Records are keyed
+   ``python benchmarks/make_default_schedules.py`` (:func:`export_defaults`). Records are keyed
    by workload, not target: a trace is a sequence of loop transformations (tiling, vectorize,
    parallel, unroll), so it replays for aarch64 too, where LLVM maps the vectors to NEON;
 3. for a kernel no database knows (pruned widths, other input sizes), :func:`transfer` replays
@@ -120,39 +117,16 @@ def export_defaults(src_dirs: Iterable[str | Path], out_dir: str | Path | None =
             "sources": [str(d) for d in sources]}
 
 
-def cpu_defaults_dir(cpu: str) -> Path:
-    """Where the packaged default schedules of one board core live (``cortex-a72``...)."""
-    return DEFAULTS_DIR / cpu
+def default_records() -> dict[int, Any]:
+    """structural hash of the workload -> its packaged default record (empty: none packaged)."""
+    return best_records(_json_db(DEFAULTS_DIR)) if has_defaults() else {}
 
 
-def target_cpu(target: Any) -> str | None:
-    """The ``mcpu`` of an aarch64 ``tvm.target.Target`` that has packaged defaults of its
-    own (None: the x86 host's defaults apply)."""
-    t = dict(target.export())
-    mcpu = t.get("mcpu")
-    if not isinstance(mcpu, str) or not str(t.get("mtriple", "")).startswith("aarch64"):
+def default_database() -> Any:
+    """The packaged defaults as an in-memory database (None if not packaged)."""
+    if not has_defaults():
         return None
-    return mcpu if has_defaults(cpu_defaults_dir(mcpu)) else None
-
-
-def cpu_default_records(cpu: str) -> dict[int, Any]:
-    """The packaged default records of the core ``cpu`` alone (empty: none packaged)."""
-    d = cpu_defaults_dir(cpu)
-    return best_records(_json_db(d)) if has_defaults(d) else {}
-
-
-def default_records(cpu: str | None = None) -> dict[int, Any]:
-    """structural hash of the workload -> its packaged default record (empty: none
-    packaged); with ``cpu``, that core's own records win over the host's."""
-    out = best_records(_json_db(DEFAULTS_DIR)) if has_defaults() else {}
-    return {**out, **cpu_default_records(cpu)} if cpu is not None else out
-
-
-def default_database(cpu: str | None = None) -> Any:
-    """The packaged defaults (for ``cpu``'s own where they exist) as an in-memory database
-    (None if none are packaged)."""
-    records = default_records(cpu)
-    return memory_database(records.values()) if records else None
+    return memory_database(default_records().values())
 
 
 def comparable(a: Any, b: Any) -> bool:

@@ -22,12 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lprnet_edge.compiler.dot import kernel_kind
-from lprnet_edge.compiler.schedules import (
-    comparable,
-    cpu_default_records,
-    default_records,
-    mean_run_secs,
-)
+from lprnet_edge.compiler.schedules import comparable, default_records, mean_run_secs
 from lprnet_edge.compiler.tuning import scheduler as sch
 from lprnet_edge.compiler.tuning.config import TuneConfig
 from lprnet_edge.compiler.tuning.database import open_database
@@ -123,10 +118,7 @@ def load(spec: dict[str, Any], t0: float) -> WorkerState:
             flops.append(float(estimate_tir_flops(t.dispatched[0])))
         except Exception:  # noqa: BLE001 - unknown ops: treated as cheap
             flops.append(None)
-    # An estimated run compares with the core's own (estimated) defaults, a measured one with
-    # the host-measured ones: never estimated seconds against measured ones.
-    est = spec.get("estimate")
-    packaged = cpu_default_records(est["cpu"]) if est else default_records()
+    packaged = default_records()
     defaults = [mean_run_secs(r.run_secs) if (r := packaged.get(h)) is not None
                 and comparable(target, r.target) else None for h in hashes]
     return WorkerState(
