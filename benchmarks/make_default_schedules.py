@@ -9,6 +9,11 @@ target (aarch64 included); see lprnet_edge/compiler/schedules.py.
     python benchmarks/make_default_schedules.py                    # tune (--trials) + export
     python benchmarks/make_default_schedules.py --from DB [--from DB2]   # export only
     python benchmarks/make_default_schedules.py --unfolded         # full-width LPRNet workloads
+    python benchmarks/make_default_schedules.py --target rpi4      # a board's core, estimated
+
+``--target rpi4|rpi5`` tunes for that board's core without the board (each candidate's cost
+is the cost instrument's estimated cycles for the Cortex-A72/A76) and writes the set for that
+core (``default_schedules/<mcpu>/``), which builds for the target apply before the x86 set.
 
 Existing defaults are merged in (a faster record wins), so repeated runs only improve them.
 The checkpoint's own workloads are those of its constant-channel-folded form
@@ -39,6 +44,8 @@ def main() -> None:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--unfolded", action="store_true",
                     help="Tune the full-width model (no constant-channel folding).")
+    ap.add_argument("--target", default="host",
+                    help="host (the x86 set) or a board (rpi4, rpi5): its core's own set.")
     ap.add_argument("--out", default=None, help="Output directory (default: the package's).")
     args = ap.parse_args()
 
@@ -54,11 +61,16 @@ def main() -> None:
 
         mod, _params = to_relax(load_model(resolve_weights(args.weights)),
                                 fold_channels=not args.unfolded)
-        _db, summary = tune(mod, load_target("host"), TuneConfig(trials=args.trials),
+        _db, summary = tune(mod, load_target(args.target), TuneConfig(trials=args.trials),
                             options=TuneOptions(time_budget_s=args.tune_minutes * 60
                                                 if args.tune_minutes else None))
         src = [Path(summary.db_dir)]
-    res = schedules.export_defaults(src, args.out)
+    out = args.out
+    if out is None and args.target != "host":
+        from lprnet_edge.compiler.target import load_target
+
+        out = schedules.defaults_dir(schedules.target_cpu(load_target(args.target).tvm_target()))
+    res = schedules.export_defaults(src, out)
     print(f"{res['records']} default schedules written to {res['dir']} "
           f"(from {', '.join(res['sources'])})")
 
