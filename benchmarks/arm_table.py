@@ -51,6 +51,9 @@ TVM_VARIANTS = {
     "TVM channels + int8": ("channels-int8", ["--prune", "channels", "--quantize", "int8"]),
 }
 REFERENCE = "ONNX Runtime fp32"
+# The peers as a user runs them: the exported graph, each runtime's own converter.
+PEERS = ("ONNX Runtime fp32", "ncnn fp32", "LiteRT fp32 (XNNPACK)")
+FP32, TUNED, INT8 = "TVM fp32 (default schedules)", "TVM fp32 (tuned)", "TVM int8"
 
 
 def log(msg: str) -> None:
@@ -246,8 +249,35 @@ def render_target(res: dict[str, Any]) -> list[str]:
               + " on one core. The FLOP/cycle column divides the folded model's FLOPs by each "
               "program's cycles: the same work for every row (a pruned model computes fewer, "
               "ONNX Runtime on the unfolded graph about twice as many FLOPs)."]
+    lines += _goals(rows, cpu["name"])
     lines += _kernels(rows, clocks[0])
     return lines
+
+
+def _goal(text: str, have: float | None, want: float) -> str:
+    if have is None:
+        return f"- {text}: not measured in this run"
+    verdict = "met" if have >= want else "missed"
+    return f"- {text}: **{have:.2f}x**, goal >= {want:g}x: **{verdict}** ({have / want - 1:+.0%})"
+
+
+def _goals(rows: dict[str, Any], cpu: str) -> list[str]:
+    """The speed goals on this core, each with its margin (estimated cycles, 1 thread)."""
+    cyc = {k: v["estimated_cycles"] for k, v in rows.items()}
+    peers = {k: c for k, c in cyc.items() if k in PEERS}
+    out = ["", "Goals (estimated cycles at 1 thread; ratios are speed-ups):", ""]
+    if peers:
+        best = min(peers, key=peers.get)  # type: ignore[arg-type]
+        vs = f"the fastest fp32 peer ({best})"
+        out.append(_goal(f"untuned TVM fp32 vs {vs}",
+                         peers[best] / cyc[FP32] if FP32 in cyc else None, 1.2))
+        out.append(_goal(f"tuned TVM fp32 vs {vs}",
+                         peers[best] / cyc[TUNED] if TUNED in cyc else None, 1.5))
+    fp32 = min((cyc[k] for k in (FP32, TUNED) if k in cyc), default=None)
+    want = 3.0 if cpu == "cortex-a76" else 2.0
+    out.append(_goal("TVM int8 vs the fastest TVM fp32",
+                     fp32 / cyc[INT8] if fp32 and INT8 in cyc else None, want))
+    return out
 
 
 def _kernels(rows: dict[str, Any], ghz: float, n: int = 12) -> list[str]:
