@@ -20,6 +20,9 @@ The checkpoint's own workloads are those of its constant-channel-folded form
 (lprnet_edge/model/channel_fold.py); ``--unfolded`` tunes the full-width LPRNet instead, what
 a checkpoint without dead filters (a retrained or random model) compiles to.
 Run it on an x86 host with AVX2 or better; it takes as long as the tuning budget says.
+``--target rpi4`` (or ``rpi5``) tunes against the cost instrument's estimated Cortex-A72
+(A76) cycles, no board needed (docs/tuning.md); its records' run times are estimates, so they
+go to ``--out`` (the package's directory holds host-measured ones).
 """
 
 from __future__ import annotations

@@ -434,6 +434,13 @@ def print_build(res: BuildResult, spec: TargetSpec) -> None:
     click.echo(f"verification  {res.verification.summary()}")
     if res.selection is not None:
         print_selection(res.selection)
+    if (tuned := m.reports.get("tune")) and tuned.get("est_ms_after") is not None:
+        how = (f"{tuned['estimated']}, not measured on a board" if tuned.get("estimated")
+               else f"measured, {tuned.get('runner', 'local')}")
+        part = ("" if tuned.get("est_tasks_after") == tuned["tasks"]
+                else f" over {tuned.get('est_tasks_after')}/{tuned['tasks']} tasks")
+        click.echo(f"tuned         {tuned['tasks_tuned']}/{tuned['tasks']} tasks, model "
+                   f"{tuned['est_ms_after']:.2f} ms{part} ({how})")
     if res.test_accuracy is not None:
         a = res.test_accuracy
         click.echo(f"test accuracy {a.accuracy:.3f} ({a.images} images, batch 1)")

@@ -29,7 +29,7 @@ def tune_model(target: str, config: TuneConfig, weights: str | None = None,
 
     check_rpc(config.rpc, config.rpc_tracker, config.rpc_key)
     spec = load_target(target)
-    if not (config.rpc or config.rpc_tracker) and not spec.is_native:
+    if not (config.rpc or config.rpc_tracker) and not spec.is_native and spec.arch != "aarch64":
         raise LprnetEdgeError(
             f"target {spec.name} ({spec.arch}) cannot be measured on this {os.uname().machine} "
             "machine: pass --rpc HOST:PORT or --rpc-tracker HOST:PORT --rpc-key KEY of a device")
@@ -58,6 +58,9 @@ def print_summary(summary: TuningSummary) -> None:
     click.echo(f"tuning time        {summary.tune_s:.0f} s")
     click.echo(f"est. latency       {summary.est_before.text()} -> {summary.est_after.text()} "
                "(calls x fastest time per task, tuned or packaged default)")
+    if summary.estimated:
+        click.echo(f"                   every time is {summary.estimated}: qemu + llvm-mca, "
+                   "not measured on a board")
     click.echo(f"database           {summary.db_dir}")
 
 
@@ -103,6 +106,7 @@ def tune_cmd(target: str, trials: int, trials_per_task: int | None, rpc: str | N
     Examples:
       lprnet-edge tune --target host --trials 600
       lprnet-edge tune --target rpi4 --trials 300 --rpc 192.168.1.20:9090
+      lprnet-edge tune --target rpi4 --trials 300   # no board: estimated A72 cycles
       lprnet-edge tune --target rpi4 --rpc-tracker 127.0.0.1:9190 --rpc-key rpi4
       lprnet-edge build --target host --tune --trials 600     # applies the records
     """

@@ -18,18 +18,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 MAGIC = 0x4C50524E  # "LPRN": the first syscall argument the plugin looks for
-START, STOP = 1, 2  # the second argument
+START, STOP, DUMP = 1, 2, 3  # the second argument (DUMP: the third is the section id)
 # getppid takes no arguments, so the kernel ignores the ones we pass: harmless everywhere.
 GETPPID = {"aarch64": 173, "arm64": 173, "x86_64": 110, "amd64": 110}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def mark(code: int) -> None:
-    """Issue the marker syscall (``START`` or ``STOP``); a no-op on an unknown machine."""
+def mark(code: int, arg: int = 0) -> None:
+    """Issue the marker syscall (``START``, ``STOP`` or ``DUMP``); a no-op on an unknown
+    machine."""
     nr = GETPPID.get(platform.machine().lower())
     if nr is not None:
-        _libc.syscall(ctypes.c_long(nr), ctypes.c_long(MAGIC), ctypes.c_long(code))
+        _libc.syscall(ctypes.c_long(nr), ctypes.c_long(MAGIC), ctypes.c_long(code),
+                      ctypes.c_long(arg))
+
+
+def dump_region(section: int) -> None:
+    """Have the plugin write what the regions since the last dump counted as section
+    ``section`` and start afresh: one process then measures many programs separately."""
+    mark(DUMP, section)
 
 
 @contextmanager

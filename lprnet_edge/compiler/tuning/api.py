@@ -31,6 +31,7 @@ from lprnet_edge.compiler.tuning.database import (
     target_dict,
     write_json,
 )
+from lprnet_edge.compiler.tuning.estimate_runner import EstimateSpec, estimate_spec
 from lprnet_edge.compiler.tuning.launcher import run_worker
 from lprnet_edge.compiler.tuning.scheduler import check_scheduler, time_budget
 from lprnet_edge.compiler.tuning.summary import TuningSummary, log_summary
@@ -75,6 +76,11 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
     budget_s = time_budget(config, opts.time_budget_s)
     check_scheduler(opts.scheduler)
     check_environment()
+    est = estimate_spec(target, config)
+    if est is not None:
+        est.check()
+        log(f"tuning against the cost instrument: no board given, every run time is "
+            f"{est.label()} (qemu + llvm-mca)")
     if config.rpc or config.rpc_tracker:  # fail fast, before minutes of work
         log(f"checking the device ({config.rpc or config.rpc_tracker})...")
         check_reachable(config.rpc, config.rpc_tracker, config.rpc_key,
@@ -85,7 +91,7 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
     db_dir = mkdir(resolve_db_dir(target, prep, config))
     label_database(db_dir, target, prep, _tvm_version(), log)
     with tempfile.TemporaryDirectory(prefix="lprnet-tune-") as tmp:
-        spec = _worker_spec(Path(tmp), prep, target, config, db_dir, opts, budget_s)
+        spec = _worker_spec(Path(tmp), prep, target, config, db_dir, opts, budget_s, est)
         worker_summary = run_worker(Path(tmp) / "spec.json", Path(spec["summary"]), db_dir,
                                     log, opts.timeout_s)
     summary = TuningSummary.from_worker(
@@ -94,13 +100,14 @@ def tune(mod: Any, target: Any, config: TuneConfig, log: Callable[[str], None] |
                 "num_trials_per_iter": config.num_trials_per_iter,
                 "scheduler": opts.scheduler, "time_budget_s": budget_s,
                 "search": dict(opts.search), "tasks": list(opts.tasks) if opts.tasks else "all"},
-        runner=_runner_text(config))
+        runner=_runner_text(config, est), estimated=est.label() if est else None)
     log_summary(summary, log)
     return open_database(db_dir), summary
 
 
 def _worker_spec(tmp: Path, prep: Any, target: Any, config: TuneConfig, db_dir: Path,
-                 opts: TuneOptions, budget_s: float | None) -> dict[str, Any]:
+                 opts: TuneOptions, budget_s: float | None,
+                 est: EstimateSpec | None) -> dict[str, Any]:
     """Write the prepared module and the worker's spec into ``tmp``."""
     import tvm  # loaded already by prepare_for_tuning; needed only to serialize the module
 
@@ -108,7 +115,8 @@ def _worker_spec(tmp: Path, prep: Any, target: Any, config: TuneConfig, db_dir: 
             "config": config.to_dict(), "db_dir": str(db_dir),
             "tasks": list(opts.tasks) if opts.tasks else None, "scheduler": opts.scheduler,
             "search": dict(opts.search), "time_budget_s": budget_s,
-            "export_cc": _export_compiler(target, config, opts.cc),
+            "export_cc": _export_compiler(target, config, opts.cc, est is not None),
+            "estimate": est.to_dict() if est else None,
             "summary": str(tmp / "summary.json")}
     Path(spec["module"]).write_text(tvm.ir.save_json(prep))
     write_json(tmp / "spec.json", spec)
@@ -121,7 +129,9 @@ def _tvm_version() -> str:
     return str(tvm.__version__)
 
 
-def _runner_text(config: TuneConfig) -> str:
+def _runner_text(config: TuneConfig, est: EstimateSpec | None) -> str:
+    if est is not None:
+        return f"estimate {est.cpu} (qemu + llvm-mca)"
     if config.rpc:
         return "rpc " + config.rpc
     if config.rpc_tracker:
@@ -129,10 +139,11 @@ def _runner_text(config: TuneConfig) -> str:
     return "local"
 
 
-def _export_compiler(target: Any, config: TuneConfig, cc: Compiler | None
-                     ) -> dict[str, Any] | None:
-    """The compiler that links candidates for a remote runner (None: measured here)."""
-    if not (config.rpc or config.rpc_tracker):
+def _export_compiler(target: Any, config: TuneConfig, cc: Compiler | None,
+                     estimated: bool = False) -> dict[str, Any] | None:
+    """The compiler that links candidates for a remote runner or the estimate (None:
+    measured here)."""
+    if not (config.rpc or config.rpc_tracker or estimated):
         return None
     if cc is None:
         if not isinstance(target, TargetSpec):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lprnet_edge.compiler.tuning.config import TuneConfig
+from lprnet_edge.compiler.tuning.estimate_runner import estimate_spec
 from lprnet_edge.paths import cache_dir
 from lprnet_edge.runtime.errors import LprnetEdgeError
 
@@ -60,12 +61,21 @@ def workload_key(prepared: Any) -> str:
     return f"{int(tvm_ffi.structural_hash(prepared)) & ((1 << 64) - 1):016x}"
 
 
-def default_db_dir(target: Any, prepared: Any) -> Path:
-    return cache_dir() / "tuning" / f"{target_key(target)}-{workload_key(prepared)}"
+def default_db_dir(target: Any, prepared: Any, estimated_cpu: str | None = None) -> Path:
+    """The cache's database for ``target`` and ``prepared``; records estimated for a core
+    (tuning without the board) live apart from the board's measured ones, whose seconds
+    they must not be compared with."""
+    est = f"-est-{estimated_cpu}" if estimated_cpu else ""
+    return cache_dir() / "tuning" / f"{target_key(target)}-{workload_key(prepared)}{est}"
 
 
 def resolve_db_dir(target: Any, prepared: Any, config: TuneConfig) -> Path:
-    return Path(config.db_dir) if config.db_dir else default_db_dir(target, prepared)
+    """``config.db_dir``, else the cache's database for what ``config`` measures with (the
+    board's clock, or the estimate when an ARM target is tuned without a board)."""
+    if config.db_dir:
+        return Path(config.db_dir)
+    est = estimate_spec(target, config)
+    return default_db_dir(target, prepared, est.cpu if est else None)
 
 
 def has_records(db_dir: str | Path) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 from lprnet_edge.compiler.compile import export_library
 from lprnet_edge.compiler.rpc import direct_session, parse_hostport
 from lprnet_edge.compiler.tuning.config import TuneConfig
+from lprnet_edge.compiler.tuning.estimate_runner import EstimateSpec, make_runner
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,11 @@ class _PooledBuild:
 
 
 def measure_tools(ms: Any, cfg: TuneConfig, export_cc: dict[str, Any] | None,
-                  emit: Callable[..., None]) -> MeasureTools:
-    """Builder, runner (local, RPC server or tracker) and one cost model shared by all rounds,
-    wrapped so that builds and measurements show up in the progress as they start."""
+                  emit: Callable[..., None],
+                  estimate: dict[str, Any] | None = None) -> MeasureTools:
+    """Builder, runner (local, RPC server or tracker, or ``estimate``'s cost instrument for
+    an ARM board not given) and one cost model shared by all rounds, wrapped so that builds
+    and measurements show up in the progress as they start."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import PyBuilder
     from tvm.s_tir.meta_schedule.runner import PyRunner
@@ -108,7 +111,9 @@ def measure_tools(ms: Any, cfg: TuneConfig, export_cc: dict[str, Any] | None,
                 if export else None)
     builder = ms.builder.LocalBuilder(max_workers=nthreads, timeout_sec=timeout,
                                       f_export=f_export)
-    if cfg.rpc or cfg.rpc_tracker:
+    if estimate is not None:
+        runner = make_runner(EstimateSpec.from_dict(estimate), cfg.timeout_s)
+    elif cfg.rpc or cfg.rpc_tracker:
         if cfg.rpc:
             host, port = parse_hostport(cfg.rpc, "--rpc")
             rpc_config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port,

@@ -87,6 +87,7 @@ class TuningSummary:
     db_dir: str = ""
     budget: dict[str, Any] = field(default_factory=dict)
     runner: str = "local"
+    estimated: str | None = None  # the estimate's label when no board measured the run
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +101,7 @@ class TuningSummary:
             "per_task": [r.to_dict() for r in self.per_task],
             "stopped_by_time_budget": self.stopped_by_time_budget, "wall_s": self.wall_s,
             "db_dir": self.db_dir, "budget": dict(self.budget), "runner": self.runner,
+            "estimated": self.estimated,
         }
 
     @classmethod
@@ -116,11 +118,18 @@ class TuningSummary:
             per_task=tuple(TaskRow(**r) for r in d["per_task"]),
             stopped_by_time_budget=bool(d.get("stopped_by_time_budget")), **host)
 
+    def latency_words(self) -> str:
+        """How the latency figures were obtained: the sum of measured task times, or of
+        estimated cycles when no board took part."""
+        if self.estimated:
+            return f"model latency {self.estimated}, not measured on a board:"
+        return "estimated latency"
+
     def lines(self) -> list[str]:
         """The summary as the tuner logs it."""
         out = [f"tuning summary: {self.tasks_tuned}/{self.tasks} tasks tuned, "
                f"{self.trials_new} new trials ({self.records_total} records in total), "
-               f"{self.tune_s:.0f}s; estimated latency {self.est_before.text()} -> "
+               f"{self.tune_s:.0f}s; {self.latency_words()} {self.est_before.text()} -> "
                f"{self.est_after.text()}; database {self.db_dir}"]
         if self.stopped_by_time_budget:
             out.append("  stopped by the time budget before the trial budget was spent")
@@ -139,7 +148,8 @@ def format_progress(p: dict[str, Any]) -> str:
     """One progress event of the worker as a log line."""
     kind = p.get("event")
     if kind == "start":
-        return (f"tuning {p['tasks_to_tune']} of {p['tasks']} tasks, {p['budget']} new trials "
+        return (("" if not p.get("estimated") else f"[{p['estimated']}] ")
+                + f"tuning {p['tasks_to_tune']} of {p['tasks']} tasks, {p['budget']} new trials "
                 + (f"in {p['rounds']} rounds ({p['cheap']} cheap tasks get at most "
                    f"{CHEAP_TRIALS}) " if p.get("scheduler") == "balanced" else "")
                 + f"({p['existing']} records already in {p['db_dir']})")
@@ -159,6 +169,7 @@ def _batch_line(p: dict[str, Any]) -> str:
     return (f"[{p['done']}/{p['budget']}] task {p['task_index'] + 1}/{p['tasks']} "
             f"{p['task']}: {p['task_trials']} trials, best "
             + (f"{best:.3f} ms" if best is not None else "-")
+            + (" estimated" if p.get("estimated") else "")
             + (f"; model estimate {est:.2f} ms" if est is not None else "")
             + f" ({p['elapsed_s']:.0f}s"
             + (f", ETA {duration(p['eta_s'])})" if p.get("eta_s") is not None else ")"))

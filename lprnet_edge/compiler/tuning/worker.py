@@ -31,6 +31,7 @@ from lprnet_edge.compiler.schedules import (
 from lprnet_edge.compiler.tuning import scheduler as sch
 from lprnet_edge.compiler.tuning.config import TuneConfig
 from lprnet_edge.compiler.tuning.database import open_database
+from lprnet_edge.compiler.tuning.estimate_runner import EstimateSpec
 from lprnet_edge.compiler.tuning.measure import MeasureTools, measure_tools
 from lprnet_edge.compiler.tuning.summary import PROGRESS, Estimate, estimate, task_table
 from lprnet_edge.runtime.errors import LprnetEdgeError
@@ -67,6 +68,12 @@ class WorkerState:
     t_tune: float = 0.0
     deadline: float | None = None
     stopped: bool = False
+
+    @property
+    def estimated(self) -> str | None:
+        """The estimate's label when candidates are estimated, not measured."""
+        est = self.spec.get("estimate")
+        return EstimateSpec.from_dict(est).label() if est else None
 
     def emit(self, **kw: Any) -> None:
         """One progress line for the launcher."""
@@ -204,7 +211,8 @@ def record_batch(state: WorkerState, i: int, builder_results: Any, runner_result
                tasks=len(state.names), task=state.names[i],
                task_trials=state.counts0[i] + state.trials[i],
                best_ms=None if b is None else b * 1e3,
-               est_ms=est.ms if est.tasks == est.of else None, eta_s=eta)
+               est_ms=est.ms if est.tasks == est.of else None, eta_s=eta,
+               estimated=state.estimated)
     state.batches += 1
 
 
@@ -258,7 +266,8 @@ def spend_budget(state: WorkerState, rounds: sch.Rounds) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     cfg = state.cfg
-    tools = measure_tools(ms, cfg, state.spec.get("export_cc"), state.emit)
+    tools = measure_tools(ms, cfg, state.spec.get("export_cc"), state.emit,
+                          state.spec.get("estimate"))
     callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
                  progress_callback(state)]
     strategy: Any = "evolutionary"
@@ -301,7 +310,7 @@ def main(spec_path: str) -> int:
     state.emit(event="start", tasks=len(state.extracted),
                tasks_to_tune=len({i for r in rounds for i, _t in r}), budget=state.planned,
                existing=state.existing, db_dir=str(state.db_dir), rounds=len(rounds),
-               scheduler=state.scheduler,
+               scheduler=state.scheduler, estimated=state.estimated,
                cheap=sum(1 for c in state.costs if c / total < sch.CHEAP_SHARE))
     state.best, state.trials = list(best0), [0] * len(state.extracted)
     state.t_tune = time.perf_counter()
