@@ -6,16 +6,14 @@ Builds the TVM variants for the target (fp32 with the packaged default schedules
 ``--prune channels``, channels + int8; a tuned row needs records tuned for the board, which
 only a board over RPC or an estimate-driven tuner can make),
 exports the aarch64 peers' inputs (ONNX Runtime fp32 on the exported graph and on the
-channel-folded graph; ncnn and LiteRT when the peer runner ``lprnet_edge.runtime.peers`` is
-installed), and estimates each at 1 thread with the cost instrument (qemu with
-``-cpu cortex-a72|cortex-a76`` + llvm-mca). Per target the results are kept in the work
-directory; the doc shows every target that has results.
+channel-folded graph; ncnn; LiteRT with XNNPACK), and estimates each at 1 thread with the
+cost instrument (qemu with ``-cpu cortex-a72|cortex-a76`` + llvm-mca). Per target the
+results are kept in the work directory; the doc shows every target that has results.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -32,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from lprnet_edge.compiler.cost.cpus import TARGET_CPU, cpu_model  # noqa: E402
 from lprnet_edge.compiler.cost.estimate import (  # noqa: E402
     CAVEATS,
+    METHOD,
     CostEstimate,
     Program,
     artifact_program,
@@ -39,6 +38,7 @@ from lprnet_edge.compiler.cost.estimate import (  # noqa: E402
     local_program,
     python_program,
 )
+from lprnet_edge.compiler.cost.rootfs import VENV, aarch64_rootfs  # noqa: E402
 
 # Peak FP32 FLOP per cycle of one core: the A72's measured 8 (two 64-bit FMA halves per
 # 128-bit op), the A76's two 128-bit FMA pipes (16, from its design; not measured here).
@@ -51,6 +51,9 @@ TVM_VARIANTS = {
     "TVM channels + int8": ("channels-int8", ["--prune", "channels", "--quantize", "int8"]),
 }
 REFERENCE = "ONNX Runtime fp32"
+# The peers as a user runs them: the exported graph, each runtime's own converter.
+PEERS = ("ONNX Runtime fp32", "ncnn fp32", "LiteRT fp32 (XNNPACK)")
+FP32, TUNED, INT8 = "TVM fp32 (default schedules)", "TVM fp32 (tuned)", "TVM int8"
 
 
 def log(msg: str) -> None:
@@ -96,24 +99,42 @@ def folded_onnx(work: Path) -> Path:
     return out
 
 
+def ensure_peers(root: Path) -> None:
+    """Install the peer runtimes' aarch64 wheels into the instrument's rootfs when missing
+    (``scripts/emulated-pi peers --rootfs``: the rootfs is unpacked afresh when the emulated
+    Pi's tarball changes, which drops them)."""
+    if (root / VENV.lstrip("/") / ".lprnet-edge-peers").is_file():
+        return
+    log(f"installing the peer runtimes into {root}")
+    r = subprocess.run([str(REPO / "scripts" / "emulated-pi"), "peers", "--rootfs", str(root)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"scripts/emulated-pi peers --rootfs {root} failed:\n{r.stderr[-2000:]}")
+
+
+def _peer(label: str, runtime: str, model: Path, cpu: Any) -> Program:
+    args = ("-m", "lprnet_edge.runtime.peers", "run", "--runtime", runtime, "--model",
+            str(model), "--runs", "1", "--warmup", "1", "--threads", "1")
+    return python_program(label, args, cpu)
+
+
 def peer_programs(cpu: Any, work: Path) -> tuple[dict[str, Program], dict[str, str]]:
-    """The aarch64 peers as guest programs, and the peers left out with the reason."""
+    """The aarch64 peers as guest programs (each converted on the host the way its own
+    tools say), and the peers left out with the reason."""
+    from lprnet_edge.model.litert import export_litert
+    from lprnet_edge.model.ncnn import export_ncnn
     from lprnet_edge.model.onnx import export_onnx
 
+    ensure_peers(aarch64_rootfs())
     progs = {REFERENCE: local_program("onnxruntime", ("--onnx", str(export_onnx().path)), cpu),
              "ONNX Runtime fp32, folded graph":
-                 local_program("onnxruntime-folded", ("--onnx", str(folded_onnx(work))), cpu)}
+                 local_program("onnxruntime-folded", ("--onnx", str(folded_onnx(work))), cpu),
+             "ncnn fp32": _peer("ncnn", "ncnn", export_ncnn().param, cpu)}
     missing = {}
-    if importlib.util.find_spec("lprnet_edge.runtime.peers") and \
-            importlib.util.find_spec("lprnet_edge.model.ncnn"):
-        from lprnet_edge.model.ncnn import export_ncnn  # the peers' converter (pnnx)
-
-        args = ("-m", "lprnet_edge.runtime.peers", "run", "--runtime", "ncnn", "--model",
-                str(export_ncnn().param), "--runs", "1", "--warmup", "1", "--threads", "1")
-        progs["ncnn fp32"] = python_program("ncnn", args, cpu)
-    else:
-        missing["ncnn fp32"] = "the peer runner (lprnet_edge.runtime.peers) is not in this tree"
-    missing["LiteRT fp32 (XNNPACK)"] = "no LiteRT conversion of LPRNet in this tree"
+    try:
+        progs["LiteRT fp32 (XNNPACK)"] = _peer("litert", "litert", export_litert().path, cpu)
+    except Exception as e:  # noqa: BLE001  (the converter is optional: the row says why)
+        missing["LiteRT fp32 (XNNPACK)"] = f"no LiteRT conversion: {str(e).splitlines()[0]}"
     return progs, missing
 
 
@@ -164,11 +185,11 @@ def estimate_target(target: str, work: Path, jobs: int, build: bool = True) -> d
 
 def row_key(prog: Program) -> str:
     """A program's identity for reuse: its command and the files it loads (their hashes)."""
-    h = hashlib.sha256(" ".join(prog.argv[1:]).encode())
+    h = hashlib.sha256(f"m{METHOD} {' '.join(prog.argv[1:])}".encode())
     for a in prog.argv:
         p = Path(a)
         f = p / "manifest.json" if p.is_dir() else p
-        if f.is_file() and f.suffix in (".json", ".onnx", ".param"):
+        if f.is_file() and f.suffix in (".json", ".onnx", ".param", ".tflite"):
             h.update(f.read_bytes())
     return h.hexdigest()[:24]
 
@@ -228,8 +249,35 @@ def render_target(res: dict[str, Any]) -> list[str]:
               + " on one core. The FLOP/cycle column divides the folded model's FLOPs by each "
               "program's cycles: the same work for every row (a pruned model computes fewer, "
               "ONNX Runtime on the unfolded graph about twice as many FLOPs)."]
+    lines += _goals(rows, cpu["name"])
     lines += _kernels(rows, clocks[0])
     return lines
+
+
+def _goal(text: str, have: float | None, want: float) -> str:
+    if have is None:
+        return f"- {text}: not measured in this run"
+    verdict = "met" if have >= want else "missed"
+    return f"- {text}: **{have:.2f}x**, goal >= {want:g}x: **{verdict}** ({have / want - 1:+.0%})"
+
+
+def _goals(rows: dict[str, Any], cpu: str) -> list[str]:
+    """The speed goals on this core, each with its margin (estimated cycles, 1 thread)."""
+    cyc = {k: v["estimated_cycles"] for k, v in rows.items()}
+    peers = {k: c for k, c in cyc.items() if k in PEERS}
+    out = ["", "Goals (estimated cycles at 1 thread; ratios are speed-ups):", ""]
+    if peers:
+        best = min(peers, key=peers.get)  # type: ignore[arg-type]
+        vs = f"the fastest fp32 peer ({best})"
+        out.append(_goal(f"untuned TVM fp32 vs {vs}",
+                         peers[best] / cyc[FP32] if FP32 in cyc else None, 1.2))
+        out.append(_goal(f"tuned TVM fp32 vs {vs}",
+                         peers[best] / cyc[TUNED] if TUNED in cyc else None, 1.5))
+    fp32 = min((cyc[k] for k in (FP32, TUNED) if k in cyc), default=None)
+    want = 3.0 if cpu == "cortex-a76" else 2.0
+    out.append(_goal("TVM int8 vs the fastest TVM fp32",
+                     fp32 / cyc[INT8] if fp32 and INT8 in cyc else None, want))
+    return out
 
 
 def _kernels(rows: dict[str, Any], ghz: float, n: int = 12) -> list[str]:

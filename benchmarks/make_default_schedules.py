@@ -9,7 +9,11 @@ target (aarch64 included); see lprnet_edge/compiler/schedules.py.
     python benchmarks/make_default_schedules.py                    # tune (--trials) + export
     python benchmarks/make_default_schedules.py --from DB [--from DB2]   # export only
     python benchmarks/make_default_schedules.py --unfolded         # full-width LPRNet workloads
-    python benchmarks/make_default_schedules.py --target rpi4 --out DIR   # estimated A72 cycles
+    python benchmarks/make_default_schedules.py --target rpi4      # a board's core, estimated
+
+``--target rpi4|rpi5`` tunes for that board's core without the board (each candidate's cost
+is the cost instrument's estimated cycles for the Cortex-A72/A76) and writes the set for that
+core (``default_schedules/<mcpu>/``), which builds for the target apply before the x86 set.
 
 Existing defaults are merged in (a faster record wins), so repeated runs only improve them.
 The checkpoint's own workloads are those of its constant-channel-folded form
@@ -43,13 +47,10 @@ def main() -> None:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--unfolded", action="store_true",
                     help="Tune the full-width model (no constant-channel folding).")
-    ap.add_argument("--out", default=None, help="Output directory (default: the package's).")
     ap.add_argument("--target", default="host",
-                    help="Tune for this target: host (measured here), rpi4 or rpi5 "
-                         "(estimated cycles under qemu; needs --out).")
+                    help="host (the x86 set) or a board (rpi4, rpi5): its core's own set.")
+    ap.add_argument("--out", default=None, help="Output directory (default: the package's).")
     args = ap.parse_args()
-    if args.target != "host" and not args.src and args.out is None:
-        ap.error("--target other than host needs --out (the package's defaults are host-measured)")
 
     from lprnet_edge.compiler import schedules
 
@@ -67,7 +68,12 @@ def main() -> None:
                             options=TuneOptions(time_budget_s=args.tune_minutes * 60
                                                 if args.tune_minutes else None))
         src = [Path(summary.db_dir)]
-    res = schedules.export_defaults(src, args.out)
+    out = args.out
+    if out is None and args.target != "host":
+        from lprnet_edge.compiler.target import load_target
+
+        out = schedules.defaults_dir(schedules.target_cpu(load_target(args.target).tvm_target()))
+    res = schedules.export_defaults(src, out)
     print(f"{res['records']} default schedules written to {res['dir']} "
           f"(from {', '.join(res['sources'])})")
 

@@ -67,7 +67,8 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     :mod:`lprnet_edge.compiler.schedules`). Returns ``(database or None, coverage)`` where
     coverage names the kernels of each kind (``naive``: TVM's default loops). ``prepared``:
     ``prepare_for_tuning(mod, target)`` when the caller already has it."""
-    layers = [db for db in (database, schedules.default_database() if defaults else None)
+    packaged_db = schedules.default_database(schedules.target_cpu(target)) if defaults else None
+    layers = [db for db in (database, packaged_db)
               if db is not None]
     from tvm.s_tir import meta_schedule as ms
 

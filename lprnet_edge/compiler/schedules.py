@@ -6,9 +6,11 @@ LPRNet then runs several times slower than PyTorch. Three layers, first match wi
 1. the build's own tuning database (``--tune`` / ``--tuning-db``), measured for this target;
 2. the packaged database ``lprnet_edge/compiler/data/default_schedules/``: the best
    MetaSchedule trace per LPRNet fp32 workload, tuned on an x86 host and made by
-   ``python benchmarks/make_default_schedules.py`` (:func:`export_defaults`). Records are keyed
-   by workload, not target: a trace is a sequence of loop transformations (tiling, vectorize,
-   parallel, unroll), so it replays for aarch64 too, where LLVM maps the vectors to NEON;
+   ``python benchmarks/make_default_schedules.py`` (:func:`export_defaults`). A board's core
+   has its own set where one is packaged (``default_schedules/<mcpu>/``, e.g. ``cortex-a72``,
+   tuned against the cost instrument's estimate for that core); otherwise the x86 set
+   replays there: records are keyed by workload, not target, and a trace is a sequence of
+   loop transformations (tiling, vectorize, parallel, unroll) that LLVM maps to NEON too;
 3. for a kernel no database knows (pruned widths, other input sizes), :func:`transfer` replays
    the trace of the most similar known kernel (same compute, other shapes) with its tile sizes
    re-fitted to the new loop extents, then MetaSchedule's post-processors for the target.
@@ -30,6 +32,20 @@ from typing import Any
 DEFAULTS_DIR = Path(__file__).resolve().parent / "data" / "default_schedules"
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 FAILED_SECS = 1e9
+
+
+def target_cpu(target: Any) -> str | None:
+    """The ``-mcpu`` of a TVM target (or a CPU name given as such), which names its defaults."""
+    if target is None or isinstance(target, str):
+        return target
+    mcpu = target.attrs.get("mcpu") if hasattr(target, "attrs") else None
+    return str(mcpu) if mcpu else None
+
+
+def defaults_dir(cpu: str | None = None) -> Path:
+    """Where the packaged defaults tuned for ``cpu`` are (or would be) kept; the x86 set's
+    folder when ``cpu`` is None."""
+    return DEFAULTS_DIR / cpu if cpu else DEFAULTS_DIR
 
 
 def has_defaults(path: Path | None = None) -> bool:
@@ -117,16 +133,21 @@ def export_defaults(src_dirs: Iterable[str | Path], out_dir: str | Path | None =
             "sources": [str(d) for d in sources]}
 
 
-def default_records() -> dict[int, Any]:
-    """structural hash of the workload -> its packaged default record (empty: none packaged)."""
-    return best_records(_json_db(DEFAULTS_DIR)) if has_defaults() else {}
+def default_records(cpu: str | None = None) -> dict[int, Any]:
+    """structural hash of the workload -> its packaged default record (empty: none packaged):
+    the record tuned for ``cpu`` where its set has one, else the x86 set's. Run times are
+    compared only within a set: the x86 set's are measured, a board's are estimated."""
+    records = best_records(_json_db(DEFAULTS_DIR)) if has_defaults() else {}
+    own = defaults_dir(cpu)
+    if cpu and has_defaults(own):
+        records.update(best_records(_json_db(own)))
+    return records
 
 
-def default_database() -> Any:
-    """The packaged defaults as an in-memory database (None if not packaged)."""
-    if not has_defaults():
-        return None
-    return memory_database(default_records().values())
+def default_database(cpu: str | None = None) -> Any:
+    """The packaged defaults for ``cpu`` as an in-memory database (None if not packaged)."""
+    records = default_records(cpu)
+    return memory_database(records.values()) if records else None
 
 
 def comparable(a: Any, b: Any) -> bool:

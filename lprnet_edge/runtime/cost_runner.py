@@ -8,14 +8,15 @@ board's rootfs::
 
 The input is fixed (seeded), the runtime runs one thread, and warm-up runs happen outside the
 region, so two runs execute the same instructions. It prints one JSON document: the runs
-counted and the process's executable file mappings (``/proc/self/maps``, which qemu-user
-emulates with guest addresses), which the host uses to map counted blocks to ``model.so``
+counted and the executable segments of the loaded libraries (from the dynamic loader, in
+guest addresses), which the host uses to map counted blocks to ``model.so``
 symbols. numpy and the TVM runtime (or ONNX Runtime) only: this module ships to the board.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -62,16 +63,44 @@ def _onnx_model(path: str) -> tuple[Callable[[], Any], str]:
     return (lambda: sess.run(None, {inp.name: x})), ""
 
 
+class _Phdr(ctypes.Structure):  # Elf64_Phdr
+    _fields_ = [("p_type", ctypes.c_uint32), ("p_flags", ctypes.c_uint32),
+                ("p_offset", ctypes.c_uint64), ("p_vaddr", ctypes.c_uint64),
+                ("p_paddr", ctypes.c_uint64), ("p_filesz", ctypes.c_uint64),
+                ("p_memsz", ctypes.c_uint64), ("p_align", ctypes.c_uint64)]
+
+
+class _PhdrInfo(ctypes.Structure):  # struct dl_phdr_info (the fields every libc has)
+    _fields_ = [("dlpi_addr", ctypes.c_uint64), ("dlpi_name", ctypes.c_char_p),
+                ("dlpi_phdr", ctypes.POINTER(_Phdr)), ("dlpi_phnum", ctypes.c_uint16)]
+
+
+_PT_LOAD, _PF_X = 1, 1
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_PhdrInfo), ctypes.c_size_t,
+                             ctypes.c_void_p)
+
+
 def executable_maps() -> list[dict[str, Any]]:
-    """The executable file mappings of this process (start, end, file offset, path)."""
-    out = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and "x" in parts[1] and parts[5].strip().startswith("/"):
-                lo, hi = (int(v, 16) for v in parts[0].split("-"))
-                out.append({"start": lo, "end": hi, "offset": int(parts[2], 16),
-                            "path": parts[5].strip()})
+    """The executable segments of every loaded shared object, from the dynamic loader
+    (``dl_iterate_phdr``): start, end, the segment's ELF virtual address (``offset``: an
+    address's symbol is at ``addr - start + offset``) and the file. The loader's own view,
+    because qemu-user's emulated ``/proc/self/maps`` leaves out libraries on some hosts."""
+    out: list[dict[str, Any]] = []
+    if ctypes.sizeof(ctypes.c_void_p) != 8:  # the structures above are the 64-bit ELF ones
+        return out
+
+    def visit(info_p: Any, _size: int, _data: Any) -> int:
+        info = info_p.contents
+        name = (info.dlpi_name or b"").decode(errors="replace")
+        for i in range(info.dlpi_phnum if name.startswith("/") else 0):
+            ph = info.dlpi_phdr[i]
+            if ph.p_type == _PT_LOAD and ph.p_flags & _PF_X:
+                start = info.dlpi_addr + ph.p_vaddr
+                out.append({"start": start, "end": start + ph.p_memsz, "offset": ph.p_vaddr,
+                            "path": name})
+        return 0
+
+    ctypes.CDLL(None).dl_iterate_phdr(_CALLBACK(visit), None)
     return out
 
 

@@ -325,3 +325,34 @@ def test_a_build_keeps_the_faster_of_tuned_record_and_default(relax_tiny):
     board = load_target("rpi4").tvm_target()
     _db, cover = schedule_database(mod, target, tuned({slower: (1.5, board)}), prepared=prepared)
     assert names[slower] in cover["tuned"]
+
+
+@pytest.mark.slow
+def test_a_cores_own_defaults_come_before_the_x86_set(tmp_path: Path, monkeypatch):
+    """default_schedules/<mcpu>/ overrides the x86 set per workload; other workloads keep
+    the x86 record; another core sees only the x86 set."""
+    _needs_defaults()
+    from tvm.s_tir import meta_schedule as ms
+
+    from lprnet_edge.compiler import schedules
+
+    packaged = schedules.default_records()
+    some = sorted(packaged)[0]
+    ref = packaged[some]
+    own_dir = tmp_path / "cortex-a72"
+    own_dir.mkdir()
+    db = ms.database.JSONDatabase(*(str(own_dir / f) for f in schedules.DB_FILES))
+    db.commit_tuning_record(ms.database.TuningRecord(
+        trace=ref.trace, workload=db.commit_workload(ref.workload.mod), run_secs=[1e-6],
+        target=ref.target, args_info=ref.args_info))
+    del db
+    for f in schedules.DB_FILES:
+        (tmp_path / f).symlink_to(schedules.DEFAULTS_DIR / f)
+    monkeypatch.setattr(schedules, "DEFAULTS_DIR", tmp_path)
+    a72 = schedules.default_records("cortex-a72")
+    assert set(a72) == set(packaged)
+    assert schedules.mean_run_secs(a72[some].run_secs) == 1e-6
+    other = next(h for h in packaged if h != some)
+    assert a72[other].run_secs == packaged[other].run_secs
+    a76 = schedules.default_records("cortex-a76")
+    assert schedules.mean_run_secs(a76[some].run_secs) == schedules.mean_run_secs(ref.run_secs)

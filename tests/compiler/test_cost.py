@@ -114,6 +114,36 @@ def test_rewrite_for_llvm_mca(tmp_path: Path):
     assert again.weighed == 0 and again.cycles == w.cycles  # from the cache
 
 
+def test_rep_string_blocks_are_weighed_per_element(tmp_path: Path):
+    """qemu runs ``rep stosb`` one element per block execution: weigh one element, not the
+    whole instruction (which llvm-mca charges about 100 cycles)."""
+    tools = tools_or_skip("x86_64")
+    blocks = [["rep stosb %al, (%rdi)"], ["rep movsq (%rsi), (%rdi)"], ["addq $1, %rax"]]
+    w = mca.weigh(tools.mca, "x86_64", "znver3", blocks, tmp_path / "mca.json")
+    assert w.cycles[0] == 1 / mca.STRING_BYTES_PER_CYCLE
+    assert w.cycles[1] == 8 / mca.STRING_BYTES_PER_CYCLE
+    assert w.weighed == 1 and 0 < w.cycles[2] < 2  # only the ordinary block went to llvm-mca
+    assert mca.rep_element_cycles("aarch64", ["rep stosb %al, (%rdi)"]) is None
+
+
+def test_loaded_segments_name_the_code_of_a_library():
+    """The guest's map of executable segments (from the loader) holds a libc function's
+    address, with its ELF virtual address recoverable for ``nm``."""
+    import ctypes
+
+    from lprnet_edge.runtime.cost_runner import executable_maps
+
+    addr = ctypes.cast(ctypes.CDLL(None).getppid, ctypes.c_void_p).value
+    hits = [m for m in executable_maps() if m["start"] <= addr < m["end"]]
+    assert len(hits) == 1 and Path(hits[0]["path"]).name.startswith("libc")
+    m = hits[0]
+    nm = subprocess.run(["nm", "-D", "--defined-only", m["path"]], capture_output=True,
+                        text=True, check=True).stdout
+    getppid = {int(line.split()[0], 16) for line in nm.splitlines()
+               if line.split()[-1].split("@")[0] == "getppid"}
+    assert addr - m["start"] + m["offset"] in getppid
+
+
 def test_x86_family_maps_to_an_llvm_14_model():
     zen5 = "vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nflags\t: avx2 avx512f\n"
     assert llvm_x86_cpu(zen5) == "znver3"

@@ -37,6 +37,10 @@ _A64_TARGET = re.compile(r"#0x[0-9a-f]+$")
 _X86_BRANCH = re.compile(r"^(j\w+|call\w?|loop\w*|xbegin)\s+0x[0-9a-f]+$")
 _X86_TARGET = re.compile(r"0x[0-9a-f]+$")
 _ERROR = re.compile(r"^[^:\n]+:(\d+):\d+: error:", re.M)
+# x86 string instructions with a rep prefix: qemu runs one element per block execution.
+_X86_REP = re.compile(r"^rep\w*\s+(movs|stos|lods|scas|cmps)([bwlq])\b")
+_ELEMENT_BYTES = {"b": 1, "w": 2, "l": 4, "q": 8}
+STRING_BYTES_PER_CYCLE = 32  # one 256-bit store per cycle: what fast string moves sustain
 
 
 def rewrite(arch: str, insn: str) -> str:
@@ -48,6 +52,19 @@ def rewrite(arch: str, insn: str) -> str:
     elif _X86_BRANCH.match(s):
         s = _X86_TARGET.sub(LABEL, s)
     return s
+
+
+def rep_element_cycles(arch: str, block: Sequence[str]) -> float | None:
+    """Cycles per execution of a block that is one ``rep`` string instruction, or None.
+
+    qemu translates ``rep stosb`` as a block that executes once per element, where llvm-mca
+    weighs the instruction as a whole (about 100 cycles): a 4 KB memset would count 400,000
+    cycles. One element costs its bytes at the rate fast string moves sustain instead.
+    """
+    if arch != "x86_64" or len(block) != 1:
+        return None
+    m = _X86_REP.match(block[0].strip())
+    return _ELEMENT_BYTES[m.group(2)] / STRING_BYTES_PER_CYCLE if m else None
 
 
 def block_key(arch: str, cpu: str, lines: Sequence[str]) -> str:
@@ -146,6 +163,9 @@ def weigh(mca: str, arch: str, cpu: str, blocks: Sequence[Sequence[str]],
     keys = [block_key(arch, cpu, blk) for blk in rewritten]
     path = cache_file or _cache_file(arch, cpu)
     cache = _load_cache(path)
+    for k, blk in zip(keys, rewritten, strict=True):
+        if (c := rep_element_cycles(arch, blk)) is not None:
+            cache[k] = [c, 0]
     todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.items())
     for lo in range(0, len(todo), CHUNK):
         part = todo[lo:lo + CHUNK]

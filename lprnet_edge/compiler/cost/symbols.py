@@ -1,12 +1,11 @@
 """Which function (kernel) a counted block belongs to.
 
-The guest reports its executable file mappings (``/proc/self/maps`` as qemu-user emulates
-it). A block inside the compiled model's shared object is named by the ``model.so`` symbol
-that contains it (``nm``: TVM names each kernel after its fused operators); a block in any
-other library is attributed to that library as a whole (``[libtvm_runtime.so]``).
-The file offset of an address is ``addr - (map start - map offset)``, which is its ELF
-virtual address when the text segment's virtual address equals its file offset, as GNU ld
-lays out shared objects.
+The guest reports the executable segments of its loaded libraries, as its dynamic loader
+placed them (start, end, the segment's ELF virtual address as ``offset``, the file). A block
+inside the compiled model's shared object is named by the ``model.so`` symbol that contains
+it (``nm``: TVM names each kernel after its fused operators); a block in any other library
+is attributed to that library as a whole (``[libtvm_runtime.so]``). An address's ELF virtual
+address is ``addr - start + offset``.
 """
 
 from __future__ import annotations
