@@ -14,9 +14,7 @@ With a board the board's wall time is measured instead: its figures are the real
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lprnet_edge.compiler.cost.batch import Candidate, CandidateEstimator
@@ -26,9 +24,6 @@ from lprnet_edge.compiler.cost.rootfs import aarch64_rootfs
 from lprnet_edge.compiler.target import TargetSpec
 from lprnet_edge.compiler.tuning.config import TuneConfig
 from lprnet_edge.runtime.errors import LprnetEdgeError
-
-# The directories the builder's export (measure.export_shared) puts each candidate in.
-CANDIDATE_DIR_PREFIX = "lprnet-cand-"
 
 
 @dataclass(frozen=True)
@@ -93,15 +88,6 @@ def candidate(runner_input: Any) -> Candidate:
     return Candidate(str(runner_input.artifact_path), tuple(args))
 
 
-def remove_export(path: str) -> None:
-    """Delete a measured candidate's library and its directory, if the builder's export made
-    them (hundreds per tuning would otherwise pile up in the temporary directory; a guest
-    that has it loaded keeps its mapping)."""
-    parent = Path(path).parent
-    if parent.name.startswith(CANDIDATE_DIR_PREFIX):
-        shutil.rmtree(parent, ignore_errors=True)
-
-
 def make_runner(spec: EstimateSpec, timeout_s: float) -> Any:
     """A MetaSchedule runner whose run time per candidate is its estimated cycles at the
     board's clock (runs in the tuning worker; its guest processes serve every batch)."""
@@ -123,8 +109,6 @@ def make_runner(spec: EstimateSpec, timeout_s: float) -> Any:
                     cands.append(str(e))
             ok = [c for c in cands if isinstance(c, Candidate)]
             costs = iter(estimator.estimate(ok))
-            for c in ok:
-                remove_export(c.path)
             futures = []
             for c in cands:
                 cost = next(costs) if isinstance(c, Candidate) else None

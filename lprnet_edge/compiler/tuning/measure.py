@@ -23,11 +23,7 @@ from typing import Any
 from lprnet_edge.compiler.compile import export_library
 from lprnet_edge.compiler.rpc import direct_session, parse_hostport
 from lprnet_edge.compiler.tuning.config import TuneConfig
-from lprnet_edge.compiler.tuning.estimate_runner import (
-    CANDIDATE_DIR_PREFIX,
-    EstimateSpec,
-    make_runner,
-)
+from lprnet_edge.compiler.tuning.estimate_runner import EstimateSpec, make_runner
 
 
 @dataclass(frozen=True)
@@ -42,7 +38,7 @@ class MeasureTools:
 def export_shared(cc_path: str, options: Sequence[str], mod: Any) -> str:
     """MetaSchedule builder export: a shared library linked here by ``cc_path`` (runs in the
     builder's worker processes, hence a module-level function)."""
-    path = os.path.join(tempfile.mkdtemp(prefix=CANDIDATE_DIR_PREFIX), "tvm_tmp_mod.so")
+    path = os.path.join(tempfile.mkdtemp(prefix="lprnet-cand-"), "tvm_tmp_mod.so")
     export_library(mod, path, cc_path, options)
     return path
 

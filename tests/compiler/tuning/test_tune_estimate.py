@@ -59,18 +59,3 @@ def test_tune_rpi4_against_the_estimate(tmp_path: Path):
     assert batches and all("estimated" in ln for ln in batches), lines
     assert any(ln.startswith("tuning summary") and "not measured on a board" in ln
                for ln in lines), lines
-
-
-def test_measured_candidates_are_removed(tmp_path: Path):
-    from lprnet_edge.compiler.tuning.estimate_runner import CANDIDATE_DIR_PREFIX, remove_export
-
-    made = tmp_path / f"{CANDIDATE_DIR_PREFIX}x"
-    made.mkdir()
-    (made / "tvm_tmp_mod.so").write_bytes(b"")
-    remove_export(str(made / "tvm_tmp_mod.so"))
-    assert not made.exists()
-    other = tmp_path / "mine"  # not the builder's: left alone
-    other.mkdir()
-    (other / "lib.so").write_bytes(b"")
-    remove_export(str(other / "lib.so"))
-    assert (other / "lib.so").is_file()
