@@ -32,6 +32,9 @@ from typing import Any
 DEFAULTS_DIR = Path(__file__).resolve().parent / "data" / "default_schedules"
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 FAILED_SECS = 1e9
+# A core without a set of its own (or with one that lacks a workload) takes the set of a core
+# with the same vector unit before the x86 set: both A76 and A72 run 128-bit NEON.
+RELATED_CPUS = {"cortex-a76": ("cortex-a72",), "neoverse-n1": ("cortex-a72",)}
 
 
 def target_cpu(target: Any) -> str | None:
@@ -135,12 +138,13 @@ def export_defaults(src_dirs: Iterable[str | Path], out_dir: str | Path | None =
 
 def default_records(cpu: str | None = None) -> dict[int, Any]:
     """structural hash of the workload -> its packaged default record (empty: none packaged):
-    the record tuned for ``cpu`` where its set has one, else the x86 set's. Run times are
+    the record tuned for ``cpu`` where its set has one, else a related core's
+    (:data:`RELATED_CPUS`), else the x86 set's. Run times are
     compared only within a set: the x86 set's are measured, a board's are estimated."""
     records = best_records(_json_db(DEFAULTS_DIR)) if has_defaults() else {}
-    own = defaults_dir(cpu)
-    if cpu and has_defaults(own):
-        records.update(best_records(_json_db(own)))
+    for core in (*reversed(RELATED_CPUS.get(cpu or "", ())), cpu):
+        if core and has_defaults(defaults_dir(core)):
+            records.update(best_records(_json_db(defaults_dir(core))))
     return records
 
 
