@@ -97,6 +97,7 @@ class CandidateEstimator:
         self.guests: list[Guest | None] = [None] * self.jobs
         self.started = 0
         self.ids = itertools.count(1)  # section ids, unique per guest file
+        self.broken: str | None = None  # why a guest could not even start
         atexit.register(self.close)
 
     def __enter__(self) -> CandidateEstimator:
@@ -106,23 +107,31 @@ class CandidateEstimator:
         self.close()
 
     def estimate(self, cands: Sequence[Candidate]) -> list[CandidateCost]:
-        """Estimated cycles of one call of each candidate, in order."""
+        """Estimated cycles of one call of each candidate, in order. The guests take the
+        next candidate as they finish one, so a slow candidate does not hold the others."""
         found: dict[int, Counts | str] = {}
-        ids = list(range(len(cands)))
-        threads = [threading.Thread(target=self._serve, args=(j, ids[j::self.jobs], cands, found),
+        todo: queue.Queue[int] = queue.Queue()
+        for i in range(len(cands)):
+            todo.put(i)
+        threads = [threading.Thread(target=self._serve, args=(j, todo, cands, found),
                                     daemon=True)
                    for j in range(min(self.jobs, len(cands)))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return _weigh(self.tools, self.cpu, [found.get(i, "not measured") for i in ids])
+        lost = self.broken or "not measured"
+        return _weigh(self.tools, self.cpu, [found.get(i, lost) for i in range(len(cands))])
 
-    def _serve(self, j: int, ids: list[int], cands: Sequence[Candidate],
+    def _serve(self, j: int, todo: queue.Queue[int], cands: Sequence[Candidate],
                found: dict[int, Counts | str]) -> None:
-        """Candidates ``ids`` on guest ``j``, in order; a dead guest is replaced, a guest that
-        dies before it is ready ends the part (the instrument itself is broken)."""
-        for i in ids:
+        """Candidates from ``todo`` on guest ``j``; a dead guest is replaced, one that dies
+        before it is ready stops this thread (the instrument itself is broken)."""
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
             try:
                 g = self.guests[j]
                 if g is None or not g.alive() or g.served >= RECYCLE:
@@ -138,8 +147,7 @@ class CandidateEstimator:
             if g is None or not g.alive():
                 self.guests[j] = None
                 if g is None or not g.ready:
-                    for k in ids[ids.index(i) + 1:]:
-                        found[k] = str(found[i])
+                    self.broken = str(found[i])
                     return
 
     def _start(self) -> Guest:

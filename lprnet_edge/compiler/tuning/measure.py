@@ -1,9 +1,10 @@
 """How the worker builds and measures candidates: MetaSchedule's builder and runner (local,
-an RPC server directly, or an RPC tracker) and one cost model shared by every round.
+an RPC server directly, an RPC tracker, or the cost instrument's estimated cycles for an ARM
+board not given: :mod:`.estimate_runner`) and one cost model shared by every round.
 
 MetaSchedule's ``RPCRunner`` only knows trackers; for a server reached directly it is given a
-session function that connects to the server itself. Candidates measured on a device are
-linked here by the target's compiler, so the device loads a ready ``.so``.
+session function that connects to the server itself. Candidates measured on a device or
+estimated under qemu are linked here by the target's compiler, so they load a ready ``.so``.
 
 Runs in the worker process. Its TVM imports stay inside the functions: the worker reports
 "loading TVM" before it pays the seconds that takes, and the builder's pool processes, which
