@@ -1,10 +1,14 @@
 """The accuracy table of docs/finetuning.md, from a fine-tuning record and build manifests.
 
     python benchmarks/finetune_table.py RECORD.json [--build LABEL=ARTIFACT_DIR ...]
+        [--compare OTHER.json ...]
 
 RECORD.json is what ``lprnet-edge finetune -o W.pth`` writes beside W.pth; each ``--build`` is
 an artifact of ``lprnet-edge build --finetune ...``: its accuracy guard (on the fine-tuning's
-validation split) is added as a row. Prints Markdown, with the command line at the top.
+validation split) is added as a row. Each ``--compare`` is the record of another setting,
+run with ``--no-test``: a second table compares the settings on the held-out split alone
+(accuracy, and how far the model moved from the pretrained one there). Prints Markdown,
+with the command line at the top.
 """
 
 from __future__ import annotations
@@ -38,10 +42,29 @@ def rows(record: dict[str, Any], builds: list[tuple[str, dict[str, Any]]]) -> li
     return out
 
 
+SETTINGS = ("epochs", "lr", "distill", "distill_read_only", "anchor", "freeze_below")
+
+
+def compare_rows(records: list[dict[str, Any]]) -> list[str]:
+    """One row per setting: what it changes, and the held-out figures at its kept epoch."""
+    out = ["| " + " | ".join(SETTINGS) + " | held-out | best epoch | kept | drift |",
+           "|" + "---|" * (len(SETTINGS) + 4)]
+    for rec in records:
+        cfg = rec["config"]
+        best = next((h for h in rec["history"] if h["epoch"] == rec["best_epoch"]), {})
+        kept = best.get("val_kept")
+        drift = best.get("val_drift")
+        out.append("| " + " | ".join(str(cfg.get(k)) for k in SETTINGS)
+                   + f" | {_fmt(rec['accuracy']['val']['after'])} | {rec['best_epoch']} | "
+                   f"{_fmt(kept)} | {'-' if drift is None else f'{drift:.3f}'} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("record", type=Path)
     ap.add_argument("--build", action="append", default=[], metavar="LABEL=ARTIFACT_DIR")
+    ap.add_argument("--compare", action="append", default=[], type=Path, metavar="OTHER.json")
     args = ap.parse_args(argv)
     record = json.loads(args.record.read_text(encoding="utf-8"))
     builds = []
@@ -56,6 +79,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{record['best_epoch']} ({record['stopped']})"
           + (f", {t['cpu_seconds']:.0f} CPU-seconds, load average {t['load_average_start']} "
              f"at the start and {t['load_average_end']} at the end" if t else "") + ".")
+    if args.compare:
+        others = [json.loads(p.read_text(encoding="utf-8")) for p in args.compare]
+        print("\nSettings compared on the held-out split alone (test/ not evaluated; kept: of "
+              "the held-out plates the pretrained model reads, the fraction still read; drift: "
+              "mean frame KL to the pretrained model's outputs):\n")
+        print("\n".join(compare_rows(others + [record])))
 
 
 if __name__ == "__main__":

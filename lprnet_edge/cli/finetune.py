@@ -36,6 +36,9 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
               help="Learning without forgetting: weight of the pull of each frame's "
                    "prediction towards the pretrained model's on the same image, 0 for "
                    "none.  [default: 0]")
+@click.option("--distill-read-only/--distill-all", default=None,
+              help="Distil only on the images the pretrained model reads right, or on all.  "
+                   "[default: read-only]")
 @click.option("--anchor", type=click.FloatRange(min=0),
               help="L2-SP: weight of the pull towards the pretrained weights, 0 for none.  "
                    "[default: 0]")
@@ -56,9 +59,9 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
 @json_option
 def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int | None,
                  patience: int | None, lr: float | None, distill: float | None,
-                 anchor: float | None, freeze_below: int | None, seed: int,
-                 threads: int, test_dir: str | None, no_test: bool, weights: str | None,
-                 out: str, as_json: bool) -> None:
+                 distill_read_only: bool | None, anchor: float | None,
+                 freeze_below: int | None, seed: int, threads: int, test_dir: str | None,
+                 no_test: bool, weights: str | None, out: str, as_json: bool) -> None:
     """Fine-tune the pretrained LPRNet on your labelled plates.
 
     The best epoch by exact-plate accuracy on the validation split is kept and written to
@@ -76,7 +79,8 @@ def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int | Non
     from lprnet_edge.model.weights import resolve_weights
 
     given = {k: v for k, v in {"epochs": epochs, "patience": patience, "lr": lr,
-                               "distill": distill, "anchor": anchor,
+                               "distill": distill, "distill_read_only": distill_read_only,
+                               "anchor": anchor,
                                "freeze_below": freeze_below}.items() if v is not None}
     cfg = FinetuneConfig(data=Path(data), val=Path(val) if val else None, val_split=val_split,
                          seed=seed, threads=threads, evaluate_test=not no_test,

@@ -202,3 +202,18 @@ def test_frame_kl_is_zero_only_for_the_same_outputs():
 def test_bad_regularisation_settings_are_refused(plates: Path):
     with pytest.raises(LprnetEdgeError, match="--distill"):
         FinetuneConfig(data=plates, distill=-1)
+
+
+def test_cli_regularisation_options_reach_the_record(cli_runner, plates: Path,
+                                                     weights_path: Path, tmp_path: Path):
+    out = tmp_path / "lwf.pth"
+    r = cli_runner("finetune", "--data", plates, "--epochs", "1", "--threads", "1",
+                   "--distill", "0.5", "--anchor", "0.001", "--freeze-below", "5",
+                   "--lr", "0.02", "--no-test", "--weights", weights_path, "-o", out)
+    assert r.exit_code == 0, r.output
+    rec = json.loads(record_path(out).read_text(encoding="utf-8"))
+    cfg = rec["config"]
+    assert (cfg["distill"], cfg["anchor"], cfg["freeze_below"], cfg["lr"]) == (
+        0.5, 0.001, 5, 0.02)
+    assert cfg["evaluate_test"] is False and rec["accuracy"]["test"]["after"] is None
+    assert rec["history"][0]["val_drift"] is not None
