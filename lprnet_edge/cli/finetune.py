@@ -26,16 +26,16 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
               help="Fraction of --data held out for validation (by file, seeded).")
 # Options left out take FinetuneConfig's defaults (the settings docs/finetuning.md measures;
 # `build --finetune` uses the same), so they are given here as None.
-@click.option("--epochs", type=click.IntRange(min=1), help="[default: 30]")
+@click.option("--epochs", type=click.IntRange(min=1), help="[default: 15]")
 @click.option("--patience", type=click.IntRange(min=1),
               help="Stop after this many epochs without a better validation accuracy.  "
                    "[default: 10]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
-              help="SGD learning rate (cosine schedule).  [default: 0.01]")
+              help="SGD learning rate (cosine schedule).  [default: 0.02]")
 @click.option("--distill", type=click.FloatRange(min=0),
               help="Learning without forgetting: weight of the pull of each frame's "
                    "prediction towards the pretrained model's on the same image, 0 for "
-                   "none.  [default: 0]")
+                   "none.  [default: 1]")
 @click.option("--distill-read-only/--distill-all", default=None,
               help="Distil only on the images the pretrained model reads right, or on all.  "
                    "[default: read-only]")
@@ -46,8 +46,8 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
               help="Backbone layers below this index keep their pretrained weights.  "
                    "[default: 0]")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
-              help="PyTorch threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="PyTorch threads (the weights a seed gives depend on it).")
 @click.option("--test-dir", type=click.Path(exists=True, file_okay=False),
               help="Evaluated only, for what was forgotten  [default: $LPRNET_EDGE_DATA/test]")
 @click.option("--no-test", is_flag=True,

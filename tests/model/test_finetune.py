@@ -217,3 +217,26 @@ def test_cli_regularisation_options_reach_the_record(cli_runner, plates: Path,
         0.5, 0.001, 5, 0.02)
     assert cfg["evaluate_test"] is False and rec["accuracy"]["test"]["after"] is None
     assert rec["history"][0]["val_drift"] is not None
+
+
+def test_cli_help_states_the_library_defaults(plates: Path):
+    """The options left out take FinetuneConfig's defaults: the help must say the same."""
+    import re
+
+    from lprnet_edge.cli.finetune import finetune_cmd
+
+    defaults = FinetuneConfig(data=plates)
+    checked = 0
+    for param in finetune_cmd.params:
+        field = param.name
+        if field in ("epochs", "patience", "lr", "distill", "anchor", "freeze_below"):
+            stated = re.search(r"\[default: ([^\]]+)\]", param.help).group(1)
+            assert float(stated) == getattr(defaults, field), field
+            checked += 1
+        elif field == "distill_read_only":
+            assert ("[default: read-only]" in param.help) == defaults.distill_read_only
+            checked += 1
+        elif field == "threads":
+            assert param.default == defaults.threads
+            checked += 1
+    assert checked == 8
