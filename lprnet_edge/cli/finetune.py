@@ -111,8 +111,9 @@ def _print_result(d: dict[str, Any], out: Path, record: Path) -> None:
              fmt(acc["val"]["after"])],
             ["test/ (evaluated only)", fmt(acc["test"]["before"]), fmt(acc["test"]["after"])]]
     click.echo(table(rows, ["exact-plate accuracy", "pretrained", "fine-tuned"]))
+    threads = f"{d['threads']} thread" + ("s" if d["threads"] > 1 else "")
     click.echo(f"best epoch {d['best_epoch']} ({d['stopped']}), {d['seconds']:.0f}s on "
-               f"{d['threads']} threads")
+               f"{threads}")
     click.echo(f"weights: {out}\nrecord:  {record}")
 
 
