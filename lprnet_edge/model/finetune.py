@@ -70,10 +70,9 @@ class FinetuneConfig:
     """What to train on and how; ``val`` (a folder or CSV) overrides ``val_split``.
 
     The defaults are the setting chosen among those compared on calib/'s held-out split
-    (docs/finetuning.md): learning without forgetting on the plates the pretrained model
-    reads, SGD at 0.02 for 15 epochs. One thread: the weights a seed gives do not depend on
-    the machine's core count (torch's reductions are ordered by thread), and the run fits
-    the time goal on one core.
+    (docs/finetuning.md, chosen there without looking at test/). One thread: the weights a
+    seed gives do not depend on the machine's core count (torch orders its reductions by
+    thread).
     """
 
     data: Path
