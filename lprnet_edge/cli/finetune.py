@@ -24,21 +24,44 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
 @click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=0.2, show_default=True,
               help="Fraction of --data held out for validation (by file, seeded).")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Stop after this many epochs without a better validation accuracy.")
+# Options left out take FinetuneConfig's defaults (the settings docs/finetuning.md measures;
+# `build --finetune` uses the same), so they are given here as None.
+@click.option("--epochs", type=click.IntRange(min=1), help="[default: 15]")
+@click.option("--patience", type=click.IntRange(min=1),
+              help="Stop after this many epochs without a better validation accuracy.  "
+                   "[default: 10]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              help="SGD learning rate (cosine schedule).  [default: 0.02]")
+@click.option("--distill", type=click.FloatRange(min=0),
+              help="Learning without forgetting: weight of the pull of each frame's "
+                   "prediction towards the pretrained model's on the same image, 0 for "
+                   "none.  [default: 1]")
+@click.option("--distill-read-only/--distill-all", default=None,
+              help="Distil only on the images the pretrained model reads right, or on all.  "
+                   "[default: read-only]")
+@click.option("--anchor", type=click.FloatRange(min=0),
+              help="L2-SP: weight of the pull towards the pretrained weights, 0 for none.  "
+                   "[default: 0]")
+@click.option("--freeze-below", type=click.IntRange(min=0),
+              help="Backbone layers below this index keep their pretrained weights.  "
+                   "[default: 0]")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
-              help="PyTorch threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="PyTorch threads (the weights a seed gives depend on it).")
 @click.option("--test-dir", type=click.Path(exists=True, file_okay=False),
               help="Evaluated only, for what was forgotten  [default: $LPRNET_EDGE_DATA/test]")
+@click.option("--no-test", is_flag=True,
+              help="Do not evaluate test/ at all (runs that compare settings: they must be "
+                   "chosen on the validation split alone).")
 @weights_option
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
               help="Fine-tuned checkpoint to write (a JSON record goes beside it).")
 @json_option
-def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int, patience: int,
-                 seed: int, threads: int, test_dir: str | None, weights: str | None, out: str,
-                 as_json: bool) -> None:
+def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int | None,
+                 patience: int | None, lr: float | None, distill: float | None,
+                 distill_read_only: bool | None, anchor: float | None,
+                 freeze_below: int | None, seed: int, threads: int, test_dir: str | None,
+                 no_test: bool, weights: str | None, out: str, as_json: bool) -> None:
     """Fine-tune the pretrained LPRNet on your labelled plates.
 
     The best epoch by exact-plate accuracy on the validation split is kept and written to
@@ -55,9 +78,13 @@ def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int, pati
     from lprnet_edge.model.finetune import FinetuneConfig, run_finetune
     from lprnet_edge.model.weights import resolve_weights
 
+    given = {k: v for k, v in {"epochs": epochs, "patience": patience, "lr": lr,
+                               "distill": distill, "distill_read_only": distill_read_only,
+                               "anchor": anchor,
+                               "freeze_below": freeze_below}.items() if v is not None}
     cfg = FinetuneConfig(data=Path(data), val=Path(val) if val else None, val_split=val_split,
-                         epochs=epochs, patience=patience, seed=seed, threads=threads,
-                         test_dir=Path(test_dir) if test_dir else None)
+                         seed=seed, threads=threads, evaluate_test=not no_test,
+                         test_dir=Path(test_dir) if test_dir else None, **given)
     base = resolve_weights(weights)
     # SIGTERM (a job scheduler, `kill`) stops like Ctrl-C, and Ctrl-C works even where the
     # shell started the command with SIGINT ignored (a background job): the best epoch so
@@ -84,8 +111,9 @@ def _print_result(d: dict[str, Any], out: Path, record: Path) -> None:
              fmt(acc["val"]["after"])],
             ["test/ (evaluated only)", fmt(acc["test"]["before"]), fmt(acc["test"]["after"])]]
     click.echo(table(rows, ["exact-plate accuracy", "pretrained", "fine-tuned"]))
+    threads = f"{d['threads']} thread" + ("s" if d["threads"] > 1 else "")
     click.echo(f"best epoch {d['best_epoch']} ({d['stopped']}), {d['seconds']:.0f}s on "
-               f"{d['threads']} threads")
+               f"{threads}")
     click.echo(f"weights: {out}\nrecord:  {record}")
 
 

@@ -36,6 +36,7 @@ from lprnet_edge.model.training import (  # noqa: F401  (EpochRecord: part of th
     ProgressBar,
     ctc_loss,
     ctc_targets,
+    frame_kl,
     freeze_bn,
 )
 from lprnet_edge.runtime.charset import load_charset
@@ -79,11 +80,8 @@ def distill_loss(s: torch.Tensor, t: torch.Tensor, cfg: DistillConfig,
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """Student logits ``s`` and teacher logits ``t``: (N, classes, time)."""
     parts: dict[str, torch.Tensor] = {}
-    temp = cfg.temperature
     if cfg.kd_weight:
-        kl = F.kl_div(F.log_softmax(s / temp, dim=1), F.log_softmax(t / temp, dim=1),
-                      log_target=True, reduction="none").sum(1).mean()
-        parts["kd"] = cfg.kd_weight * temp * temp * kl
+        parts["kd"] = cfg.kd_weight * frame_kl(s, t, cfg.temperature)
     if cfg.mse_weight:
         parts["mse"] = cfg.mse_weight * F.mse_loss(s, t)
     if cfg.ctc_weight and targets is not None:

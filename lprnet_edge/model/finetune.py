@@ -9,8 +9,13 @@ Made for a few hundred crops:
   are never re-estimated from so few images;
 - batch-1 semantics (:func:`lprnet_edge.model.calib.forward_per_sample`): a batch trains
   exactly the function that is evaluated one image at a time;
-- a pull towards the pretrained weights (``anchor``, L2-SP), so that what the model read
-  before is not forgotten for what it learns;
+- learning without forgetting (``distill``): a frame KL from the pretrained model's outputs
+  on the same augmented images, optionally only on the images it reads right
+  (``distill_read_only``), so that the function stays where the new labels do not ask for
+  another; also a pull towards the pretrained weights (``anchor``, L2-SP) and the first
+  backbone layers frozen (``freeze_below``);
+- how far the model moved is measured on the validation split alone (``val_kept``,
+  ``val_drift`` in the history), the only forgetting signal that needs no other data;
 - the epoch kept is the best by exact-plate accuracy on the validation split, with early
   stopping; ``on_best`` is called at each new best (the CLI writes the checkpoint there, so
   Ctrl-C leaves the best weights so far on disk);
@@ -37,9 +42,11 @@ from lprnet_edge.model.calib import (
     CalibrationSet,
     EvalSet,
     accuracy,
+    decode_batch,
     default_test_dir,
     forward_per_sample,
     load_eval_set,
+    predict_logits,
 )
 from lprnet_edge.model.checkpoint import save_checkpoint
 from lprnet_edge.model.plates import describe_skipped, files_sha256, load_plates
@@ -49,6 +56,7 @@ from lprnet_edge.model.training import (
     ProgressBar,
     ctc_loss,
     ctc_targets,
+    frame_kl,
     freeze_bn,
 )
 from lprnet_edge.runtime.charset import Charset, load_charset
@@ -59,24 +67,35 @@ from lprnet_edge.runtime.preprocess import Preprocess
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """What to train on and how; ``val`` (a folder or CSV) overrides ``val_split``."""
+    """What to train on and how; ``val`` (a folder or CSV) overrides ``val_split``.
+
+    The defaults are the setting chosen among those compared on calib/'s held-out split
+    (docs/finetuning.md, chosen there without looking at test/). One thread: the weights a
+    seed gives do not depend on the machine's core count (torch orders its reductions by
+    thread).
+    """
 
     data: Path
     val: Path | None = None
     val_split: float = 0.2
-    epochs: int = 30
+    epochs: int = 15
     patience: int = 10  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adam"
-    lr: float = 0.01
+    lr: float = 0.02
     anchor: float = 0.0  # L2-SP weight: pull towards the pretrained weights
+    distill: float = 1.0  # learning without forgetting: weight of the KL to the pretrained
+    temperature: float = 2.0  # of that KL
+    distill_read_only: bool = True  # only on the images the pretrained model reads right
+    freeze_below: int = 0  # backbone layers [0, freeze_below) are not trained
     keep_dead: bool = True  # filters whose weights are all zero stay zero
     bn_affine: bool = False  # train BatchNorm's scale and shift (statistics stay frozen)
     augment: AugmentConfig = PLATES
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     test_dir: Path | None = None  # forgetting, evaluated only (default: $LPRNET_EDGE_DATA/test)
     time_budget_s: float | None = None
+    evaluate_test: bool = True  # False: test/ is not even evaluated (exploratory runs)
 
     def __post_init__(self) -> None:
         if not 0 < self.val_split < 1:
@@ -85,6 +104,8 @@ class FinetuneConfig:
             raise LprnetEdgeError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.threads < 1:
             raise LprnetEdgeError("epochs, patience, batch size and threads must be >= 1")
+        if self.distill < 0 or self.anchor < 0 or self.temperature <= 0:
+            raise LprnetEdgeError("--distill and the anchor must be >= 0, the temperature > 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -207,6 +228,8 @@ def finetune(model: nn.Module, cfg: FinetuneConfig, data: CalibrationSet | None 
 
 
 def _test_set(cfg: FinetuneConfig, cs: Charset) -> EvalSet | None:
+    if not cfg.evaluate_test:
+        return None
     folder = cfg.test_dir or default_test_dir()
     return load_eval_set(folder, cs) if folder is not None and Path(folder).is_dir() else None
 
@@ -230,6 +253,35 @@ def keep_dead_filters(model: nn.Module) -> int:
     return held
 
 
+def freeze_layers(model: nn.Module, below: int) -> None:
+    """The first ``below`` backbone layers keep their pretrained weights: the early filters
+    (edges, strokes) serve every plate, and a few hundred crops are better spent on the
+    layers that read the characters."""
+    for layer in list(model.backbone)[:below]:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+
+
+class _Drift:
+    """How far the model moved from where it started, on the validation split, without
+    looking at any other data: ``kept``, the fraction of the plates the starting model read
+    that are still read; ``drift``, the mean frame KL to the starting model's outputs."""
+
+    def __init__(self, start: nn.Module, val: CalibrationSet, cs: Charset) -> None:
+        self.x, self.cs = val.x, cs
+        self.ref = torch.from_numpy(predict_logits(start, val.x))
+        read = [p == t for p, t in zip(decode_batch(self.ref.numpy(), cs), val.labels,
+                                       strict=True)]
+        self.read = np.array(read, bool)
+
+    def measure(self, model: nn.Module) -> tuple[float | None, float]:
+        logits = torch.from_numpy(predict_logits(model, self.x))
+        same = np.array(decode_batch(logits.numpy(), self.cs)) == np.array(
+            decode_batch(self.ref.numpy(), self.cs))
+        kept = float(same[self.read].mean()) if self.read.any() else None
+        return kept, round(float(frame_kl(logits, self.ref)), 5)
+
+
 class _Run:
     """One training run: the loop's state, so that each part stays small."""
 
@@ -241,6 +293,7 @@ class _Run:
         self.rng = np.random.default_rng(cfg.seed)
         self.model = copy.deepcopy(model).eval()  # BN frozen, dropout off
         freeze_bn(self.model, affine=cfg.bn_affine)
+        freeze_layers(self.model, cfg.freeze_below)
         self.anchor = {n: p.detach().clone() for n, p in self.model.named_parameters()
                        if p.requires_grad}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -254,7 +307,9 @@ class _Run:
         self.pre = Preprocess()
         self.history: list[EpochRecord] = []
         self.step_count, self.best_epoch, self.stopped = 0, 0, "epochs"
+        self.teacher = copy.deepcopy(model).eval() if cfg.distill else None
         self.val_before = self.best_acc = accuracy(self.model, self.val_set, cs)
+        self.watch = _Drift(model, self.val_set, cs)
         self.best_model = copy.deepcopy(model).eval()
         self.t0 = time.time()
         if on_best is not None:
@@ -294,7 +349,10 @@ class _Run:
         images = [augment_image(data.raw[i], self.rng, self.cfg.augment) for i in idx]
         x = torch.from_numpy(self.pre.batch(images))
         targets = ctc_targets([data.labels[i] for i in idx], self.cs)
-        loss = ctc_loss(forward_per_sample(self.model, x), targets, self.cs.blank)
+        logits = forward_per_sample(self.model, x)
+        loss = ctc_loss(logits, targets, self.cs.blank)
+        if self.teacher is not None:
+            loss = loss + self.cfg.distill * self._keep(logits, x, [data.labels[i] for i in idx])
         if self.cfg.anchor:
             drift = sum(((p - self.anchor[n]) ** 2).sum()
                         for n, p in self.model.named_parameters() if n in self.anchor)
@@ -306,6 +364,19 @@ class _Run:
         self.step_count += 1
         return float(loss.detach())
 
+    def _keep(self, logits: torch.Tensor, x: torch.Tensor, labels: list[str]) -> torch.Tensor:
+        """Learning without forgetting: the frame KL to the pretrained model on the same
+        (augmented) images; with ``distill_read_only``, only where that model reads the
+        label, so the pull never argues with a correction the labels demand."""
+        with torch.no_grad():
+            ref = forward_per_sample(self.teacher, x)
+        if not self.cfg.distill_read_only:
+            return frame_kl(logits, ref, self.cfg.temperature)
+        read = [i for i, t in enumerate(decode_batch(ref.numpy(), self.cs)) if t == labels[i]]
+        if not read:
+            return logits.sum() * 0
+        return frame_kl(logits[read], ref[read], self.cfg.temperature) * len(read) / len(labels)
+
     def _evaluate(self, epoch: int, losses: list[float]) -> None:
         acc = accuracy(self.model, self.val_set, self.cs)
         if acc > self.best_acc:
@@ -315,7 +386,8 @@ class _Run:
                 self.on_best(self.best_model, epoch)
         rec = EpochRecord(epoch, self.cfg.epochs, self.step_count,
                           float(np.mean(losses)) if losses else None,
-                          round(time.time() - self.t0, 1), acc, self.best_acc)
+                          round(time.time() - self.t0, 1), acc, self.best_acc,
+                          *self.watch.measure(self.model))
         self.history.append(rec)
         if isinstance(self.progress, ProgressBar):
             self.progress.epoch(rec, self.total)

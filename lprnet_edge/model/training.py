@@ -41,6 +41,17 @@ def ctc_targets(labels: Sequence[str], charset: Charset) -> tuple[torch.Tensor, 
             torch.tensor([len(s) for s in seqs], dtype=torch.long))
 
 
+def frame_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0
+             ) -> torch.Tensor:
+    """Mean over images and time frames of KL(teacher || student) between the per-frame
+    class distributions of logits ``(N, classes, time)``, softened by ``temperature`` and
+    scaled by its square (so the gradient's size does not depend on it)."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                  log_target=True, reduction="none").sum(1).mean()
+    return kl * t * t
+
+
 def ctc_loss(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor], blank: int
              ) -> torch.Tensor:
     """Mean CTC loss of LPRNet logits ``(N, classes, time)`` against ``targets``."""
@@ -61,6 +72,8 @@ class EpochRecord:
     elapsed_s: float
     val_accuracy: float | None = None
     best_val_accuracy: float | None = None
+    val_kept: float | None = None  # of the plates the starting model read, still read
+    val_drift: float | None = None  # frame KL to the starting model on the validation split
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +84,10 @@ class EpochRecord:
             parts.append(f"loss {self.loss:.4f}")
         if self.val_accuracy is not None:
             parts.append(f"val acc {self.val_accuracy:.3f} (best {self.best_val_accuracy:.3f})")
+        if self.val_kept is not None:
+            parts.append(f"kept {self.val_kept:.3f}")
+        if self.val_drift is not None:
+            parts.append(f"drift {self.val_drift:.4f}")
         parts.append(f"{self.elapsed_s:.0f}s")
         return ", ".join(parts)
 

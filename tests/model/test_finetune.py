@@ -23,7 +23,7 @@ from lprnet_edge.model.finetune import (  # noqa: E402
     run_finetune,
 )
 from lprnet_edge.model.plates import load_plates  # noqa: E402
-from lprnet_edge.runtime.errors import DataError  # noqa: E402
+from lprnet_edge.runtime.errors import DataError, LprnetEdgeError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +170,73 @@ def test_calibration_set_split_without_a_partition_is_unchanged():
     cs = CalibrationSet(x, ["京A12345"] * 10, [f"{i}.jpg" for i in range(10)])
     train, val = cs.split(0.3, 0)
     assert len(val) == 3 and len(train) == 7
+
+
+def test_learning_without_forgetting_and_frozen_layers(weights_path: Path, plates: Path,
+                                                       small_test: Path):
+    """A run with the pull towards the pretrained outputs, the first layers frozen and test/
+    not evaluated: frozen layers are bit-identical, the history says how far it moved."""
+    model = load_model(weights_path)
+    res = finetune(model, _cfg(plates, small_test, distill=1.0, freeze_below=5, lr=0.05,
+                               evaluate_test=False), progress=None)
+    assert res.test_before is None and res.test_after is None
+    start, now = model.state_dict(), res.model.state_dict()
+    for k in start:
+        if k.startswith(("backbone.0.", "backbone.4.")):
+            assert torch.equal(start[k], now[k]), k
+    last = res.history[-1]
+    assert last.val_drift is not None and last.val_drift >= 0
+    assert last.val_kept is None or 0 <= last.val_kept <= 1
+    rec = res.to_dict()
+    assert rec["config"]["distill"] == 1.0 and rec["accuracy"]["test"]["after"] is None
+
+
+def test_frame_kl_is_zero_only_for_the_same_outputs():
+    from lprnet_edge.model.training import frame_kl
+
+    a = torch.randn(2, 68, 18)
+    assert float(frame_kl(a, a, 2.0)) == pytest.approx(0, abs=1e-6)
+    assert float(frame_kl(a, torch.randn(2, 68, 18), 2.0)) > 0
+
+
+def test_bad_regularisation_settings_are_refused(plates: Path):
+    with pytest.raises(LprnetEdgeError, match="--distill"):
+        FinetuneConfig(data=plates, distill=-1)
+
+
+def test_cli_regularisation_options_reach_the_record(cli_runner, plates: Path,
+                                                     weights_path: Path, tmp_path: Path):
+    out = tmp_path / "lwf.pth"
+    r = cli_runner("finetune", "--data", plates, "--epochs", "1", "--threads", "1",
+                   "--distill", "0.5", "--anchor", "0.001", "--freeze-below", "5",
+                   "--lr", "0.02", "--no-test", "--weights", weights_path, "-o", out)
+    assert r.exit_code == 0, r.output
+    rec = json.loads(record_path(out).read_text(encoding="utf-8"))
+    cfg = rec["config"]
+    assert (cfg["distill"], cfg["anchor"], cfg["freeze_below"], cfg["lr"]) == (
+        0.5, 0.001, 5, 0.02)
+    assert cfg["evaluate_test"] is False and rec["accuracy"]["test"]["after"] is None
+    assert rec["history"][0]["val_drift"] is not None
+
+
+def test_cli_help_states_the_library_defaults(plates: Path):
+    """The options left out take FinetuneConfig's defaults: the help must say the same."""
+    import re
+
+    from lprnet_edge.cli.finetune import finetune_cmd
+
+    defaults = FinetuneConfig(data=plates)
+    checked = 0
+    for param in finetune_cmd.params:
+        field = param.name
+        if field in ("epochs", "patience", "lr", "distill", "anchor", "freeze_below"):
+            stated = re.search(r"\[default: ([^\]]+)\]", param.help).group(1)
+            assert float(stated) == getattr(defaults, field), field
+            checked += 1
+        elif field == "distill_read_only":
+            assert ("[default: read-only]" in param.help) == defaults.distill_read_only
+            checked += 1
+        elif field == "threads":
+            assert param.default == defaults.threads
+            checked += 1
+    assert checked == 8
