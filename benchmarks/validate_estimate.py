@@ -149,7 +149,7 @@ def build_naive(args: list[str]) -> int:
     from lprnet_edge.cli.main import cli
     from lprnet_edge.compiler import schedules
 
-    with mock.patch.object(schedules, "default_database", lambda *_a: None):
+    with mock.patch.object(schedules, "packaged_defaults", lambda *_a: None):
         try:
             cli.main(args, prog_name="lprnet-edge", standalone_mode=False)
         except SystemExit as e:

@@ -67,9 +67,6 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     :mod:`lprnet_edge.compiler.schedules`). Returns ``(database or None, coverage)`` where
     coverage names the kernels of each kind (``naive``: TVM's default loops). ``prepared``:
     ``prepare_for_tuning(mod, target)`` when the caller already has it."""
-    packaged_db = schedules.default_database(schedules.target_cpu(target)) if defaults else None
-    layers = [db for db in (database, packaged_db)
-              if db is not None]
     from tvm.s_tir import meta_schedule as ms
 
     if prepared is None:
@@ -79,14 +76,16 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
 
     # A workload counts only with a valid record: the tuner commits a task's workload before
     # measuring, and failed candidates are recorded too.
-    best = [schedules.best_records(db) for db in layers]
-    known = [r for b in best for r in b.values()]
-    own = best[0] if database is not None else {}
-    packaged = best[-1] if len(layers) > (database is not None) else {}
-    if own and packaged:  # per kernel, the faster of the tuned record and the default
-        own = best[0] = schedules.keep_faster(own, packaged)
+    own = schedules.best_records(database) if database is not None else {}
+    pkg = schedules.packaged_defaults(schedules.target_cpu(target)) if defaults else None
+    packaged = pkg.records if pkg else {}
+    known = [*own.values(), *packaged.values()]
+    if own and pkg:  # per kernel, the faster of the tuned record and a measured default
+        own = schedules.keep_faster(own, pkg.measured)
     # Apply the best plausible record per workload, not the raw database's top record.
-    layers = [schedules.memory_database(b.values()) for b in best]
+    layers = [schedules.memory_database(own.values())] if database is not None else []
+    if packaged:
+        layers.append(schedules.memory_database(packaged.values()))
     cover: dict[str, list[str]] = {"tensorized": [], "tuned": [], "default": [],
                                    "transferred": [], "naive": []}
     tensorized, fallback = ms.database.MemoryDatabase(), ms.database.MemoryDatabase()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,22 +137,34 @@ def export_defaults(src_dirs: Iterable[str | Path], out_dir: str | Path | None =
             "sources": [str(d) for d in sources]}
 
 
-def default_records(cpu: str | None = None) -> dict[int, Any]:
-    """structural hash of the workload -> its packaged default record (empty: none packaged):
-    the record tuned for ``cpu`` where its set has one, else a related core's
-    (:data:`RELATED_CPUS`), else the x86 set's. Run times are
-    compared only within a set: the x86 set's are measured, a board's are estimated."""
-    records = best_records(_json_db(DEFAULTS_DIR)) if has_defaults() else {}
+@dataclass(frozen=True)
+class PackagedDefaults:
+    """The packaged records a build for one core applies, and the ones whose run times may be
+    compared with a build's own.
+
+    ``records``: per workload, the core's own set, else a related core's
+    (:data:`RELATED_CPUS`), else the x86 set. ``measured``: the x86 set alone, whose run
+    times were measured on a host; a core's set holds estimates, which must not decide
+    against records measured on a board."""
+
+    records: dict[int, Any]
+    measured: dict[int, Any]
+
+
+def packaged_defaults(cpu: str | None = None) -> PackagedDefaults:
+    """The packaged default records for ``cpu`` (empty: none packaged)."""
+    measured = best_records(_json_db(DEFAULTS_DIR)) if has_defaults() else {}
+    records = dict(measured)
     for core in (*reversed(RELATED_CPUS.get(cpu or "", ())), cpu):
         if core and has_defaults(defaults_dir(core)):
             records.update(best_records(_json_db(defaults_dir(core))))
-    return records
+    return PackagedDefaults(records, measured)
 
 
-def default_database(cpu: str | None = None) -> Any:
-    """The packaged defaults for ``cpu`` as an in-memory database (None if not packaged)."""
-    records = default_records(cpu)
-    return memory_database(records.values()) if records else None
+def default_records(cpu: str | None = None) -> dict[int, Any]:
+    """structural hash of the workload -> the packaged default record a build for ``cpu``
+    applies (see :class:`PackagedDefaults`; empty: none packaged)."""
+    return packaged_defaults(cpu).records
 
 
 def comparable(a: Any, b: Any) -> bool:

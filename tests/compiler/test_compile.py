@@ -327,27 +327,35 @@ def test_a_build_keeps_the_faster_of_tuned_record_and_default(relax_tiny):
     assert names[slower] in cover["tuned"]
 
 
+def _packaged_with_a72_set(tmp_path: Path, ref: object, secs: float, target: object) -> None:
+    """Point the packaged defaults at ``tmp_path``: the x86 set as packaged, and an A72 set
+    holding ``ref``'s trace at ``secs`` (an estimated time), recorded for ``target``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from lprnet_edge.compiler import schedules
+
+    own_dir = tmp_path / "cortex-a72"
+    own_dir.mkdir()
+    db = ms.database.JSONDatabase(*(str(own_dir / f) for f in schedules.DB_FILES))
+    db.commit_tuning_record(ms.database.TuningRecord(
+        trace=ref.trace, workload=db.commit_workload(ref.workload.mod), run_secs=[secs],
+        target=target, args_info=ref.args_info))
+    del db
+    for f in schedules.DB_FILES:
+        (tmp_path / f).symlink_to(schedules.DEFAULTS_DIR / f)
+
+
 @pytest.mark.slow
 def test_a_cores_own_defaults_come_before_the_x86_set(tmp_path: Path, monkeypatch):
     """default_schedules/<mcpu>/ overrides the x86 set per workload; other workloads keep
     the x86 record; a related core takes the set too; an x86 core sees only the x86 set."""
     _needs_defaults()
-    from tvm.s_tir import meta_schedule as ms
-
     from lprnet_edge.compiler import schedules
 
     packaged = schedules.default_records()
     some = sorted(packaged)[0]
     ref = packaged[some]
-    own_dir = tmp_path / "cortex-a72"
-    own_dir.mkdir()
-    db = ms.database.JSONDatabase(*(str(own_dir / f) for f in schedules.DB_FILES))
-    db.commit_tuning_record(ms.database.TuningRecord(
-        trace=ref.trace, workload=db.commit_workload(ref.workload.mod), run_secs=[1e-6],
-        target=ref.target, args_info=ref.args_info))
-    del db
-    for f in schedules.DB_FILES:
-        (tmp_path / f).symlink_to(schedules.DEFAULTS_DIR / f)
+    _packaged_with_a72_set(tmp_path, ref, 1e-6, ref.target)
     monkeypatch.setattr(schedules, "DEFAULTS_DIR", tmp_path)
     a72 = schedules.default_records("cortex-a72")
     assert set(a72) == set(packaged)
@@ -358,3 +366,35 @@ def test_a_cores_own_defaults_come_before_the_x86_set(tmp_path: Path, monkeypatc
     assert schedules.mean_run_secs(a76[some].run_secs) == 1e-6
     x86 = schedules.default_records("znver4")
     assert schedules.mean_run_secs(x86[some].run_secs) == schedules.mean_run_secs(ref.run_secs)
+
+
+@pytest.mark.slow
+def test_estimated_defaults_never_replace_a_boards_own_record(relax_tiny, tmp_path: Path,
+                                                               monkeypatch):
+    """A core's packaged set holds estimated run times: a record of the build's own
+    database for that core stays, however much faster the estimate says the default is."""
+    _needs_defaults()
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from lprnet_edge.compiler import schedules
+    from lprnet_edge.compiler.compile import prepare_for_tuning, schedule_database
+
+    mod, _params = relax_tiny
+    rpi4 = load_target("rpi4")
+    target = rpi4.tvm_target()
+    prepared = prepare_for_tuning(mod, rpi4)
+    x86 = schedules.default_records()
+    names = {int(tvm_ffi.structural_hash(t.dispatched[0])): t.task_name
+             for t in ms.relax_integration.extract_tasks(prepared, target)}
+    h = next(h for h in names if h in x86 and "conv2d" in names[h])
+    ref = x86[h]
+    secs = schedules.mean_run_secs(ref.run_secs)
+    _packaged_with_a72_set(tmp_path, ref, secs / 1000, target)
+    monkeypatch.setattr(schedules, "DEFAULTS_DIR", tmp_path)
+    own = ms.database.MemoryDatabase()
+    own.commit_tuning_record(ms.database.TuningRecord(
+        trace=ref.trace, workload=own.commit_workload(ref.workload.mod), run_secs=[secs],
+        target=target, args_info=ref.args_info))
+    _db, cover = schedule_database(mod, target, own, prepared=prepared)
+    assert names[h] in cover["tuned"]
