@@ -29,9 +29,7 @@ from typing import Any
 import numpy as np
 
 from lprnet_edge.runtime.cost_marker import dump_region, measured_region
-from lprnet_edge.runtime.cost_runner import executable_maps
-
-SEED = 0
+from lprnet_edge.runtime.cost_runner import SEED, executable_maps
 
 
 def random_args(args: list[list[Any]]) -> list[np.ndarray]:
