@@ -287,25 +287,35 @@ def test_unknown_shapes_get_a_transferred_schedule(tmp_path):
                                atol=1e-4, rtol=1e-4)
 
 
+def _task_hashes(mod: object, target_name: str) -> tuple[object, object, dict[int, str]]:
+    """The TVM target, the module prepared for it, and task name by workload hash."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from lprnet_edge.compiler.compile import prepare_for_tuning
+
+    spec = load_target(target_name)
+    target = spec.tvm_target()
+    prepared = prepare_for_tuning(mod, spec)
+    names = {int(tvm_ffi.structural_hash(t.dispatched[0])): t.task_name
+             for t in ms.relax_integration.extract_tasks(prepared, target)}
+    return target, prepared, names
+
+
 @pytest.mark.slow
 def test_a_build_keeps_the_faster_of_tuned_record_and_default(relax_tiny):
     """Per kernel, a tuned record slower than the packaged default measured on a comparable
     machine gives way to the default; a faster one wins, and so does one measured on a
     board (its time cannot be compared with a host's)."""
     _needs_defaults()
-    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
     from lprnet_edge.compiler import schedules
-    from lprnet_edge.compiler.compile import prepare_for_tuning, schedule_database
+    from lprnet_edge.compiler.compile import schedule_database
 
     mod, _params = relax_tiny
-    host = load_target("host")
-    target = host.tvm_target()
-    prepared = prepare_for_tuning(mod, host)
+    target, prepared, names = _task_hashes(mod, "host")
     packaged = schedules.default_records()
-    names = {int(tvm_ffi.structural_hash(t.dispatched[0])): t.task_name
-             for t in ms.relax_integration.extract_tasks(prepared, target)}
     slower, faster = [h for h in names if h in packaged][:2]
 
     def tuned(records: dict[int, tuple[float, object]]) -> object:
@@ -374,19 +384,14 @@ def test_estimated_defaults_never_replace_a_boards_own_record(relax_tiny, tmp_pa
     """A core's packaged set holds estimated run times: a record of the build's own
     database for that core stays, however much faster the estimate says the default is."""
     _needs_defaults()
-    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
     from lprnet_edge.compiler import schedules
-    from lprnet_edge.compiler.compile import prepare_for_tuning, schedule_database
+    from lprnet_edge.compiler.compile import schedule_database
 
     mod, _params = relax_tiny
-    rpi4 = load_target("rpi4")
-    target = rpi4.tvm_target()
-    prepared = prepare_for_tuning(mod, rpi4)
+    target, prepared, names = _task_hashes(mod, "rpi4")
     x86 = schedules.default_records()
-    names = {int(tvm_ffi.structural_hash(t.dispatched[0])): t.task_name
-             for t in ms.relax_integration.extract_tasks(prepared, target)}
     h = next(h for h in names if h in x86 and "conv2d" in names[h])
     ref = x86[h]
     secs = schedules.mean_run_secs(ref.run_secs)
