@@ -4,9 +4,10 @@ Why a rewrite and a hand-written schedule: an int8 convolution lowered by ``R.nn
 multiplies widened int32 lanes, as many per instruction as fp32 FMAs, so it is no faster than
 float32. Only the dot-product instructions make int8 cheaper: each sums 4 byte products into
 one int32 lane, for 16 lanes at once (x86 AVX512-VNNI ``vpdpbusd``) or 4 (AArch64 ``sdot``,
-Cortex-A76 / rpi5; the A72 of rpi4 has none, and TVM's NEON sequence ``smull + saddlp +
-addp`` stands in for it). Using them needs the weights packed as
-``[O/L, KH, KW, C/4, L, 4]`` (``L`` lanes), so :func:`use_int8_dot` replaces each int8
+Cortex-A76 / rpi5; the A72 of rpi4 has none, and ``smull + smlal2 + sadalp`` stands in
+for it, 16 products in three instructions). Using them needs the weights packed as
+``[O/L, KH, KW, C/4, G, L, 4/G]`` (``L`` lanes, ``G`` groups of each lane's 4 bytes), so
+:func:`use_int8_dot` replaces each int8
 convolution by a TE computation on packed operands, and :func:`schedule` tiles it and
 tensorizes the ``L x 4`` inner block. The packing depends on the weights only and is done at
 build time (``compiler.int8.precompute_params``).
@@ -41,13 +42,21 @@ from lprnet_edge.compiler.tvm_import import import_tvm_compiler
 class DotKind:
     """One integer dot-product instruction: ``lanes`` int32 outputs per instruction, each the
     sum of 4 products; ``shift``: added to the int8 activations (128 when the instruction
-    wants them unsigned); ``accumulators``: vector registers the schedule may tile."""
+    wants them unsigned); ``accumulators``: vector registers the schedule may tile;
+    ``groups``: how the 4 bytes of each lane are split in a packed weight block, which is
+    ``[groups, lanes, 4 / groups]`` (the NEON sequence multiplies pairs, see :func:`_neon`)."""
 
     name: str
     lanes: int
     shift: int
     accumulators: int
     description: str
+    groups: int = 1
+
+    @property
+    def group_size(self) -> int:
+        """Bytes of one output lane's 4 that lie together in a packed weight block."""
+        return 4 // self.groups
 
     @property
     def conv_block(self) -> str:
@@ -64,7 +73,8 @@ class DotKind:
 
 VNNI = DotKind("vnni", 16, 128, 24, "AVX512-VNNI vpdpbusd (64 u8 x s8 products per instruction)")
 SDOT = DotKind("sdot", 4, 0, 24, "AArch64 sdot (16 s8 x s8 products per instruction)")
-NEON = DotKind("neon", 4, 0, 16, "AArch64 NEON smull + saddlp + addp (no sdot on this core)")
+NEON = DotKind("neon", 4, 0, 16, "AArch64 NEON smull + smlal2 + sadalp (no sdot on this core)",
+               groups=2)
 KINDS = {k.name: k for k in (VNNI, SDOT, NEON)}
 
 
@@ -88,7 +98,8 @@ def intrin(kind: DotKind) -> str:
 
     Registered here rather than imported from ``tvm.s_tir.tensor_intrin``: that package
     parses every intrinsic of every backend (CUDA included) at import, tens of seconds with torch
-    loaded. The descriptions and the ARM implementations are TVM's (arm_cpu.py)."""
+    loaded. The sdot implementation is TVM's (arm_cpu.py); TVM's NEON one (``smull + saddlp
+    + addp``) takes twice the instructions of :func:`_neon`."""
     import_tvm_compiler()
     from tvm.s_tir import TensorIntrin
 
@@ -101,91 +112,115 @@ def intrin(kind: DotKind) -> str:
     return name
 
 
-def _desc(lanes: int, a_dtype: str) -> Any:
-    """``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` int32 outputs and 4 bytes each."""
+def _desc(kind: DotKind) -> Any:
+    """``C[i] += sum_k A[k] * B[k / q, i, k % q]`` (``q`` = ``kind.group_size``) for
+    ``kind.lanes`` int32 outputs and 4 bytes each: the weight block as :func:`_pack_te`
+    lays it out. With one group the group axis is a constant 0 (TE drops unit loops), so the
+    description has no loop over it either."""
     from tvm.script import tirx as T
 
+    lanes, g, q, a_dtype = kind.lanes, kind.groups, kind.group_size, kind.act_dtype
+
     @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    def grouped(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), a_dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        B = T.match_buffer(b, (g, lanes, q), "int8", offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:4], B[0:g, 0:lanes, 0:q])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for p in T.serial(0, g):
+                    for k in T.serial(0, q):
+                        with T.sblock("update"):
+                            vi, vp, vk = T.axis.remap("SRR", [i, p, k])
+                            C[vi] = C[vi] + T.cast(A[vp * q + vk], "int32") * T.cast(
+                                B[vp, vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def single(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (1, lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:1, 0:lanes, 0:4])
             T.writes(C[0:lanes])
             for i in T.serial(0, lanes):
                 for k in T.serial(0, 4):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[0, vi, vk], "int32")
 
-    return desc
+    return grouped if g > 1 else single
 
 
-def _broadcast_dot(lanes: int, a_dtype: str, llvm_intrin: str) -> tuple[Any, Any]:
+def _broadcast_dot(kind: DotKind, llvm_intrin: str) -> tuple[Any, Any]:
     """One instruction ``C[lanes] += A[4] . B[lanes, 4]``: the 4 bytes of ``A`` broadcast to
     every lane (``vpdpbusd`` for VNNI, ``sdot`` for AArch64), operands as byte vectors."""
     from tvm.script import tirx as T
 
+    lanes, a_dtype = kind.lanes, kind.act_dtype
     n = 4 * lanes
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), a_dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        B = T.match_buffer(b, (1, lanes, 4), "int8", offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:4], B[0:1, 0:lanes, 0:4])
             T.writes(C[0:lanes])
-            a_i32 = T.reinterpret(A.vload([0], f"{a_dtype}x4"), dtype="int32")
-            vec_a = T.reinterpret(T.broadcast(a_i32, lanes), dtype=f"int8x{n}")
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(llvm_intrin),
-                C.vload([0], dtype=f"int32x{lanes}"), vec_a,
-                B.vload([0, 0], dtype=f"int8x{n}"), dtype=f"int32x{lanes}")
+                C.vload([0], dtype=f"int32x{lanes}"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{a_dtype}x4"),
+                                                        dtype="int32"), lanes),
+                              dtype=f"int8x{n}"),
+                B.vload([0, 0, 0], dtype=f"int8x{n}"), dtype=f"int32x{lanes}")
 
-    return _desc(lanes, a_dtype), impl
+    return _desc(kind), impl
 
 
 def _vnni() -> tuple[Any, Any]:
-    return _broadcast_dot(16, "uint8", "llvm.x86.avx512.vpdpbusd.512")
+    return _broadcast_dot(VNNI, "llvm.x86.avx512.vpdpbusd.512")
 
 
 def _sdot() -> tuple[Any, Any]:
-    return _broadcast_dot(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
+    return _broadcast_dot(SDOT, "llvm.aarch64.neon.sdot.v4i32.v16i8")
 
 
 def _neon() -> tuple[Any, Any]:
+    """``C[4] += A[4] . B[4, 4]`` without a dot-product instruction, for 16 byte products
+    in three: ``smull`` multiplies the first pair of ``A``'s bytes with the first pair of each
+    lane's (8 int16 products), ``smlal2`` adds the second pairs' into the same int16 lanes,
+    and ``sadalp`` adds neighbouring int16 lanes into the int32 accumulators. Two products of
+    int8 codes in [-127, 127] sum to at most 32258: the int16 lanes cannot overflow. The
+    weight block is ``[2, 4, 2]`` (pair, lane, byte) so that each half is one operand."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+        B = T.match_buffer(b, (2, 4, 2), "int8", offset_factor=1)
         C = T.match_buffer(c, (4,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.reads(C[0:4], A[0:4], B[0:2, 0:4, 0:2])
             T.writes(C[0:4])
-            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-            vec_a = T.reinterpret(T.broadcast(a_i32, 2), dtype="int8x8")
-            vec_b = B.vload([0, 0], dtype="int8x16")
-            low = T.call_llvm_pure_intrin(
+            C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                    vec_a, T.vectorlow(vec_b, dtype="int8x8"), dtype="int16x8"),
-                dtype="int32x4")
-            high = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                    vec_a, T.vectorhigh(vec_b, dtype="int8x8"), dtype="int16x8"),
-                dtype="int32x4")
-            C[T.ramp(T.int32(0), 1, 4)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"), low, high,
-                dtype="int32x4")
+                _pair_products(T, A, B, 0) + _pair_products(T, A, B, 1), dtype="int32x4")
 
-    return _desc(4, "int8"), impl
+    return _desc(NEON), impl
+
+
+def _pair_products(T: Any, A: Any, B: Any, pair: int) -> Any:
+    """``smull``: the ``pair``-th 2 bytes of ``A`` times the ``pair``-th 2 bytes of each of
+    the 4 lanes, as 8 int16. An expression, not a statement: a name bound in an intrinsic's
+    body becomes a buffer, which the runtime allocates per parallel task."""
+    a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([2 * pair], "int8x2"), dtype="int16"), 4),
+                      dtype="int8x8")
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                                   a, B.vload([pair, 0, 0], dtype="int8x8"), dtype="int16x8")
 
 
 _INTRIN_IMPLS = {"vnni": _vnni, "sdot": _sdot, "neon": _neon}
@@ -199,17 +234,21 @@ def _ceil(n: int, m: int) -> int:
 
 
 def _pack_te(w: Any, kind: DotKind) -> Any:
-    """HWIO int8 weights -> ``[O/L, KH, KW, C/4, L, 4]`` (zero-padded to whole blocks)."""
+    """HWIO int8 weights -> ``[O/L, KH, KW, C/4, G, L, 4/G]`` (``G`` = ``kind.groups``;
+    zero-padded to whole blocks)."""
     from tvm import te, tirx
 
     kh_, kw_, c_, o_ = (int(d) for d in w.shape)
-    lanes = kind.lanes
-    return te.compute(
-        (_ceil(o_, lanes) // lanes, kh_, kw_, _ceil(c_, 4) // 4, lanes, 4),
-        lambda ob, r, s, cb, oi, ci: tirx.if_then_else(
-            tirx.all(ob * lanes + oi < o_, cb * 4 + ci < c_),
-            w[r, s, tirx.min(cb * 4 + ci, c_ - 1), tirx.min(ob * lanes + oi, o_ - 1)],
-            tirx.const(0, "int8")), name="dot_pack")
+    lanes, q = kind.lanes, kind.group_size
+
+    def value(ob: Any, r: Any, s: Any, cb: Any, cp: Any, oi: Any, ck: Any) -> Any:
+        c, o = cb * 4 + cp * q + ck, ob * lanes + oi
+        return tirx.if_then_else(tirx.all(o < o_, c < c_),
+                                 w[r, s, tirx.min(c, c_ - 1), tirx.min(o, o_ - 1)],
+                                 tirx.const(0, "int8"))
+
+    shape = (_ceil(o_, lanes) // lanes, kh_, kw_, _ceil(c_, 4) // 4, kind.groups, lanes, q)
+    return te.compute(shape, value, name="dot_pack")
 
 
 def _offset_te(w: Any, kind: DotKind) -> Any:
@@ -249,12 +288,16 @@ def _conv_te(x: Any, packed: Any, offset: Any = None, *, pad: tuple[int, int, in
     r = te.reduce_axis((0, kh_), "r")
     s = te.reduce_axis((0, kw_), "s")
     cb = te.reduce_axis((0, cb_), "cb")
-    ci = te.reduce_axis((0, 4), "ci")
+    ck = te.reduce_axis((0, kind.group_size), "ck")
+    # One group: no group axis at all (a unit loop would not match the intrinsic's loops).
+    cp = te.reduce_axis((0, kind.groups), "cp") if kind.groups > 1 else tirx.const(0, "int32")
+    axes = [r, s, cb, cp, ck] if kind.groups > 1 else [r, s, cb, ck]
+    q = kind.group_size
     conv = te.compute(
         (n_, hp - kh_ + 1, wp - kw_ + 1, ob_, kind.lanes),
         lambda n, h, ww, ob, oi: te.sum(
-            xp[n, h + r, ww + s, cb * 4 + ci].astype("int32")
-            * packed[ob, r, s, cb, oi, ci].astype("int32"), axis=[r, s, cb, ci]),
+            xp[n, h + r, ww + s, cb * 4 + cp * q + ck].astype("int32")
+            * packed[ob, r, s, cb, cp, oi, ck].astype("int32"), axis=axes),
         name=kind.conv_block)
     lanes = kind.lanes
 
@@ -363,13 +406,13 @@ def schedule(sch: Any, kind: DotKind) -> Any:
     name = intrin(kind)
     _schedule_elementwise(sch, kind)
     conv = sch.get_sblock(kind.conv_block)
-    n, h, w, ob, oi, r, s, cb, ci = sch.get_loops(conv)
+    n, h, w, ob, oi, r, s, cb, *inner = sch.get_loops(conv)  # inner: (group,) byte
     ow, nob = (int(sch.get(loop).extent) for loop in (w, ob))
     wi_n = _divisor(ow, 6)
     obi_n = _divisor(nob, max(1, kind.accumulators // wi_n))
     wo, wi = sch.split(w, [None, wi_n])
     obo, obi = sch.split(ob, [None, obi_n])
-    sch.reorder(n, h, wo, obo, r, s, cb, wi, obi, oi, ci)
+    sch.reorder(n, h, wo, obo, r, s, cb, wi, obi, oi, *inner)
     sch.parallel(sch.fuse(n, h, wo))
     acc = sch.cache_write(conv, 0, "global")
     sch.reverse_compute_at(acc, obo)
