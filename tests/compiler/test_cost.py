@@ -12,11 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from lprnet_edge.compiler.cost import mca
+from lprnet_edge.compiler.cost import mca, plugin
 from lprnet_edge.compiler.cost.counting import run_counted
 from lprnet_edge.compiler.cost.cpus import CPUS, cpu_model, llvm_x86_cpu
 from lprnet_edge.compiler.cost.estimate import Program, weigh_counts
@@ -142,6 +143,22 @@ def test_loaded_segments_name_the_code_of_a_library():
     getppid = {int(line.split()[0], 16) for line in nm.splitlines()
                if line.split()[-1].split("@")[0] == "getppid"}
     assert addr - m["start"] + m["offset"] in getppid
+
+
+def test_plugin_builds_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Estimates started together may all rebuild the plugin at once: each build writes a
+    file of its own and the last one in place wins, none fails and none is left behind."""
+    header = plugin.header_path()
+    if not header.is_file():
+        pytest.skip(f"qemu's plugin header is not fetched ({plugin.SETUP_HINT})")
+    monkeypatch.setenv("LPRNET_EDGE_CACHE", str(tmp_path))
+    plugin.header_path().parent.mkdir(parents=True)
+    shutil.copy(header, plugin.header_path())
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        built = list(pool.map(lambda _: plugin.build_plugin(force=True), range(3)))
+    assert built == [plugin.plugin_path()] * 3
+    assert plugin.plugin_path().read_bytes()[:4] == b"\x7fELF"
+    assert sorted(p.name for p in plugin.plugin_dir().iterdir()) == ["bbcount.so", "include"]
 
 
 def test_x86_family_maps_to_an_llvm_14_model():

@@ -13,9 +13,11 @@ build used for binfmt cannot load plugins.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,12 +63,18 @@ def build_plugin(force: bool = False) -> Path:
                               capture_output=True, text=True).stdout.split()
     except (OSError, subprocess.CalledProcessError) as e:
         raise ToolchainError(f"glib-2.0 development files not found ({e}): {SETUP_HINT}") from e
-    tmp = out.with_suffix(".so.tmp")
+    # A name of its own per build: estimates run in threads or processes side by side may
+    # all find the plugin out of date and build it at once.
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=".bbcount-", suffix=".so")
+    os.close(fd)
+    tmp = Path(name)
     cmd = [cc, "-shared", "-fPIC", "-O2", "-Wall", f"-I{header_path().parent}", str(SOURCE),
            "-o", str(tmp), *glib]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
         raise ToolchainError(f"building the qemu plugin failed: {proc.stderr.strip()}")
+    tmp.chmod(0o755)
     tmp.replace(out)
     return out
 
