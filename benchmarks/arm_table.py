@@ -229,10 +229,9 @@ def render_target(res: dict[str, Any]) -> list[str]:
     lines = [f"## {res['target']}: one {cpu['name']} core ({cpu['board']}), 1 thread", "",
              f"`{res['command']}` ({res['date']}). Estimated, not measured: qemu "
              f"`-cpu {cpu['qemu_cpu']}` counts, llvm-mca `-mcpu={cpu['mca_cpu']}` weighs."
-             + (" LLVM 14 weighs the A76 with its Cortex-A57 model: these figures differ from "
-                "rpi4's by the code the A76's features allow (dot products), not by its "
-                "wider pipeline, so they overstate its cycles." if cpu["name"] == "cortex-a76"
-                else ""), "",
+             + (" LLVM has no Cortex-A76 model: the A76 is weighed with its Neoverse N1 "
+                "model, the A76's server sibling (the same two 128-bit FP pipes)."
+                if cpu["name"] == "cortex-a76" else ""), "",
              f"| program | M instructions | est. M cycles | IPC | {head} | speed-up vs "
              f"{REFERENCE} | folded FLOP / est. cycle |",
              "|---|---:|---:|---:|" + "---:|" * len(clocks) + "---:|---:|"]
@@ -252,7 +251,7 @@ def render_target(res: dict[str, Any]) -> list[str]:
               "ONNX Runtime on the unfolded graph about twice as many FLOPs)."]
     kflops = res.get("kernel_flops") or {}
     lines += _goals(rows, cpu["name"])
-    # The A72's peak is measured; LLVM 14 models the A76 as an A57 (half its FMA width).
+    # The A72's peak is measured; the A76's is its pipes' width, not a measurement.
     share = conv_peak_share(rows, FP32, kflops, peak) if cpu["name"] == "cortex-a72" else None
     if share:
         lines.append(f"- fp32 convolution kernels at >= 60% of the core's {peak} FLOP/cycle "

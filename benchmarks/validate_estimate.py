@@ -44,6 +44,7 @@ from lprnet_edge.compiler.cost.estimate import (  # noqa: E402
     estimate_cycles,
     local_program,
 )
+from lprnet_edge.compiler.cost.plugin import LLVM_VERSION, MCA  # noqa: E402
 from lprnet_edge.runtime.cost_runner import fixed_input  # noqa: E402
 
 COMMAND = "python benchmarks/validate_estimate.py"
@@ -314,7 +315,7 @@ def render(rows: list[Row], scale: float, rounds: int, per_round: int, cpu_name:
         "",
         "Each program runs under `qemu-x86_64 -cpu max` (AVX2; qemu 7.2 has no AVX-512) with "
         "the counting plugin; every executed block is weighed with "
-        f"`llvm-mca-14 -mcpu={cpu_name}` (LLVM 14's model of this CPU's family); the same "
+        f"`{MCA} -mcpu={cpu_name}` (LLVM {LLVM_VERSION}'s model of this CPU's family); the same "
         "program is timed natively at 1 thread in the same run "
         f"({rounds} interleaved rounds of {per_round} inferences each): the figure compared "
         "is the minimum of the calling thread's CPU time per inference (at one thread the "
@@ -334,8 +335,8 @@ def render(rows: list[Row], scale: float, rounds: int, per_round: int, cpu_name:
         "",
         "Known differences between what is estimated and what is timed here: glibc's string "
         "functions pick their code by CPUID too (a `rep stosb` runs one element per qemu "
-        "block and is weighed per element); LLVM 14's newest AMD model is Zen 3, older than "
-        "this CPU. On a loaded machine CPU time still includes the caches other processes "
+        "block and is weighed per element); LLVM's AMD models are of Zen 3 and Zen 4, older "
+        "than a Zen 5. On a loaded machine CPU time still includes the caches other processes "
         "evict. If the goal is missed on a quiet machine, do not tune against the estimate.",
     ]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 APT_PACKAGES=(g++ g++-aarch64-linux-gnu g++-arm-linux-gnueabihf file binutils
               openssh-client openssh-server zstd qemu-user-static debootstrap binfmt-support
-              qemu-user libglib2.0-dev pkg-config llvm-14)
+              qemu-user libglib2.0-dev pkg-config llvm-19)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

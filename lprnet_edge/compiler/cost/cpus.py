@@ -26,13 +26,14 @@ class CpuModel:
                 "board": self.board}
 
 
-# LLVM 14 schedules the Cortex-A72 *and* the Cortex-A76 (and Neoverse N1) with its Cortex-A57
-# model: for the A76 only the code its features allow differs (qemu's -cpu cortex-a76 exposes
-# dot products), not the pipeline the blocks are weighed on (a newer LLVM has an N1 model).
+# LLVM has no Cortex-A72 model and schedules it as a Cortex-A57 (same FP width: one 128-bit
+# FMA per cycle). Under cortex-a76 it uses that A57 model too; its Neoverse N1 model is of the
+# A76's server sibling (the same two 128-bit FP pipes and dot products), so the A76 is
+# weighed as an N1 while qemu still emulates a cortex-a76 (its features pick the code).
 CPUS = {
     "cortex-a72": CpuModel("cortex-a72", "aarch64", "cortex-a72", "cortex-a72", (1.5, 1.8),
                            "Raspberry Pi 4"),
-    "cortex-a76": CpuModel("cortex-a76", "aarch64", "cortex-a76", "cortex-a76", (2.4,),
+    "cortex-a76": CpuModel("cortex-a76", "aarch64", "cortex-a76", "neoverse-n1", (2.4,),
                            "Raspberry Pi 5"),
 }
 TARGET_CPU = {"rpi4": "cortex-a72", "rpi5": "cortex-a76"}
@@ -57,8 +58,9 @@ def _cpuinfo_fields(text: str) -> dict[str, str]:
 
 
 def llvm_x86_cpu(cpuinfo: str) -> str:
-    """LLVM 14's scheduling model for this x86 CPU family (the newest it knows: AMD Zen 4 and
-    Zen 5 map to znver3, which LLVM 14 is the last model of)."""
+    """The LLVM scheduling model for this x86 CPU family. AMD Zen 3 and later map to znver3:
+    the x86 validation compiles for this name and must stay at AVX2 (what qemu runs), and
+    LLVM's Zen 4 model (also its znver5) weighs those AVX2 programs as its Zen 3 model does."""
     f = _cpuinfo_fields(cpuinfo)
     family, model = int(f.get("cpu family", "0")), int(f.get("model", "0"))
     if f.get("vendor_id") == "AuthenticAMD" or "AMD" in f.get("model name", ""):

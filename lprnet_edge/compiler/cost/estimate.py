@@ -29,7 +29,7 @@ CAVEATS = ("estimated: one core's pipeline as llvm-mca models it (a block repeat
            "mispredictions, TLB misses, the other cores, the operating system")
 # Changes whenever the way blocks are counted or weighed changes: stored estimates made by
 # another method are not reused.
-METHOD = 2
+METHOD = 3
 PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the folder holding lprnet_edge/
 # The guest loads TVM's runtime library only (as a board does), not the compiler: a far
 # shorter start-up to translate under qemu; the counted region is the same.

@@ -9,8 +9,9 @@ replaced by a ``nop`` and counted in :attr:`Weights.substituted`.
 The figure per block is llvm-mca's *Total Cycles / Iterations* over many back-to-back
 iterations: the block simulated as a loop body, so a reduction chained through one register is
 charged its latency, not only the issue slots (Block RThroughput would make a latency-bound
-naive loop look as cheap as an unrolled one). Weights are cached per (arch, cpu) by a hash of
-the rewritten block, so a block seen in another program or run is not weighed again.
+naive loop look as cheap as an unrolled one). Weights are cached per (llvm-mca, arch, cpu) by a
+hash of the rewritten block, so a block seen in another program or run is not weighed again
+(and another LLVM's weights are never reused).
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ class Weights:
                 "weighed": self.weighed}
 
 
-def _cache_file(arch: str, cpu: str) -> Path:
-    return cache_dir() / "mca" / f"{arch}-{cpu}-i{ITERATIONS}.json"
+def _cache_file(mca: str, arch: str, cpu: str) -> Path:
+    return cache_dir() / "mca" / f"{Path(mca).name}-{arch}-{cpu}-i{ITERATIONS}.json"
 
 
 def _load_cache(path: Path) -> dict[str, list[float]]:
@@ -161,7 +162,7 @@ def weigh(mca: str, arch: str, cpu: str, blocks: Sequence[Sequence[str]],
     ``cache_file`` or the user's cache)."""
     rewritten = [[rewrite(arch, s) for s in blk] for blk in blocks]
     keys = [block_key(arch, cpu, blk) for blk in rewritten]
-    path = cache_file or _cache_file(arch, cpu)
+    path = cache_file or _cache_file(mca, arch, cpu)
     cache = _load_cache(path)
     for k, blk in zip(keys, rewritten, strict=True):
         if (c := rep_element_cycles(arch, blk)) is not None:

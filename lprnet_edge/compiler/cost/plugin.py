@@ -26,7 +26,11 @@ from lprnet_edge.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("bbcount.c")
 SETUP_HINT = "run scripts/setup-host.sh (as root) to install it"
-MCA = "llvm-mca-14"
+# The one LLVM whose llvm-mca weighs every block, x86 and aarch64 alike (Debian 12 ships it):
+# the oldest with a Neoverse N1 model, the closest LLVM has to the Cortex-A76 (LLVM 14
+# schedules the A76 as a Cortex-A57, with half its FMA width).
+LLVM_VERSION = 19
+MCA = f"llvm-mca-{LLVM_VERSION}"
 QEMU = {"aarch64": "qemu-aarch64", "x86_64": "qemu-x86_64"}
 
 
@@ -102,7 +106,7 @@ def find_tools(arch: str) -> Tools:
             raise ToolchainError(f"the qemu counting plugin is not built: {SETUP_HINT}")
         build_plugin()
     return Tools(qemu=qemu, plugin=build_plugin(),
-                 mca=_which(MCA, "llvm-mca from Debian's llvm-14"))
+                 mca=_which(MCA, f"llvm-mca from Debian's llvm-{LLVM_VERSION}"))
 
 
 def portable_files(tools: Tools) -> tuple[tuple[Path, str], ...]:
