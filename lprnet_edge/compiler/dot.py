@@ -217,8 +217,9 @@ def _pair_products(T: Any, A: Any, B: Any, pair: int) -> Any:
     """``smull``: the ``pair``-th 2 bytes of ``A`` times the ``pair``-th 2 bytes of each of
     the 4 lanes, as 8 int16. An expression, not a statement: a name bound in an intrinsic's
     body becomes a buffer, which the runtime allocates per parallel task."""
-    a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([2 * pair], "int8x2"), dtype="int16"), 4),
-                      dtype="int8x8")
+    both = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 2),
+                         dtype="int16x4")
+    a = T.reinterpret(T.Shuffle([both], [pair, pair, pair, pair]), dtype="int8x8")
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
                                    a, B.vload([pair, 0, 0], dtype="int8x8"), dtype="int16x8")
 
