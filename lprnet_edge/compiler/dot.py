@@ -405,7 +405,7 @@ def schedule(sch: Any, kind: DotKind) -> Any:
     parallel, vectorized loops of their own.
     """
     name = intrin(kind)
-    _schedule_elementwise(sch, kind)
+    out = _schedule_elementwise(sch, kind)
     conv = sch.get_sblock(kind.conv_block)
     n, h, w, ob, oi, r, s, cb, *inner = sch.get_loops(conv)  # inner: (group,) byte
     ow, nob = (int(sch.get(loop).extent) for loop in (w, ob))
@@ -417,34 +417,36 @@ def schedule(sch: Any, kind: DotKind) -> Any:
     sch.parallel(sch.fuse(n, h, wo))
     acc = sch.cache_write(conv, 0, "global")
     sch.reverse_compute_at(acc, obo)
+    sch.reverse_compute_at(out, obo)
+    sch.compute_inline(acc)  # the epilogue reads the tile's accumulators
+    sch.vectorize(sch.get_loops(out)[-1])
     init = sch.decompose_reduction(conv, r)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(acc)[-1])
     sch.unroll(wi)
     sch.unroll(obi)
     sch.tensorize(oi, name)
     return sch
 
 
-def _schedule_elementwise(sch: Any, kind: DotKind) -> None:
-    """Inline the element-wise blocks around the convolution into the last one; run that
-    and the padding block as parallel, vectorized loops."""
+def _schedule_elementwise(sch: Any, kind: DotKind) -> Any:
+    """Inline the element-wise blocks after the convolution into the last one (returned:
+    :func:`schedule` computes it per tile, from the accumulators); run the padding block as
+    a parallel, vectorized loop."""
     from tvm.s_tir.schedule import ScheduleError
 
     root = sch.get_sblock("root")
-    kept = []
+    out = None
     for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root)]:
         if name == kind.conv_block:
             continue
         if name == kind.pad_block:
-            kept.append(name)
+            _parallel_vectorized(sch, sch.get_sblock(name))
             continue
         try:
             sch.compute_inline(sch.get_sblock(name))
         except ScheduleError:
-            kept.append(name)  # an output block
-    for name in kept:
-        _parallel_vectorized(sch, sch.get_sblock(name))
+            out = sch.get_sblock(name)  # the output block
+    return out
 
 
 def _parallel_vectorized(sch: Any, block: Any) -> None:
