@@ -26,7 +26,7 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
               help="Fraction of --data held out for validation (by file, seeded).")
 # Options left out take FinetuneConfig's defaults (the settings docs/finetuning.md measures;
 # `build --finetune` uses the same), so they are given here as None.
-@click.option("--epochs", type=click.IntRange(min=1), help="[default: 15]")
+@click.option("--epochs", type=click.IntRange(min=1), help="[default: 30]")
 @click.option("--patience", type=click.IntRange(min=1),
               help="Stop after this many epochs without a better validation accuracy.  "
                    "[default: 10]")

@@ -80,7 +80,7 @@ class FinetuneConfig:
     data: Path
     val: Path | None = None
     val_split: float = 0.2
-    epochs: int = 15
+    epochs: int = 30
     patience: int = 10  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adam"

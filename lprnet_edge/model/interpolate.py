@@ -127,7 +127,7 @@ def choose(points: tuple[Point, ...], n_val: int) -> float:
     models that read the user's plates equally well, the one nearest the pretrained model
     keeps the most of what it knew."""
     best = max(p.val_accuracy for p in points)
-    tol = 1.0 / max(n_val, 1) - 1e-9
+    tol = 1.0 / max(n_val, 1) + 1e-9  # one plate fewer is a tie
     return min(p.a for p in points if p.val_accuracy >= best - tol)
 
 

@@ -289,7 +289,7 @@ def test_interpolation_is_the_line_between_the_two_models(weights_path: Path, pl
     assert interp.sweep[0].val_accuracy == pytest.approx(accuracy(start, val, cs))
     assert interp.sweep[0].val_drift == 0 and interp.a == choose(interp.sweep, len(val))
     best = max(p.val_accuracy for p in interp.sweep)
-    ties = [p.a for p in interp.sweep if p.val_accuracy >= best - 1 / len(val) + 1e-9]
+    ties = [p.a for p in interp.sweep if p.val_accuracy >= best - 1 / len(val) - 1e-9]
     assert interp.a == min(ties) and not interp.given
     assert accuracy(model, val, cs) == pytest.approx(
         next(p.val_accuracy for p in interp.sweep if p.a == interp.a))
@@ -303,3 +303,15 @@ def test_cli_refuses_a_mixing_weight_outside_0_1(cli_runner, plates: Path,
                    "--weights", weights_path, "-o", tmp_path / "o.pth")
     assert r.exit_code == 2 and "--interpolate" in r.output
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_auto_mixing_counts_one_plate_fewer_as_a_tie():
+    from lprnet_edge.model.interpolate import Point, choose
+
+    def points(correct: list[int], n: int) -> tuple[Point, ...]:
+        return tuple(Point(i / (len(correct) - 1), c / n, None, float(i))
+                     for i, c in enumerate(correct))
+
+    assert choose(points([5, 120, 130, 131], 147), 147) == pytest.approx(2 / 3)
+    assert choose(points([5, 120, 129, 131], 147), 147) == 1.0
+    assert choose(points([5, 131, 120, 131], 147), 147) == pytest.approx(1 / 3)
