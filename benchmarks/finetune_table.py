@@ -6,8 +6,9 @@
 RECORD.json is what ``lprnet-edge finetune -o W.pth`` writes beside W.pth; each ``--build`` is
 an artifact of ``lprnet-edge build --finetune ...``: its accuracy guard (on the fine-tuning's
 validation split) is added as a row. Each ``--compare`` is the record of another setting,
-run with ``--no-test``: a second table compares the settings on the held-out split alone
-(accuracy, and how far the model moved from the pretrained one there). Prints Markdown,
+run with ``--no-test``: a table compares the settings on the held-out split alone (the best
+epoch's accuracy, the mixing weight kept, and the kept model's accuracy and how far it moved
+from the pretrained one there). A record with an interpolation adds its sweep. Prints Markdown,
 with the command line at the top.
 """
 
@@ -32,8 +33,8 @@ def rows(record: dict[str, Any], builds: list[tuple[str, dict[str, Any]]]) -> li
            "|---|---|---|",
            f"| pretrained ({record['base_weights']['file']}) | {_fmt(acc['val']['before'])} | "
            f"{_fmt(acc['test']['before'])} |",
-           f"| fine-tuned fp32 (`{record['weights']}`, epoch {record['best_epoch']}) | "
-           f"{_fmt(acc['val']['after'])} | {_fmt(acc['test']['after'])} |"]
+           f"| fine-tuned fp32 (`{record['weights']}`, epoch {record['best_epoch']}"
+           f"{_mixed(record)}) | {_fmt(acc['val']['after'])} | {_fmt(acc['test']['after'])} |"]
     for label, manifest in builds:
         check = manifest["records"]["reports"].get("accuracy_check") or {}
         out.append(f"| {label} (PyTorch simulation, accuracy check) | "
@@ -42,21 +43,46 @@ def rows(record: dict[str, Any], builds: list[tuple[str, dict[str, Any]]]) -> li
     return out
 
 
+def _mixed(record: dict[str, Any]) -> str:
+    interp = record.get("interpolation")
+    return "" if not interp else f", a = {interp['a']:g}"
+
+
 SETTINGS = ("epochs", "lr", "distill", "distill_read_only", "anchor", "freeze_below")
+
+
+def _at_kept(rec: dict[str, Any]) -> dict[str, Any]:
+    """Held-out kept / drift of the model a record kept: the mixed one if it was mixed."""
+    interp = rec.get("interpolation")
+    if interp:
+        return next(p for p in interp["sweep"] if p["a"] == interp["a"])
+    return next((h for h in rec["history"] if h["epoch"] == rec["best_epoch"]), {})
+
+
+def sweep_rows(record: dict[str, Any]) -> list[str]:
+    """The mixing weights swept on the held-out split, the kept one in bold."""
+    interp = record["interpolation"]
+    out = ["| a | held-out | kept | drift |", "|---|---|---|---|"]
+    for p in interp["sweep"]:
+        a = f"**{p['a']:g}**" if p["a"] == interp["a"] else f"{p['a']:g}"
+        out.append(f"| {a} | {_fmt(p['val_accuracy'])} | {_fmt(p['val_kept'])} | "
+                   f"{p['val_drift']:.3f} |")
+    return out
 
 
 def compare_rows(records: list[dict[str, Any]]) -> list[str]:
     """One row per setting: what it changes, and the held-out figures at its kept epoch."""
-    out = ["| " + " | ".join(SETTINGS) + " | held-out | best epoch | kept | drift |",
-           "|" + "---|" * (len(SETTINGS) + 4)]
+    out = ["| " + " | ".join(SETTINGS) + " | best epoch | its held-out | a | held-out | kept "
+           "| drift |", "|" + "---|" * (len(SETTINGS) + 6)]
     for rec in records:
-        cfg = rec["config"]
-        best = next((h for h in rec["history"] if h["epoch"] == rec["best_epoch"]), {})
-        kept = best.get("val_kept")
-        drift = best.get("val_drift")
+        cfg, interp, at = rec["config"], rec.get("interpolation"), _at_kept(rec)
+        alone = interp["finetuned_val_accuracy"] if interp else rec["accuracy"]["val"]["after"]
+        drift = at.get("val_drift")
         out.append("| " + " | ".join(str(cfg.get(k)) for k in SETTINGS)
-                   + f" | {_fmt(rec['accuracy']['val']['after'])} | {rec['best_epoch']} | "
-                   f"{_fmt(kept)} | {'-' if drift is None else f'{drift:.3f}'} |")
+                   + f" | {rec['best_epoch']} | {_fmt(alone)} | "
+                   f"{'1' if not interp else format(interp['a'], 'g')} | "
+                   f"{_fmt(rec['accuracy']['val']['after'])} | {_fmt(at.get('val_kept'))} | "
+                   f"{'-' if drift is None else f'{drift:.3f}'} |")
     return out
 
 
@@ -80,6 +106,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{record['best_epoch']} ({record['stopped']})"
           + (f", {t['cpu_seconds']:.0f} CPU-seconds, load average {t['load_average_start']} "
              f"at the start and {t['load_average_end']} at the end" if t else "") + ".")
+    if record.get("interpolation"):
+        print(f"\nThe best epoch mixed with the pretrained weights, (1-a) x pretrained + a x "
+              f"best epoch, swept on the held-out split (rule: {record['interpolation']['rule']}"
+              "):\n")
+        print("\n".join(sweep_rows(record)))
     if args.compare:
         others = [json.loads(p.read_text(encoding="utf-8")) for p in args.compare]
         print("\nSettings compared on the held-out split alone (test/ not evaluated; kept: of "

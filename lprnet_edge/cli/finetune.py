@@ -26,7 +26,7 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
               help="Fraction of --data held out for validation (by file, seeded).")
 # Options left out take FinetuneConfig's defaults (the settings docs/finetuning.md measures;
 # `build --finetune` uses the same), so they are given here as None.
-@click.option("--epochs", type=click.IntRange(min=1), help="[default: 15]")
+@click.option("--epochs", type=click.IntRange(min=1), help="[default: 30]")
 @click.option("--patience", type=click.IntRange(min=1),
               help="Stop after this many epochs without a better validation accuracy.  "
                    "[default: 10]")
@@ -45,6 +45,11 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
 @click.option("--freeze-below", type=click.IntRange(min=0),
               help="Backbone layers below this index keep their pretrained weights.  "
                    "[default: 0]")
+@click.option("--interpolate", "interpolate", default="auto", show_default=True,
+              metavar="auto|A",
+              help="Keep (1-A) x pretrained + A x best-epoch weights (WiSE-FT); auto: the "
+                   "smallest A on a 0.05 grid whose validation accuracy is within one plate "
+                   "of the best; 1: the best epoch as it is.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="PyTorch threads (the weights a seed gives depend on it).")
@@ -60,8 +65,9 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
 def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int | None,
                  patience: int | None, lr: float | None, distill: float | None,
                  distill_read_only: bool | None, anchor: float | None,
-                 freeze_below: int | None, seed: int, threads: int, test_dir: str | None,
-                 no_test: bool, weights: str | None, out: str, as_json: bool) -> None:
+                 freeze_below: int | None, interpolate: str, seed: int, threads: int,
+                 test_dir: str | None, no_test: bool, weights: str | None, out: str,
+                 as_json: bool) -> None:
     """Fine-tune the pretrained LPRNet on your labelled plates.
 
     The best epoch by exact-plate accuracy on the validation split is kept and written to
@@ -83,7 +89,8 @@ def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int | Non
                                "anchor": anchor,
                                "freeze_below": freeze_below}.items() if v is not None}
     cfg = FinetuneConfig(data=Path(data), val=Path(val) if val else None, val_split=val_split,
-                         seed=seed, threads=threads, evaluate_test=not no_test,
+                         interpolate=_mixing_weight(interpolate), seed=seed, threads=threads,
+                         evaluate_test=not no_test,
                          test_dir=Path(test_dir) if test_dir else None, **given)
     base = resolve_weights(weights)
     # SIGTERM (a job scheduler, `kill`) stops like Ctrl-C, and Ctrl-C works even where the
@@ -95,6 +102,19 @@ def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int | Non
         echo_json(result.to_dict())
         return
     _print_result(result.to_dict(), Path(out), record)
+
+
+def _mixing_weight(value: str) -> float | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        a = float(value)
+    except ValueError:
+        a = -1.0
+    if not 0 <= a <= 1:
+        raise click.BadParameter(f"{value!r}: give auto or a number between 0 and 1",
+                                 param_hint="--interpolate")
+    return a
 
 
 def _log(msg: str) -> None:
@@ -112,8 +132,10 @@ def _print_result(d: dict[str, Any], out: Path, record: Path) -> None:
             ["test/ (evaluated only)", fmt(acc["test"]["before"]), fmt(acc["test"]["after"])]]
     click.echo(table(rows, ["exact-plate accuracy", "pretrained", "fine-tuned"]))
     threads = f"{d['threads']} thread" + ("s" if d["threads"] > 1 else "")
+    mixed = d.get("interpolation")
     click.echo(f"best epoch {d['best_epoch']} ({d['stopped']}), {d['seconds']:.0f}s on "
-               f"{threads}")
+               f"{threads}" + (f"; kept a = {mixed['a']:g} of the way from the pretrained "
+                               "weights to it" if mixed else ""))
     click.echo(f"weights: {out}\nrecord:  {record}")
 
 

@@ -2,7 +2,7 @@
 
 Made for a few hundred crops:
 
-- CTC on the plate labels, Adam with a cosine schedule, augmentation of the raw crops
+- CTC on the plate labels, SGD (Nesterov) with a cosine schedule, augmentation of the raw crops
   (:data:`lprnet_edge.model.augment.PLATES`: small affine and perspective, blur, noise,
   brightness, colour) before the runtime's own 94x24 resize;
 - BatchNorm frozen (:func:`lprnet_edge.model.training.freeze_bn`): its running statistics
@@ -19,6 +19,8 @@ Made for a few hundred crops:
 - the epoch kept is the best by exact-plate accuracy on the validation split, with early
   stopping; ``on_best`` is called at each new best (the CLI writes the checkpoint there, so
   Ctrl-C leaves the best weights so far on disk);
+- the best epoch's weights are then mixed with the pretrained ones (WiSE-FT,
+  :mod:`lprnet_edge.model.interpolate`), the mixing weight chosen on the validation split;
 - the test split is only *evaluated* (before and after, what was forgotten), never trained or
   selected on.
 """
@@ -46,9 +48,9 @@ from lprnet_edge.model.calib import (
     default_test_dir,
     forward_per_sample,
     load_eval_set,
-    predict_logits,
 )
 from lprnet_edge.model.checkpoint import save_checkpoint
+from lprnet_edge.model.interpolate import Drift, Interpolation, blend
 from lprnet_edge.model.plates import describe_skipped, files_sha256, load_plates
 from lprnet_edge.model.training import (
     EpochRecord,
@@ -78,7 +80,7 @@ class FinetuneConfig:
     data: Path
     val: Path | None = None
     val_split: float = 0.2
-    epochs: int = 15
+    epochs: int = 30
     patience: int = 10  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adam"
@@ -96,6 +98,9 @@ class FinetuneConfig:
     test_dir: Path | None = None  # forgetting, evaluated only (default: $LPRNET_EDGE_DATA/test)
     time_budget_s: float | None = None
     evaluate_test: bool = True  # False: test/ is not even evaluated (exploratory runs)
+    # WiSE-FT mixing weight towards the fine-tuned weights (1: the fine-tuned model as is);
+    # None: chosen on the validation split (lprnet_edge.model.interpolate.RULE)
+    interpolate: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.val_split < 1:
@@ -106,11 +111,15 @@ class FinetuneConfig:
             raise LprnetEdgeError("epochs, patience, batch size and threads must be >= 1")
         if self.distill < 0 or self.anchor < 0 or self.temperature <= 0:
             raise LprnetEdgeError("--distill and the anchor must be >= 0, the temperature > 0")
+        if self.interpolate is not None and not 0 <= self.interpolate <= 1:
+            raise LprnetEdgeError(f"--interpolate must be auto or between 0 and 1, got "
+                                  f"{self.interpolate}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("data", "val", "test_dir"):
             d[k] = str(d[k]) if d[k] is not None else None
+        d["interpolate"] = "auto" if self.interpolate is None else self.interpolate
         return d
 
 
@@ -130,6 +139,7 @@ class FinetuneResult:
     test_after: float | None
     history: tuple[EpochRecord, ...]
     seconds: float
+    interpolation: Interpolation | None = None  # None: the best epoch's weights as they are
 
     def to_dict(self) -> dict[str, Any]:
         train, val = self.data.split()
@@ -143,6 +153,7 @@ class FinetuneResult:
                       f"{self.config.seed}", "val_files": list(val.names)},
             "config": self.config.to_dict(),
             "best_epoch": self.best_epoch, "stopped": self.stopped,
+            "interpolation": self.interpolation.to_dict() if self.interpolation else None,
             "accuracy": {"val": {"before": self.val_before, "after": self.val_after},
                          "test": {"before": self.test_before, "after": self.test_after}},
             "history": [r.to_dict() for r in self.history],
@@ -205,7 +216,8 @@ def finetune(model: nn.Module, cfg: FinetuneConfig, data: CalibrationSet | None 
              charset: Charset | None = None) -> FinetuneResult:
     """A fine-tuned copy of ``model`` (left unchanged) and its record. ``data``: the output
     of :func:`load_split` (loaded from ``cfg`` if None). ``on_best(model, epoch)`` is called
-    with the pretrained model (epoch 0) and then at each better epoch."""
+    with the pretrained model (epoch 0) and then at each better epoch; the model returned is
+    the best epoch's mixed with the pretrained one (``cfg.interpolate``)."""
     cs = charset or load_charset()
     data = data if data is not None else load_split(cfg, cs)
     test = _test_set(cfg, cs)
@@ -217,14 +229,29 @@ def finetune(model: nn.Module, cfg: FinetuneConfig, data: CalibrationSet | None 
         before_test = accuracy(model, test, cs) if test is not None else None
         run = _Run(model, cfg, data, cs, bar, on_best)
         run.train()
-        after_test = accuracy(run.best_model, test, cs) if test is not None else None
+        best, val_after, interp = _interpolated(model, run, cfg, cs)
+        after_test = accuracy(best, test, cs) if test is not None else None
     finally:
         torch.set_num_threads(threads)
         if isinstance(bar, ProgressBar):
             bar.close()
-    return FinetuneResult(run.best_model, data, cfg, files_sha256(data), run.best_epoch,
-                          run.stopped, run.val_before, run.best_acc, before_test, after_test,
-                          tuple(run.history), time.time() - t0)
+    return FinetuneResult(best, data, cfg, files_sha256(data), run.best_epoch,
+                          run.stopped, run.val_before, val_after, before_test, after_test,
+                          tuple(run.history), time.time() - t0, interp)
+
+
+def _interpolated(start: nn.Module, run: _Run, cfg: FinetuneConfig, cs: Charset
+                  ) -> tuple[nn.Module, float, Interpolation | None]:
+    """The kept model (the best epoch's weights mixed with the pretrained ones, unless
+    ``interpolate`` is 1 or no epoch beat the pretrained model), its validation accuracy, and
+    the sweep that chose the mixing weight."""
+    if run.best_epoch == 0 or cfg.interpolate == 1.0:
+        return run.best_model, run.best_acc, None
+    model, interp = blend(start, run.best_model, run.val_set, cs, cfg.interpolate)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    val = next(p.val_accuracy for p in interp.sweep if p.a == interp.a)
+    return model, val, interp
 
 
 def _test_set(cfg: FinetuneConfig, cs: Charset) -> EvalSet | None:
@@ -262,26 +289,6 @@ def freeze_layers(model: nn.Module, below: int) -> None:
             p.requires_grad_(False)
 
 
-class _Drift:
-    """How far the model moved from where it started, on the validation split, without
-    looking at any other data: ``kept``, the fraction of the plates the starting model read
-    that are still read; ``drift``, the mean frame KL to the starting model's outputs."""
-
-    def __init__(self, start: nn.Module, val: CalibrationSet, cs: Charset) -> None:
-        self.x, self.cs = val.x, cs
-        self.ref = torch.from_numpy(predict_logits(start, val.x))
-        read = [p == t for p, t in zip(decode_batch(self.ref.numpy(), cs), val.labels,
-                                       strict=True)]
-        self.read = np.array(read, bool)
-
-    def measure(self, model: nn.Module) -> tuple[float | None, float]:
-        logits = torch.from_numpy(predict_logits(model, self.x))
-        same = np.array(decode_batch(logits.numpy(), self.cs)) == np.array(
-            decode_batch(self.ref.numpy(), self.cs))
-        kept = float(same[self.read].mean()) if self.read.any() else None
-        return kept, round(float(frame_kl(logits, self.ref)), 5)
-
-
 class _Run:
     """One training run: the loop's state, so that each part stays small."""
 
@@ -309,7 +316,7 @@ class _Run:
         self.step_count, self.best_epoch, self.stopped = 0, 0, "epochs"
         self.teacher = copy.deepcopy(model).eval() if cfg.distill else None
         self.val_before = self.best_acc = accuracy(self.model, self.val_set, cs)
-        self.watch = _Drift(model, self.val_set, cs)
+        self.watch = Drift(model, self.val_set, cs)
         self.best_model = copy.deepcopy(model).eval()
         self.t0 = time.time()
         if on_best is not None:
@@ -411,8 +418,13 @@ def run_finetune(model: nn.Module, cfg: FinetuneConfig, base: str | Path, out: s
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     load_start, cpu_start = _load_average(), time.process_time()
-    result = finetune(model, cfg, data, progress,
-                      on_best=checkpoint_writer(out, sha256_file(base)))
+    write = checkpoint_writer(out, sha256_file(base))
+    result = finetune(model, cfg, data, progress, on_best=write)
+    if result.interpolation is not None:
+        say(f"interpolated: a = {result.interpolation.a:g} of the way from the pretrained "
+            f"weights to the best epoch's (validation {result.val_after:.3f}; the best "
+            f"epoch alone {result.interpolation.finetuned_val_accuracy:.3f})")
+        write(result.model, result.best_epoch)
     if result.stopped == "interrupted":
         say(f"interrupted: {out} holds the best epoch so far ({result.best_epoch})")
     # CPU seconds of this process: on a shared machine, the figure the load does not inflate.

@@ -46,9 +46,11 @@ def finetune_stage(art: Any, cfg: FinetuneConfig, log: Callable[[str], None]) ->
     art.reports["finetune"] = res.to_dict()
     test = (f", test/ {res.test_before:.3f} -> {res.test_after:.3f} (evaluated only)"
             if res.test_after is not None else "")
+    mixed = (f", a = {res.interpolation.a:g} of the way from the pretrained weights"
+             if res.interpolation is not None else "")
     return (f"validation {res.val_before:.3f} -> {res.val_after:.3f} on "
-            f"{len(data.split()[1])} plates (best epoch {res.best_epoch}, {res.stopped})"
-            + test)
+            f"{len(data.split()[1])} plates (best epoch {res.best_epoch}, {res.stopped}"
+            f"{mixed})" + test)
 
 
 def _same_finetuning(art: Any, data: CalibrationSet) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@ checkpoint and its record, reproducibility, Ctrl-C, and the split every later st
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -102,7 +103,8 @@ def test_finetune_run_is_reproducible_and_keeps_dead_filters(weights_path: Path,
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     original = model.state_dict()
     moved = any(not torch.equal(sa[k], original[k]) for k in sa)
-    assert moved == (a.best_epoch > 0)
+    mixed = a.interpolation
+    assert moved == (a.best_epoch > 0 and mixed is not None and mixed.a > 0)
     for k, w in original.items():
         if k.endswith("weight") and w.ndim == 4:
             dead = w.flatten(1).abs().amax(1) == 0
@@ -111,6 +113,9 @@ def test_finetune_run_is_reproducible_and_keeps_dead_filters(weights_path: Path,
     assert (rec["split"]["train"], rec["split"]["val"]) == (9, 3)
     assert rec["accuracy"]["test"]["before"] is not None
     assert len(rec["data"]["files_sha256"]) == 64 and len(rec["data"]["skipped"]) == 2
+    if mixed is not None:  # chosen on the validation split: its accuracy is the record's
+        kept = next(p for p in rec["interpolation"]["sweep"] if p["a"] == mixed.a)
+        assert kept["val_accuracy"] == rec["accuracy"]["val"]["after"] == a.val_after
 
 
 def test_cli_writes_a_checkpoint_the_toolchain_takes(cli_runner, plates: Path,
@@ -209,12 +214,13 @@ def test_cli_regularisation_options_reach_the_record(cli_runner, plates: Path,
     out = tmp_path / "lwf.pth"
     r = cli_runner("finetune", "--data", plates, "--epochs", "1", "--threads", "1",
                    "--distill", "0.5", "--anchor", "0.001", "--freeze-below", "5",
-                   "--lr", "0.02", "--no-test", "--weights", weights_path, "-o", out)
+                   "--lr", "0.02", "--interpolate", "0.5", "--no-test",
+                   "--weights", weights_path, "-o", out)
     assert r.exit_code == 0, r.output
     rec = json.loads(record_path(out).read_text(encoding="utf-8"))
     cfg = rec["config"]
-    assert (cfg["distill"], cfg["anchor"], cfg["freeze_below"], cfg["lr"]) == (
-        0.5, 0.001, 5, 0.02)
+    assert (cfg["distill"], cfg["anchor"], cfg["freeze_below"], cfg["lr"],
+            cfg["interpolate"]) == (0.5, 0.001, 5, 0.02, 0.5)
     assert cfg["evaluate_test"] is False and rec["accuracy"]["test"]["after"] is None
     assert rec["history"][0]["val_drift"] is not None
 
@@ -239,4 +245,73 @@ def test_cli_help_states_the_library_defaults(plates: Path):
         elif field == "threads":
             assert param.default == defaults.threads
             checked += 1
-    assert checked == 8
+        elif field == "interpolate":
+            assert param.default == "auto" and defaults.interpolate is None
+            checked += 1
+    assert checked == 9
+
+
+def _moved(model, seed: int = 0):  # noqa: ANN001, ANN202
+    """A copy of ``model`` with every weight moved by a few percent, dead filters kept dead:
+    an end point as far from the pretrained one as a fine-tuning goes."""
+    g = torch.Generator().manual_seed(seed)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+    return other
+
+
+def test_interpolation_is_the_line_between_the_two_models(weights_path: Path, plates: Path,
+                                                         small_test: Path):
+    from lprnet_edge.model.calib import accuracy
+    from lprnet_edge.model.interpolate import GRID, blend, choose, interpolate
+    from lprnet_edge.runtime.charset import load_charset
+
+    start = load_model(weights_path)
+    end = _moved(start)
+    s0, s1 = start.state_dict(), end.state_dict()
+    assert all(torch.equal(interpolate(start, end, 0.0).state_dict()[k], s0[k]) for k in s0)
+    assert all(torch.equal(interpolate(start, end, 1.0).state_dict()[k], s1[k]) for k in s1)
+    half = interpolate(start, end, 0.5).state_dict()
+    for k, w in s0.items():
+        if w.is_floating_point():
+            assert torch.allclose(half[k], (w + s1[k]) / 2, atol=1e-6), k
+        if k.endswith("weight") and w.ndim == 4:
+            dead = w.flatten(1).abs().amax(1) == 0
+            assert torch.all(half[k][dead] == 0), k  # zero at both ends: still folded away
+    cs = load_charset()
+    val = load_split(_cfg(plates, small_test)).split()[1]
+    assert GRID[0] == 0 and GRID[-1] == 1
+    model, interp = blend(start, end, val, cs, grid=(0.0, 0.25, 0.5, 0.75))
+    assert [p.a for p in interp.sweep] == [0, 0.25, 0.5, 0.75, 1]  # 1: always measured
+    assert interp.finetuned_val_accuracy == pytest.approx(accuracy(end, val, cs))
+    assert interp.sweep[0].val_accuracy == pytest.approx(accuracy(start, val, cs))
+    assert interp.sweep[0].val_drift == 0 and interp.a == choose(interp.sweep, len(val))
+    best = max(p.val_accuracy for p in interp.sweep)
+    ties = [p.a for p in interp.sweep if p.val_accuracy >= best - 1 / len(val) - 1e-9]
+    assert interp.a == min(ties) and not interp.given
+    assert accuracy(model, val, cs) == pytest.approx(
+        next(p.val_accuracy for p in interp.sweep if p.a == interp.a))
+    _, given = blend(start, end, val, cs, 0.33, grid=(0.0,))
+    assert given.a == 0.33 and given.given and 0.33 in [p.a for p in given.sweep]
+
+
+def test_cli_refuses_a_mixing_weight_outside_0_1(cli_runner, plates: Path,
+                                                 weights_path: Path, tmp_path: Path):
+    r = cli_runner("finetune", "--data", plates, "--interpolate", "1.5",
+                   "--weights", weights_path, "-o", tmp_path / "o.pth")
+    assert r.exit_code == 2 and "--interpolate" in r.output
+    assert not (tmp_path / "o.pth").exists()
+
+
+def test_auto_mixing_counts_one_plate_fewer_as_a_tie():
+    from lprnet_edge.model.interpolate import Point, choose
+
+    def points(correct: list[int], n: int) -> tuple[Point, ...]:
+        return tuple(Point(i / (len(correct) - 1), c / n, None, float(i))
+                     for i, c in enumerate(correct))
+
+    assert choose(points([5, 120, 130, 131], 147), 147) == pytest.approx(2 / 3)
+    assert choose(points([5, 120, 129, 131], 147), 147) == 1.0
+    assert choose(points([5, 131, 120, 131], 147), 147) == pytest.approx(1 / 3)
