@@ -385,5 +385,6 @@ def run(target: str, work: Path, out: Path, jobs: int = 3, build: bool = True) -
     results = [json.loads((work / f"arm-{t}.json").read_text()) for t in TARGET_CPU
                if (work / f"arm-{t}.json").is_file()]
     text = render(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
