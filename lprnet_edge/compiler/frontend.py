@@ -29,6 +29,7 @@ import numpy as np
 
 from lprnet_edge.compiler.dot import use_int8_dot
 from lprnet_edge.compiler.int8 import cancel_transposes, exact_rescale, precompute_params
+from lprnet_edge.compiler.quantize_before_pool import quantize_before_max_pool
 from lprnet_edge.compiler.tvm_import import first_line, import_tvm_compiler
 from lprnet_edge.compress.api import CompressedModel, QuantizedModel
 from lprnet_edge.model.bn_fold import fold_batchnorm
@@ -237,8 +238,11 @@ def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export",
                               f"(frontend {frontend!r}); use the torch.export frontend")
     # Tuned schedules must not let LLVM fuse the rescale into an FMA: see int8.py.
     mod, _ = exact_rescale(mod)
+    # The activations' 1 / scale (compress.quantize.act_codes) becomes one constant.
+    mod = import_tvm_compiler().relax.transform.FoldConstant()(mod)
     mod, params = convert_layout(normalize(mod), params, layout)
     mod, _ = cancel_transposes(mod)
+    mod, _ = quantize_before_max_pool(mod)
     if int8_dot is not None and layout == "NHWC":
         mod, _ = use_int8_dot(mod, int8_dot)
     return precompute_params(mod, params)
