@@ -415,7 +415,13 @@ def run_arm(args: argparse.Namespace) -> None:
     work = Path(args.work) if args.work else cache_dir() / "bench-arm"
     out = (args.out if args.out != DEFAULT_OUT
            else str(Path(DEFAULT_OUT).with_name("benchmarks-arm.md")))
-    print(arm_run(args.target, work, Path(out), args.jobs, build=not args.only_built))
+    test_dir = None
+    if args.accuracy:
+        from lprnet_edge.model.calib import default_test_dir
+
+        test_dir = Path(args.test_dir) if args.test_dir else default_test_dir()
+    print(arm_run(args.target, work, Path(out), args.jobs, build=not args.only_built,
+                  test_dir=test_dir))
 
 
 def main() -> None:
