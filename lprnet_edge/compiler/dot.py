@@ -400,9 +400,9 @@ def schedule(sch: Any, kind: DotKind) -> Any:
 
     The convolution keeps a ``wi x obi`` tile of ``kind.lanes``-wide int32 accumulators (at
     most ``kind.accumulators`` registers) over the whole reduction, with the dot-product
-    instruction innermost; output rows are split across threads. The padding block and the
-    element-wise epilogue (offset, rescale, bias, ReLU, the next layer's quantization) run as
-    parallel, vectorized loops of their own.
+    instruction innermost; output rows are split across threads. The element-wise epilogue
+    (offset, rescale, bias, ReLU, the next layer's quantization) is computed at each tile from
+    its accumulators; the padding block runs as a parallel, vectorized loop of its own.
     """
     name = intrin(kind)
     out = _schedule_elementwise(sch, kind)
