@@ -58,15 +58,18 @@ def prepare_for_tuning(mod: Any, target: TargetSpec | Any, opt_level: int = 3) -
 
 
 def schedule_database(mod: Any, target: Any, database: Any = None, defaults: bool = True,
-                      log: Callable[[str], None] | None = None, prepared: Any = None
-                      ) -> tuple[Any, dict[str, Any]]:
+                      log: Callable[[str], None] | None = None, prepared: Any = None,
+                      estimated: bool = False) -> tuple[Any, dict[str, Any]]:
     """The database a build applies: the hand-written tensorized schedule of every
     dot-product convolution (:func:`lprnet_edge.compiler.dot.schedule`), then the build's own
     ``database``, then the packaged default schedules, then traces transferred to kernels
     none of them knows (see
     :mod:`lprnet_edge.compiler.schedules`). Returns ``(database or None, coverage)`` where
     coverage names the kernels of each kind (``naive``: TVM's default loops). ``prepared``:
-    ``prepare_for_tuning(mod, target)`` when the caller already has it."""
+    ``prepare_for_tuning(mod, target)`` when the caller already has it. ``estimated``: the
+    database's times are the cost instrument's, like the core's packaged set, so a record
+    slower than that set's gives way to it; measured times are only compared with measured
+    defaults."""
     from tvm.s_tir import meta_schedule as ms
 
     if prepared is None:
@@ -80,8 +83,8 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     pkg = schedules.packaged_defaults(schedules.target_cpu(target)) if defaults else None
     packaged = pkg.records if pkg else {}
     known = [*own.values(), *packaged.values()]
-    if own and pkg:  # per kernel, the faster of the tuned record and a measured default
-        own = schedules.keep_faster(own, pkg.measured)
+    if own and pkg:  # per kernel, the faster of the tuned record and a comparable default
+        own = schedules.keep_faster(own, pkg.records if estimated else pkg.measured)
     # Apply the best plausible record per workload, not the raw database's top record.
     layers = [schedules.memory_database(own.values())] if database is not None else []
     if packaged:
@@ -126,13 +129,15 @@ def _commit(database: Any, func: Any, sch: Any, target: Any) -> None:
 
 def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler | str | None,
           database: Any = None, opt_level: int = 3,
-          log: Callable[[str], None] | None = None, defaults: bool = True) -> dict[str, Any]:
+          log: Callable[[str], None] | None = None, defaults: bool = True,
+          estimated: bool = False) -> dict[str, Any]:
     """Compile ``mod`` for ``target_spec`` and write the shared library ``out_path``.
 
     ``cc`` links the objects (a :class:`Compiler`, a path, or None for TVM's default host
     compiler). ``database``: a MetaSchedule database applied with ``compile_relax``.
     ``defaults``: kernels without a record in ``database`` get the packaged default schedules
-    (:func:`schedule_database`) instead of naive loops.
+    (:func:`schedule_database`) instead of naive loops; ``estimated``: ``database`` was tuned
+    against the cost instrument.
     Returns timings and what was used (``schedules``: which kernels got which schedule).
     """
     tvm = import_tvm_compiler()
@@ -143,7 +148,8 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
     try:
         tuned = database is not None
         prepared = prepare_for_tuning(mod, target)  # tasks, kernel signatures, and the build
-        database, cover = schedule_database(mod, target, database, defaults, log, prepared)
+        database, cover = schedule_database(mod, target, database, defaults, log, prepared,
+                                            estimated)
         if database is not None:
             from tvm.s_tir.meta_schedule.relax_integration import compile_relax
 

@@ -129,7 +129,7 @@ def candidate_artifact(cand: Candidate, opts: BuildOptions, out_dir: Path,
         database, summary = steps.tune_model(relax_model, opts.target, tune, quiet, compiler)
     out_dir.mkdir(parents=True)
     compiled = steps.compile_model(relax_model, opts.target, out_dir, compiler, opts.compile,
-                                   tm, database=database, log=quiet)
+                                   tm, database=database, log=quiet, summary=summary)
     manifest = make_manifest(cand.name, tm, compiled, opts.compile, skipped("timed only"),
                              None, summary)
     write_manifest(out_dir, manifest)

@@ -248,7 +248,8 @@ class Compile(Stage):
         opts = state.opts
         c = state.compiled = steps.compile_model(state.relax, opts.target, state.root,
                                                  state.compiler, opts.compile, state.torch,
-                                                 database=state.database)
+                                                 database=state.database,
+                                                 summary=state.tune_summary)
         return (f"{MODEL_FILE} {_size(c.lib_path.stat().st_size)}, "
                 f"{PARAMS_FILE} {_size(c.params_path.stat().st_size)}")
 

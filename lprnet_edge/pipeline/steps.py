@@ -135,11 +135,14 @@ def tune_model(relax_model: RelaxModel, target: TargetSpec, cfg: TuneConfig, log
 
 def compile_model(relax_model: RelaxModel, target: TargetSpec, out_dir: Path,
                   compiler: Compiler, config: CompileConfig, tm: TorchModel | None = None,
-                  database: Any = None, log: Log | None = None) -> CompiledModule:
-    """``model.so`` (compiled and linked for ``target``) and ``params.npz`` into ``out_dir``."""
+                  database: Any = None, log: Log | None = None,
+                  summary: TuningSummary | None = None) -> CompiledModule:
+    """``model.so`` (compiled and linked for ``target``) and ``params.npz`` into ``out_dir``;
+    ``summary``: the tuning that filled ``database``."""
     out_dir = Path(out_dir)
+    estimated = summary is not None and summary.estimated is not None
     info = build(relax_model.mod, target, out_dir / MODEL_FILE, compiler, database=database,
-                 opt_level=config.opt_level, log=log)
+                 opt_level=config.opt_level, log=log, estimated=estimated)
     encodings = choose_encodings(tm, relax_model.params, config.layout) if tm else {}
     save_params(out_dir / PARAMS_FILE, relax_model.params, encodings or "dense")
     info["import_s"] = round(relax_model.import_s, 3)

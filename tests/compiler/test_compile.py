@@ -382,7 +382,8 @@ def test_a_cores_own_defaults_come_before_the_x86_set(tmp_path: Path, monkeypatc
 def test_estimated_defaults_never_replace_a_boards_own_record(relax_tiny, tmp_path: Path,
                                                                monkeypatch):
     """A core's packaged set holds estimated run times: a record of the build's own
-    database for that core stays, however much faster the estimate says the default is."""
+    database for that core stays, however much faster the estimate says the default is;
+    unless that database was tuned against the estimate as well."""
     _needs_defaults()
     from tvm.s_tir import meta_schedule as ms
 
@@ -403,3 +404,6 @@ def test_estimated_defaults_never_replace_a_boards_own_record(relax_tiny, tmp_pa
         target=target, args_info=ref.args_info))
     _db, cover = schedule_database(mod, target, own, prepared=prepared)
     assert names[h] in cover["tuned"]
+    # Tuned against the estimate too: the times compare, and the faster default wins.
+    _db, cover = schedule_database(mod, target, own, prepared=prepared, estimated=True)
+    assert names[h] in cover["default"]
