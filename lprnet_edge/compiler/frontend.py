@@ -28,7 +28,13 @@ from typing import Any
 import numpy as np
 
 from lprnet_edge.compiler.dot import use_int8_dot
-from lprnet_edge.compiler.int8 import cancel_transposes, exact_rescale, precompute_params
+from lprnet_edge.compiler.int8 import (
+    bound_value,
+    cancel_transposes,
+    exact_rescale,
+    is_op,
+    precompute_params,
+)
 from lprnet_edge.compiler.quantize_before_pool import quantize_before_max_pool
 from lprnet_edge.compiler.tvm_import import first_line, import_tvm_compiler
 from lprnet_edge.compress.api import CompressedModel, QuantizedModel
@@ -263,16 +269,10 @@ def relax_int8_rewrite(mod: Any) -> tuple[Any, int]:
 
     count = [0]
 
-    def is_op(e: Any, name: str) -> bool:
-        return isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == name
-
     @mutator
     class _Int8Conv(PyExprMutator):
         def _is_code(self, e: Any) -> bool:
-            if isinstance(e, relax.Var):
-                b = self.lookup_binding(e)
-                if b is not None:
-                    e = b
+            e = bound_value(self, e)
             return is_op(e, "relax.clip") and _clip_is_int8(e)
 
         def visit_call_(self, call: Any) -> Any:

@@ -37,6 +37,16 @@ def is_op(e: Any, name: str) -> bool:
     return isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == name
 
 
+def bound_value(mutator: Any, e: Any) -> Any:
+    """The expression bound to ``e`` when it is a variable ``mutator`` (a Relax
+    ``PyExprMutator``) has seen bound, else ``e``: how a pass looks through the dataflow
+    block's bindings at the call that produced an argument."""
+    from tvm import relax
+
+    b = mutator.lookup_binding(e) if isinstance(e, relax.Var) else None
+    return e if b is None else b
+
+
 def _dtype(e: Any) -> str | None:
     """The element type of a Relax tensor expression (None if not a tensor)."""
     dtype = getattr(getattr(e, "ty", None), "dtype", None)
@@ -64,11 +74,7 @@ def exact_rescale(mod: Any) -> tuple[Any, int]:
     @mutator
     class _ExactRescale(PyExprMutator):
         def _value(self, e: Any) -> Any:
-            if isinstance(e, relax.Var):
-                b = self.lookup_binding(e)
-                if b is not None:
-                    return b
-            return e
+            return bound_value(self, e)
 
         def _int8_acc(self, e: Any) -> Any:
             """The int32 conv behind ``astype(conv, float32)``, else None."""
@@ -169,8 +175,7 @@ def cancel_transposes(mod: Any) -> tuple[Any, int]:
     @mutator
     class _Cancel(PyExprMutator):
         def _value(self, e: Any) -> Any:
-            b = self.lookup_binding(e) if isinstance(e, relax.Var) else None
-            return e if b is None else b
+            return bound_value(self, e)
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)

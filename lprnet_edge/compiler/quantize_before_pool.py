@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lprnet_edge.compiler.int8 import is_op, rewrite_functions
+from lprnet_edge.compiler.int8 import bound_value, is_op, rewrite_functions
 from lprnet_edge.compiler.tvm_import import import_tvm_compiler
 
 _QUANTIZE = ("relax.astype", "relax.clip", "relax.round")
@@ -54,8 +54,7 @@ def quantize_before_max_pool(mod: Any) -> tuple[Any, int]:
     @mutator
     class _Rewrite(PyExprMutator):
         def _value(self, e: Any) -> Any:
-            b = self.lookup_binding(e) if isinstance(e, relax.Var) else None
-            return e if b is None else b
+            return bound_value(self, e)
 
         def _chain(self, call: Any) -> list[Any] | None:
             """``[astype, clip, round, multiply or divide]`` ending at ``call``, else None."""
