@@ -120,6 +120,23 @@ def _desc(kind: DotKind) -> Any:
     from tvm.script import tirx as T
 
     lanes, g, q, a_dtype = kind.lanes, kind.groups, kind.group_size, kind.act_dtype
+    if g == 1:
+        @T.prim_func(s_tir=True)
+        def single(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (4,), a_dtype, offset_factor=1)
+            B = T.match_buffer(b, (1, lanes, 4), "int8", offset_factor=1)
+            C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:1, 0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                for i in T.serial(0, lanes):
+                    for k in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(
+                                B[0, vi, vk], "int32")
+
+        return single
 
     @T.prim_func(s_tir=True)
     def grouped(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -137,21 +154,7 @@ def _desc(kind: DotKind) -> Any:
                             C[vi] = C[vi] + T.cast(A[vp * q + vk], "int32") * T.cast(
                                 B[vp, vi, vk], "int32")
 
-    @T.prim_func(s_tir=True)
-    def single(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), a_dtype, offset_factor=1)
-        B = T.match_buffer(b, (1, lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:1, 0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[0, vi, vk], "int32")
-
-    return grouped if g > 1 else single
+    return grouped
 
 
 def _broadcast_dot(kind: DotKind, llvm_intrin: str) -> tuple[Any, Any]:
