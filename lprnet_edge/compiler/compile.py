@@ -84,7 +84,7 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     packaged = pkg.records if pkg else {}
     known = [*own.values(), *packaged.values()]
     if own and pkg:  # per kernel, the faster of the tuned record and a comparable default
-        own = schedules.keep_faster(own, pkg.records if estimated else pkg.measured)
+        own = schedules.keep_faster(own, pkg.comparable_with(estimated))
     # Apply the best plausible record per workload, not the raw database's top record.
     layers = [schedules.memory_database(own.values())] if database is not None else []
     if packaged:

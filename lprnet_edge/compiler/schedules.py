@@ -150,6 +150,11 @@ class PackagedDefaults:
     records: dict[int, Any]
     measured: dict[int, Any]
 
+    def comparable_with(self, estimated: bool) -> dict[int, Any]:
+        """The records whose run times a database's may be compared with: all of them when
+        that database was tuned against the estimate too, else the measured ones."""
+        return self.records if estimated else self.measured
+
 
 def packaged_defaults(cpu: str | None = None) -> PackagedDefaults:
     """The packaged default records for ``cpu`` (empty: none packaged)."""

@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from lprnet_edge.compiler.dot import kernel_kind
-from lprnet_edge.compiler.schedules import comparable, mean_run_secs, packaged_defaults
+from lprnet_edge.compiler.schedules import (
+    comparable,
+    mean_run_secs,
+    packaged_defaults,
+    target_cpu,
+)
 from lprnet_edge.compiler.tuning import scheduler as sch
 from lprnet_edge.compiler.tuning.config import TuneConfig
 from lprnet_edge.compiler.tuning.database import open_database
@@ -118,8 +123,9 @@ def load(spec: dict[str, Any], t0: float) -> WorkerState:
             flops.append(float(estimate_tir_flops(t.dispatched[0])))
         except Exception:  # noqa: BLE001 - unknown ops: treated as cheap
             flops.append(None)
-    # Measured defaults only: a core's packaged set holds estimates.
-    packaged = packaged_defaults().measured
+    # The defaults the build will weigh this tuning's records against (compile.build).
+    packaged = packaged_defaults(target_cpu(target)).comparable_with(
+        spec.get("estimate") is not None)
     defaults = [mean_run_secs(r.run_secs) if (r := packaged.get(h)) is not None
                 and comparable(target, r.target) else None for h in hashes]
     return WorkerState(
