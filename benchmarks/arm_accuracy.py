@@ -9,6 +9,7 @@ at batch 1, with the artifact's own preprocessing. Results are kept by artifact 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 
 from lprnet_edge.compiler.cost.cpus import CpuModel
 from lprnet_edge.compiler.cost.estimate import python_program
-from lprnet_edge.compiler.cost.plugin import find_tools
+from lprnet_edge.compiler.cost.plugin import QEMU
 
 
 def test_accuracy(artifact: Path, cpu: CpuModel, test_dir: Path,
@@ -26,8 +27,8 @@ def test_accuracy(artifact: Path, cpu: CpuModel, test_dir: Path,
     prog = python_program("eval", ("-m", "lprnet_edge.runtime.agent", "eval", "--artifact",
                                    str(artifact.resolve()), "--data", str(test_dir.resolve()),
                                    "--threads", "1"), cpu)
-    qemu = find_tools(cpu.arch).qemu
-    r = subprocess.run([qemu, "-cpu", cpu.qemu_cpu, "-L", str(prog.rootfs), *prog.argv],
+    r = subprocess.run([QEMU[cpu.arch], "-cpu", cpu.qemu_cpu, "-L", str(prog.rootfs),
+                        *prog.argv],
                        capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, **dict(prog.env)})
     lines = r.stdout.strip().splitlines()
@@ -37,3 +38,8 @@ def test_accuracy(artifact: Path, cpu: CpuModel, test_dir: Path,
                            f"{doc.get('error') or r.stderr.strip()[-500:]}")
     res = doc["result"]
     return {"accuracy": res["accuracy"], "correct": res["correct"], "count": res["count"]}
+
+
+def artifact_key(artifact: Path) -> str:
+    """An artifact's identity for reuse: its manifest (which holds every file's hash)."""
+    return hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest()[:24]

@@ -152,18 +152,18 @@ def accuracies(target: str, work: Path, progs: dict[str, Program], cpu: Any,
                test_dir: Path, jobs: int) -> dict[str, Any]:
     """test/ accuracy of each TVM variant under qemu (``arm_accuracy``), kept in ``work`` by
     the artifact's identity."""
-    from arm_accuracy import test_accuracy
+    from arm_accuracy import artifact_key, test_accuracy
 
     store = work / f"arm-{target}-accuracy.json"
     known = json.loads(store.read_text()) if store.is_file() else {}
     labels = [k for k in TVM_VARIANTS if k in progs]
 
     def one(label: str) -> tuple[str, dict[str, Any]]:
-        key = row_key(progs[label])
+        artifact = work / f"{target}-{TVM_VARIANTS[label][0]}"
+        key = artifact_key(artifact)  # not the estimate's method: accuracy does not use it
         if key not in known:
             log(f"{label}: reading test/ under qemu -cpu {cpu.qemu_cpu}")
-            known[key] = test_accuracy(work / f"{target}-{TVM_VARIANTS[label][0]}", cpu,
-                                       test_dir)
+            known[key] = test_accuracy(artifact, cpu, test_dir)
         return label, known[key]
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
