@@ -73,16 +73,13 @@ def exact_rescale(mod: Any) -> tuple[Any, int]:
 
     @mutator
     class _ExactRescale(PyExprMutator):
-        def _value(self, e: Any) -> Any:
-            return bound_value(self, e)
-
         def _int8_acc(self, e: Any) -> Any:
             """The int32 conv behind ``astype(conv, float32)``, else None."""
-            v = self._value(e)
+            v = bound_value(self, e)
             if not (is_op(v, "relax.astype") and str(v.attrs.dtype) == "float32"):
                 return None
             conv = v.args[0]
-            return conv if is_int8_conv(self._value(conv)) else None
+            return conv if is_int8_conv(bound_value(self, conv)) else None
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
@@ -174,17 +171,14 @@ def cancel_transposes(mod: Any) -> tuple[Any, int]:
 
     @mutator
     class _Cancel(PyExprMutator):
-        def _value(self, e: Any) -> Any:
-            return bound_value(self, e)
-
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
             if not is_op(call, "relax.permute_dims") or axes(call) is None:
                 return call
-            chain, e = [], self._value(call.args[0])
+            chain, e = [], bound_value(self, call.args[0])
             while any(is_op(e, op) for op in _ELEMENTWISE):
                 chain.append(e)
-                e = self._value(e.args[0])
+                e = bound_value(self, e.args[0])
             if not chain or not is_op(e, "relax.permute_dims") or axes(e) is None:
                 return call
             outer, inner = axes(call), axes(e)

@@ -53,9 +53,6 @@ def quantize_before_max_pool(mod: Any) -> tuple[Any, int]:
 
     @mutator
     class _Rewrite(PyExprMutator):
-        def _value(self, e: Any) -> Any:
-            return bound_value(self, e)
-
         def _chain(self, call: Any) -> list[Any] | None:
             """``[astype, clip, round, multiply or divide]`` ending at ``call``, else None."""
             chain, e = [], call
@@ -63,11 +60,11 @@ def quantize_before_max_pool(mod: Any) -> tuple[Any, int]:
                 if not is_op(e, op):
                     return None
                 chain.append(e)
-                e = self._value(e.args[0])
+                e = bound_value(self, e.args[0])
             if not any(is_op(e, op) for op in _SCALE):
                 return None
             chain.append(e)
-            ok = str(call.attrs.dtype) == "int8" and _positive_scalar(self._value(e.args[1]))
+            ok = str(call.attrs.dtype) == "int8" and _positive_scalar(bound_value(self, e.args[1]))
             return chain if ok else None
 
         def visit_call_(self, call: Any) -> Any:
@@ -75,9 +72,9 @@ def quantize_before_max_pool(mod: Any) -> tuple[Any, int]:
             chain = self._chain(call)
             if chain is None:
                 return call
-            src = self._value(chain[-1].args[0])
+            src = bound_value(self, chain[-1].args[0])
             sliced = src if is_op(src, "relax.strided_slice") else None
-            pool = self._value(sliced.args[0]) if sliced is not None else src
+            pool = bound_value(self, sliced.args[0]) if sliced is not None else src
             if not is_op(pool, "relax.nn.max_pool2d") or str(pool.attrs.layout) != "NHWC":
                 return call
             if sliced is not None and _ints(sliced.args[1]) != [3]:
