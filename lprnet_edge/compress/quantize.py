@@ -74,7 +74,7 @@ def act_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The int8 codes of activations ``x`` (float, round half to even, clip to [-127, 127]):
     ``x`` times the float32 reciprocal of ``scale``, as PyTorch's own ``quantize_per_tensor``
     computes them. A multiply, not a divide, so that the compiled model multiplies too: it
-    quantizes every int8 layer's input, and a vector divide takes an A72 tens of cycles."""
+    quantizes every int8 layer's input, and a vector divide is slow on the boards' cores."""
     return torch.clamp(torch.round(x * torch.reciprocal(scale)), -QMAX, QMAX)
 
 
