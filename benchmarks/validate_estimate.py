@@ -4,7 +4,7 @@
 
 Builds host artifacts for an AVX2 core (qemu 7.2's TCG runs up to AVX2, not AVX-512): naive
 loops (no schedules), untuned (packaged default schedules), tuned (a small MetaSchedule run),
-NCHW, int8, channel-pruned, plus ONNX Runtime fp32 on the exported and on the
+NCHW, int8, channel-pruned, channel-pruned int8, plus ONNX Runtime fp32 on the exported and on the
 channel-folded graph. Each is estimated under ``qemu-x86_64``
 with the counting plugin and llvm-mca for this CPU's family, and timed natively at 1 thread
 in the same run (interleaved rounds, min and median). One global scale maps cycles to ms;
@@ -69,6 +69,7 @@ VARIANTS = {
     "nchw": ["--layout", "NCHW"],
     "int8": ["--quantize", "int8"],
     "channels": ["--prune", "channels"],
+    "channels-int8": ["--prune", "channels", "--quantize", "int8"],
 }
 GOAL_RHO, GOAL_BAND = 0.9, 0.30
 TIMEOUT_S = 4 * 3600  # one qemu run on a loaded machine

@@ -5,7 +5,8 @@ multiplies widened int32 lanes, as many per instruction as fp32 FMAs, so it is n
 float32. Only the dot-product instructions make int8 cheaper: each sums 4 byte products into
 one int32 lane, for 16 lanes at once (x86 AVX512-VNNI ``vpdpbusd``) or 4 (AArch64 ``sdot``,
 Cortex-A76 / rpi5; the A72 of rpi4 has none, and ``smull + smlal2 + sadalp`` stands in
-for it, 16 products in three instructions). Using them needs the weights packed as
+for it, 16 products in three instructions; an x86 core without VNNI sums byte pairs widened
+to int16 with AVX2 ``vpmaddwd``). Using them needs the weights packed as
 ``[O/L, KH, KW, C/4, G, L, 4/G]`` (``L`` lanes, ``G`` groups of each lane's 4 bytes), so
 :func:`use_int8_dot` replaces each int8
 convolution by a TE computation on packed operands, and :func:`schedule` tiles it and
@@ -19,10 +20,10 @@ are exact in int32, so every form gives the int32 sums of ``R.nn.conv2d`` bit fo
 TVM 0.27's own ``VNNI_DOT_16x4_INTRIN`` passes ``<16 x i32>`` operands to
 ``llvm.x86.avx512.vpdpbusd.512``, which the bundled LLVM declares with ``<64 x i8>`` ones
 ("Call parameter type does not match function signature"): :func:`intrin` registers the same
-description with the operands reinterpreted as bytes. The ARM ones are TVM's.
+description with the operands reinterpreted as bytes. The sdot one is TVM's.
 
 Which kind a target gets is read from its ``mattr`` (:func:`int8_dot`), never assumed: build
-hosts differ from day to day (some x86 ones are AVX2-only and get none).
+hosts differ from day to day (some x86 ones are AVX2-only and get ``avx2``).
 
 TVM is imported inside the functions that use it: importing it takes seconds (and
 loads torch), and this module is imported by commands that never compile.
@@ -75,7 +76,9 @@ VNNI = DotKind("vnni", 16, 128, 24, "AVX512-VNNI vpdpbusd (64 u8 x s8 products p
 SDOT = DotKind("sdot", 4, 0, 24, "AArch64 sdot (16 s8 x s8 products per instruction)")
 NEON = DotKind("neon", 4, 0, 16, "AArch64 NEON smull + smlal2 + sadalp (no sdot on this core)",
                groups=2)
-KINDS = {k.name: k for k in (VNNI, SDOT, NEON)}
+AVX2 = DotKind("avx2", 8, 0, 12, "AVX2 vpmovsxbw + vpmaddwd (16 s16 x s16 products per "
+               "instruction; no VNNI on this CPU)", groups=2)
+KINDS = {k.name: k for k in (VNNI, SDOT, NEON, AVX2)}
 
 
 def int8_dot(target: Any) -> str | None:
@@ -88,9 +91,13 @@ def int8_dot(target: Any) -> str | None:
         return None
     if triple.startswith("aarch64"):
         return "sdot" if "+dotprod" in mattr else "neon" if "+neon" in mattr else None
-    if (not triple or triple.startswith("x86_64")) and {"+avx512vnni", "+avx512bw"} <= mattr:
+    if triple and not triple.startswith("x86_64"):
+        return None
+    if {"+avx512vnni", "+avx512bw"} <= mattr:
         return "vnni"
-    return None
+    from tvm.target import codegen  # what mcpu implies, less what mattr switches off
+
+    return "avx2" if codegen.target_has_features("avx2", target) else None
 
 
 def intrin(kind: DotKind) -> str:
@@ -227,7 +234,40 @@ def _pair_products(T: Any, A: Any, B: Any, pair: int) -> Any:
                                    a, B.vload([pair, 0, 0], dtype="int8x8"), dtype="int16x8")
 
 
-_INTRIN_IMPLS = {"vnni": _vnni, "sdot": _sdot, "neon": _neon}
+def _avx2() -> tuple[Any, Any]:
+    """``C[8] += A[4] . B[8, 4]`` on AVX2 without VNNI: ``vpmaddwd`` multiplies 16 int16
+    pairs and adds each pair into an int32 lane, so each of ``A``'s two byte pairs,
+    sign-extended and broadcast to the 8 lanes, meets the same pair of each lane's bytes
+    (one ``vpmovsxbw`` load per pair). The int16 products and their pair sums are exact. The
+    weight block is ``[2, 8, 2]`` (pair, lane, byte), as for :func:`_neon`."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (2, 8, 2), "int8", offset_factor=1)
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:2, 0:8, 0:2])
+            T.writes(C[0:8])
+            C[T.ramp(T.int32(0), 1, 8)] = (C.vload([0], dtype="int32x8")
+                                           + _pair_madd(T, A, B, 0) + _pair_madd(T, A, B, 1))
+
+    return _desc(AVX2), impl
+
+
+def _pair_madd(T: Any, A: Any, B: Any, pair: int) -> Any:
+    """``vpmaddwd``: the ``pair``-th 2 bytes of ``A`` dotted with the ``pair``-th 2 bytes
+    of each of the 8 lanes, as 8 int32 (an expression, see :func:`_pair_products`)."""
+    pairs = T.reinterpret(T.Cast("int16x4", A.vload([0], "int8x4")), dtype="int32x2")
+    a = T.reinterpret(T.Shuffle([pairs] * 4, [pair + 2 * i for i in range(4)] * 2),
+                      dtype="int16x16")
+    b = T.Cast("int16x16", B.vload([pair, 0, 0], dtype="int8x16"))
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, b,
+                                   dtype="int32x8")
+
+
+_INTRIN_IMPLS = {"vnni": _vnni, "sdot": _sdot, "neon": _neon, "avx2": _avx2}
 
 
 # ---------------------------------------------------------------- the computation

@@ -117,7 +117,7 @@ def _int8_dot(tm: TorchModel, target: TargetSpec | None) -> dict[str, Any]:
         note = f"int8 convolutions tensorized with {KINDS[dot].description}"
     else:
         note = (f"no integer dot-product instructions on {target.name} (x86 needs "
-                "AVX512-VNNI): the int8 convolutions multiply widened int32 lanes and may be "
+                "AVX2): the int8 convolutions multiply widened int32 lanes and may be "
                 "slower than float32. Compare on the device with `--max-accuracy-drop P "
                 "--optimize latency`, or build without --quantize int8")
     tm.reports["int8"] = {"dot": dot, "note": note}

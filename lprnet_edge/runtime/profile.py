@@ -381,12 +381,15 @@ class _Recorder:
         return Profile(rows=rows, kernels_ms=total_ms, wall=wall, runs=runs)
 
 
+DOT_KINDS = ("vnni", "sdot", "neon", "avx2")  # compiler.dot.KINDS (not imported: layering)
+
+
 def conv_flops(name: str, shapes: list[list[int]]) -> float | None:
     """FLOPs of one call of a convolution kernel from its argument shapes (data, weight, ...,
     output last): output elements x 2 x Cin/groups x kh x kw. Weights in OIHW (NCHW), HWIO
-    (NHWC), OIHW{i}i{o}o (NCHWc) or the dot-product packing of
-    ``compiler.dot`` (kernels named ``vnni_conv2d``, ``sdot_conv2d``, ``neon_conv2d``):
-    ``(O/L, kh, kw, I/4, L, 4)``; None when the shapes say otherwise."""
+    (NHWC), OIHW{i}i{o}o (NCHWc) or the dot-product packing of ``compiler.dot`` (kernels
+    named ``<kind>_conv2d``): ``(O/L, kh, kw, I/4, G, L, 4/G)``; None when the shapes say
+    otherwise."""
     # Fused prologues can put scalars first (the global-context mean): data and weight are
     # the first two tensors of rank 4 or more.
     tensors = [sh for sh in shapes[:-1] if len(sh) >= 4]
@@ -394,8 +397,8 @@ def conv_flops(name: str, shapes: list[list[int]]) -> float | None:
         return None
     w, out = tensors[1], shapes[-1]
     n_out = math.prod(out)
-    if len(w) == 6 and any(f"{k}_conv2d" in name for k in ("vnni", "sdot", "neon")):
-        per_out = w[1] * w[2] * w[3] * w[5]
+    if len(w) == 7 and any(f"{k}_conv2d" in name for k in DOT_KINDS):
+        per_out = w[1] * w[2] * w[3] * w[4] * w[6]
     elif len(w) == 6:  # OIHWio: (O/oc, I/ic, kh, kw, ic, oc)
         per_out = w[1] * w[2] * w[3] * w[4]
     elif len(w) == 4 and len(out) == 4 and w[0] == out[1]:  # OIHW, out NCHW

@@ -193,8 +193,9 @@ def test_int8_dot_is_read_from_the_target():
         return tvm.target.Target({"kind": "llvm", "mattr": list(mattr)})
 
     assert int8_dot(llvm("+avx2", "+avx512bw", "+avx512vnni")) == "vnni"
-    assert int8_dot(llvm("+avx2", "+fma")) is None  # an AVX2-only host
-    assert int8_dot(llvm("+avx512bw", "-avx512vnni")) is None
+    assert int8_dot(llvm("+avx2", "+fma")) == "avx2"  # an AVX2-only host
+    assert int8_dot(llvm("+avx512bw", "-avx512vnni")) == "avx2"  # AVX-512 implies AVX2
+    assert int8_dot(llvm("+sse4.2")) is None
 
     def arm(triple: str, *mattr: str) -> object:
         return tvm.target.Target({"kind": "llvm", "mtriple": triple, "mattr": list(mattr)})
@@ -219,30 +220,48 @@ def test_int8_graph_takes_precomputed_weights_without_layout_round_trips(qnet):
     assert len([s for s in shapes if s != ("1", "1")]) == 2, shapes
 
 
+def _x86_target(host, kind: str):
+    """``host`` with only ``kind``'s dot product: AVX2 is the host with VNNI switched off."""
+    from lprnet_edge.compiler.dot import int8_dot
+    from lprnet_edge.compiler.target import parse_target
+
+    if kind == "vnni":
+        return host if _has_vnni(host) else None
+    if int8_dot(host.tvm_target()) is None:
+        return None
+    mattr = [m for m in host.tvm.get("mattr", []) if "vnni" not in m] + ["-avx512vnni",
+                                                                          "-avxvnni"]
+    text = (f'name = "host-avx2"\narch = "{host.arch}"\n[tvm]\nkind = "llvm"\n'
+            f'mcpu = "{host.tvm["mcpu"]}"\nmattr = {mattr!r}\nnum-cores = 1\n'.replace("'", '"'))
+    target = parse_target(text, "<test>")
+    return target if int8_dot(target.tvm_target()) == "avx2" else None
+
+
 @pytest.mark.slow
-def test_vnni_convs_are_bit_exact_and_tensorized(qnet, x, host, tmp_path: Path):
-    """The VNNI form (u8 activations + 128, packed weights, offset subtracted) gives the
-    int8 outputs of ``R.nn.conv2d`` bit for bit, and every such kernel is built with the
-    tensorized schedule (no tuning)."""
-    if not _has_vnni(host):
-        pytest.skip("this host has no AVX512-VNNI (see /proc/cpuinfo): the plain int8 path "
-                    "is what it builds")
+@pytest.mark.parametrize("kind", ["vnni", "avx2"])
+def test_x86_dot_convs_are_bit_exact_and_tensorized(qnet, x, host, kind, tmp_path: Path):
+    """The VNNI form (u8 activations + 128, packed weights, offset subtracted) and the AVX2
+    one (pairs through ``vpmaddwd``) give the int8 outputs of ``R.nn.conv2d`` bit for bit,
+    and every such kernel is built with the tensorized schedule (no tuning)."""
+    target = _x86_target(host, kind)
+    if target is None:
+        pytest.skip(f"this host cannot run {kind} (see /proc/cpuinfo)")
     from lprnet_edge.compiler.compile import build
     from lprnet_edge.compiler.frontend import to_relax
     from lprnet_edge.compiler.session import run_host
 
     outs, infos = {}, {}
-    for dot in (None, "vnni"):
+    for dot in (None, kind):
         mod, params = to_relax(qnet, int8_dot=dot)
         lib = tmp_path / f"{dot}.so"
-        infos[dot] = build(mod, host, lib, None, defaults=False)
+        infos[dot] = build(mod, target, lib, None, defaults=False)
         outs[dot] = np.asarray(run_host(lib, x, list(params.values())))
-    assert infos["vnni"]["schedules"]["tensorized"] == 2, infos["vnni"]["schedules"]
-    assert not any("vnni" in k for k in infos[None]["kernel_schedules"])
-    np.testing.assert_array_equal(outs["vnni"], outs[None])
+    assert infos[kind]["schedules"]["tensorized"] == 2, infos[kind]["schedules"]
+    assert not any(kind in k for k in infos[None]["kernel_schedules"])
+    np.testing.assert_array_equal(outs[kind], outs[None])
     with torch.inference_mode():
         ref = qnet.module(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(outs["vnni"], ref, atol=1e-4)
+    np.testing.assert_allclose(outs[kind], ref, atol=1e-4)
 
 
 def test_vnni_kernels_are_left_out_of_tuning(qnet, host):

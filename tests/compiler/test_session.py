@@ -74,6 +74,19 @@ def test_conv_flops_from_shapes():
     assert conv_flops("max_pool2d", [[1, 64, 22, 92], [1, 64, 20, 90]]) is None
 
 
+def test_conv_flops_of_every_dot_product_packing():
+    """The profile knows every packing ``compiler.dot`` makes (its kernel names and weight
+    shapes), without importing the compiler on the device."""
+    from lprnet_edge.compiler.dot import KINDS
+    from lprnet_edge.runtime.profile import DOT_KINDS, conv_flops
+
+    assert set(DOT_KINDS) == set(KINDS)
+    for kind in KINDS.values():  # int8 NHWC 64 -> 64, 3x1, out 1x18x44x64
+        w = [64 // kind.lanes, 3, 1, 64 // 4, kind.groups, kind.lanes, kind.group_size]
+        shapes = [[1, 20, 44, 64], w, [1, 18, 44, 64]]
+        assert conv_flops(f"fused_{kind.name}_conv2d3_cast", shapes) == 64 * 18 * 44 * 2 * 64 * 3
+
+
 def test_schedules_from_the_manifest(artifact: Path):
     from lprnet_edge.runtime.artifact import Artifact
     from lprnet_edge.runtime.profile import KernelSchedules
