@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lprnet_edge.compiler import dot, schedules
+from lprnet_edge.compiler import dot, schedules, threads
 from lprnet_edge.compiler.target import TargetSpec
 from lprnet_edge.compiler.toolchain import Compiler
 from lprnet_edge.compiler.tvm_import import import_tvm_compiler, last_line, tail
@@ -130,14 +130,16 @@ def _commit(database: Any, func: Any, sch: Any, target: Any) -> None:
 def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler | str | None,
           database: Any = None, opt_level: int = 3,
           log: Callable[[str], None] | None = None, defaults: bool = True,
-          estimated: bool = False) -> dict[str, Any]:
+          estimated: bool = False,
+          thread_config: threads.ThreadConfig | None = None) -> dict[str, Any]:
     """Compile ``mod`` for ``target_spec`` and write the shared library ``out_path``.
 
     ``cc`` links the objects (a :class:`Compiler`, a path, or None for TVM's default host
     compiler). ``database``: a MetaSchedule database applied with ``compile_relax``.
     ``defaults``: kernels without a record in ``database`` get the packaged default schedules
     (:func:`schedule_database`) instead of naive loops; ``estimated``: ``database`` was tuned
-    against the cost instrument.
+    against the cost instrument. ``thread_config``: which kernels keep their parallel loops
+    (default: the target's cores, :mod:`lprnet_edge.compiler.threads`).
     Returns timings and what was used (``schedules``: which kernels got which schedule).
     """
     tvm = import_tvm_compiler()
@@ -150,7 +152,9 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
         prepared = prepare_for_tuning(mod, target)  # tasks, kernel signatures, and the build
         database, cover = schedule_database(mod, target, database, defaults, log, prepared,
                                             estimated)
+        plan: list[threads.KernelThreads] = []
         if database is not None:
+            database, plan = threads.plan_threads(database, prepared, target, thread_config)
             from tvm.s_tir.meta_schedule.relax_integration import compile_relax
 
             executable = compile_relax(database, mod, target, params=None)
@@ -181,6 +185,8 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
         # kernel -> "tuned" | "default" | "transferred" | "naive": the profiler's column
         "kernel_schedules": {n: k for k, names in cover.items() for n in names},
         "kernels": kernel_signatures(prepared, executable.as_text()),
+        # kernel -> its parallel loops and whether it keeps them (compiler/threads.py)
+        "threads": {k.name: k.to_dict() for k in plan},
         "opt_level": opt_level,
         "compiler": path,
         "tvm_target": str(target),

@@ -145,25 +145,35 @@ class PackagedDefaults:
     ``records``: per workload, the core's own set, else a related core's
     (:data:`RELATED_CPUS`), else the x86 set. ``measured``: the x86 set alone, whose run
     times were measured on a host; a core's set holds estimates, which must not decide
-    against records measured on a board."""
+    against records measured on a board. ``core``: the core's own set alone: a related
+    core's estimates are of another pipeline at another clock."""
 
     records: dict[int, Any]
     measured: dict[int, Any]
+    core: dict[int, Any]
 
     def comparable_with(self, estimated: bool) -> dict[int, Any]:
-        """The records whose run times a database's may be compared with: all of them when
-        that database was tuned against the estimate too, else the measured ones."""
-        return self.records if estimated else self.measured
+        """The records whose run times a database's may be compared with: the core's own
+        estimates when that database was tuned against the same estimate, else the measured
+        ones."""
+        return self.core if estimated else self.measured
 
 
 def packaged_defaults(cpu: str | None = None) -> PackagedDefaults:
     """The packaged default records for ``cpu`` (empty: none packaged)."""
     measured = best_records(_json_db(DEFAULTS_DIR)) if has_defaults() else {}
     records = dict(measured)
-    for core in (*reversed(RELATED_CPUS.get(cpu or "", ())), cpu):
-        if core and has_defaults(defaults_dir(core)):
-            records.update(best_records(_json_db(defaults_dir(core))))
-    return PackagedDefaults(records, measured)
+    for related in reversed(RELATED_CPUS.get(cpu or "", ())):
+        records.update(_core_set(related))
+    core = _core_set(cpu) if cpu else {}
+    records.update(core)
+    return PackagedDefaults(records, measured, core)
+
+
+def _core_set(cpu: str) -> dict[int, Any]:
+    """The best record per workload of ``cpu``'s own packaged set (empty: none)."""
+    path = defaults_dir(cpu)
+    return best_records(_json_db(path)) if has_defaults(path) else {}
 
 
 def default_records(cpu: str | None = None) -> dict[int, Any]:

@@ -17,6 +17,7 @@ from lprnet_edge.compiler.config import CompileConfig
 from lprnet_edge.compiler.dot import KINDS, int8_dot
 from lprnet_edge.compiler.frontend import to_relax
 from lprnet_edge.compiler.target import TargetSpec
+from lprnet_edge.compiler.threads import ThreadConfig
 from lprnet_edge.compiler.toolchain import Compiler
 from lprnet_edge.compiler.tuning import TuneConfig, TuneOptions, TuningSummary, tune
 from lprnet_edge.compress.accuracy import VALIDATION
@@ -141,8 +142,10 @@ def compile_model(relax_model: RelaxModel, target: TargetSpec, out_dir: Path,
     ``summary``: the tuning that filled ``database``."""
     out_dir = Path(out_dir)
     estimated = summary is not None and summary.estimated is not None
+    cores = config.num_threads or int(target.tvm.get("num-cores") or 1)
     info = build(relax_model.mod, target, out_dir / MODEL_FILE, compiler, database=database,
-                 opt_level=config.opt_level, log=log, estimated=estimated)
+                 opt_level=config.opt_level, log=log, estimated=estimated,
+                 thread_config=ThreadConfig(cores))
     encodings = choose_encodings(tm, relax_model.params, config.layout) if tm else {}
     save_params(out_dir / PARAMS_FILE, relax_model.params, encodings or "dense")
     info["import_s"] = round(relax_model.import_s, 3)

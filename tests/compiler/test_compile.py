@@ -407,3 +407,11 @@ def test_estimated_defaults_never_replace_a_boards_own_record(relax_tiny, tmp_pa
     # Tuned against the estimate too: the times compare, and the faster default wins.
     _db, cover = schedule_database(mod, target, own, prepared=prepared, estimated=True)
     assert names[h] in cover["default"]
+    # Not for a related core (an A76 build applies the A72's set): another core's estimate.
+    target5, prepared5, names5 = _task_hashes(mod, "rpi5")
+    own5 = ms.database.MemoryDatabase()
+    own5.commit_tuning_record(ms.database.TuningRecord(
+        trace=ref.trace, workload=own5.commit_workload(ref.workload.mod), run_secs=[secs],
+        target=target5, args_info=ref.args_info))
+    _db, cover = schedule_database(mod, target5, own5, prepared=prepared5, estimated=True)
+    assert names5[h] in cover["tuned"]
