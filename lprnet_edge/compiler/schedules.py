@@ -110,7 +110,6 @@ def export_defaults(src_dirs: Iterable[str | Path], out_dir: str | Path | None =
                     ) -> dict[str, Any]:
     """Write the fastest record per workload of the tuning databases ``src_dirs`` (merged,
     the existing defaults included) to ``out_dir``: the packaged default schedules."""
-    from tvm.s_tir import meta_schedule as ms
 
     out_dir = Path(out_dir) if out_dir is not None else DEFAULTS_DIR
     merged: dict[int, Any] = {}
@@ -120,10 +119,20 @@ def export_defaults(src_dirs: Iterable[str | Path], out_dir: str | Path | None =
             old = merged.get(h)
             if old is None or mean_run_secs(rec.run_secs) < mean_run_secs(old.run_secs):  # type: ignore[operator]
                 merged[h] = rec
+    write_records(merged.values(), out_dir)
+    return {"records": len(merged), "dir": str(out_dir),
+            "sources": [str(d) for d in sources]}
+
+
+def write_records(records: Iterable[Any], out_dir: str | Path) -> None:
+    """Replace the set in ``out_dir`` by ``records`` (written aside, then moved in)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".defaults-", dir=out_dir.parent
                                 if out_dir.parent.is_dir() else None))
     dst = _json_db(tmp)
-    for rec in merged.values():
+    for rec in records:
         wl = dst.commit_workload(rec.workload.mod)
         dst.commit_tuning_record(ms.database.TuningRecord(
             trace=rec.trace, workload=wl, run_secs=rec.run_secs, target=rec.target,
@@ -133,8 +142,11 @@ def export_defaults(src_dirs: Iterable[str | Path], out_dir: str | Path | None =
     for f in DB_FILES:
         shutil.move(str(tmp / f), str(out_dir / f))
     shutil.rmtree(tmp, ignore_errors=True)
-    return {"records": len(merged), "dir": str(out_dir),
-            "sources": [str(d) for d in sources]}
+
+
+def set_records(path: Path) -> dict[int, Any]:
+    """The best record per workload of the set in ``path`` (empty: none there)."""
+    return best_records(_json_db(path)) if has_defaults(path) else {}
 
 
 @dataclass(frozen=True)
@@ -172,8 +184,7 @@ def packaged_defaults(cpu: str | None = None) -> PackagedDefaults:
 
 def _core_set(cpu: str) -> dict[int, Any]:
     """The best record per workload of ``cpu``'s own packaged set (empty: none)."""
-    path = defaults_dir(cpu)
-    return best_records(_json_db(path)) if has_defaults(path) else {}
+    return set_records(defaults_dir(cpu))
 
 
 def default_records(cpu: str | None = None) -> dict[int, Any]:

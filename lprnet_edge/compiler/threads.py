@@ -24,8 +24,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# Below this much work per thread a fork/join (a few microseconds on a Cortex-A72) costs more
-# than the split saves: 16k operations are about 2k cycles of NEON work.
+# Below this much work per thread, a fork and join of the thread pool costs about as much as
+# the split saves (the order of a thread pool's wake-up and barrier, in vector operations).
 MIN_WORK_PER_THREAD = 16384.0
 
 
