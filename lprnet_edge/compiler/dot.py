@@ -206,21 +206,32 @@ def _neon() -> tuple[Any, Any]:
     and ``sadalp`` adds neighbouring int16 lanes into the int32 accumulators. Two products of
     int8 codes in [-127, 127] sum to at most 32258: the int16 lanes cannot overflow. The
     weight block is ``[2, 4, 2]`` (pair, lane, byte) so that each half is one operand."""
+
+    def update(T: Any, A: Any, B: Any, C: Any) -> Any:
+        return C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+            _pair_products(T, A, B, 0) + _pair_products(T, A, B, 1), dtype="int32x4")
+
+    return _desc(NEON), _pairs_impl(NEON.lanes, update)
+
+
+def _pairs_impl(lanes: int, update: Any) -> Any:
+    """The implementation of a byte-pair kind (weight block ``[2, lanes, 2]``): ``C``
+    becomes ``update(T, A, B, C)``, one expression (a name bound in an intrinsic's body
+    becomes a buffer, which the runtime allocates per parallel task)."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (2, 4, 2), "int8", offset_factor=1)
-        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        B = T.match_buffer(b, (2, lanes, 2), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:4], A[0:4], B[0:2, 0:4, 0:2])
-            T.writes(C[0:4])
-            C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-                _pair_products(T, A, B, 0) + _pair_products(T, A, B, 1), dtype="int32x4")
+            T.reads(C[0:lanes], A[0:4], B[0:2, 0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = update(T, A, B, C)
 
-    return _desc(NEON), impl
+    return impl
 
 
 def _pair_products(T: Any, A: Any, B: Any, pair: int) -> Any:
@@ -240,20 +251,12 @@ def _avx2() -> tuple[Any, Any]:
     sign-extended and broadcast to the 8 lanes, meets the same pair of each lane's bytes
     (one ``vpmovsxbw`` load per pair). The int16 products and their pair sums are exact. The
     weight block is ``[2, 8, 2]`` (pair, lane, byte), as for :func:`_neon`."""
-    from tvm.script import tirx as T
 
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (2, 8, 2), "int8", offset_factor=1)
-        C = T.match_buffer(c, (8,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:2, 0:8, 0:2])
-            T.writes(C[0:8])
-            C[T.ramp(T.int32(0), 1, 8)] = (C.vload([0], dtype="int32x8")
-                                           + _pair_madd(T, A, B, 0) + _pair_madd(T, A, B, 1))
+    def update(T: Any, A: Any, B: Any, C: Any) -> Any:
+        return (C.vload([0], dtype="int32x8") + _pair_madd(T, A, B, 0)
+                + _pair_madd(T, A, B, 1))
 
-    return _desc(AVX2), impl
+    return _desc(AVX2), _pairs_impl(AVX2.lanes, update)
 
 
 def _pair_madd(T: Any, A: Any, B: Any, pair: int) -> Any:
