@@ -56,11 +56,15 @@ TVM_VARIANTS = {
     "TVM int8": ("int8", ["--quantize", "int8"]),
     "TVM --prune channels": ("channels", ["--prune", "channels"]),
     "TVM channels + int8": ("channels-int8", ["--prune", "channels", "--quantize", "int8"]),
+    # The layout is chosen on this core by this row, not by analogy with x86.
+    "TVM fp32 --layout NCHW": ("fp32-nchw", ["--layout", "NCHW"]),
 }
 REFERENCE = "ONNX Runtime fp32"
+ORT_FOLDED = "ONNX Runtime fp32, folded graph"
 # The peers as a user runs them: the exported graph, each runtime's own converter.
 PEERS = ("ONNX Runtime fp32", "ncnn fp32", "LiteRT fp32 (XNNPACK)")
 FP32, TUNED, INT8 = "TVM fp32 (default schedules)", "TVM fp32 (tuned)", "TVM int8"
+NCHW = "TVM fp32 --layout NCHW"
 TUNED_TARGETS = ("rpi4",)
 
 
@@ -122,52 +126,67 @@ def ensure_peers(root: Path) -> None:
         raise SystemExit(f"scripts/emulated-pi peers --rootfs {root} failed:\n{r.stderr[-2000:]}")
 
 
-def _peer(label: str, runtime: str, model: Path, cpu: Any) -> Program:
-    args = ("-m", "lprnet_edge.runtime.peers", "run", "--runtime", runtime, "--model",
-            str(model), "--runs", "1", "--warmup", "1", "--threads", "1")
-    return python_program(label, args, cpu)
-
-
-def peer_programs(cpu: Any, work: Path) -> tuple[dict[str, Program], dict[str, str]]:
-    """The aarch64 peers as guest programs (each converted on the host the way its own
+def peer_models(work: Path) -> tuple[dict[str, tuple[str, Path]], dict[str, str]]:
+    """Each aarch64 peer's runtime and model file (converted on the host the way its own
     tools say), and the peers left out with the reason."""
     from lprnet_edge.model.litert import export_litert
     from lprnet_edge.model.ncnn import export_ncnn
     from lprnet_edge.model.onnx import export_onnx
 
-    ensure_peers(aarch64_rootfs())
-    progs = {REFERENCE: local_program("onnxruntime", ("--onnx", str(export_onnx().path)), cpu),
-             "ONNX Runtime fp32, folded graph":
-                 local_program("onnxruntime-folded", ("--onnx", str(folded_onnx(work))), cpu),
-             "ncnn fp32": _peer("ncnn", "ncnn", export_ncnn().param, cpu)}
+    models = {REFERENCE: ("onnxruntime", export_onnx().path),
+              ORT_FOLDED: ("onnxruntime", folded_onnx(work)),
+              "ncnn fp32": ("ncnn", export_ncnn().param)}
     missing = {}
     try:
-        progs["LiteRT fp32 (XNNPACK)"] = _peer("litert", "litert", export_litert().path, cpu)
+        models["LiteRT fp32 (XNNPACK)"] = ("litert", export_litert().path)
     except Exception as e:  # noqa: BLE001  (the converter is optional: the row says why)
         missing["LiteRT fp32 (XNNPACK)"] = f"no LiteRT conversion: {str(e).splitlines()[0]}"
-    return progs, missing
+    return models, missing
 
 
-def accuracies(target: str, work: Path, progs: dict[str, Program], cpu: Any,
-               test_dir: Path, jobs: int) -> dict[str, Any]:
-    """test/ accuracy of each TVM variant under qemu (``arm_accuracy``), kept in ``work`` by
-    the artifact's identity."""
-    from arm_accuracy import artifact_key, test_accuracy
+def peer_programs(models: dict[str, tuple[str, Path]], cpu: Any) -> dict[str, Program]:
+    """The peers as guest programs: ONNX Runtime through the cost runner (as TVM artifacts
+    are), the others through ``lprnet_edge.runtime.peers run``."""
+    ensure_peers(aarch64_rootfs())
+    progs = {}
+    for label, (runtime, model) in models.items():
+        if runtime == "onnxruntime":
+            name = "onnxruntime-folded" if label == ORT_FOLDED else "onnxruntime"
+            progs[label] = local_program(name, ("--onnx", str(model)), cpu)
+        else:
+            progs[label] = python_program(runtime, (
+                "-m", "lprnet_edge.runtime.peers", "run", "--runtime", runtime, "--model",
+                str(model), "--runs", "1", "--warmup", "1", "--threads", "1"), cpu)
+    return progs
+
+
+def accuracies(target: str, work: Path, labels: list[str], peers: dict[str, tuple[str, Path]],
+               cpu: Any, test_dir: Path, jobs: int) -> dict[str, Any]:
+    """test/ accuracy of each TVM variant and each peer under qemu (``arm_accuracy``), kept
+    in ``work`` by the artifact's (or the peer model's) identity."""
+    from arm_accuracy import artifact_key, peer_accuracy, peer_key, test_accuracy
 
     store = work / f"arm-{target}-accuracy.json"
     known = json.loads(store.read_text()) if store.is_file() else {}
-    labels = [k for k in TVM_VARIANTS if k in progs]
 
     def one(label: str) -> tuple[str, dict[str, Any]]:
-        artifact = work / f"{target}-{TVM_VARIANTS[label][0]}"
-        key = artifact_key(artifact)  # not the estimate's method: accuracy does not use it
+        if label in peers:
+            runtime, model = peers[label]
+            key = peer_key(runtime, model, cpu)
+        else:
+            artifact = work / f"{target}-{TVM_VARIANTS[label][0]}"
+            key = artifact_key(artifact)  # not the estimate's method: accuracy does not use it
         if key not in known:
             log(f"{label}: reading test/ under qemu -cpu {cpu.qemu_cpu}")
-            known[key] = test_accuracy(artifact, cpu, test_dir)
+            t0 = time.time()
+            known[key] = (peer_accuracy(*peers[label], cpu, test_dir) if label in peers
+                          else test_accuracy(artifact, cpu, test_dir))
+            log(f"{label}: {known[key]['accuracy']:.3f} on test/ ({time.time() - t0:.0f} s)")
+            store.write_text(json.dumps(known))  # a long run keeps what it has read
         return label, known[key]
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        done = dict(pool.map(one, labels))
+        done = dict(pool.map(one, [k for k in TVM_VARIANTS if k in labels] + list(peers)))
     store.write_text(json.dumps(known))
     return done
 
@@ -187,9 +206,9 @@ def estimate_target(target: str, work: Path, jobs: int, build: bool = True,
             progs[label] = artifact_program(build_variant(target, label, work), cpu)
         else:
             missing[label] = "not built in this run (--only-built)"
-    peers, peers_missing = peer_programs(cpu, work)
+    peers, peers_missing = peer_models(work)
     missing.update(peers_missing)
-    progs.update(peers)
+    progs.update(peer_programs(peers, cpu))
 
     store = work / f"arm-{target}-rows.json"
     known = json.loads(store.read_text()) if store.is_file() else {}
@@ -217,9 +236,17 @@ def estimate_target(target: str, work: Path, jobs: int, build: bool = True,
                + (" --accuracy" if test_dir else ""))
     sizes = {label: artifact_bytes(work / f"{target}-{TVM_VARIANTS[label][0]}")
              for label in TVM_VARIANTS if label in rows}
-    acc = accuracies(target, work, progs, cpu, test_dir, jobs) if test_dir else {}
+    acc = (accuracies(target, work, list(rows), {k: v for k, v in peers.items() if k in rows},
+                      cpu, test_dir, jobs) if test_dir else {})
+    from arm_threads import artifact_threads
+
+    from lprnet_edge.compiler.target import load_target
+
     res = {"target": target, "cpu": cpu.to_dict(), "rows": rows, "missing": missing,
            "artifact_bytes": sizes, "test_accuracy": acc,
+           "cores": int(load_target(target).tvm.get("num-cores") or 1),
+           "threads": {label: artifact_threads(work / f"{target}-{TVM_VARIANTS[label][0]}")
+                       for label in (FP32, INT8) if label in rows},
            "flops_folded": folded_flops(), "kernel_flops": kernel_flops(target),
            "date": time.strftime("%Y-%m-%d"),
            "command": command}
@@ -294,7 +321,13 @@ def _sizes_and_accuracy(res: dict[str, Any], cpu: dict[str, Any]) -> list[str]:
     what = ("model.so + params.npz, and exact-plate accuracy on test/ read by the runtime "
             f"under `qemu-aarch64 -cpu {cpu['qemu_cpu']}` at batch 1" if acc
             else "model.so + params.npz")
-    return ["", f"TVM artifacts ({what}): " + "; ".join(parts) + "."]
+    lines = ["", f"TVM artifacts ({what}): " + "; ".join(parts) + "."]
+    peers = [f"{k}: {v['accuracy']:.3f} ({v['correct']}/{v['count']})"
+             for k, v in acc.items() if k not in sizes]
+    if peers:
+        lines += ["", "Peers on test/ (the same preprocessing and decoding around each "
+                  "runtime's model, under the same qemu): " + "; ".join(peers) + "."]
+    return lines
 
 
 def render_target(res: dict[str, Any]) -> list[str]:
@@ -335,6 +368,11 @@ def render_target(res: dict[str, Any]) -> list[str]:
     smallest = _smallest(rows, res.get("artifact_bytes") or {}, res.get("test_accuracy") or {})
     if smallest:
         lines.append(smallest)
+    if FP32 in rows and NCHW in rows:
+        ratio = rows[NCHW]["estimated_cycles"] / rows[FP32]["estimated_cycles"]
+        lines.append(f"- layout, chosen on this core: the default NHWC build is {ratio:.2f}x "
+                     "as fast as `--layout NCHW`"
+                     + ("" if ratio >= 1 else " (**NCHW would be the faster default here**)"))
     # The A72's peak is measured; the A76's is its pipes' width, not a measurement.
     share = conv_peak_share(rows, FP32, kflops, peak) if cpu["name"] == "cortex-a72" else None
     if share:
@@ -343,6 +381,28 @@ def render_target(res: dict[str, Any]) -> list[str]:
                      f"{share[2]:.0%} of peak")
     lines += _kernels(rows, clocks[0], FP32, kflops, peak)
     lines += _kernels(rows, clocks[0])
+    return lines + _cores(res)
+
+
+def _cores(res: dict[str, Any]) -> list[str]:
+    """Which kernels can use the board's cores (``arm_threads``): a bound, not a time."""
+    from arm_threads import core_lines
+
+    cores, ghz = res.get("cores", 1), res["cpu"]["clocks_ghz"][0]
+    threads = {k: v for k, v in (res.get("threads") or {}).items() if v}
+    if cores < 2 or not threads:
+        return []
+    lines = ["", f"### {res['target']}: what {cores} cores can give (a bound from the estimate)",
+             "", "Multi-core time needs the board. From the emulator: each kernel's "
+             "one-thread cycles (above) and its parallel loops as built "
+             "(`reports.compile.threads` in the manifest); a loop of e iterations on "
+             f"{cores} cores takes ceil(e/{cores})/e of its one-thread time at best. Left "
+             "out: fork/join, shared caches, memory bandwidth. On a board: `lprnet-edge build "
+             f"--target {res['target']} -o lprnet-{res['target']} && lprnet-edge deploy "
+             f"lprnet-{res['target']} --host pi@PI && lprnet-edge bench --host pi@PI "
+             f"--threads {cores} --profile`, then `--threads 1`."]
+    for label, t in threads.items():
+        lines += core_lines(label, res["rows"][label], t, cores, ghz)
     return lines
 
 
@@ -449,10 +509,11 @@ def render(results: list[dict[str, Any]]) -> str:
              "validated on x86 in docs/arm-estimates.md.", "",
              f"The model behind every estimate: {CAVEATS}.", "",
              "The TVM rows apply the packaged default schedules of the core "
-             "(`lprnet_edge/compiler/data/default_schedules/cortex-a72/`, tuned against this "
-             "estimate by `python benchmarks/make_default_schedules.py --target rpi4`; the A76 "
-             "has no set of its own and takes the A72's), then the x86 set for workloads they "
-             "lack. The tuned row (rpi4) is `lprnet-edge build --target rpi4 --tune` with its "
+             "(`lprnet_edge/compiler/data/default_schedules/cortex-a72/` and `cortex-a76/`, "
+             "tuned against this estimate by `python benchmarks/make_default_schedules.py "
+             "--target rpi4|rpi5`; the A76 takes the A72's record for a kernel its own set "
+             "lacks), then the x86 set for workloads they lack. The tuned row (rpi4) is "
+             "`lprnet-edge build --target rpi4 --tune` with its "
              "default budget (at most 25 min on this machine's cores), tuning against this "
              "estimate from an empty database: what a user without a board gets.", ""]
     for res in results:
