@@ -167,28 +167,38 @@ def _desc(kind: DotKind) -> Any:
 def _broadcast_dot(kind: DotKind, llvm_intrin: str) -> tuple[Any, Any]:
     """One instruction ``C[lanes] += A[4] . B[lanes, 4]``: the 4 bytes of ``A`` broadcast to
     every lane (``vpdpbusd`` for VNNI, ``sdot`` for AArch64), operands as byte vectors."""
+    lanes, n = kind.lanes, 4 * kind.lanes
+
+    def update(T: Any, A: Any, B: Any, C: Any) -> Any:
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id(llvm_intrin), C.vload([0], dtype=f"int32x{lanes}"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{kind.act_dtype}x4"),
+                                                    dtype="int32"), lanes), dtype=f"int8x{n}"),
+            B.vload([0, 0, 0], dtype=f"int8x{n}"), dtype=f"int32x{lanes}")
+
+    return _desc(kind), _impl(kind, update)
+
+
+def _impl(kind: DotKind, update: Any) -> Any:
+    """The implementation of ``kind`` on its buffers (``A[4]``, the packed weight block
+    ``[groups, lanes, 4 / groups]``, ``C[lanes]``): ``C`` becomes ``update(T, A, B, C)``,
+    one expression (a name bound in an intrinsic's body becomes a buffer, which the runtime
+    allocates per parallel task)."""
     from tvm.script import tirx as T
 
-    lanes, a_dtype = kind.lanes, kind.act_dtype
-    n = 4 * lanes
+    lanes, g, q, a_dtype = kind.lanes, kind.groups, kind.group_size, kind.act_dtype
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), a_dtype, offset_factor=1)
-        B = T.match_buffer(b, (1, lanes, 4), "int8", offset_factor=1)
+        B = T.match_buffer(b, (g, lanes, q), "int8", offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:1, 0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:4], B[0:g, 0:lanes, 0:q])
             T.writes(C[0:lanes])
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm_intrin),
-                C.vload([0], dtype=f"int32x{lanes}"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{a_dtype}x4"),
-                                                        dtype="int32"), lanes),
-                              dtype=f"int8x{n}"),
-                B.vload([0, 0, 0], dtype=f"int8x{n}"), dtype=f"int32x{lanes}")
+            C[T.ramp(T.int32(0), 1, lanes)] = update(T, A, B, C)
 
-    return _desc(kind), impl
+    return impl
 
 
 def _vnni() -> tuple[Any, Any]:
@@ -212,26 +222,7 @@ def _neon() -> tuple[Any, Any]:
             T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
             _pair_products(T, A, B, 0) + _pair_products(T, A, B, 1), dtype="int32x4")
 
-    return _desc(NEON), _pairs_impl(NEON.lanes, update)
-
-
-def _pairs_impl(lanes: int, update: Any) -> Any:
-    """The implementation of a byte-pair kind (weight block ``[2, lanes, 2]``): ``C``
-    becomes ``update(T, A, B, C)``, one expression (a name bound in an intrinsic's body
-    becomes a buffer, which the runtime allocates per parallel task)."""
-    from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (2, lanes, 2), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:2, 0:lanes, 0:2])
-            T.writes(C[0:lanes])
-            C[T.ramp(T.int32(0), 1, lanes)] = update(T, A, B, C)
-
-    return impl
+    return _desc(NEON), _impl(NEON, update)
 
 
 def _pair_products(T: Any, A: Any, B: Any, pair: int) -> Any:
@@ -256,7 +247,7 @@ def _avx2() -> tuple[Any, Any]:
         return (C.vload([0], dtype="int32x8") + _pair_madd(T, A, B, 0)
                 + _pair_madd(T, A, B, 1))
 
-    return _desc(AVX2), _pairs_impl(AVX2.lanes, update)
+    return _desc(AVX2), _impl(AVX2, update)
 
 
 def _pair_madd(T: Any, A: Any, B: Any, pair: int) -> Any:
