@@ -244,7 +244,7 @@ def estimate_target(target: str, work: Path, jobs: int, build: bool = True,
 
     res = {"target": target, "cpu": cpu.to_dict(), "rows": rows, "missing": missing,
            "artifact_bytes": sizes, "test_accuracy": acc,
-           "cores": int(load_target(target).tvm.get("num-cores") or 1),
+           "cores": load_target(target).cores,
            "threads": {label: artifact_threads(work / f"{target}-{TVM_VARIANTS[label][0]}")
                        for label in (FP32, INT8) if label in rows},
            "flops_folded": folded_flops(), "kernel_flops": kernel_flops(target),

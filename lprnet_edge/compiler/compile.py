@@ -153,6 +153,7 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
         database, cover = schedule_database(mod, target, database, defaults, log, prepared,
                                             estimated)
         plan: list[threads.KernelThreads] = []
+        thread_config = thread_config or threads.ThreadConfig(target_spec.cores)
         if database is not None:
             database, plan = threads.plan_threads(database, prepared, target, thread_config)
             from tvm.s_tir.meta_schedule.relax_integration import compile_relax

@@ -64,6 +64,11 @@ class TargetSpec:
         return self.arch == machine_arch()
 
     @property
+    def cores(self) -> int:
+        """The cores its runtime runs on (``num-cores``; 1 when the target does not say)."""
+        return int(self.tvm.get("num-cores") or 1)
+
+    @property
     def triple(self) -> str | None:
         return self.toolchain.get("triple") or self.tvm.get("mtriple")
 

@@ -52,20 +52,13 @@ class KernelThreads:
         return {**asdict(self), "extents": list(self.extents)}
 
 
-def target_cores(target: Any) -> int:
-    """The ``num-cores`` of a TVM target (1 when it does not say)."""
-    attrs = target.attrs if hasattr(target, "attrs") else {}
-    return int(attrs["num-cores"]) if "num-cores" in attrs else 1
-
-
 def plan_threads(database: Any, prepared: Any, target: Any,
-                 cfg: ThreadConfig | None = None) -> tuple[Any, list[KernelThreads]]:
+                 cfg: ThreadConfig) -> tuple[Any, list[KernelThreads]]:
     """The decision for every kernel of ``prepared`` (``compile.prepare_for_tuning``) that
     ``database`` schedules, and the database to build with: the kernels that run on one
     core get their record without its ``parallel`` instructions, queried first."""
     from tvm.s_tir import meta_schedule as ms
 
-    cfg = cfg or ThreadConfig(target_cores(target))
     serial = ms.database.MemoryDatabase()
     plan = []
     for task in ms.relax_integration.extract_tasks(prepared, target):

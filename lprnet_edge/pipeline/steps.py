@@ -142,7 +142,7 @@ def compile_model(relax_model: RelaxModel, target: TargetSpec, out_dir: Path,
     ``summary``: the tuning that filled ``database``."""
     out_dir = Path(out_dir)
     estimated = summary is not None and summary.estimated is not None
-    cores = config.num_threads or int(target.tvm.get("num-cores") or 1)
+    cores = config.num_threads or target.cores
     info = build(relax_model.mod, target, out_dir / MODEL_FILE, compiler, database=database,
                  opt_level=config.opt_level, log=log, estimated=estimated,
                  thread_config=ThreadConfig(cores))
