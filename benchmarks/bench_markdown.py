@@ -122,6 +122,7 @@ def _tuning_lines(info: dict[str, Any]) -> list[str]:
                     "from tuning runs on an x86 host; when one of them is the tuned row's "
                     "database, untuned and tuned replay the same traces for those kernels); "
                     "*transferred* = the trace of a similar kernel re-fitted to the shape; "
+                    "*injective* = an element-wise kernel as one parallel, vectorized loop; "
                     "*naive* = TVM's default loops.", ""]
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lprnet_edge.compiler import dot, schedules, threads
+from lprnet_edge.compiler import dot, injective, schedules, threads
 from lprnet_edge.compiler.target import TargetSpec
 from lprnet_edge.compiler.toolchain import Compiler
 from lprnet_edge.compiler.tvm_import import import_tvm_compiler, last_line, tail
@@ -63,8 +63,9 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     """The database a build applies: the hand-written tensorized schedule of every
     dot-product convolution (:func:`lprnet_edge.compiler.dot.schedule`), then the build's own
     ``database``, then the packaged default schedules, then traces transferred to kernels
-    none of them knows (see
-    :mod:`lprnet_edge.compiler.schedules`). Returns ``(database or None, coverage)`` where
+    none of them knows (see :mod:`lprnet_edge.compiler.schedules`), then one parallel,
+    vectorized loop for an element-wise kernel still left (:mod:`lprnet_edge.compiler.injective`).
+    Returns ``(database or None, coverage)`` where
     coverage names the kernels of each kind (``naive``: TVM's default loops). ``prepared``:
     ``prepare_for_tuning(mod, target)`` when the caller already has it. ``estimated``: the
     database's times are the cost instrument's, like the core's packaged set, so a record
@@ -90,7 +91,7 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
     if packaged:
         layers.append(schedules.memory_database(packaged.values()))
     cover: dict[str, list[str]] = {"tensorized": [], "tuned": [], "default": [],
-                                   "transferred": [], "naive": []}
+                                   "transferred": [], "injective": [], "naive": []}
     tensorized, fallback = ms.database.MemoryDatabase(), ms.database.MemoryDatabase()
     for t in tasks:
         func = t.dispatched[0]
@@ -105,6 +106,9 @@ def schedule_database(mod: Any, target: Any, database: Any = None, defaults: boo
         elif (sch := schedules.transfer(func, target, known)) is not None:
             _commit(fallback, func, sch, target)
             cover["transferred"].append(t.task_name)
+        elif (sch := injective.schedule(func)) is not None:
+            _commit(fallback, func, sch, target)
+            cover["injective"].append(t.task_name)
         else:
             cover["naive"].append(t.task_name)
     if not layers and not cover["tensorized"]:
@@ -183,7 +187,7 @@ def build(mod: Any, target_spec: TargetSpec, out_path: str | Path, cc: Compiler 
         "tuned": tuned,
         "schedules": {k: len(v) for k, v in cover.items()},
         "untuned_kernels": cover.get("naive", []),
-        # kernel -> "tuned" | "default" | "transferred" | "naive": the profiler's column
+        # kernel -> tuned | default | transferred | injective | naive: the profiler's column
         "kernel_schedules": {n: k for k, names in cover.items() for n in names},
         "kernels": kernel_signatures(prepared, executable.as_text()),
         # kernel -> its parallel loops and whether it keeps them (compiler/threads.py)

@@ -316,7 +316,8 @@ def _profile(res: LatencyResult) -> dict[str, Any] | None:
 def compact_profile(prof: Profile) -> dict[str, Any]:
     """``prof`` (:class:`lprnet_edge.runtime.profile.Profile`, the profiler of ``bench
     --profile``) without the argument shapes, slowest kernel first, plus the time per
-    schedule kind (``tuned`` / ``default`` / ``transferred`` / ``naive`` / ``builtin``):
+    schedule kind (``tuned`` / ``default`` / ``transferred`` / ``injective`` / ``naive`` /
+    ``builtin``):
     what explains a variant that is slower than its FLOPs say."""
     d = prof.to_dict()
     rows = []

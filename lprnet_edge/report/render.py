@@ -41,8 +41,9 @@ def _latency_text(setup: dict[str, Any] | None) -> str:
                 "its workload (`lprnet_edge/compiler/data/default_schedules`, tuned once for "
                 "the original's fp32 shapes), or, for shapes that database does not know "
                 "(pruned widths, int8 kernels), the most similar known kernel's schedule "
-                "transferred by `compiler/schedules.py`; a kernel with neither runs TVM's "
-                "naive loops. The per-kernel profile below says which each kernel got.")
+                "transferred by `compiler/schedules.py`; an element-wise kernel with neither "
+                "gets one parallel, vectorized loop (`compiler/injective.py`), any other runs "
+                "TVM's naive loops. The per-kernel profile below says which each kernel got.")
     else:
         text = (f"- Latency (`tvm-tuned`): TVM host artifacts built by `lprnet_edge.pipeline` "
                 f"(`{setup.get('command') or 'lprnet-edge report --latency tvm'}`), timed like "
@@ -226,8 +227,9 @@ def profile_lines(rows: list[dict[str, Any]], top: int = 3) -> list[str]:
            f"mean of {p0.get('runs', '?')} runs per variant, 1 thread; *share* is of the sum of "
            "kernels; *schedule*: `tuned` (a record of the build's tuning), `default` (the "
            "packaged schedule of that workload), `transferred` (a similar workload's schedule "
-           "re-fitted), `tensorized` (int8 dot-product intrinsics), `naive` (TVM's unscheduled "
-           "loops), `builtin` (VM).", "",
+           "re-fitted), `tensorized` (int8 dot-product intrinsics), `injective` (one parallel, "
+           "vectorized loop for an element-wise kernel), `naive` (TVM's unscheduled loops), "
+           "`builtin` (VM).", "",
            "| variant | kernels ms (wall) | time by schedule | # | kernel | ms | share | "
            "GFLOP/s | schedule |",
            "|---|---|---|---|---|---|---|---|---|"]

@@ -82,7 +82,8 @@ class Timing:
 class KernelRow:
     """One VM callee: per inference ``ms`` and ``calls``; ``share`` of the kernels' sum;
     ``gflops`` (GFLOP/s) for convolutions; ``schedule``: how the build scheduled it
-    (``tuned``, ``default``, ``transferred``, ``naive``; None for VM builtins or unknown)."""
+    (``tuned``, ``default``, ``transferred``, ``injective``, ``naive``; None for VM builtins
+    or unknown)."""
 
     name: str
     ms: float
@@ -416,7 +417,7 @@ def conv_flops(name: str, shapes: list[list[int]]) -> float | None:
 @dataclass(frozen=True)
 class KernelSchedules:
     """How the build scheduled each kernel (``tuned``, ``default``, ``transferred``,
-    ``naive``); kernels a report does not name get ``fallback`` (None: unknown)."""
+    ``injective``, ``naive``); kernels a report does not name get ``fallback`` (None: unknown)."""
 
     names: dict[str, str]
     fallback: str | None = "naive"

@@ -54,7 +54,7 @@ def test_local_session_times_and_profiles(artifact: Path, profile):
     assert all(r.gflops is not None and r.gflops > 0 for r in convs)
     assert all(r.gflops is None for r in p.rows if "conv" not in r.name)
     # Every compiled kernel says how it was scheduled; the VM's builtins do not.
-    kinds = {"tuned", "default", "transferred", "naive"}
+    kinds = {"tuned", "default", "transferred", "injective", "naive"}
     assert all(r.schedule in kinds for r in p.rows if not r.is_builtin)
     assert all(r.schedule is None for r in p.rows if r.is_builtin)
     assert Profile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
