@@ -31,7 +31,6 @@ from lprnet_edge.compiler.dot import use_int8_dot
 from lprnet_edge.compiler.int8 import (
     bound_value,
     cancel_transposes,
-    exact_rescale,
     is_op,
     precompute_params,
 )
@@ -242,8 +241,6 @@ def int8_to_relax(qmodel: QuantizedModel, frontend: str = "torch.export",
     if n != expected:
         raise LprnetEdgeError(f"int8 rewrite matched {n} of {expected} quantized convolutions "
                               f"(frontend {frontend!r}); use the torch.export frontend")
-    # Tuned schedules must not let LLVM fuse the rescale into an FMA: see int8.py.
-    mod, _ = exact_rescale(mod)
     # The activations' 1 / scale (compress.quantize.act_codes) becomes one constant.
     mod = import_tvm_compiler().relax.transform.FoldConstant()(mod)
     mod, params = convert_layout(normalize(mod), params, layout)

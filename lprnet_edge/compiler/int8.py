@@ -1,21 +1,15 @@
 """Relax passes for the real int8 convolutions, after :func:`frontend.relax_int8_rewrite`.
 
-Why :func:`exact_rescale` exists (a tuned int8 build must pass verification): PyTorch's
-fake-quant reference (``compress.quantize.QuantConv2d``) computes ``y = acc * scale`` and then
-``y + bias`` as two float32 operations, each rounded. TVM's LLVM backend builds every module
-with ``TargetOptions.AllowFPOpFusion = FPOpFusion::Fast`` (no target attribute turns it off), so
-once a MetaSchedule schedule inlines the elementwise epilogue into one expression
-``float(acc) * scale + bias``, LLVM contracts it into one FMA with a single rounding. The
-untuned build keeps each block in its own loop with a store in between, so it has no FMA and
-matches. The FMA differs from PyTorch in the last bit of rare outputs; after
-``round(y / next_scale)`` some of those become int8 codes off by one, enough to move a logit
-past the verification tolerance. The int32 accumulation itself is exact.
-
-The fix computes the rescale as ``float32(float64(acc) * float64(scale))``: for ``|acc| < 2**24``
-the float64 product is exact, so its one rounding to float32 equals PyTorch's float32 multiply
-bit for bit, and the add that follows takes an ``fptrunc``, not an ``fmul``: there is nothing
-for LLVM to contract, whatever the schedule. The extra float64 work is one multiply per conv
-output, negligible next to the convolution.
+Why the epilogue ends with its rescale (a tuned int8 build must pass verification): TVM's
+LLVM backend builds every module with ``TargetOptions.AllowFPOpFusion = FPOpFusion::Fast`` (no
+target attribute turns it off), so once a schedule inlines an epilogue ``float(acc) * scale +
+bias`` into one expression, LLVM contracts it into one FMA with a single rounding, where
+PyTorch rounds twice: the last bit of rare outputs differs, and after ``round(y /
+next_scale)`` an int8 code off by one can move a logit past the verification tolerance. The
+reference (``compress.quantize.QuantConv2d``) therefore adds the bias in the accumulator's
+units first, ``(acc + bias / scale) * scale``: an add and one multiply, each rounded once
+like PyTorch's, nothing for LLVM to contract, and no float64 detour (2 lanes per NEON
+vector).
 
 TVM is imported inside the functions that use it: importing it takes seconds (and
 loads torch), and this module is imported by commands that never compile.
@@ -58,46 +52,6 @@ def is_int8_conv(e: Any) -> bool:
     if not is_op(e, "relax.nn.conv2d") or str(e.attrs.out_dtype) != "int32":
         return False
     return all(_dtype(a) == "int8" for a in e.args)
-
-
-def exact_rescale(mod: Any) -> tuple[Any, int]:
-    """Rewrite ``multiply(astype(int8_conv, float32), scale)`` (either operand order) into
-    ``astype(multiply(astype(int8_conv, float64), astype(scale, float64)), float32)``: the
-    same float32 values as PyTorch, immune to FMA contraction (see the module docstring).
-    Returns the new module and the number of multiplies rewritten."""
-    import_tvm_compiler()
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    count = [0]
-
-    @mutator
-    class _ExactRescale(PyExprMutator):
-        def _int8_acc(self, e: Any) -> Any:
-            """The int32 conv behind ``astype(conv, float32)``, else None."""
-            v = bound_value(self, e)
-            if not (is_op(v, "relax.astype") and str(v.attrs.dtype) == "float32"):
-                return None
-            conv = v.args[0]
-            return conv if is_int8_conv(bound_value(self, conv)) else None
-
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not is_op(call, "relax.multiply"):
-                return call
-            a, b = call.args
-            acc, scale = self._int8_acc(a), b
-            if acc is None:
-                acc, scale = self._int8_acc(b), a
-            if acc is None or _dtype(scale) != "float32":
-                return call
-            count[0] += 1
-            prod = relax.op.multiply(relax.op.astype(acc, "float64"),
-                                     relax.op.astype(scale, "float64"))
-            return relax.op.astype(prod, "float32")
-
-    # the old float32 astype is left unused: dropped, or it would stay a kernel of its own
-    return rewrite_functions(mod, _ExactRescale), count[0]
 
 
 def precompute_params(mod: Any, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
