@@ -373,9 +373,14 @@ def render_target(res: dict[str, Any]) -> list[str]:
         lines.append(f"- layout, chosen on this core: the default NHWC build is {ratio:.2f}x "
                      "as fast as `--layout NCHW`"
                      + ("" if ratio >= 1 else " (**NCHW would be the faster default here**)"))
-    # The A72's peak is measured; the A76's is its pipes' width, not a measurement.
-    share = conv_peak_share(rows, FP32, kflops, peak) if cpu["name"] == "cortex-a72" else None
+    share = conv_peak_share(rows, FP32, kflops, peak)
     if share:
+        # A bound, not a build: at this share of the peak, what any layout could still gain.
+        lines.append(f"- blocked channels (NCHWc) are not built: the NHWC fp32 convolution "
+                     f"kernels run at {share[2]:.0%} of the core's {peak} FLOP/cycle, so no "
+                     f"layout could make them more than {1 / share[2]:.2f}x faster")
+    # The A72's peak is measured; the A76's is its pipes' width, not a measurement.
+    if share and cpu["name"] == "cortex-a72":
         lines.append(f"- fp32 convolution kernels at >= 60% of the core's {peak} FLOP/cycle "
                      f"({FP32}): {share[0]} of {share[1]}; all of them together at "
                      f"{share[2]:.0%} of peak")
