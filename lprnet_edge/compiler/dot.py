@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from lprnet_edge.compiler.injective import parallel_vectorized
 from lprnet_edge.compiler.int8 import is_int8_conv, is_op
 from lprnet_edge.compiler.tvm_import import import_tvm_compiler
 
@@ -477,20 +478,10 @@ def _schedule_elementwise(sch: Any, kind: DotKind) -> Any:
         if name == kind.conv_block:
             continue
         if name == kind.pad_block:
-            _parallel_vectorized(sch, sch.get_sblock(name))
+            parallel_vectorized(sch, sch.get_sblock(name))
             continue
         try:
             sch.compute_inline(sch.get_sblock(name))
         except ScheduleError:
             out = sch.get_sblock(name)  # the output block
     return out
-
-
-def _parallel_vectorized(sch: Any, block: Any) -> None:
-    """An element-wise block as one parallel loop over all but its innermost axis, which is
-    vectorized."""
-    loops = sch.get_loops(block)
-    if len(loops) < 2:
-        return
-    sch.parallel(sch.fuse(*loops[:-1]))
-    sch.vectorize(loops[-1])

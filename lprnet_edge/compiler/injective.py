@@ -32,12 +32,18 @@ def schedule(task_mod: Any) -> Any:
             sch.compute_inline(b)
     except ScheduleError:
         return None
-    loops = sch.get_loops(blocks[-1])
+    return sch if parallel_vectorized(sch, blocks[-1]) else None
+
+
+def parallel_vectorized(sch: Any, block: Any) -> bool:
+    """An element-wise block as one parallel loop over all but its innermost axis, which is
+    vectorized (False, and nothing changed, for a block with fewer than two loops)."""
+    loops = sch.get_loops(block)
     if len(loops) < 2:
-        return None
+        return False
     sch.parallel(sch.fuse(*loops[:-1]))
     sch.vectorize(loops[-1])
-    return sch
+    return True
 
 
 def _spatial(sch: Any, block: Any) -> bool:
