@@ -48,5 +48,8 @@ def parallel_vectorized(sch: Any, block: Any) -> bool:
 
 def _spatial(sch: Any, block: Any) -> bool:
     """Whether ``block`` only maps elements to elements: spatial axes, no init."""
+    from tvm import tirx
+
     blk = sch.get(block)
-    return blk.init is None and all(int(iv.iter_type) == 0 for iv in blk.iter_vars)
+    return blk.init is None and all(int(iv.iter_type) == tirx.IterVar.DataPar
+                                    for iv in blk.iter_vars)
