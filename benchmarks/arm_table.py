@@ -72,12 +72,17 @@ def log(msg: str) -> None:
     print(f"[arm] {msg}", file=sys.stderr, flush=True)
 
 
+def artifact_dir(target: str, label: str, work: Path) -> Path:
+    """Where the TVM variant ``label`` of ``target`` is built in ``work``."""
+    return work / f"{target}-{TVM_VARIANTS[label][0]}"
+
+
 def build_variant(target: str, label: str, work: Path) -> Path:
     """``lprnet-edge build --target T`` of one variant into ``work`` (reused when present)."""
-    slug, flags = TVM_VARIANTS[label]
+    flags = TVM_VARIANTS[label][1]
     if "--tune" in flags:
         flags = [*flags, "--tuning-db", str(work / f"{target}-tuning-db")]
-    out = work / f"{target}-{slug}"
+    out = artifact_dir(target, label, work)
     if (out / "manifest.json").is_file():
         return out
     log(f"building {label} -> {out}")
@@ -174,7 +179,7 @@ def accuracies(target: str, work: Path, labels: list[str], peers: dict[str, tupl
             runtime, model = peers[label]
             key = peer_key(runtime, model, cpu)
         else:
-            artifact = work / f"{target}-{TVM_VARIANTS[label][0]}"
+            artifact = artifact_dir(target, label, work)
             key = artifact_key(artifact)  # not the estimate's method: accuracy does not use it
         if key not in known:
             log(f"{label}: reading test/ under qemu -cpu {cpu.qemu_cpu}")
@@ -199,10 +204,10 @@ def estimate_target(target: str, work: Path, jobs: int, build: bool = True,
     cpu = cpu_model(TARGET_CPU[target])
     work.mkdir(parents=True, exist_ok=True)
     progs, missing = {}, {}
-    for label, (slug, _flags) in TVM_VARIANTS.items():
+    for label in TVM_VARIANTS:
         if label == TUNED and target not in TUNED_TARGETS:
             continue
-        if build or (work / f"{target}-{slug}" / "manifest.json").is_file():
+        if build or (artifact_dir(target, label, work) / "manifest.json").is_file():
             progs[label] = artifact_program(build_variant(target, label, work), cpu)
         else:
             missing[label] = "not built in this run (--only-built)"
@@ -234,7 +239,7 @@ def estimate_target(target: str, work: Path, jobs: int, build: bool = True,
     missing.update({k: v for k, v in done.items() if isinstance(v, str)})
     command = (f"python benchmarks/run.py --target {target}" + ("" if build else " --only-built")
                + (" --accuracy" if test_dir else ""))
-    sizes = {label: artifact_bytes(work / f"{target}-{TVM_VARIANTS[label][0]}")
+    sizes = {label: artifact_bytes(artifact_dir(target, label, work))
              for label in TVM_VARIANTS if label in rows}
     acc = (accuracies(target, work, list(rows), {k: v for k, v in peers.items() if k in rows},
                       cpu, test_dir, jobs) if test_dir else {})
@@ -245,7 +250,7 @@ def estimate_target(target: str, work: Path, jobs: int, build: bool = True,
     res = {"target": target, "cpu": cpu.to_dict(), "rows": rows, "missing": missing,
            "artifact_bytes": sizes, "test_accuracy": acc,
            "cores": load_target(target).cores,
-           "threads": {label: artifact_threads(work / f"{target}-{TVM_VARIANTS[label][0]}")
+           "threads": {label: artifact_threads(artifact_dir(target, label, work))
                        for label in (FP32, INT8) if label in rows},
            "flops_folded": folded_flops(), "kernel_flops": kernel_flops(target),
            "date": time.strftime("%Y-%m-%d"),
