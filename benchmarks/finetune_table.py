@@ -48,7 +48,10 @@ def _mixed(record: dict[str, Any]) -> str:
     return "" if not interp else f", a = {interp['a']:g}"
 
 
-SETTINGS = ("epochs", "lr", "distill", "distill_read_only", "anchor", "freeze_below")
+SETTINGS = ("epochs", "lr", "distill", "distill_read_only", "anchor", "freeze_below",
+            "balance")
+# settings added after some records were written: those records ran with the default
+ABSENT = {"balance": 0.0}
 
 
 def _at_kept(rec: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +81,7 @@ def compare_rows(records: list[dict[str, Any]]) -> list[str]:
         cfg, interp, at = rec["config"], rec.get("interpolation"), _at_kept(rec)
         alone = interp["finetuned_val_accuracy"] if interp else rec["accuracy"]["val"]["after"]
         drift = at.get("val_drift")
-        out.append("| " + " | ".join(str(cfg.get(k)) for k in SETTINGS)
+        out.append("| " + " | ".join(str(cfg.get(k, ABSENT.get(k))) for k in SETTINGS)
                    + f" | {rec['best_epoch']} | {_fmt(alone)} | "
                    f"{'1' if not interp else format(interp['a'], 'g')} | "
                    f"{_fmt(rec['accuracy']['val']['after'])} | {_fmt(at.get('val_kept'))} | "

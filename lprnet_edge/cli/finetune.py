@@ -35,7 +35,7 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
 @click.option("--distill", type=click.FloatRange(min=0),
               help="Learning without forgetting: weight of the pull of each frame's "
                    "prediction towards the pretrained model's on the same image, 0 for "
-                   "none.  [default: 1]")
+                   "none.  [default: 2]")
 @click.option("--distill-read-only/--distill-all", default=None,
               help="Distil only on the images the pretrained model reads right, or on all.  "
                    "[default: read-only]")
@@ -45,6 +45,9 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
 @click.option("--freeze-below", type=click.IntRange(min=0),
               help="Backbone layers below this index keep their pretrained weights.  "
                    "[default: 0]")
+@click.option("--balance", type=click.FloatRange(0, 1),
+              help="Draw a plate with weight (plates of its province)^-B: 0 as they come, "
+                   "1 every province equally often.  [default: 0]")
 @click.option("--interpolate", "interpolate", default="auto", show_default=True,
               metavar="auto|A",
               help="Keep (1-A) x pretrained + A x best-epoch weights (WiSE-FT); auto: the "
@@ -65,7 +68,8 @@ from lprnet_edge.pipeline.interrupt import InterruptGuard
 def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int | None,
                  patience: int | None, lr: float | None, distill: float | None,
                  distill_read_only: bool | None, anchor: float | None,
-                 freeze_below: int | None, interpolate: str, seed: int, threads: int,
+                 freeze_below: int | None, balance: float | None, interpolate: str,
+                 seed: int, threads: int,
                  test_dir: str | None, no_test: bool, weights: str | None, out: str,
                  as_json: bool) -> None:
     """Fine-tune the pretrained LPRNet on your labelled plates.
@@ -86,8 +90,8 @@ def finetune_cmd(data: str, val: str | None, val_split: float, epochs: int | Non
 
     given = {k: v for k, v in {"epochs": epochs, "patience": patience, "lr": lr,
                                "distill": distill, "distill_read_only": distill_read_only,
-                               "anchor": anchor,
-                               "freeze_below": freeze_below}.items() if v is not None}
+                               "anchor": anchor, "freeze_below": freeze_below,
+                               "balance": balance}.items() if v is not None}
     cfg = FinetuneConfig(data=Path(data), val=Path(val) if val else None, val_split=val_split,
                          interpolate=_mixing_weight(interpolate), seed=seed, threads=threads,
                          evaluate_test=not no_test,

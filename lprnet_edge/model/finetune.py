@@ -31,6 +31,7 @@ import copy
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +87,13 @@ class FinetuneConfig:
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adam"
     lr: float = 0.02
     anchor: float = 0.0  # L2-SP weight: pull towards the pretrained weights
-    distill: float = 1.0  # learning without forgetting: weight of the KL to the pretrained
+    distill: float = 2.0  # learning without forgetting: weight of the KL to the pretrained
     temperature: float = 2.0  # of that KL
     distill_read_only: bool = True  # only on the images the pretrained model reads right
     freeze_below: int = 0  # backbone layers [0, freeze_below) are not trained
+    # a plate is drawn with weight (plates sharing its first character) ** -balance:
+    # 0 each plate once an epoch, 1 each province equally often
+    balance: float = 0.0
     keep_dead: bool = True  # filters whose weights are all zero stay zero
     bn_affine: bool = False  # train BatchNorm's scale and shift (statistics stay frozen)
     augment: AugmentConfig = PLATES
@@ -111,6 +115,8 @@ class FinetuneConfig:
             raise LprnetEdgeError("epochs, patience, batch size and threads must be >= 1")
         if self.distill < 0 or self.anchor < 0 or self.temperature <= 0:
             raise LprnetEdgeError("--distill and the anchor must be >= 0, the temperature > 0")
+        if not 0 <= self.balance <= 1:
+            raise LprnetEdgeError(f"--balance must be between 0 and 1, got {self.balance}")
         if self.interpolate is not None and not 0 <= self.interpolate <= 1:
             raise LprnetEdgeError(f"--interpolate must be auto or between 0 and 1, got "
                                   f"{self.interpolate}")
@@ -280,6 +286,22 @@ def keep_dead_filters(model: nn.Module) -> int:
     return held
 
 
+def province_draw(labels: list[str], balance: float) -> np.ndarray | None:
+    """How often each plate is drawn: ``(plates of its province) ** -balance``, normalised.
+
+    A user's plates come from where their cameras are, so one province can make most of
+    them: trained on as they come, the model learns that province's prior along with the
+    characters, and reads the others' plates worse. None: each plate once an epoch.
+    """
+    if balance == 0:
+        return None
+    count: dict[str, int] = {}
+    for label in labels:
+        count[label[:1]] = count.get(label[:1], 0) + 1
+    w = np.array([count[label[:1]] ** -balance for label in labels], dtype=np.float64)
+    return w / w.sum()
+
+
 def freeze_layers(model: nn.Module, below: int) -> None:
     """The first ``below`` backbone layers keep their pretrained weights: the early filters
     (edges, strokes) serve every plate, and a few hundred crops are better spent on the
@@ -312,9 +334,16 @@ class _Run:
         self.total = cfg.epochs * self.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=self.total)
         self.pre = Preprocess()
+        self.draw = province_draw(self.train_set.labels, cfg.balance)
         self.history: list[EpochRecord] = []
         self.step_count, self.best_epoch, self.stopped = 0, 0, "epochs"
         self.teacher = copy.deepcopy(model).eval() if cfg.distill else None
+        # The pretrained model's outputs for a batch are computed in a second thread while
+        # the model trains on it: on two cores the pull costs no time, and each pass is
+        # still the single computation it would be in one thread (the same weights).
+        self.beside = ThreadPoolExecutor(1, thread_name_prefix="pretrained",
+                                         initializer=torch.set_num_threads,
+                                         initargs=(cfg.threads,))
         self.val_before = self.best_acc = accuracy(self.model, self.val_set, cs)
         self.watch = Drift(model, self.val_set, cs)
         self.best_model = copy.deepcopy(model).eval()
@@ -334,12 +363,15 @@ class _Run:
                     break
         except KeyboardInterrupt:
             self.stopped = "interrupted"
+        finally:
+            self.beside.shutdown(cancel_futures=True)
         for p in self.best_model.parameters():
             p.requires_grad_(True)
 
     def _epoch(self) -> list[float]:
         cfg, n = self.cfg, len(self.train_set)
-        perm = self.rng.permutation(n)
+        perm = (self.rng.choice(n, size=n, p=self.draw) if self.draw is not None
+                else self.rng.permutation(n))
         losses = []
         for b in range(self.steps_per_epoch):
             idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
@@ -355,11 +387,12 @@ class _Run:
         data = self.train_set
         images = [augment_image(data.raw[i], self.rng, self.cfg.augment) for i in idx]
         x = torch.from_numpy(self.pre.batch(images))
-        targets = ctc_targets([data.labels[i] for i in idx], self.cs)
+        labels = [data.labels[i] for i in idx]
+        ref = self.beside.submit(self._reference, x) if self.teacher is not None else None
         logits = forward_per_sample(self.model, x)
-        loss = ctc_loss(logits, targets, self.cs.blank)
-        if self.teacher is not None:
-            loss = loss + self.cfg.distill * self._keep(logits, x, [data.labels[i] for i in idx])
+        loss = ctc_loss(logits, ctc_targets(labels, self.cs), self.cs.blank)
+        if ref is not None:
+            loss = loss + self.cfg.distill * self._keep(logits, ref, labels)
         if self.cfg.anchor:
             drift = sum(((p - self.anchor[n]) ** 2).sum()
                         for n, p in self.model.named_parameters() if n in self.anchor)
@@ -371,12 +404,16 @@ class _Run:
         self.step_count += 1
         return float(loss.detach())
 
-    def _keep(self, logits: torch.Tensor, x: torch.Tensor, labels: list[str]) -> torch.Tensor:
-        """Learning without forgetting: the frame KL to the pretrained model on the same
-        (augmented) images; with ``distill_read_only``, only where that model reads the
-        label, so the pull never argues with a correction the labels demand."""
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            ref = forward_per_sample(self.teacher, x)
+            return forward_per_sample(self.teacher, x)
+
+    def _keep(self, logits: torch.Tensor, pending: Future, labels: list[str]) -> torch.Tensor:
+        """Learning without forgetting: the frame KL to the pretrained model on the same
+        (augmented) images (``pending``: its outputs, being computed); with
+        ``distill_read_only``, only where that model reads the label, so the pull never
+        argues with a correction the labels demand."""
+        ref = pending.result()
         if not self.cfg.distill_read_only:
             return frame_kl(logits, ref, self.cfg.temperature)
         read = [i for i, t in enumerate(decode_batch(ref.numpy(), self.cs)) if t == labels[i]]
@@ -385,7 +422,7 @@ class _Run:
         return frame_kl(logits[read], ref[read], self.cfg.temperature) * len(read) / len(labels)
 
     def _evaluate(self, epoch: int, losses: list[float]) -> None:
-        acc = accuracy(self.model, self.val_set, self.cs)
+        acc, kept, drift = self.watch.measure_all(self.model)
         if acc > self.best_acc:
             self.best_acc, self.best_epoch = acc, epoch
             self.best_model = copy.deepcopy(self.model).eval()
@@ -394,7 +431,7 @@ class _Run:
         rec = EpochRecord(epoch, self.cfg.epochs, self.step_count,
                           float(np.mean(losses)) if losses else None,
                           round(time.time() - self.t0, 1), acc, self.best_acc,
-                          *self.watch.measure(self.model))
+                          kept, drift)
         self.history.append(rec)
         if isinstance(self.progress, ProgressBar):
             self.progress.epoch(rec, self.total)

@@ -133,6 +133,23 @@ def test_cli_writes_a_checkpoint_the_toolchain_takes(cli_runner, plates: Path,
     assert load_model(out).class_num == 68
     r = cli_runner("eval", "--weights", out, "--data", small_test, "--json")
     assert r.exit_code == 0, r.output
+    _provinces_table_reads_the_held_out_split(record_path(out), weights_path, out, rec=rec)
+
+
+def _provinces_table_reads_the_held_out_split(record: Path, *weights: Path, rec: dict) -> None:
+    """benchmarks/finetune_provinces.py measures each checkpoint on the record's split."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "finetune_provinces.py"),
+                          str(record), *map(str, weights)], capture_output=True, text=True,
+                         check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == [w.name for w in weights]
+    held = {Path(n).name[:1] for n in rec["split"]["val_files"]}
+    seen = [int(cell.split("/")[1]) for cell in rows[0].split(" | ")[1:-2]]
+    assert len(seen) == len(held) and sum(seen) == rec["split"]["val"]
 
 
 def test_cli_bad_folder(cli_runner, tmp_path: Path, weights_path: Path):
@@ -196,6 +213,30 @@ def test_learning_without_forgetting_and_frozen_layers(weights_path: Path, plate
     assert rec["config"]["distill"] == 1.0 and rec["accuracy"]["test"]["after"] is None
 
 
+def test_balance_draws_each_province_as_often_as_asked():
+    from lprnet_edge.model.finetune import province_draw
+
+    labels = ["苏A1"] * 6 + ["皖B2"] * 2 + ["沪C3"]
+    assert province_draw(labels, 0.0) is None
+    even = province_draw(labels, 1.0)
+    per = {c: float(sum(w for w, lab in zip(even, labels, strict=True) if lab[0] == c))
+           for c in "苏皖沪"}
+    assert per == pytest.approx({"苏": 1 / 3, "皖": 1 / 3, "沪": 1 / 3})
+    half = province_draw(labels, 0.5)
+    assert half.sum() == pytest.approx(1)
+    assert half[0] < half[6] < half[8]  # a rarer province's plate is drawn more often
+    with pytest.raises(LprnetEdgeError, match="--balance"):
+        FinetuneConfig(data=Path("."), balance=2)
+
+
+def test_a_balanced_run_trains_on_drawn_plates(weights_path: Path, plates: Path,
+                                               small_test: Path):
+    res = finetune(load_model(weights_path), _cfg(plates, small_test, epochs=1, balance=1.0,
+                                                  evaluate_test=False), progress=None)
+    assert res.to_dict()["config"]["balance"] == 1.0
+    assert res.history[0].loss is not None and res.history[0].loss > 0
+
+
 def test_frame_kl_is_zero_only_for_the_same_outputs():
     from lprnet_edge.model.training import frame_kl
 
@@ -235,7 +276,8 @@ def test_cli_help_states_the_library_defaults(plates: Path):
     checked = 0
     for param in finetune_cmd.params:
         field = param.name
-        if field in ("epochs", "patience", "lr", "distill", "anchor", "freeze_below"):
+        if field in ("epochs", "patience", "lr", "distill", "anchor", "freeze_below",
+                     "balance"):
             stated = re.search(r"\[default: ([^\]]+)\]", param.help).group(1)
             assert float(stated) == getattr(defaults, field), field
             checked += 1
@@ -248,7 +290,7 @@ def test_cli_help_states_the_library_defaults(plates: Path):
         elif field == "interpolate":
             assert param.default == "auto" and defaults.interpolate is None
             checked += 1
-    assert checked == 9
+    assert checked == 10
 
 
 def _moved(model, seed: int = 0):  # noqa: ANN001, ANN202
