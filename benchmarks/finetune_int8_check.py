@@ -2,7 +2,7 @@
 training or compiling: the build's own quantize and accuracy-guard stages.
 
     python benchmarks/finetune_int8_check.py WEIGHTS.pth DATA [--val-split 0.2] [--seed 0]
-        [--calibrator mse|minmax|percentile|entropy]
+        [--calibrator mse|minmax|percentile|entropy] [--quant-distill EPOCHS]
 
 WEIGHTS.pth is a checkpoint of ``lprnet-edge finetune --data DATA``; the split is rebuilt from
 the same files, fraction and seed, so it is the one that checkpoint was selected on. This is
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from lprnet_edge.compress.accuracy import Budget, check_model
-from lprnet_edge.compress.configs import CALIBRATORS, QuantizeConfig
+from lprnet_edge.compress.configs import CALIBRATORS, FINETUNED_QUANT_DISTILL, QuantizeConfig
 from lprnet_edge.model.calib import accuracy
 from lprnet_edge.model.finetune import FinetuneConfig, load_split
 from lprnet_edge.pipeline.steps import calibration_set, load_torch, quantize_model
@@ -30,18 +30,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calibrator", choices=sorted(CALIBRATORS), default="mse",
                     help="activation ranges; calibrated on the training plates only")
+    ap.add_argument("--quant-distill", type=int, default=FINETUNED_QUANT_DISTILL,
+                    help="epochs of quantization-aware distillation on the training plates "
+                         "(the build's default with --finetune; 0: post-training only)")
     args = ap.parse_args(argv)
     art = load_torch(args.weights)
     art.calib = load_split(FinetuneConfig(data=args.data, val_split=args.val_split,
                                           seed=args.seed))
     pretrained = accuracy(load_torch(None).model, art.calib.split()[1])
-    art = quantize_model(art, QuantizeConfig(mode="int8", calibrator=args.calibrator), None)
+    cfg = QuantizeConfig(mode="int8", calibrator=args.calibrator,
+                         distill_epochs=args.quant_distill)
+    art = quantize_model(art, cfg, None)
     check = check_model(art.original, art.reference, calibration_set(None, art),
                         Budget.of(100.0))
-    print(json.dumps({"calibrator": args.calibrator, "pretrained": pretrained,
+    print(json.dumps({"calibrator": args.calibrator, "quant_distill": args.quant_distill,
+                      "pretrained": pretrained,
                       "finetuned_fp32": check.original,
                       "int8": check.changed, "drop_points": check.drop_points,
-                      "plates": check.images}, indent=2))
+                      "plates": check.images, "lost": check.lost, "gained": check.gained,
+                      "agreement": check.agreement}, indent=2))
 
 
 if __name__ == "__main__":

@@ -200,6 +200,11 @@ class Int8WeightsConfig(QuantizeConfig):
     fallback_layers: tuple[str, ...] = ()
 
 
+# int8's quantization-aware distillation epochs when the float model is a fine-tuning's
+# (``build --finetune``): docs/finetuning.md, "int8".
+FINETUNED_QUANT_DISTILL = 6
+
+
 @dataclass(frozen=True)
 class Int8Config(QuantizeConfig):
     """int8 weights and activations (int8 x int8 -> int32 convolutions), activation ranges
@@ -213,8 +218,14 @@ class Int8Config(QuantizeConfig):
     per_channel: bool = True
     calib_images: int = 256
     fallback_layers: tuple[str, ...] = ()  # layers kept in fp32 (from the sensitivity scan)
+    # Epochs of quantization-aware distillation from the float model on the calibration
+    # plates after calibrating (compress/quant_distill.py); 0: post-training only.
+    distill_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.calibrator not in CALIBRATORS:
             raise LprnetEdgeError(f"calibrator {self.calibrator!r}: use one of "
                                   f"{list(CALIBRATORS)}")
+        if self.distill_epochs < 0:
+            raise LprnetEdgeError(f"distill_epochs {self.distill_epochs}: must be >= 0 "
+                                  "(--quant-distill)")

@@ -174,9 +174,12 @@ class QuantConv2d(nn.Module):
         self.register_buffer("weight_scale", weight_scales(conv.weight, per_channel))
         self.quant_act = quant_act
         self.quant_weight = quant_weight
+        self.ste = False  # training (compress/quant_distill.py): rounding passes gradients
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
+        if self.ste:
+            return self._trainable(x)
         if not (self.quant_act and self.quant_weight):
             if self.quant_act:
                 x = act_codes(x, self.act_scale) * self.act_scale
@@ -196,6 +199,27 @@ class QuantConv2d(nn.Module):
             # once, so a compiled build equals this bit for bit.
             acc = acc + c.bias.view(1, -1, 1, 1) / scale
         return acc * scale
+
+    def _trainable(self, x: torch.Tensor) -> torch.Tensor:
+        """The same rounding with straight-through gradients (round's own is zero), the
+        weight scale following the weights as they train, as it will once they are stored."""
+        c = self.conv
+        if self.quant_act:
+            x = _round_ste(x * torch.reciprocal(self.act_scale)).clamp(-QMAX, QMAX) * self.act_scale
+        w = c.weight
+        if self.quant_weight:
+            s = weight_scales(w, self.weight_scale.numel() > 1)
+            w = _round_ste(w / s).clamp(-QMAX, QMAX) * s
+        return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+    def refresh_weight_scale(self) -> None:
+        """``weight_scale`` from the weights as they are (after training)."""
+        self.weight_scale.copy_(weight_scales(self.conv.weight, self.weight_scale.numel() > 1))
+
+
+def _round_ste(v: torch.Tensor) -> torch.Tensor:
+    """``round(v)`` forward, identity backward (straight-through estimator)."""
+    return v + (torch.round(v) - v).detach()
 
 
 def conv_names(model: nn.Module) -> list[str]:
@@ -427,11 +451,16 @@ def _int8(model: nn.Module, cfg: Int8Config, calib: Any = None, val: Any = None,
     applied = _fallbacks_for(folded, cfg)
     th = calibrate(folded, calib, applied)
     qm = fake_quant_model(folded, th, applied)
+    report: dict[str, Any] = {"thresholds": th}
+    if applied.distill_epochs:
+        from lprnet_edge.compress.quant_distill import distill_quantized
+
+        qm, report["distill"] = distill_quantized(folded, qm, calib, applied.distill_epochs)
     _int8_stored_weights(qm, applied.fallback_layers)
     scales = {n: v["threshold"] / QMAX for n, v in th.items()
               if n not in set(applied.fallback_layers)}
     convs = tuple(n for n, m in qm.named_modules() if isinstance(m, QuantConv2d))
-    res = QuantizedModel(qm, cfg, {"thresholds": th, "act_scales": scales},
+    res = QuantizedModel(qm, cfg, {**report, "act_scales": scales},
                          int8_convs=convs if real_int8 else (), act_scales=scales,
                          verify_tolerance=INT8_VERIFY_TOLERANCE if real_int8 else None)
     # The fallback layers compute in float but store int8 weights: no fallback for storage.

@@ -11,7 +11,7 @@ from conftest import copy_images
 
 from lprnet_edge.compiler.target import load_target
 from lprnet_edge.compress.accuracy import Budget, check_model
-from lprnet_edge.compress.configs import Int8WeightsConfig, QuantizeConfig
+from lprnet_edge.compress.configs import FINETUNED_QUANT_DISTILL, Int8WeightsConfig, QuantizeConfig
 from lprnet_edge.pipeline.build import BuildOptions
 from lprnet_edge.pipeline.stages import plan
 from lprnet_edge.pipeline.steps import calibration_set, load_torch, quantize_model
@@ -80,7 +80,7 @@ def test_cli_build_with_finetune(cli_runner, weights_path: Path, plates: Path,
     pytest.importorskip("tvm")
     out = tmp_path / "ft"
     r = cli_runner("build", "--target", "host", "--weights", weights_path, "--finetune", plates,
-                   "--test-dir", small_test, "--quantize", "int8-weights",
+                   "--test-dir", small_test, "--quantize", "int8",
                    "--max-accuracy-drop", "100", "--verify-images", "4", "--out", out, "--json")
     assert r.exit_code == 0, r.output
     assert "[2/" in r.stderr and "finetune" in r.stderr
@@ -90,3 +90,6 @@ def test_cli_build_with_finetune(cli_runner, weights_path: Path, plates: Path,
     assert rep["split"]["val"] == 4 and rep["accuracy"]["val"]["after"] is not None
     assert m["reports"]["accuracy_check"]["split"] == {
         "source": "the fine-tuning's validation split", "images": 4}
+    # int8 of a fine-tuned model is distilled from it by default (--quant-distill)
+    assert m["stages"]["quantize"]["distill_epochs"] == FINETUNED_QUANT_DISTILL
+    assert len(m["reports"]["quantize"]["distill"]["epochs"]) == FINETUNED_QUANT_DISTILL
