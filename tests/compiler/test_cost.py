@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from emulated_device import build_or_skip
 
 from lprnet_edge.compiler.cost import mca, plugin
 from lprnet_edge.compiler.cost.counting import run_counted
@@ -177,6 +178,7 @@ def test_bench_estimate_of_a_cross_built_artifact(tmp_path: Path):
         subprocess.run([sys.executable, "-m", "lprnet_edge.cli.main", "build", "--target",
                         "rpi4", "-o", art], check=True, cwd=REPO, capture_output=True)
     tools_or_skip("aarch64")
+    build_or_skip()  # the estimate runs the artifact in the emulated Pi's rootfs
     r = subprocess.run([sys.executable, "-m", "lprnet_edge.cli.main", "bench", "--artifact", art,
                         "--estimate", "--json"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
