@@ -40,17 +40,21 @@ def distill_quantized(float_model: nn.Module, quantized: nn.Module, train: Any, 
     for p in quantized.parameters():
         p.requires_grad_(id(p) in trained)
     cfg = DistillConfig(epochs=epochs, lr=LR, ctc_weight=0.0, kd_weight=1.0, seed=seed)
-    for m in quants:
-        m.ste = True
+    _straight_through(quantized, True)  # the copy distill() trains inherits it
     try:
         student, history = distill(float_model.eval(), quantized, train, cfg, progress="bar")
     finally:
-        for m in quants:
-            m.ste = False
+        _straight_through(quantized, False)
+    _straight_through(student, False)
     for m in student.modules():
         if isinstance(m, QuantConv2d):
-            m.ste = False
             m.refresh_weight_scale()
     for p in student.parameters():
         p.requires_grad_(False)
     return student, history
+
+
+def _straight_through(model: nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, QuantConv2d):
+            m.ste = on

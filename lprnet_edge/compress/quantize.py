@@ -30,6 +30,7 @@ time, agreement and accuracy on a calibration validation split) and kept in floa
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -65,17 +66,28 @@ def weight_scales(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
     return torch.where(amax > TINY, amax / QMAX, torch.ones_like(amax))
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+Rounding = Callable[[torch.Tensor], torch.Tensor]
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor | float,
+               rounding: Rounding = torch.round) -> torch.Tensor:
     """Symmetric int8 quantize-dequantize (round half to even, clip to [-127, 127])."""
-    return torch.clamp(torch.round(x / scale), -QMAX, QMAX) * scale
+    return torch.clamp(rounding(x / scale), -QMAX, QMAX) * scale
 
 
-def act_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def act_codes(x: torch.Tensor, scale: torch.Tensor,
+              rounding: Rounding = torch.round) -> torch.Tensor:
     """The int8 codes of activations ``x`` (float, round half to even, clip to [-127, 127]):
     ``x`` times the float32 reciprocal of ``scale``, as PyTorch's own ``quantize_per_tensor``
     computes them. A multiply, not a divide, so that the compiled model multiplies too: it
     quantizes every int8 layer's input, and a vector divide is slow on the boards' cores."""
-    return torch.clamp(torch.round(x * torch.reciprocal(scale)), -QMAX, QMAX)
+    return torch.clamp(rounding(x * torch.reciprocal(scale)), -QMAX, QMAX)
+
+
+def round_ste(v: torch.Tensor) -> torch.Tensor:
+    """``round(v)`` forward, identity backward (straight-through estimator): round's own
+    gradient is zero, so a model trained through its rounding needs this one."""
+    return v + (torch.round(v) - v).detach()
 
 
 def quantize_tensor(x: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
@@ -172,19 +184,17 @@ class QuantConv2d(nn.Module):
         self.conv = conv
         self.register_buffer("act_scale", torch.tensor(float(act_scale)))
         self.register_buffer("weight_scale", weight_scales(conv.weight, per_channel))
+        self.per_channel = per_channel
         self.quant_act = quant_act
         self.quant_weight = quant_weight
         self.ste = False  # training (compress/quant_distill.py): rounding passes gradients
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        if self.ste:
-            return self._trainable(x)
+        if self.ste:  # the weight scale follows the weights as they train, as once stored
+            return self._simulated(x, round_ste, weight_scales(c.weight, self.per_channel))
         if not (self.quant_act and self.quant_weight):
-            if self.quant_act:
-                x = act_codes(x, self.act_scale) * self.act_scale
-            w = fake_quant(c.weight, self.weight_scale) if self.quant_weight else c.weight
-            return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+            return self._simulated(x, torch.round, self.weight_scale)
         # Integer form: conv of the int8 codes (exact integers in float32), then one rescale.
         # Same value as conv(fq(x), fq(w)); written so that the exported graph is
         # conv2d(clip(round(x * (1 / s))), clip(round(w / s_w))), which the compiler turns
@@ -200,26 +210,18 @@ class QuantConv2d(nn.Module):
             acc = acc + c.bias.view(1, -1, 1, 1) / scale
         return acc * scale
 
-    def _trainable(self, x: torch.Tensor) -> torch.Tensor:
-        """The same rounding with straight-through gradients (round's own is zero), the
-        weight scale following the weights as they train, as it will once they are stored."""
+    def _simulated(self, x: torch.Tensor, rounding: Rounding, weight_scale: torch.Tensor
+                   ) -> torch.Tensor:
+        """The float form: quantize-dequantize the input and the weights, then convolve."""
         c = self.conv
         if self.quant_act:
-            x = _round_ste(x * torch.reciprocal(self.act_scale)).clamp(-QMAX, QMAX) * self.act_scale
-        w = c.weight
-        if self.quant_weight:
-            s = weight_scales(w, self.weight_scale.numel() > 1)
-            w = _round_ste(w / s).clamp(-QMAX, QMAX) * s
+            x = act_codes(x, self.act_scale, rounding) * self.act_scale
+        w = fake_quant(c.weight, weight_scale, rounding) if self.quant_weight else c.weight
         return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
     def refresh_weight_scale(self) -> None:
         """``weight_scale`` from the weights as they are (after training)."""
-        self.weight_scale.copy_(weight_scales(self.conv.weight, self.weight_scale.numel() > 1))
-
-
-def _round_ste(v: torch.Tensor) -> torch.Tensor:
-    """``round(v)`` forward, identity backward (straight-through estimator)."""
-    return v + (torch.round(v) - v).detach()
+        self.weight_scale.copy_(weight_scales(self.conv.weight, self.per_channel))
 
 
 def conv_names(model: nn.Module) -> list[str]:

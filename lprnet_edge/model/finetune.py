@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -295,9 +296,7 @@ def province_draw(labels: list[str], balance: float) -> np.ndarray | None:
     """
     if balance == 0:
         return None
-    count: dict[str, int] = {}
-    for label in labels:
-        count[label[:1]] = count.get(label[:1], 0) + 1
+    count = Counter(label[:1] for label in labels)
     w = np.array([count[label[:1]] ** -balance for label in labels], dtype=np.float64)
     return w / w.sum()
 
