@@ -239,7 +239,7 @@ compression_options = grouped(
     click.option("--quant-distill", "quant_distill", type=click.IntRange(0), metavar="EPOCHS",
                  help="Quantization-aware distillation of --quantize int8: train the int8 "
                       "model to read what the float model reads on the calibration plates "
-                      "(no labels; about 15 s an epoch for 600 plates).  [default: "
+                      "(no labels; about 12 s an epoch for 600 plates on 2 cores).  [default: "
                       f"{FINETUNED_QUANT_DISTILL} with --finetune, else 0]"),
     click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), metavar="POINTS",
                  help="Accuracy budget in points of calib/ plate accuracy vs the original (0.5 "
